@@ -1,0 +1,944 @@
+//! The edge's configuration: one TOML file, parsed with `deny_unknown_fields`
+//! and explicit defaults, then validated. Every error names the file, the line
+//! and column, and the reason, so `meridian-edge check` and a refused reload
+//! point at the exact spot.
+
+mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use units::{ByteSize, Dur, parse_duration, parse_size};
+
+/// A config that failed to load: where, and why.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Io {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{col}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub http2: Http2Config,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub sites: Vec<SiteConfig>,
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Tokio worker threads; 0 means one per core.
+    pub worker_threads: usize,
+    /// How long in-flight requests may run after SIGTERM before exit.
+    pub graceful_timeout: Dur,
+    /// After SIGTERM, how long /readyz answers 503 while still accepting, so
+    /// load balancers and the anycast controller notice before listeners close.
+    pub drain_delay: Dur,
+    /// The pseudonym this node adds to `Via`; empty disables `Via`.
+    pub via: String,
+    /// Which forwarding headers to add toward origins.
+    pub forwarded: ForwardedMode,
+    /// The largest number of client connections open at once, all listeners together.
+    pub max_connections: usize,
+    /// How many unknown-host requests get: 421 (misdirected) or 404.
+    pub unknown_host_status: u16,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            worker_threads: 0,
+            graceful_timeout: Dur::secs(30),
+            drain_delay: Dur::secs(0),
+            via: "meridian".into(),
+            forwarded: ForwardedMode::XForwarded,
+            max_connections: 65536,
+            unknown_host_status: 421,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedMode {
+    /// `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host`.
+    XForwarded,
+    /// RFC 7239 `Forwarded`.
+    Forwarded,
+    Both,
+    None,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where the admin listener binds; loopback by default. Absent disables it.
+    pub listen: Option<SocketAddr>,
+    /// A bearer token required on every admin request except /healthz and /readyz.
+    pub token: Option<String>,
+    /// Read the token from this file instead (trailing whitespace trimmed).
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
+            token: None,
+            token_file: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// The access log: "stdout", "stderr", "off" or a file path (JSON lines).
+    pub access_log: String,
+    /// The tracing filter for the daemon's own log, e.g. "info" or "meridian_edge=debug".
+    pub level: String,
+    /// "text" or "json" for the daemon's own log (on stderr).
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            access_log: "stdout".into(),
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request head (request line plus headers); larger gets 431.
+    pub max_header_bytes: ByteSize,
+    /// Most request header fields; more gets 431.
+    pub max_headers: usize,
+    /// Largest request body; larger gets 413. 0 means unlimited.
+    pub max_body_bytes: ByteSize,
+    /// Time a client has to send a whole request head once it started; then 408.
+    pub header_read_timeout: Dur,
+    /// A client connection with no traffic in either direction for this long is closed.
+    pub idle_timeout: Dur,
+    /// Time a TLS handshake may take.
+    pub tls_handshake_timeout: Dur,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: ByteSize(32 * 1024),
+            max_headers: 100,
+            max_body_bytes: ByteSize(100 * 1024 * 1024),
+            header_read_timeout: Dur::secs(10),
+            idle_timeout: Dur::secs(75),
+            tls_handshake_timeout: Dur::secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Config {
+    pub max_concurrent_streams: u32,
+    /// Streams a client may open and reset before the server has seen them
+    /// (the rapid-reset bound, CVE-2023-44487), before GOAWAY.
+    pub max_pending_accept_reset_streams: usize,
+    /// Stream errors the server may send per connection before GOAWAY.
+    pub max_local_error_reset_streams: usize,
+    pub initial_stream_window: ByteSize,
+    pub initial_connection_window: ByteSize,
+    /// Interval of PING keep-alives; absent disables them.
+    pub keepalive_interval: Option<Dur>,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 128,
+            max_pending_accept_reset_streams: 32,
+            max_local_error_reset_streams: 64,
+            initial_stream_window: ByteSize(256 * 1024),
+            initial_connection_window: ByteSize(1024 * 1024),
+            keepalive_interval: Some(Dur::secs(30)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificates; the listener picks one by SNI.
+    pub certificates: Vec<CertConfig>,
+    /// Check the certificate files this often and reload them when they change.
+    /// SIGHUP always reloads them. Absent disables polling.
+    pub watch_interval: Option<Dur>,
+    /// "1.2" (the default) or "1.3".
+    pub min_version: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The names this certificate serves ("example.com", "*.example.com").
+    /// Absent: taken from the certificate's subject alternative names.
+    #[serde(default)]
+    pub names: Option<Vec<String>>,
+    /// Served when the client sends no SNI or a name no certificate matches.
+    #[serde(default)]
+    pub default: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    /// Terminate TLS on this listener with the `[tls]` certificates.
+    #[serde(default)]
+    pub tls: bool,
+    /// Set SO_REUSEPORT, so a new process can bind while the old one drains.
+    #[serde(default = "yes")]
+    pub reuse_port: bool,
+    /// ALPN protocols offered on TLS listeners, in preference order.
+    #[serde(default = "default_alpn")]
+    pub alpn: Vec<String>,
+    /// The kernel's accept backlog.
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_alpn() -> Vec<String> {
+    vec!["h2".into(), "http/1.1".into()]
+}
+fn default_backlog() -> u32 {
+    4096
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Host patterns: "example.com", "*.example.com" (any subdomain), or "*" (any host).
+    pub hosts: Vec<String>,
+    /// The origin pool this site proxies to.
+    pub pool: String,
+    /// Send the client's Host to the origin (the default); false sends the origin's own host.
+    #[serde(default = "yes")]
+    pub preserve_host: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub origins: Vec<OriginConfig>,
+    #[serde(default)]
+    pub selection: Selection,
+    /// Protocol toward origins: "http1", "http2" (prior knowledge on plain
+    /// HTTP, ALPN on TLS), or "auto" (ALPN on TLS, HTTP/1.1 on plain HTTP).
+    #[serde(default)]
+    pub protocol: OriginProtocol,
+    #[serde(default)]
+    pub tls: OriginTls,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub connection_pool: ConnPoolConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+    #[serde(default)]
+    pub passive: PassiveHealth,
+    /// After an origin comes back, its weight ramps from 10% to 100% over this time.
+    #[serde(default)]
+    pub slow_start: Option<Dur>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginConfig {
+    /// "http://host:port" or "https://host:port"; no path.
+    pub url: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// Smooth weighted round-robin (as nginx).
+    #[default]
+    RoundRobin,
+    /// Fewest requests in flight relative to weight.
+    LeastConnections,
+    /// A ketama ring over the request's host and URL, so one URL keeps going to one origin.
+    ConsistentHash,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OriginProtocol {
+    #[default]
+    Auto,
+    Http1,
+    Http2,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OriginTls {
+    /// Verify the origin's certificate (default true).
+    pub verify: bool,
+    /// Extra CA certificates (PEM) trusted for origins, besides the bundled web roots.
+    pub ca_file: Option<PathBuf>,
+    /// The SNI name and verified name; default: the origin URL's host.
+    pub sni: Option<String>,
+}
+
+impl Default for OriginTls {
+    fn default() -> Self {
+        Self {
+            verify: true,
+            ca_file: None,
+            sni: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP connect plus TLS handshake.
+    pub connect: Dur,
+    /// From the request sent to the response head received (then 504).
+    pub header: Dur,
+    /// Longest gap between body chunks in either direction.
+    pub idle: Dur,
+    /// The whole exchange, body included; absent means no limit.
+    pub total: Option<Dur>,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Dur::secs(5),
+            header: Dur::secs(60),
+            idle: Dur::secs(60),
+            total: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnPoolConfig {
+    /// Idle keep-alive connections kept per origin.
+    pub max_idle: usize,
+    /// An idle connection older than this is closed.
+    pub idle_timeout: Dur,
+    /// Most connections open at once per origin; 0 means unlimited. A request
+    /// that finds none free waits up to the connect timeout, then gets 503.
+    pub max_connections: usize,
+}
+
+impl Default for ConnPoolConfig {
+    fn default() -> Self {
+        Self {
+            max_idle: 64,
+            idle_timeout: Dur::secs(60),
+            max_connections: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Most attempts per request, the first included (1 disables retries).
+    pub attempts: u32,
+    /// Retries may add at most this fraction of requests (the retry budget).
+    pub budget_ratio: f64,
+    /// Retries always allowed per second, whatever the ratio.
+    pub budget_min_per_sec: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            budget_ratio: 0.2,
+            budget_min_per_sec: 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// The probe path, e.g. "/healthz".
+    pub path: String,
+    /// The Host header of the probe; default: the origin's host.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "default_hc_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_hc_timeout")]
+    pub timeout: Dur,
+    /// Consecutive successes that bring an origin back.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an origin out.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// Statuses that count as healthy: "200", "2xx", "200-399".
+    #[serde(default = "default_expect")]
+    pub expected_status: String,
+}
+
+fn default_hc_interval() -> Dur {
+    Dur::secs(5)
+}
+fn default_hc_timeout() -> Dur {
+    Dur::secs(2)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+fn default_expect() -> String {
+    "200-399".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveHealth {
+    /// Consecutive failed requests (connect errors, timeouts, 502/503/504)
+    /// that eject an origin; 0 disables passive ejection.
+    pub max_failures: u32,
+    /// How long an ejected origin stays out before it is tried again.
+    pub ejection_time: Dur,
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        Self {
+            max_failures: 5,
+            ejection_time: Dur::secs(30),
+        }
+    }
+}
+
+/// An inclusive set of HTTP status ranges, parsed from "200", "2xx", "200-399", "200,204".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusSet(Vec<(u16, u16)>);
+
+impl StatusSet {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut ranges = Vec::new();
+        for part in s.split(',').map(str::trim) {
+            let range = if let Some(class) = part.strip_suffix("xx") {
+                let c: u16 = class
+                    .parse()
+                    .map_err(|_| format!("bad status class {part:?}"))?;
+                (c * 100, c * 100 + 99)
+            } else if let Some((a, b)) = part.split_once('-') {
+                let a: u16 = a.trim().parse().map_err(|_| format!("bad status {a:?}"))?;
+                let b: u16 = b.trim().parse().map_err(|_| format!("bad status {b:?}"))?;
+                (a, b)
+            } else {
+                let a: u16 = part.parse().map_err(|_| format!("bad status {part:?}"))?;
+                (a, a)
+            };
+            if range.0 < 100 || range.1 > 599 || range.0 > range.1 {
+                return Err(format!("status range {part:?} is not within 100-599"));
+            }
+            ranges.push(range);
+        }
+        Ok(StatusSet(ranges))
+    }
+
+    pub fn contains(&self, status: u16) -> bool {
+        self.0.iter().any(|&(a, b)| (a..=b).contains(&status))
+    }
+}
+
+/// One step of a path into the TOML document, for locating errors.
+#[derive(Clone, Debug)]
+pub enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+impl From<&str> for Seg {
+    fn from(s: &str) -> Self {
+        Seg::Key(s.to_string())
+    }
+}
+impl From<String> for Seg {
+    fn from(s: String) -> Self {
+        Seg::Key(s)
+    }
+}
+impl From<usize> for Seg {
+    fn from(i: usize) -> Self {
+        Seg::Index(i)
+    }
+}
+
+/// A validation problem at a path in the document.
+#[derive(Debug)]
+pub struct Problem {
+    pub path: Vec<Seg>,
+    pub message: String,
+}
+
+macro_rules! path {
+    ($($seg:expr),* $(,)?) => { vec![$(Seg::from($seg)),*] };
+}
+
+impl fmt::Display for Seg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Seg::Key(k) => write!(f, ".{k}"),
+            Seg::Index(i) => write!(f, "[{i}]"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&src, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn from_toml(src: &str, file: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(src).map_err(|e| {
+            let (line, col) = e.span().map(|s| line_col(src, s.start)).unwrap_or((1, 1));
+            ConfigError::Invalid {
+                file: file.to_string(),
+                line,
+                col,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        if let Some(p) = cfg.validate().into_iter().next() {
+            let (line, col) = locate(src, &p.path);
+            let key: String = p.path.iter().map(|s| s.to_string()).collect();
+            return Err(ConfigError::Invalid {
+                file: file.to_string(),
+                line,
+                col,
+                message: format!("{}: {}", key.trim_start_matches('.'), p.message),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// Checks what the types alone cannot: references, ranges, files, URLs.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut bad = |path: Vec<Seg>, message: String| out.push(Problem { path, message });
+        if self.listeners.is_empty() {
+            bad(path!["listeners"], "at least one listener is needed".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.address.port() != 0 && !seen.insert(l.address) {
+                bad(
+                    path!["listeners", i, "address"],
+                    format!("{} is listed twice", l.address),
+                );
+            }
+            if l.tls && self.tls.certificates.is_empty() {
+                bad(
+                    path!["listeners", i, "tls"],
+                    "a TLS listener needs [[tls.certificates]]".into(),
+                );
+            }
+            for (j, p) in l.alpn.iter().enumerate() {
+                if p != "h2" && p != "http/1.1" {
+                    bad(
+                        path!["listeners", i, "alpn", j],
+                        format!("unknown ALPN protocol {p:?} (use \"h2\" or \"http/1.1\")"),
+                    );
+                }
+            }
+        }
+        if let Some(v) = &self.tls.min_version
+            && v != "1.2"
+            && v != "1.3"
+        {
+            bad(
+                path!["tls", "min_version"],
+                format!("{v:?} is not \"1.2\" or \"1.3\""),
+            );
+        }
+        for (i, c) in self.tls.certificates.iter().enumerate() {
+            for (key, p) in [("cert", &c.cert), ("key", &c.key)] {
+                if !p.is_file() {
+                    bad(
+                        path!["tls", "certificates", i, key],
+                        format!("{} is not a readable file", p.display()),
+                    );
+                }
+            }
+        }
+        if self.sites.is_empty() {
+            bad(
+                path!["sites"],
+                "at least one [[sites]] entry is needed".into(),
+            );
+        }
+        for (i, s) in self.sites.iter().enumerate() {
+            if !self.pools.contains_key(&s.pool) {
+                bad(
+                    path!["sites", i, "pool"],
+                    format!("no pool named {:?} in [pools]", s.pool),
+                );
+            }
+            if s.hosts.is_empty() {
+                bad(
+                    path!["sites", i, "hosts"],
+                    "a site needs at least one host pattern".into(),
+                );
+            }
+            for (j, h) in s.hosts.iter().enumerate() {
+                if let Err(e) = crate::proxy::router::HostPattern::parse(h) {
+                    bad(path!["sites", i, "hosts", j], e);
+                }
+            }
+        }
+        for (name, p) in &self.pools {
+            if p.origins.is_empty() {
+                bad(
+                    path!["pools", name.as_str(), "origins"],
+                    "a pool needs at least one origin".into(),
+                );
+            }
+            for (i, o) in p.origins.iter().enumerate() {
+                if let Err(e) = crate::proxy::upstream::OriginAddr::parse(&o.url) {
+                    bad(path!["pools", name.as_str(), "origins", i, "url"], e);
+                }
+                if o.weight == 0 || o.weight > 10_000 {
+                    bad(
+                        path!["pools", name.as_str(), "origins", i, "weight"],
+                        "weight must be 1 to 10000".into(),
+                    );
+                }
+            }
+            if let Some(ca) = &p.tls.ca_file
+                && !ca.is_file()
+            {
+                bad(
+                    path!["pools", name.as_str(), "tls", "ca_file"],
+                    format!("{} is not a readable file", ca.display()),
+                );
+            }
+            if p.retry.attempts == 0 || p.retry.attempts > 10 {
+                bad(
+                    path!["pools", name.as_str(), "retry", "attempts"],
+                    "attempts must be 1 to 10".into(),
+                );
+            }
+            if !(0.0..=10.0).contains(&p.retry.budget_ratio) {
+                bad(
+                    path!["pools", name.as_str(), "retry", "budget_ratio"],
+                    "budget_ratio must be 0 to 10".into(),
+                );
+            }
+            if p.timeouts.connect.get().is_zero() || p.timeouts.header.get().is_zero() {
+                bad(
+                    path!["pools", name.as_str(), "timeouts"],
+                    "connect and header timeouts must be above zero".into(),
+                );
+            }
+            if let Some(hc) = &p.health_check {
+                if !hc.path.starts_with('/') {
+                    bad(
+                        path!["pools", name.as_str(), "health_check", "path"],
+                        "the probe path must start with /".into(),
+                    );
+                }
+                if let Err(e) = StatusSet::parse(&hc.expected_status) {
+                    bad(
+                        path!["pools", name.as_str(), "health_check", "expected_status"],
+                        e,
+                    );
+                }
+                if hc.rise == 0 || hc.fall == 0 {
+                    bad(
+                        path!["pools", name.as_str(), "health_check"],
+                        "rise and fall must be at least 1".into(),
+                    );
+                }
+                if hc.interval.get().is_zero() {
+                    bad(
+                        path!["pools", name.as_str(), "health_check", "interval"],
+                        "the interval must be above zero".into(),
+                    );
+                }
+            }
+        }
+        if !matches!(self.server.unknown_host_status, 404 | 421) {
+            bad(
+                path!["server", "unknown_host_status"],
+                "must be 404 or 421".into(),
+            );
+        }
+        if self.server.max_connections == 0 {
+            bad(
+                path!["server", "max_connections"],
+                "must be at least 1".into(),
+            );
+        }
+        if self.limits.max_header_bytes.get() < 1024 {
+            bad(
+                path!["limits", "max_header_bytes"],
+                "must be at least 1KiB".into(),
+            );
+        }
+        if self.limits.max_headers == 0 {
+            bad(path!["limits", "max_headers"], "must be at least 1".into());
+        }
+        if self.admin.token.is_some() && self.admin.token_file.is_some() {
+            bad(
+                path!["admin", "token_file"],
+                "set token or token_file, not both".into(),
+            );
+        }
+        if let Some(f) = &self.admin.token_file
+            && !f.is_file()
+        {
+            bad(
+                path!["admin", "token_file"],
+                format!("{} is not a readable file", f.display()),
+            );
+        }
+        if self.log.access_log != "stdout"
+            && self.log.access_log != "stderr"
+            && self.log.access_log != "off"
+        {
+            let p = Path::new(&self.log.access_log);
+            if let Some(dir) = p.parent()
+                && !dir.as_os_str().is_empty()
+                && !dir.is_dir()
+            {
+                bad(
+                    path!["log", "access_log"],
+                    format!("directory {} does not exist", dir.display()),
+                );
+            }
+        }
+        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
+            bad(path!["log", "level"], format!("bad filter: {e}"));
+        }
+        out
+    }
+
+    /// The effective config as TOML, with secrets replaced.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        if c.admin.token.is_some() {
+            c.admin.token = Some("<redacted>".into());
+        }
+        c
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = &src[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, col)
+}
+
+/// Finds the deepest span in the document that the path reaches.
+fn locate(src: &str, path: &[Seg]) -> (usize, usize) {
+    let Ok(table) = toml::de::DeTable::parse(src) else {
+        return (1, 1);
+    };
+    let span = table.span();
+    let root = toml::Spanned::new(span, toml::de::DeValue::Table(table.into_inner()));
+    let mut cur = &root;
+    for seg in path {
+        let next = match seg {
+            Seg::Key(k) => cur.get_ref().get(k.as_str()),
+            Seg::Index(i) => cur.get_ref().get(*i),
+        };
+        match next {
+            Some(n) => cur = n,
+            None => break,
+        }
+    }
+    line_col(src, cur.span().start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[[listeners]]
+address = "127.0.0.1:0"
+
+[[sites]]
+hosts = ["*"]
+pool = "origin"
+
+[pools.origin]
+origins = [{ url = "http://127.0.0.1:9000" }]
+"#;
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let c = Config::from_toml(MIN, "t.toml").expect("valid");
+        assert_eq!(c.limits.max_headers, 100);
+        assert_eq!(c.pools["origin"].retry.attempts, 2);
+        assert_eq!(c.server.unknown_host_status, 421);
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_line() {
+        let src = MIN.replace("pool = \"origin\"", "pool = \"origin\"\npoool = 1");
+        let e = Config::from_toml(&src, "t.toml")
+            .expect_err("unknown field")
+            .to_string();
+        assert!(e.starts_with("t.toml:8:1: "), "{e}");
+        assert!(e.contains("poool"), "{e}");
+    }
+
+    #[test]
+    fn dangling_pool_reference_points_at_key() {
+        let src = MIN.replace("pool = \"origin\"", "pool = \"nope\"");
+        let e = Config::from_toml(&src, "t.toml")
+            .expect_err("bad ref")
+            .to_string();
+        assert!(
+            e.starts_with("t.toml:7:8: sites[0].pool: no pool named \"nope\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_is_located() {
+        let src = format!("{MIN}\n[pools.origin.timeouts]\nconnect = \"5 parsecs\"\n");
+        let e = Config::from_toml(&src, "t.toml")
+            .expect_err("bad duration")
+            .to_string();
+        assert!(e.starts_with("t.toml:13:11: "), "{e}");
+        assert!(e.contains("unknown unit"), "{e}");
+    }
+
+    #[test]
+    fn bad_origin_url_is_refused() {
+        let src = MIN.replace("http://127.0.0.1:9000", "ftp://x");
+        let e = Config::from_toml(&src, "t.toml")
+            .expect_err("bad url")
+            .to_string();
+        assert!(e.contains("pools.origin.origins[0].url"), "{e}");
+    }
+
+    /// Every example config in the repository parses; file checks aside
+    /// (the examples name production paths), they validate.
+    #[test]
+    fn example_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("examples dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let src = std::fs::read_to_string(&path).expect("read");
+                let cfg: Config = toml::from_str(&src).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let problems: Vec<String> = cfg
+                    .validate()
+                    .into_iter()
+                    .filter(|p| !p.message.contains("is not a readable file"))
+                    .map(|p| p.message)
+                    .collect();
+                assert!(problems.is_empty(), "{}: {problems:?}", path.display());
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "found {n} example configs");
+    }
+
+    #[test]
+    fn status_sets() {
+        let s = StatusSet::parse("2xx,304").expect("valid");
+        assert!(s.contains(200) && s.contains(299) && s.contains(304));
+        assert!(!s.contains(301));
+        assert!(StatusSet::parse("200-399").expect("valid").contains(302));
+        assert!(StatusSet::parse("700").is_err());
+        assert!(StatusSet::parse("abc").is_err());
+    }
+
+    #[test]
+    fn redaction_hides_the_token() {
+        let mut c = Config::from_toml(MIN, "t").expect("valid");
+        c.admin.token = Some("s3cret".into());
+        let shown = toml::to_string(&c.redacted()).expect("serialises");
+        assert!(!shown.contains("s3cret"));
+    }
+}

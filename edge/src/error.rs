@@ -1,0 +1,196 @@
+//! The data plane's one error type, and the one place errors become HTTP
+//! responses ([`ProxyError::to_response`]).
+//!
+//! An error carries what went wrong ([`ErrorKind`]), which side caused it
+//! ([`ErrorSource`]), whether the request may safely be retried, and a cause.
+
+use std::fmt;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::http::body::ResponseBody;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The request is malformed (reason in the metric label).
+    BadRequest(&'static str),
+    /// The request body is larger than `limits.max_body_bytes`.
+    BodyTooLarge,
+    /// The client stopped sending its body mid-way.
+    ClientBodyError,
+    /// No site is configured for the request's host.
+    UnknownHost,
+    /// Every origin of the pool is down or ejected.
+    NoHealthyOrigin,
+    /// The pool's connection limit was reached and none freed in time.
+    PoolExhausted,
+    ConnectRefused,
+    ConnectTimeout,
+    /// Other connect failures: DNS, unreachable, TLS handshake.
+    ConnectFailed,
+    /// The origin did not send a response head in time.
+    HeaderTimeout,
+    /// The origin closed or broke the exchange.
+    UpstreamProtocol,
+    /// The server is shutting down.
+    ShuttingDown,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::ClientBodyError => StatusCode::BAD_REQUEST,
+            ErrorKind::UnknownHost => StatusCode::MISDIRECTED_REQUEST,
+            ErrorKind::NoHealthyOrigin | ErrorKind::PoolExhausted | ErrorKind::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ErrorKind::ConnectRefused | ErrorKind::ConnectFailed | ErrorKind::UpstreamProtocol => {
+                StatusCode::BAD_GATEWAY
+            }
+            ErrorKind::ConnectTimeout | ErrorKind::HeaderTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest(r) => r,
+            ErrorKind::BodyTooLarge => "body-too-large",
+            ErrorKind::ClientBodyError => "client-body-error",
+            ErrorKind::UnknownHost => "unknown-host",
+            ErrorKind::NoHealthyOrigin => "no-healthy-origin",
+            ErrorKind::PoolExhausted => "pool-exhausted",
+            ErrorKind::ConnectRefused => "connect-refused",
+            ErrorKind::ConnectTimeout => "connect-timeout",
+            ErrorKind::ConnectFailed => "connect-failed",
+            ErrorKind::HeaderTimeout => "header-timeout",
+            ErrorKind::UpstreamProtocol => "upstream-protocol",
+            ErrorKind::ShuttingDown => "shutting-down",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorSource {
+    Downstream,
+    Upstream,
+    Internal,
+}
+
+#[derive(Debug)]
+pub struct ProxyError {
+    pub kind: ErrorKind,
+    pub source: ErrorSource,
+    /// Nothing reached the origin, or the request is idempotent and its body
+    /// can be replayed: another attempt is safe.
+    pub retry_safe: bool,
+    pub cause: Option<BoxError>,
+    pub context: &'static str,
+}
+
+impl ProxyError {
+    pub fn new(kind: ErrorKind, source: ErrorSource, context: &'static str) -> Self {
+        ProxyError {
+            kind,
+            source,
+            retry_safe: false,
+            cause: None,
+            context,
+        }
+    }
+
+    pub fn downstream(kind: ErrorKind, context: &'static str) -> Self {
+        Self::new(kind, ErrorSource::Downstream, context)
+    }
+
+    pub fn upstream(kind: ErrorKind, context: &'static str) -> Self {
+        Self::new(kind, ErrorSource::Upstream, context)
+    }
+
+    pub fn with_cause(mut self, cause: impl Into<BoxError>) -> Self {
+        self.cause = Some(cause.into());
+        self
+    }
+
+    pub fn retry_safe(mut self, safe: bool) -> Self {
+        self.retry_safe = safe;
+        self
+    }
+
+    /// The response a client gets for this error; the only such mapping.
+    pub fn to_response(&self, unknown_host_status: StatusCode) -> Response<ResponseBody> {
+        let status = match self.kind {
+            ErrorKind::UnknownHost => unknown_host_status,
+            k => k.status(),
+        };
+        let body = format!(
+            "{} {}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Error")
+        );
+        let mut resp = Response::new(ResponseBody::full(body));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if matches!(
+            self.kind,
+            ErrorKind::BadRequest(_) | ErrorKind::BodyTooLarge | ErrorKind::ClientBodyError
+        ) {
+            // The connection may be out of step with the client: end it.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({:?}, {})",
+            self.kind.label(),
+            self.source,
+            self.context
+        )?;
+        if let Some(c) = &self.cause {
+            write!(f, ": {c}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ProxyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause.as_ref().map(|c| c.as_ref() as _)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        assert_eq!(ErrorKind::ConnectRefused.status(), 502);
+        assert_eq!(ErrorKind::HeaderTimeout.status(), 504);
+        assert_eq!(ErrorKind::BodyTooLarge.status(), 413);
+        let r = ProxyError::downstream(ErrorKind::UnknownHost, "route")
+            .to_response(StatusCode::NOT_FOUND);
+        assert_eq!(r.status(), 404);
+        let r = ProxyError::downstream(ErrorKind::BadRequest("x"), "t")
+            .to_response(StatusCode::MISDIRECTED_REQUEST);
+        assert_eq!(r.headers()[header::CONNECTION], "close");
+    }
+}

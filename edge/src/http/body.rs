@@ -1,0 +1,335 @@
+//! Body types of the data path, as enums rather than boxes: a request body
+//! streamed from the client toward the origin ([`RequestBody`]), and a
+//! response body streamed toward the client ([`ResponseBody`]).
+//!
+//! Both enforce the limits of the stream they carry: the client's body size
+//! limit, and an idle timeout between frames.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::BoxError;
+
+/// Why a streamed body stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    #[error("body exceeds the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("no body data for {0:?}")]
+    Idle(Duration),
+    #[error("the exchange exceeded its total time")]
+    Deadline,
+    #[error(transparent)]
+    Stream(BoxError),
+}
+
+/// A timer that fires when no frame passed for `idle`, or at an absolute deadline.
+#[derive(Debug)]
+pub struct FrameTimer {
+    idle: Duration,
+    deadline: Option<Instant>,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl FrameTimer {
+    pub fn new(idle: Duration, deadline: Option<Instant>) -> Self {
+        let at = Self::next(idle, deadline);
+        FrameTimer {
+            idle,
+            deadline,
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+        }
+    }
+
+    fn next(idle: Duration, deadline: Option<Instant>) -> Instant {
+        let at = Instant::now() + idle;
+        deadline.map_or(at, |d| d.min(at))
+    }
+
+    fn reset(&mut self) {
+        let at = Self::next(self.idle, self.deadline);
+        self.sleep.as_mut().reset(at);
+    }
+
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<BodyError> {
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Some(BodyError::Deadline);
+            }
+            return Some(BodyError::Idle(self.idle));
+        }
+        None
+    }
+}
+
+/// The client's request body on its way to the origin.
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    limit: u64,
+    seen: u64,
+    timer: Option<FrameTimer>,
+    /// Set when the body hit the size limit, so the pipeline answers 413.
+    too_large: Arc<AtomicBool>,
+}
+
+impl RequestBody {
+    pub fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            limit: 0,
+            seen: 0,
+            timer: None,
+            too_large: Arc::default(),
+        }
+    }
+
+    /// `limit` 0 means unlimited.
+    pub fn new(inner: Incoming, limit: u64, too_large: Arc<AtomicBool>) -> Self {
+        let inner = (!inner.is_end_stream()).then_some(inner);
+        RequestBody {
+            inner,
+            limit,
+            seen: 0,
+            timer: None,
+            too_large,
+        }
+    }
+
+    /// Starts the idle timer (called when the body starts moving upstream).
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        if self.inner.is_some() {
+            self.timer = Some(FrameTimer::new(idle, None));
+        }
+        self
+    }
+
+    /// Whether the body can be replayed for a retry (only an empty one can).
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_none()
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    if this.limit > 0 && this.seen > this.limit {
+                        this.too_large.store(true, Ordering::Release);
+                        this.inner = None;
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(this.limit))));
+                    }
+                }
+                if let Some(t) = &mut this.timer {
+                    t.reset();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.inner = None;
+                Poll::Ready(Some(Err(BodyError::Stream(e.into()))))
+            }
+            Poll::Ready(None) => {
+                this.inner = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if let Some(t) = &mut this.timer
+                    && let Some(e) = t.poll_expired(cx)
+                {
+                    this.inner = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+/// Something to run once when a response body is finished or dropped:
+/// returning the origin connection to its pool, writing the access log.
+pub trait OnBodyEnd: Send + Sync + 'static {
+    /// `complete` is true when the body reached its end, false if it broke or
+    /// the client went away first. `bytes` is how much of it was sent.
+    fn finish(&mut self, complete: bool, bytes: u64);
+}
+
+/// A response body on its way to the client.
+pub struct ResponseBody {
+    kind: Kind,
+    bytes: u64,
+    done: bool,
+    on_end: Vec<Box<dyn OnBodyEnd>>,
+}
+
+enum Kind {
+    Empty,
+    Full(Option<Bytes>),
+    Upstream { body: Incoming, timer: FrameTimer },
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl ResponseBody {
+    pub fn empty() -> Self {
+        Self::from_kind(Kind::Empty)
+    }
+
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        let b: Bytes = data.into();
+        Self::from_kind(Kind::Full((!b.is_empty()).then_some(b)))
+    }
+
+    /// An origin's body, with an idle timeout between frames and an optional
+    /// absolute deadline.
+    pub fn upstream(body: Incoming, idle: Duration, deadline: Option<Instant>) -> Self {
+        Self::from_kind(Kind::Upstream {
+            body,
+            timer: FrameTimer::new(idle, deadline),
+        })
+    }
+
+    fn from_kind(kind: Kind) -> Self {
+        ResponseBody {
+            kind,
+            bytes: 0,
+            done: false,
+            on_end: Vec::new(),
+        }
+    }
+
+    /// Runs `f` once, when the body ends or is dropped.
+    pub fn on_end(&mut self, f: impl OnBodyEnd) {
+        self.on_end.push(Box::new(f));
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        for mut f in self.on_end.drain(..).rev() {
+            f.finish(complete, self.bytes);
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let r = match &mut this.kind {
+            Kind::Empty => None,
+            Kind::Full(b) => b.take().map(|b| Ok(Frame::data(b))),
+            Kind::Upstream { body, timer } => match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    timer.reset();
+                    Some(Ok(f))
+                }
+                Poll::Ready(Some(Err(e))) => Some(Err(BodyError::Stream(e.into()))),
+                Poll::Ready(None) => None,
+                Poll::Pending => {
+                    if let Some(e) = timer.poll_expired(cx) {
+                        Some(Err(e))
+                    } else {
+                        return Poll::Pending;
+                    }
+                }
+            },
+        };
+        match &r {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if this.is_end_stream() {
+                    this.finish(true);
+                }
+            }
+            Some(Err(_)) => {
+                this.kind = Kind::Empty;
+                this.finish(false);
+            }
+            None => this.finish(true),
+        }
+        Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+/// Polls a body to its end, discarding the data; for health probes.
+pub async fn drain<B: Body + Unpin>(mut body: B, max: usize) -> Result<usize, B::Error> {
+    let mut n = 0;
+    while let Some(f) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        if let Some(d) = f?.data_ref() {
+            n += bytes::Buf::remaining(d);
+        }
+        if n > max {
+            break;
+        }
+    }
+    Ok(n)
+}

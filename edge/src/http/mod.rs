@@ -1,0 +1,273 @@
+//! Client connections: TLS handshake, protocol choice (ALPN on TLS; the
+//! HTTP/2 preface on plaintext), hyper's HTTP/1.1 or HTTP/2 server with the
+//! configured limits, and graceful shutdown.
+
+pub mod body;
+pub mod h1guard;
+pub mod io;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::metrics::{Outcome, Transport};
+use crate::proxy::{Downstream, Proto, Proxy};
+use io::{ClientIo, ConnShared, IoSettings};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Limits a connection is served with, taken from the config at accept time.
+#[derive(Clone, Debug)]
+pub struct ConnLimits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub h2: crate::config::Http2Config,
+}
+
+impl ConnLimits {
+    pub fn from_config(c: &Config) -> Self {
+        ConnLimits {
+            max_header_bytes: c.limits.max_header_bytes.get() as usize,
+            max_headers: c.limits.max_headers,
+            header_read_timeout: c.limits.header_read_timeout.get(),
+            idle_timeout: c.limits.idle_timeout.get(),
+            tls_handshake_timeout: c.limits.tls_handshake_timeout.get(),
+            h2: c.http2.clone(),
+        }
+    }
+}
+
+/// Serves one accepted TCP connection until it ends or shutdown completes.
+pub async fn serve_tcp(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    proxy: Arc<Proxy>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let limits = ConnLimits::from_config(&proxy.runtime().config);
+    let transport = if tls.is_some() { "tls" } else { "tcp" };
+    let m = proxy.metrics.clone();
+    m.connections_total
+        .get_or_create(&Transport { transport })
+        .inc();
+    let active = m
+        .connections_active
+        .get_or_create(&Transport { transport })
+        .clone();
+    active.inc();
+    match tls {
+        Some(acceptor) => {
+            let hs =
+                tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await;
+            let stream = match hs {
+                Ok(Ok(s)) => {
+                    m.tls_handshakes
+                        .get_or_create(&Outcome { result: "ok" })
+                        .inc();
+                    s
+                }
+                Ok(Err(e)) => {
+                    m.tls_handshakes
+                        .get_or_create(&Outcome { result: "error" })
+                        .inc();
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    active.dec();
+                    return;
+                }
+                Err(_) => {
+                    m.tls_handshakes
+                        .get_or_create(&Outcome { result: "timeout" })
+                        .inc();
+                    active.dec();
+                    return;
+                }
+            };
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            serve_io(
+                stream,
+                Bytes::new(),
+                h2,
+                peer,
+                local,
+                true,
+                proxy,
+                limits,
+                shutdown,
+            )
+            .await;
+        }
+        None => {
+            match sniff_h2(&stream, limits.header_read_timeout.min(limits.idle_timeout)).await {
+                Some(h2) => {
+                    serve_io(
+                        stream,
+                        Bytes::new(),
+                        h2,
+                        peer,
+                        local,
+                        false,
+                        proxy,
+                        limits,
+                        shutdown,
+                    )
+                    .await
+                }
+                None => tracing::debug!(%peer, "connection closed or silent before a request"),
+            }
+        }
+    }
+    active.dec();
+}
+
+/// Peeks at the first bytes to tell an HTTP/2 prior-knowledge preface from
+/// HTTP/1. None if the client closed or sent nothing in time.
+async fn sniff_h2(stream: &TcpStream, wait: Duration) -> Option<bool> {
+    let mut buf = [0u8; 24];
+    let deadline = tokio::time::Instant::now() + wait;
+    for _ in 0..64 {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(true);
+        }
+        // A prefix of the preface so far: wait for more.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Some(false)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_io<S>(
+    stream: S,
+    prefix: Bytes,
+    h2: bool,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls: bool,
+    proxy: Arc<Proxy>,
+    limits: ConnLimits,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let shared = Arc::new(ConnShared::default());
+    let settings = IoSettings {
+        http1: !h2,
+        max_head: limits.max_header_bytes,
+        max_headers: limits.max_headers,
+        idle: limits.idle_timeout,
+        head_timeout: limits.header_read_timeout,
+    };
+    let io = ClientIo::new(
+        stream,
+        prefix,
+        settings,
+        shared.clone(),
+        proxy.metrics.clone(),
+    );
+    let stop = shutdown_signal(shutdown, shared.clone(), limits.header_read_timeout);
+    let ds = Downstream {
+        client: peer,
+        local,
+        tls,
+        proto: if h2 { Proto::H2 } else { Proto::H1 },
+        conn: shared,
+    };
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let ds = ds.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req, &ds).await) }
+    });
+    let io = TokioIo::new(io);
+    tokio::pin!(stop);
+    if h2 {
+        let h = &limits.h2;
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_concurrent_streams(h.max_concurrent_streams)
+            .max_pending_accept_reset_streams(h.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(h.max_local_error_reset_streams)
+            .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
+            .initial_stream_window_size(h.initial_stream_window.get().min(i32::MAX as u64) as u32)
+            .initial_connection_window_size(
+                h.initial_connection_window.get().min(i32::MAX as u64) as u32
+            )
+            .keep_alive_interval(h.keepalive_interval.map(|d| d.get()))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let conn = b.serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => log_conn_end(r, peer),
+            _ = &mut stop => {
+                conn.as_mut().graceful_shutdown();
+                log_conn_end(conn.await, peer);
+            }
+        }
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .max_header_size(limits.max_header_bytes)
+            .header_read_timeout(None)
+            .keep_alive(true);
+        // hyper keeps up to 100 headers on the stack; another limit costs a heap allocation.
+        if limits.max_headers != 100 {
+            b.max_headers(limits.max_headers);
+        }
+        let conn = b.serve_connection(io, service).with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => log_conn_end(r, peer),
+            _ = &mut stop => {
+                conn.as_mut().graceful_shutdown();
+                log_conn_end(conn.await, peer);
+            }
+        }
+    }
+}
+
+/// Resolves when the server shuts down. A connection that has not sent its
+/// first request yet gets until the header timeout to send it, so a client
+/// that connected just before the drain is served, not dropped.
+async fn shutdown_signal(
+    mut rx: watch::Receiver<bool>,
+    shared: Arc<ConnShared>,
+    first_wait: Duration,
+) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    let deadline = tokio::time::Instant::now() + first_wait;
+    while shared.requests.load(std::sync::atomic::Ordering::Acquire) == 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn log_conn_end(r: Result<(), hyper::Error>, peer: SocketAddr) {
+    if let Err(e) = r {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}

@@ -1,0 +1,260 @@
+//! Prometheus metrics, registered once; the labelled families live in one
+//! struct. Label values are `&'static str` from enums, or names that the
+//! config created once (site, pool, origin), never strings built per request.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub protocol: &'static str,
+    pub status_class: &'static str,
+    pub site: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Protocol {
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Transport {
+    pub transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabels {
+    pub pool: Arc<str>,
+    pub origin: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginTransition {
+    pub pool: Arc<str>,
+    pub origin: Arc<str>,
+    pub to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamError {
+    pub pool: Arc<str>,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: Arc<str>,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<Protocol, Histogram>,
+    pub connections_active: Family<Transport, Gauge>,
+    pub connections_total: Family<Transport, Counter>,
+    pub connections_rejected: Counter,
+    pub tls_handshakes: Family<Outcome, Counter>,
+    pub bad_requests: Family<Reason, Counter>,
+    pub client_timeouts: Family<Reason, Counter>,
+    pub upstream_requests: Family<PoolLabels, Counter>,
+    pub upstream_connects: Family<Outcome, Counter>,
+    pub upstream_errors: Family<UpstreamError, Counter>,
+    pub upstream_retries: Family<PoolLabels, Counter>,
+    pub upstream_connect_duration: Histogram,
+    pub origin_healthy: Family<OriginLabels, Gauge>,
+    pub origin_health_transitions: Family<OriginTransition, Counter>,
+    pub config_reloads: Family<Outcome, Counter>,
+    pub cert_reloads: Family<Outcome, Counter>,
+    pub access_log_dropped: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("meridian");
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            connections_active: Family::default(),
+            connections_total: Family::default(),
+            connections_rejected: Counter::default(),
+            tls_handshakes: Family::default(),
+            bad_requests: Family::default(),
+            client_timeouts: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_connects: Family::default(),
+            upstream_errors: Family::default(),
+            upstream_retries: Family::default(),
+            upstream_connect_duration: latency_histogram(),
+            origin_healthy: Family::default(),
+            origin_health_transitions: Family::default(),
+            config_reloads: Family::default(),
+            cert_reloads: Family::default(),
+            access_log_dropped: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests answered, by protocol, status class and site",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to response head",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Client connections open now",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "connections",
+            "Client connections accepted",
+            m.connections_total.clone(),
+        );
+        registry.register(
+            "connections_rejected",
+            "Client connections refused at max_connections",
+            m.connections_rejected.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes with clients, by result",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "bad_requests",
+            "Requests refused as malformed or over limits, by reason",
+            m.bad_requests.clone(),
+        );
+        registry.register(
+            "client_timeouts",
+            "Client connections closed by a timeout, by reason",
+            m.client_timeouts.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Requests sent to origins, retries included",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_connects",
+            "Connections opened to origins, by result",
+            m.upstream_connects.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Failed origin exchanges, by pool and kind",
+            m.upstream_errors.clone(),
+        );
+        registry.register(
+            "upstream_retries",
+            "Requests retried on another attempt",
+            m.upstream_retries.clone(),
+        );
+        registry.register(
+            "upstream_connect_duration_seconds",
+            "Time to connect (and handshake TLS) to an origin",
+            m.upstream_connect_duration.clone(),
+        );
+        registry.register(
+            "origin_healthy",
+            "1 if an origin is in rotation, else 0",
+            m.origin_healthy.clone(),
+        );
+        registry.register(
+            "origin_health_transitions",
+            "Origin health changes",
+            m.origin_health_transitions.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads, by result",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "certificate_reloads",
+            "Certificate reloads, by result",
+            m.cert_reloads.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_with_prefix() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&RequestLabels {
+                protocol: "h1",
+                status_class: "2xx",
+                site: Arc::from("demo"),
+            })
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "meridian_requests_total{protocol=\"h1\",status_class=\"2xx\",site=\"demo\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("# EOF"));
+    }
+}

@@ -1,0 +1,757 @@
+//! The request pipeline. Every request, whatever protocol it came in on
+//! (HTTP/1.1, HTTP/2, later HTTP/3), goes through [`Proxy::handle`], in these
+//! phases (see `docs/phases.md` for the chart):
+//!
+//! 1. **request_filter**: refuse malformed or over-limit requests
+//!    (smuggling flags, body size, missing Host); later, Wasm request plugins.
+//! 2. **route**: pick the site for the host, or answer 421/404.
+//! 3. *(cache lookup: the cache plugs in here and may answer.)*
+//! 4. **upstream_request**: build the origin request: hop-by-hop removal,
+//!    `Via`, forwarding headers, Host.
+//! 5. **upstream_peer + send**: pick an origin, check out a connection, send;
+//!    on a retry-safe failure and within the retry budget, try another.
+//! 6. **upstream_response_filter**: clean the origin's response (before the
+//!    cache stores it).
+//! 7. **response_filter**: what every client response gets (after the cache).
+//! 8. **logging**: when the body ends: access log, metrics, pool check-in.
+
+pub mod headers;
+pub mod router;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::accesslog::{AccessLog, LogRecord};
+use crate::config::Config;
+use crate::error::{ErrorKind, ProxyError};
+use crate::http::body::{OnBodyEnd, RequestBody, ResponseBody};
+use crate::http::io::{ConnShared, InflightGuard};
+use crate::metrics::{
+    Metrics, OriginTransition, PoolLabels, Protocol, Reason, RequestLabels, UpstreamError,
+};
+use router::{HostPattern, Router};
+use upstream::conn::{Checkout, Sender};
+use upstream::health::{Transition, now_ms};
+use upstream::{Origin, OriginInflight, Pool};
+
+/// The protocol a request arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    H1,
+    H2,
+    H3,
+}
+
+impl Proto {
+    pub fn label(self) -> &'static str {
+        match self {
+            Proto::H1 => "h1",
+            Proto::H2 => "h2",
+            Proto::H3 => "h3",
+        }
+    }
+}
+
+/// What the pipeline knows of the client side of a request.
+#[derive(Clone, Debug)]
+pub struct Downstream {
+    pub client: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+    pub proto: Proto,
+    pub conn: Arc<ConnShared>,
+}
+
+/// A configured site.
+#[derive(Debug)]
+pub struct Site {
+    pub name: Arc<str>,
+    pub pool: Arc<Pool>,
+    pub preserve_host: bool,
+}
+
+/// Everything built from one config generation. Swapped whole on reload;
+/// requests in flight keep the generation they started with.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub router: Router,
+    pub sites: Vec<Site>,
+    pub pools: HashMap<String, Arc<Pool>>,
+    pub access_log: AccessLog,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("sites", &self.sites.len())
+            .finish()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Runtime {
+    /// Builds a generation; health state of origins carries over from `previous`.
+    /// Must be called inside a tokio runtime (it starts the health checkers).
+    pub fn build(
+        config: Arc<Config>,
+        previous: Option<&Runtime>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Runtime, String> {
+        let mut pools = HashMap::new();
+        for (name, pc) in &config.pools {
+            let prev = previous.and_then(|r| r.pools.get(name)).map(|p| p.as_ref());
+            pools.insert(name.clone(), Arc::new(Pool::new(name, pc, prev, metrics)?));
+        }
+        let mut patterns = Vec::new();
+        let mut sites = Vec::new();
+        for sc in &config.sites {
+            let pool = pools
+                .get(&sc.pool)
+                .ok_or_else(|| format!("no pool {:?}", sc.pool))?
+                .clone();
+            patterns.push(
+                sc.hosts
+                    .iter()
+                    .map(|h| HostPattern::parse(h))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+            sites.push(Site {
+                name: Arc::from(sc.hosts.first().map_or("*", String::as_str)),
+                pool,
+                preserve_host: sc.preserve_host,
+            });
+        }
+        let access_log = AccessLog::open(&config.log.access_log, metrics.clone())
+            .map_err(|e| format!("access log: {e}"))?;
+        let tasks = pools
+            .values()
+            .flat_map(|p| upstream::health::spawn_checkers(p.clone(), metrics.clone()))
+            .collect();
+        Ok(Runtime {
+            router: Router::new(&patterns),
+            sites,
+            pools,
+            access_log,
+            tasks,
+            config,
+        })
+    }
+}
+
+/// The proxy: the current generation plus process-wide state.
+pub struct Proxy {
+    runtime: ArcSwap<Runtime>,
+    pub metrics: Arc<Metrics>,
+    draining: AtomicBool,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Proxy")
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+impl Proxy {
+    pub fn new(runtime: Runtime, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Proxy {
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    pub fn swap(&self, rt: Runtime) {
+        self.runtime.store(Arc::new(rt));
+    }
+
+    pub fn set_draining(&self, v: bool) {
+        self.draining.store(v, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Runs one request through the pipeline.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        ds: &Downstream,
+    ) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let rt = self.runtime();
+        let seq = ds.conn.requests.fetch_add(1, Ordering::AcqRel);
+        let inflight = InflightGuard::new(&ds.conn);
+        let mut rec = LogRecord::begin(&req, ds);
+        let mut end = ExchangeEnd {
+            proxy: self.clone(),
+            rt: rt.clone(),
+            rec: None,
+            start,
+            proto: ds.proto,
+            site: Arc::from("-"),
+            origin: None,
+            pool_return: None,
+            _inflight: inflight,
+        };
+        let mut resp = match self.pipeline(req, ds, seq, &rt, &mut end, &mut rec).await {
+            Ok(r) => r,
+            Err(e) => {
+                rec.error = Some(e.kind.label());
+                self.count_error(&e, &end);
+                if e.kind != ErrorKind::UnknownHost {
+                    tracing::info!(error = %e, client = %ds.client, "request failed");
+                }
+                let unknown = StatusCode::from_u16(rt.config.server.unknown_host_status)
+                    .unwrap_or(StatusCode::MISDIRECTED_REQUEST);
+                e.to_response(unknown)
+            }
+        };
+        // response_filter: every client response.
+        let version = resp.version();
+        headers::add_via(resp.headers_mut(), version, &rt.config.server.via);
+        self.metrics
+            .request_duration
+            .get_or_create(&Protocol {
+                protocol: ds.proto.label(),
+            })
+            .observe(start.elapsed().as_secs_f64());
+        rec.status = resp.status().as_u16();
+        end.rec = Some(rec);
+        resp.body_mut().on_end(end);
+        resp
+    }
+
+    fn count_error(&self, e: &ProxyError, end: &ExchangeEnd) {
+        match e.source {
+            crate::error::ErrorSource::Downstream => {
+                if e.kind != ErrorKind::UnknownHost {
+                    self.metrics
+                        .bad_requests
+                        .get_or_create(&Reason {
+                            reason: e.kind.label(),
+                        })
+                        .inc();
+                }
+            }
+            _ => {
+                let pool = end
+                    .origin
+                    .as_ref()
+                    .map_or_else(|| Arc::from("-"), |(p, _)| p.clone());
+                self.metrics
+                    .upstream_errors
+                    .get_or_create(&UpstreamError {
+                        pool,
+                        kind: e.kind.label(),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    async fn pipeline(
+        &self,
+        req: Request<Incoming>,
+        ds: &Downstream,
+        seq: u64,
+        rt: &Runtime,
+        end: &mut ExchangeEnd,
+        rec: &mut LogRecord,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let cfg = &rt.config;
+        // 1. request_filter
+        if ds.proto == Proto::H1
+            && let Some(flag) = ds.conn.take_flag(seq)
+        {
+            return Err(ProxyError::downstream(
+                ErrorKind::BadRequest(flag.reason()),
+                "h1 framing",
+            ));
+        }
+        let (mut parts, body) = req.into_parts();
+        if parts.headers.get_all(header::HOST).iter().count() > 1 {
+            return Err(ProxyError::downstream(
+                ErrorKind::BadRequest("duplicate-host"),
+                "host",
+            ));
+        }
+        let host: Option<String> = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            });
+        if host.is_none() && parts.version == Version::HTTP_11 {
+            return Err(ProxyError::downstream(
+                ErrorKind::BadRequest("missing-host"),
+                "host",
+            ));
+        }
+        let max_body = cfg.limits.max_body_bytes.get();
+        if max_body > 0
+            && let Some(len) = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+            && len > max_body
+        {
+            return Err(ProxyError::downstream(
+                ErrorKind::BodyTooLarge,
+                "content-length",
+            ));
+        }
+        // 2. route
+        let site_idx = rt
+            .router
+            .route(host.as_deref())
+            .ok_or_else(|| ProxyError::downstream(ErrorKind::UnknownHost, "route"))?;
+        let site = &rt.sites[site_idx];
+        end.site = site.name.clone();
+        rec.site = Some(site.name.clone());
+        let pool = site.pool.clone();
+        end.origin = Some((pool.name.clone(), None));
+
+        // 3. (cache lookup goes here)
+
+        // 4. upstream_request
+        let upgrade = ds.proto == Proto::H1 && headers::wants_upgrade(&parts.headers);
+        let client_upgrade = if upgrade {
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        parts.headers.remove(header::EXPECT);
+        headers::add_via(&mut parts.headers, parts.version, &cfg.server.via);
+        headers::add_forwarded(
+            &mut parts.headers,
+            cfg.server.forwarded,
+            ds.client.ip(),
+            ds.tls,
+            host.as_deref(),
+        );
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let hash_key = if pool.uses_hash() {
+            upstream::select::hash64(&[host.as_deref().unwrap_or("").as_bytes(), path.as_bytes()])
+        } else {
+            0
+        };
+        let too_large = Arc::new(AtomicBool::new(false));
+        let mut body = Some(
+            RequestBody::new(body, max_body, too_large.clone())
+                .with_idle_timeout(pool.config.timeouts.idle.get()),
+        );
+        let replayable =
+            body.as_ref().is_some_and(RequestBody::is_empty) && is_idempotent(&parts.method);
+        let method = parts.method.clone();
+
+        // 5. upstream_peer + send, with retries.
+        let now_s = now_ms() / 1000;
+        pool.budget.deposit(now_s);
+        let mut tried: Vec<usize> = Vec::with_capacity(2);
+        let mut attempt = 0u32;
+        let mut pending: Option<Request<RequestBody>> = None;
+        loop {
+            attempt += 1;
+            let now = now_ms();
+            let slow = pool
+                .config
+                .slow_start
+                .map_or(0, |d| d.get().as_millis() as u64);
+            let idx = pool
+                .selector
+                .pick(&pool.origins, hash_key, now, slow, &tried)
+                .ok_or_else(|| ProxyError::upstream(ErrorKind::NoHealthyOrigin, "select"))?;
+            let origin = pool.origins[idx].clone();
+            tried.push(idx);
+            end.origin = Some((pool.name.clone(), Some(origin.label.clone())));
+            rec.origin = Some(origin.label.clone());
+            rec.attempts = attempt;
+            let req = match pending.take() {
+                Some(r) => r,
+                None => {
+                    let b = if replayable {
+                        RequestBody::empty()
+                    } else {
+                        body.take().unwrap_or_else(RequestBody::empty)
+                    };
+                    build_upstream_request(
+                        &parts,
+                        &origin,
+                        site.preserve_host,
+                        host.as_deref(),
+                        &path,
+                        b,
+                    )?
+                }
+            };
+            let result = self.send(&pool, &origin, req, upgrade, end).await;
+            let err = match result {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let failed = matches!(status.as_u16(), 502..=504);
+                    self.record_outcome(&pool, &origin, !failed);
+                    rec.upstream_status = Some(status.as_u16());
+                    return self
+                        .finish_response(resp, &pool, upgrade, client_upgrade, cfg)
+                        .await;
+                }
+                Err((e, returned)) => {
+                    pending = returned;
+                    e
+                }
+            };
+            if too_large.load(Ordering::Acquire) {
+                return Err(ProxyError::downstream(ErrorKind::BodyTooLarge, "body"));
+            }
+            if err.source == crate::error::ErrorSource::Upstream {
+                self.record_outcome(&pool, &origin, false);
+            }
+            let can_retry = (err.retry_safe && (pending.is_some() || replayable || body.is_some()))
+                || (replayable
+                    && matches!(
+                        err.kind,
+                        ErrorKind::HeaderTimeout | ErrorKind::UpstreamProtocol
+                    ));
+            if !can_retry
+                || attempt >= pool.config.retry.attempts
+                || !pool.budget.try_withdraw(now_ms() / 1000)
+            {
+                return Err(err);
+            }
+            tracing::debug!(error = %err, attempt, method = %method, "retrying on another origin");
+            self.metrics
+                .upstream_retries
+                .get_or_create(&PoolLabels {
+                    pool: pool.name.clone(),
+                })
+                .inc();
+            self.metrics
+                .upstream_errors
+                .get_or_create(&UpstreamError {
+                    pool: pool.name.clone(),
+                    kind: err.kind.label(),
+                })
+                .inc();
+        }
+    }
+
+    fn record_outcome(&self, pool: &Pool, origin: &Origin, ok: bool) {
+        let p = &pool.config.passive;
+        if let Some(t) = origin.health.record_request(
+            ok,
+            p.max_failures,
+            p.ejection_time.get().as_millis() as u64,
+            now_ms(),
+        ) {
+            health_changed(&self.metrics, pool, origin, t, "passive");
+        }
+    }
+
+    /// Sends one attempt. On failure, gives back the request if it was never
+    /// sent, so it can go to another origin unchanged.
+    async fn send(
+        &self,
+        pool: &Arc<Pool>,
+        origin: &Arc<Origin>,
+        req: Request<RequestBody>,
+        upgrade: bool,
+        end: &mut ExchangeEnd,
+    ) -> Result<Response<Incoming>, (ProxyError, Option<Request<RequestBody>>)> {
+        self.metrics
+            .upstream_requests
+            .get_or_create(&PoolLabels {
+                pool: pool.name.clone(),
+            })
+            .inc();
+        let t = pool.config.timeouts.connect.get();
+        let connect_start = Instant::now();
+        let checkout = if upgrade {
+            match pool.connector.connect(&origin.addr, true).await {
+                Ok(sender) => Checkout {
+                    sender,
+                    reused: false,
+                    permit: None,
+                },
+                Err(e) => return Err((e, Some(req))),
+            }
+        } else {
+            match origin
+                .conns
+                .checkout(&pool.connector, &origin.addr, t)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    self.metrics
+                        .upstream_connects
+                        .get_or_create(&crate::metrics::Outcome {
+                            result: e.kind.label(),
+                        })
+                        .inc();
+                    return Err((e, Some(req)));
+                }
+            }
+        };
+        if !checkout.reused {
+            self.metrics
+                .upstream_connects
+                .get_or_create(&crate::metrics::Outcome { result: "ok" })
+                .inc();
+            self.metrics
+                .upstream_connect_duration
+                .observe(connect_start.elapsed().as_secs_f64());
+        }
+        let header_timeout = pool.config.timeouts.header.get();
+        let guard = OriginInflight::new(origin);
+        let Checkout {
+            sender,
+            permit,
+            reused,
+        } = checkout;
+        let mut req = req;
+        let (sender, fut) = match sender {
+            Sender::H1(mut s) => {
+                // HTTP/1.1 sends the origin form; the authority is in Host.
+                let pq = req.uri().path_and_query().cloned();
+                let mut up = http::uri::Parts::default();
+                up.path_and_query = pq;
+                if let Ok(u) = http::Uri::from_parts(up) {
+                    *req.uri_mut() = u;
+                }
+                let f = s.try_send_request(req);
+                (Sender::H1(s), futures_util::future::Either::Left(f))
+            }
+            Sender::H2(mut s) => {
+                // HTTP/2 carries the authority as :authority, not Host.
+                req.headers_mut().remove(header::HOST);
+                let f = s.try_send_request(req);
+                (Sender::H2(s), futures_util::future::Either::Right(f))
+            }
+        };
+        match tokio::time::timeout(header_timeout, fut).await {
+            // An HTTP/2 connection stays usable: only this stream timed out.
+            Err(_) => Err((
+                ProxyError::upstream(ErrorKind::HeaderTimeout, "response head"),
+                None,
+            )),
+            Ok(Err(mut e)) => {
+                let returned = e.take_message();
+                if matches!(sender, Sender::H2(_)) {
+                    origin.conns.forget_h2();
+                }
+                let err = ProxyError::upstream(
+                    ErrorKind::UpstreamProtocol,
+                    if reused {
+                        "reused connection"
+                    } else {
+                        "exchange"
+                    },
+                )
+                .with_cause(e.into_error())
+                .retry_safe(returned.is_some());
+                Err((err, returned))
+            }
+            Ok(Ok(resp)) => {
+                end.pool_return = Some(PoolReturn {
+                    origin: origin.clone(),
+                    sender: Some(sender),
+                    permit,
+                    _guard: guard,
+                });
+                Ok(resp)
+            }
+        }
+    }
+
+    async fn finish_response(
+        &self,
+        resp: Response<Incoming>,
+        pool: &Pool,
+        upgrade: bool,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        _cfg: &Config,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let (mut parts, body) = resp.into_parts();
+        if upgrade && parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(ProxyError::upstream(ErrorKind::Internal, "upgrade"));
+            };
+            let Some(origin_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+            else {
+                return Err(ProxyError::upstream(
+                    ErrorKind::UpstreamProtocol,
+                    "origin upgrade",
+                ));
+            };
+            let idle = pool.config.timeouts.idle.get();
+            tokio::spawn(tunnel(client_upgrade, origin_upgrade, idle));
+            headers::strip_hop_by_hop(&mut parts.headers, true);
+            return Ok(Response::from_parts(parts, ResponseBody::empty()));
+        }
+        // 6. upstream_response_filter
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        let deadline = pool.config.timeouts.total.map(|t| Instant::now() + t.get());
+        let body = ResponseBody::upstream(body, pool.config.timeouts.idle.get(), deadline);
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and origin connection.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    origin: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+) {
+    let (Ok(c), Ok(o)) = tokio::join!(client, origin) else {
+        tracing::debug!("upgrade did not complete");
+        return;
+    };
+    let mut c = hyper_util::rt::TokioIo::new(c);
+    let mut o = hyper_util::rt::TokioIo::new(o);
+    let _ = idle;
+    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut o).await {
+        tracing::debug!(error = %e, "tunnel ended");
+    }
+}
+
+fn build_upstream_request(
+    parts: &http::request::Parts,
+    origin: &Origin,
+    preserve_host: bool,
+    host: Option<&str>,
+    path: &str,
+    body: RequestBody,
+) -> Result<Request<RequestBody>, ProxyError> {
+    let mut b = Request::builder().method(parts.method.clone());
+    let mut headers = parts.headers.clone();
+    let authority: &str = match host {
+        Some(h) if preserve_host => h,
+        _ => origin.addr.authority.as_str(),
+    };
+    // HTTP/2 to the origin carries the authority in the URI; HTTP/1.1 in Host.
+    let uri = format!("{}://{}{}", origin.addr.scheme(), authority, path);
+    b = b.uri(uri.as_str());
+    headers.insert(
+        header::HOST,
+        HeaderValue::from_str(authority)
+            .map_err(|_| ProxyError::downstream(ErrorKind::BadRequest("bad-host"), "host"))?,
+    );
+    let mut req = b.body(body).map_err(|e| {
+        ProxyError::downstream(ErrorKind::BadRequest("bad-uri"), "uri").with_cause(e)
+    })?;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
+
+/// Logs and counts a health transition.
+pub fn health_changed(
+    metrics: &Metrics,
+    pool: &Pool,
+    origin: &Origin,
+    t: Transition,
+    by: &'static str,
+) {
+    tracing::warn!(pool = %pool.name, origin = %origin.label, to = t.label(), by, "origin health changed");
+    metrics
+        .origin_health_transitions
+        .get_or_create(&OriginTransition {
+            pool: pool.name.clone(),
+            origin: origin.label.clone(),
+            to: t.label(),
+        })
+        .inc();
+    metrics
+        .origin_healthy
+        .get_or_create(&crate::metrics::OriginLabels {
+            pool: pool.name.clone(),
+            origin: origin.label.clone(),
+        })
+        .set(i64::from(t == Transition::Up));
+}
+
+/// The connection an exchange used, returned to its pool when the body ends.
+struct PoolReturn {
+    origin: Arc<Origin>,
+    sender: Option<Sender>,
+    permit: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    _guard: OriginInflight,
+}
+
+/// Runs when a response body ends: pool check-in, metrics, access log.
+struct ExchangeEnd {
+    proxy: Arc<Proxy>,
+    rt: Arc<Runtime>,
+    rec: Option<LogRecord>,
+    start: Instant,
+    proto: Proto,
+    site: Arc<str>,
+    origin: Option<(Arc<str>, Option<Arc<str>>)>,
+    pool_return: Option<PoolReturn>,
+    _inflight: InflightGuard,
+}
+
+impl OnBodyEnd for ExchangeEnd {
+    fn finish(&mut self, complete: bool, bytes: u64) {
+        if let Some(mut pr) = self.pool_return.take()
+            && complete
+            && let Some(Sender::H1(s)) = pr.sender.take()
+        {
+            pr.origin.conns.checkin(s, pr.permit.take());
+        }
+        if let Some(mut rec) = self.rec.take() {
+            rec.bytes_out = bytes;
+            rec.complete = complete;
+            rec.duration = self.start.elapsed();
+            self.proxy
+                .metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    protocol: self.proto.label(),
+                    status_class: crate::metrics::status_class(rec.status),
+                    site: self.site.clone(),
+                })
+                .inc();
+            self.rt.access_log.write(&rec);
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Picking an origin: smooth weighted round-robin, least-connections, or a
+//! ketama consistent-hash ring. Down origins are skipped; weights follow the
+//! slow-start ramp; origins already tried for this request are avoided.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+
+use super::Origin;
+use crate::config::Selection;
+
+/// Ring points per unit of weight.
+const POINTS_PER_WEIGHT: u32 = 160;
+
+#[derive(Debug)]
+pub enum Selector {
+    RoundRobin(Mutex<Vec<f64>>),
+    LeastConnections(AtomicUsize),
+    ConsistentHash(Vec<(u64, usize)>),
+}
+
+/// 64-bit FNV-1a with a final avalanche; stable across processes and
+/// versions, so every POP hashes a URL to the same origin.
+pub fn hash64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in *p {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // splitmix64 finaliser.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+impl Selector {
+    pub fn new(kind: Selection, origins: &[Arc<Origin>]) -> Self {
+        match kind {
+            Selection::RoundRobin => Selector::RoundRobin(Mutex::new(vec![0.0; origins.len()])),
+            Selection::LeastConnections => Selector::LeastConnections(AtomicUsize::new(0)),
+            Selection::ConsistentHash => {
+                let mut ring = Vec::new();
+                for o in origins {
+                    let label = o.addr.to_string();
+                    for i in 0..o.weight * POINTS_PER_WEIGHT {
+                        ring.push((hash64(&[label.as_bytes(), &i.to_le_bytes()]), o.index));
+                    }
+                }
+                ring.sort_unstable();
+                Selector::ConsistentHash(ring)
+            }
+        }
+    }
+
+    /// Picks an origin that is up and not in `tried`. Returns its index.
+    /// `key` is the request's hash (used by consistent hashing only).
+    pub fn pick(
+        &self,
+        origins: &[Arc<Origin>],
+        key: u64,
+        now: u64,
+        slow_start_ms: u64,
+        tried: &[usize],
+    ) -> Option<usize> {
+        let usable = |o: &Origin| o.health.is_up(now) && !tried.contains(&o.index);
+        if !origins.iter().any(|o| usable(o)) {
+            // Retry on an origin already tried rather than fail, if it is up.
+            if tried.is_empty() || !origins.iter().any(|o| o.health.is_up(now)) {
+                return None;
+            }
+            return self.pick(origins, key, now, slow_start_ms, &[]);
+        }
+        let weight = |o: &Origin| f64::from(o.weight) * o.health.weight_factor(now, slow_start_ms);
+        match self {
+            Selector::RoundRobin(current) => {
+                // nginx's smooth weighted round-robin.
+                let mut cur = current.lock();
+                let mut total = 0.0;
+                let mut best: Option<usize> = None;
+                for o in origins.iter().filter(|o| usable(o)) {
+                    let w = weight(o);
+                    cur[o.index] += w;
+                    total += w;
+                    if best.is_none_or(|b| cur[o.index] > cur[b]) {
+                        best = Some(o.index);
+                    }
+                }
+                let b = best?;
+                cur[b] -= total;
+                Some(b)
+            }
+            Selector::LeastConnections(rotate) => {
+                let start = rotate.fetch_add(1, Ordering::Relaxed);
+                let n = origins.len();
+                let mut best: Option<(f64, usize)> = None;
+                for k in 0..n {
+                    let o = &origins[(start + k) % n];
+                    if !usable(o) {
+                        continue;
+                    }
+                    let load = (o.inflight.load(Ordering::Relaxed) as f64 + 1.0) / weight(o);
+                    if best.is_none_or(|(l, _)| load < l) {
+                        best = Some((load, o.index));
+                    }
+                }
+                best.map(|(_, i)| i)
+            }
+            Selector::ConsistentHash(ring) => {
+                if ring.is_empty() {
+                    return None;
+                }
+                let start = ring.partition_point(|&(h, _)| h < key);
+                (0..ring.len())
+                    .map(|k| ring[(start + k) % ring.len()].1)
+                    .find(|&i| usable(&origins[i]))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConnPoolConfig, OriginConfig, PoolConfig};
+    use crate::proxy::upstream::Pool;
+
+    fn pool(sel: Selection, weights: &[u32]) -> Pool {
+        let cfg: PoolConfig = toml::from_str(&format!(
+            "selection = {:?}\norigins = []",
+            match sel {
+                Selection::RoundRobin => "round_robin",
+                Selection::LeastConnections => "least_connections",
+                Selection::ConsistentHash => "consistent_hash",
+            }
+        ))
+        .expect("pool config");
+        let mut cfg = cfg;
+        cfg.connection_pool = ConnPoolConfig::default();
+        cfg.origins = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| OriginConfig {
+                url: format!("http://10.0.0.{}:80", i + 1),
+                weight: w,
+            })
+            .collect();
+        Pool::new("t", &cfg, None, &crate::metrics::Metrics::new()).expect("pool")
+    }
+
+    #[test]
+    fn smooth_round_robin_follows_weights() {
+        let p = pool(Selection::RoundRobin, &[5, 1, 1]);
+        let picks: Vec<usize> = (0..7)
+            .map(|_| p.selector.pick(&p.origins, 0, 1, 0, &[]).expect("up"))
+            .collect();
+        assert_eq!(
+            picks,
+            vec![0, 0, 1, 0, 2, 0, 0],
+            "nginx's sequence for 5,1,1"
+        );
+    }
+
+    #[test]
+    fn down_origins_are_skipped_and_tried_ones_avoided() {
+        let p = pool(Selection::RoundRobin, &[1, 1]);
+        p.origins[0].health.record_probe(false, 1, 1, 1);
+        for _ in 0..5 {
+            assert_eq!(p.selector.pick(&p.origins, 0, 2, 0, &[]), Some(1));
+        }
+        assert_eq!(
+            p.selector.pick(&p.origins, 0, 2, 0, &[1]),
+            Some(1),
+            "only one up: reuse it"
+        );
+        p.origins[1].health.record_probe(false, 1, 1, 1);
+        assert_eq!(p.selector.pick(&p.origins, 0, 2, 0, &[]), None);
+    }
+
+    #[test]
+    fn least_connections_prefers_idle() {
+        let p = pool(Selection::LeastConnections, &[1, 1, 1]);
+        p.origins[0].inflight.store(5, Ordering::Relaxed);
+        p.origins[2].inflight.store(1, Ordering::Relaxed);
+        assert_eq!(p.selector.pick(&p.origins, 0, 1, 0, &[]), Some(1));
+    }
+
+    #[test]
+    fn consistent_hash_is_stable_and_moves_little() {
+        let p = pool(Selection::ConsistentHash, &[1, 1, 1, 1]);
+        let keys: Vec<u64> = (0..2000u32)
+            .map(|i| hash64(&[b"host", format!("/obj/{i}").as_bytes()]))
+            .collect();
+        let before: Vec<usize> = keys
+            .iter()
+            .map(|&k| p.selector.pick(&p.origins, k, 1, 0, &[]).expect("up"))
+            .collect();
+        let again: Vec<usize> = keys
+            .iter()
+            .map(|&k| p.selector.pick(&p.origins, k, 1, 0, &[]).expect("up"))
+            .collect();
+        assert_eq!(before, again);
+        // Every origin gets a fair share.
+        for i in 0..4 {
+            let n = before.iter().filter(|&&x| x == i).count();
+            assert!((350..650).contains(&n), "origin {i} got {n} of 2000");
+        }
+        // Take origin 2 down: only its keys move.
+        p.origins[2].health.record_probe(false, 1, 1, 1);
+        let after: Vec<usize> = keys
+            .iter()
+            .map(|&k| p.selector.pick(&p.origins, k, 2, 0, &[]).expect("up"))
+            .collect();
+        for (b, a) in before.iter().zip(&after) {
+            if *b != 2 {
+                assert_eq!(a, b, "a key not on the failed origin moved");
+            } else {
+                assert_ne!(*a, 2);
+            }
+        }
+    }
+
+    #[test]
+    fn hash_is_stable() {
+        assert_eq!(hash64(&[b"a", b"b"]), hash64(&[b"a", b"b"]));
+        assert_ne!(hash64(&[b"ab"]), hash64(&[b"a", b"b"]));
+    }
+}

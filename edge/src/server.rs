@@ -1,0 +1,438 @@
+//! The daemon: binds the listeners, serves connections, reloads on SIGHUP
+//! (a bad config is refused and the old one keeps serving), watches
+//! certificate files, and drains gracefully on SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tracing::Instrument;
+
+use crate::admin::{self, Admin, Control};
+use crate::config::{Config, ConfigError, ListenerConfig};
+use crate::listener::bind_tcp;
+use crate::listener::tls::{CertSet, CertStore, TlsError, server_config};
+use crate::metrics::{Metrics, Outcome};
+use crate::proxy::{Proxy, Runtime};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Build(String),
+    #[error("signals: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Counts live client connections, and wakes a waiter when none are left.
+#[derive(Debug, Default)]
+struct ConnCounter {
+    n: AtomicUsize,
+    zero: Notify,
+}
+
+struct ConnToken(Arc<ConnCounter>);
+
+impl ConnToken {
+    fn new(c: &Arc<ConnCounter>) -> Self {
+        c.n.fetch_add(1, Ordering::AcqRel);
+        ConnToken(c.clone())
+    }
+}
+
+impl Drop for ConnToken {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.zero.notify_waiters();
+        }
+    }
+}
+
+impl ConnCounter {
+    async fn wait_zero(&self) {
+        loop {
+            let notified = self.zero.notified();
+            if self.n.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ListenerKey {
+    address: SocketAddr,
+    tls: bool,
+    alpn: Vec<String>,
+    reuse_port: bool,
+}
+
+impl ListenerKey {
+    fn of(l: &ListenerConfig) -> Self {
+        ListenerKey {
+            address: l.address,
+            tls: l.tls,
+            alpn: l.alpn.clone(),
+            reuse_port: l.reuse_port,
+        }
+    }
+}
+
+struct Listening {
+    key: ListenerKey,
+    bound: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What a running server has bound, for printing and for tests.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    pub listeners: Vec<(bool, SocketAddr)>,
+    pub admin: Option<SocketAddr>,
+}
+
+struct Shared {
+    proxy: Arc<Proxy>,
+    certs: Arc<CertStore>,
+    conn_stop: watch::Receiver<bool>,
+    conns: Arc<ConnCounter>,
+    slots: Arc<Semaphore>,
+    max_conns: AtomicUsize,
+}
+
+/// Runs the edge until SIGTERM or SIGINT, then drains and returns.
+/// `on_ready` is called once every listener is bound.
+pub async fn run(
+    config: Config,
+    path: Option<PathBuf>,
+    on_ready: impl FnOnce(&Bound),
+) -> Result<(), ServerError> {
+    let metrics = Metrics::new();
+    let config = Arc::new(config);
+    let certs = CertStore::new(CertSet::load(&config.tls)?);
+    let runtime = Runtime::build(config.clone(), None, &metrics).map_err(ServerError::Build)?;
+    let proxy = Proxy::new(runtime, metrics.clone());
+    let (conn_stop_tx, conn_stop) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        proxy: proxy.clone(),
+        certs: certs.clone(),
+        conn_stop,
+        conns: Arc::new(ConnCounter::default()),
+        slots: Arc::new(Semaphore::new(config.server.max_connections)),
+        max_conns: AtomicUsize::new(config.server.max_connections),
+    });
+
+    // Signals first, so a SIGHUP or SIGTERM during start-up is not lost.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sighup = signal(SignalKind::hangup()).map_err(ServerError::Signals)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
+
+    let mut listeners = Vec::new();
+    for l in &config.listeners {
+        listeners.push(start_listener(
+            l,
+            &shared,
+            config.tls.min_version.as_deref() == Some("1.3"),
+        )?);
+    }
+    let (control_tx, mut control_rx) = mpsc::channel::<Control>(8);
+    let (admin_stop_tx, admin_stop) = watch::channel(false);
+    let mut admin_addr = None;
+    if let Some(addr) = config.admin.listen {
+        let l = bind_tcp(addr, false, 128).map_err(|source| ServerError::Bind { addr, source })?;
+        admin_addr = l.local_addr().ok();
+        let token = admin_token(&config)?;
+        let a = Admin {
+            proxy: proxy.clone(),
+            token,
+            control: control_tx.clone(),
+        };
+        tokio::spawn(admin::serve(l, a, admin_stop));
+    }
+    on_ready(&Bound {
+        listeners: listeners.iter().map(|l| (l.key.tls, l.bound)).collect(),
+        admin: admin_addr,
+    });
+    tracing::info!(listeners = listeners.len(), "meridian-edge ready");
+
+    let mut cert_tick = tokio::time::interval(
+        config
+            .tls
+            .watch_interval
+            .map_or(Duration::from_secs(3600), |d| {
+                d.get().max(Duration::from_millis(100))
+            }),
+    );
+    cert_tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                let _ = reload(&shared, path.as_ref(), &mut listeners).await;
+            }
+            Some(Control::Reload(reply)) = control_rx.recv() => {
+                let r = reload(&shared, path.as_ref(), &mut listeners).await;
+                let _ = reply.send(r);
+            }
+            _ = cert_tick.tick() => {
+                let rt = proxy.runtime();
+                if rt.config.tls.watch_interval.is_some() && certs.current().changed_on_disk() {
+                    reload_certs(&shared, &rt.config).await;
+                }
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+
+    // Drain: not ready, stop accepting, let in-flight requests finish.
+    let cfg = proxy.runtime().config.clone();
+    proxy.set_draining(true);
+    tracing::info!(grace = ?cfg.server.graceful_timeout.get(), "draining: /readyz now answers 503");
+    if !cfg.server.drain_delay.get().is_zero() {
+        tokio::time::sleep(cfg.server.drain_delay.get()).await;
+    }
+    for l in listeners.drain(..) {
+        let _ = l.stop.send(true);
+        let _ = l.task.await;
+    }
+    let _ = conn_stop_tx.send(true);
+    let open = shared.conns.n.load(Ordering::Acquire);
+    if tokio::time::timeout(cfg.server.graceful_timeout.get(), shared.conns.wait_zero())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = shared.conns.n.load(Ordering::Acquire),
+            "grace period over; closing remaining connections"
+        );
+    } else {
+        tracing::info!(drained = open, "all connections finished");
+    }
+    let _ = admin_stop_tx.send(true);
+    Ok(())
+}
+
+fn admin_token(config: &Config) -> Result<Option<Arc<str>>, ServerError> {
+    if let Some(t) = &config.admin.token {
+        return Ok(Some(Arc::from(t.as_str())));
+    }
+    if let Some(f) = &config.admin.token_file {
+        let t = std::fs::read_to_string(f)
+            .map_err(|e| ServerError::Build(format!("{}: {e}", f.display())))?;
+        return Ok(Some(Arc::from(t.trim_end())));
+    }
+    Ok(None)
+}
+
+fn start_listener(
+    l: &ListenerConfig,
+    shared: &Arc<Shared>,
+    min13: bool,
+) -> Result<Listening, ServerError> {
+    let listener: TcpListener =
+        bind_tcp(l.address, l.reuse_port, l.backlog).map_err(|source| ServerError::Bind {
+            addr: l.address,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: l.address,
+        source,
+    })?;
+    let acceptor = if l.tls {
+        Some(tokio_rustls::TlsAcceptor::from(server_config(
+            shared.certs.clone(),
+            &l.alpn,
+            min13,
+        )?))
+    } else {
+        None
+    };
+    let (stop, mut stop_rx) = watch::channel(false);
+    let shared = shared.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                _ = stop_rx.changed() => break,
+            };
+            let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
+                shared.proxy.metrics.connections_rejected.inc();
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let token = ConnToken::new(&shared.conns);
+            let local = stream.local_addr().unwrap_or(bound);
+            let fut = crate::http::serve_tcp(
+                stream,
+                peer,
+                local,
+                acceptor.clone(),
+                shared.proxy.clone(),
+                shared.conn_stop.clone(),
+            );
+            let span = tracing::debug_span!("conn", %peer);
+            tokio::spawn(
+                async move {
+                    fut.await;
+                    drop(permit);
+                    drop(token);
+                }
+                .instrument(span),
+            );
+        }
+        tracing::info!(%bound, "listener closed");
+    });
+    Ok(Listening {
+        key: ListenerKey::of(l),
+        bound,
+        stop,
+        task,
+    })
+}
+
+async fn load_config(path: PathBuf) -> Result<(Config, CertSet), String> {
+    tokio::task::spawn_blocking(move || {
+        let cfg = Config::load(&path).map_err(|e| e.to_string())?;
+        let certs = CertSet::load(&cfg.tls).map_err(|e| e.to_string())?;
+        Ok((cfg, certs))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Loads the config file again and swaps it in, or refuses it whole.
+async fn reload(
+    shared: &Arc<Shared>,
+    path: Option<&PathBuf>,
+    listeners: &mut Vec<Listening>,
+) -> Result<(), String> {
+    let m = &shared.proxy.metrics;
+    let result = async {
+        let Some(path) = path else {
+            // The demo and one-line modes have no file: reload certificates only.
+            let rt = shared.proxy.runtime();
+            let certs = CertSet::load(&rt.config.tls).map_err(|e| e.to_string())?;
+            shared.certs.replace(certs);
+            return Ok(());
+        };
+        let (cfg, certs) = load_config(path.clone()).await?;
+        let old = shared.proxy.runtime();
+        let cfg = Arc::new(cfg);
+        let rt = Runtime::build(cfg.clone(), Some(&old), m)?;
+        // Listeners: keep those unchanged, open new ones, close removed ones.
+        let min13 = cfg.tls.min_version.as_deref() == Some("1.3");
+        let wanted: Vec<ListenerKey> = cfg.listeners.iter().map(ListenerKey::of).collect();
+        let mut opened = Vec::new();
+        for l in &cfg.listeners {
+            let key = ListenerKey::of(l);
+            if listeners.iter().any(|x| x.key == key) {
+                continue;
+            }
+            // The same address with other settings: close the old one first.
+            if let Some(i) = listeners.iter().position(|x| x.key.address == key.address) {
+                let old = listeners.remove(i);
+                let _ = old.stop.send(true);
+                let _ = old.task.await;
+            }
+            match start_listener(l, shared, min13) {
+                Ok(x) => opened.push(x),
+                Err(e) => {
+                    for x in opened {
+                        let _ = x.stop.send(true);
+                    }
+                    return Err(e.to_string());
+                }
+            }
+        }
+        let mut kept = Vec::new();
+        for l in listeners.drain(..) {
+            if wanted.contains(&l.key) {
+                kept.push(l);
+            } else {
+                let _ = l.stop.send(true);
+            }
+        }
+        kept.extend(opened);
+        *listeners = kept;
+        let want = cfg.server.max_connections;
+        let have = shared.max_conns.swap(want, Ordering::AcqRel);
+        if want > have {
+            shared.slots.add_permits(want - have);
+        } else {
+            shared.slots.forget_permits(have - want);
+        }
+        shared.certs.replace(certs);
+        shared.proxy.swap(rt);
+        Ok(())
+    }
+    .await;
+    match &result {
+        Ok(()) => {
+            m.config_reloads
+                .get_or_create(&Outcome { result: "ok" })
+                .inc();
+            tracing::info!("config reloaded");
+        }
+        Err(e) => {
+            m.config_reloads
+                .get_or_create(&Outcome { result: "refused" })
+                .inc();
+            tracing::error!(error = %e, "reload refused; the running config stays in force");
+        }
+    }
+    result
+}
+
+async fn reload_certs(shared: &Arc<Shared>, cfg: &Config) {
+    let tls = cfg.tls.clone();
+    let r = tokio::task::spawn_blocking(move || CertSet::load(&tls)).await;
+    match r {
+        Ok(Ok(set)) => {
+            shared.certs.replace(set);
+            shared
+                .proxy
+                .metrics
+                .cert_reloads
+                .get_or_create(&Outcome { result: "ok" })
+                .inc();
+            tracing::info!("certificates changed on disk: reloaded");
+        }
+        Ok(Err(e)) => {
+            shared
+                .proxy
+                .metrics
+                .cert_reloads
+                .get_or_create(&Outcome { result: "refused" })
+                .inc();
+            tracing::error!(error = %e, "certificate reload refused; the current certificates stay");
+        }
+        Err(e) => tracing::error!(error = %e, "certificate reload task failed"),
+    }
+}

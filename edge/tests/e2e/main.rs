@@ -1,0 +1,179 @@
+//! End-to-end tests of meridian-edge: the real binary on ephemeral ports, a
+//! real origin, real sockets. One test binary, with modules.
+
+mod bad_input;
+mod interop;
+mod ops;
+mod proxy;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use meridian_e2e::certs::{Leaf, TempDir, TestCa};
+use meridian_e2e::client::Tls;
+use meridian_e2e::harness::Proc;
+
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_meridian-edge"))
+}
+
+/// A running edge with its config file and scratch directory.
+pub struct Edge {
+    pub proc: Proc,
+    pub dir: TempDir,
+    pub config: PathBuf,
+}
+
+impl std::ops::Deref for Edge {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+impl std::ops::DerefMut for Edge {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}
+
+impl Edge {
+    /// Writes `config` to a file and runs `meridian-edge run --config` on it.
+    pub fn start(config: &str) -> anyhow::Result<Edge> {
+        let dir = TempDir::new("edge")?;
+        Self::start_in(dir, config)
+    }
+
+    pub fn start_in(dir: TempDir, config: &str) -> anyhow::Result<Edge> {
+        meridian_e2e::init();
+        let path = dir.path().join("edge.toml");
+        std::fs::write(&path, config)?;
+        let p = path
+            .to_str()
+            .ok_or_else(|| anyhow::anyhow!("path"))?
+            .to_string();
+        let proc = Proc::start(bin(), &["run", "--config", &p], "meridian-edge")?;
+        Ok(Edge {
+            proc,
+            dir,
+            config: path,
+        })
+    }
+
+    pub fn rewrite(&self, config: &str) -> anyhow::Result<()> {
+        std::fs::write(&self.config, config)?;
+        Ok(())
+    }
+
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(
+            meridian_e2e::client::get_plain(self.admin(), "admin", "/metrics")
+                .await?
+                .text(),
+        )
+    }
+}
+
+/// The sum of a metric's samples whose line contains every `needles`.
+pub fn metric(text: &str, name: &str, needles: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.len() == name.len() || matches!(l.as_bytes()[name.len()], b'{' | b' '))
+        })
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A minimal config: one plain listener, admin, one site for every host.
+pub fn basic_config(origins: &[String], extra: &str) -> String {
+    let list: Vec<String> = origins
+        .iter()
+        .map(|o| format!("{{ url = \"{o}\" }}"))
+        .collect();
+    format!(
+        r#"[admin]
+listen = "127.0.0.1:0"
+
+[log]
+access_log = "stdout"
+
+[[listeners]]
+address = "127.0.0.1:0"
+
+[[sites]]
+hosts = ["*"]
+pool = "main"
+
+[pools.main]
+origins = [{}]
+{extra}
+"#,
+        list.join(", ")
+    )
+}
+
+/// A CA with leaf certificates for a.test, b.test and *.w.test.
+pub struct Pki {
+    pub ca: TestCa,
+    pub a: Leaf,
+    pub b: Leaf,
+    pub w: Leaf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> anyhow::Result<Pki> {
+        let ca = TestCa::new(dir)?;
+        let a = ca.leaf(dir, "a", &["a.test"])?;
+        let b = ca.leaf(dir, "b", &["b.test"])?;
+        let w = ca.leaf(dir, "w", &["*.w.test"])?;
+        Ok(Pki { ca, a, b, w })
+    }
+
+    pub fn tls(&self, sni: &str, alpn: &[&str]) -> anyhow::Result<Tls> {
+        Ok(Tls {
+            roots: Arc::new(self.ca.roots()?),
+            sni: sni.into(),
+            alpn: alpn.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        })
+    }
+
+    /// `[tls]` and a TLS listener for the three leaves.
+    pub fn config(&self) -> String {
+        format!(
+            r#"
+[[listeners]]
+address = "127.0.0.1:0"
+tls = true
+
+[[tls.certificates]]
+cert = "{}"
+key = "{}"
+default = true
+
+[[tls.certificates]]
+cert = "{}"
+key = "{}"
+
+[[tls.certificates]]
+cert = "{}"
+key = "{}"
+"#,
+            self.a.cert.display(),
+            self.a.key.display(),
+            self.b.cert.display(),
+            self.b.key.display(),
+            self.w.cert.display(),
+            self.w.key.display()
+        )
+    }
+}
+
+/// The peak resident set size of a process, in bytes (Linux).
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,455 @@
+//! Operations: check, reload, certificate hot reload, drain, zero-downtime
+//! upgrade, the admin API, the demo and the one-line mode.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use meridian_e2e::certs::TempDir;
+use meridian_e2e::client::{Conn, get, get_plain, req, req_h2};
+use meridian_e2e::harness::{Proc, eventually};
+use meridian_e2e::origin::TestOrigin;
+use nix::sys::signal::Signal;
+
+use crate::{Edge, Pki, basic_config, bin, metric};
+
+#[test]
+fn check_reports_file_line_and_column() -> anyhow::Result<()> {
+    let dir = TempDir::new("check")?;
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, basic_config(&["http://127.0.0.1:9".into()], ""))?;
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        basic_config(&["http://127.0.0.1:9".into()], "")
+            .replace("pool = \"main\"", "pool = \"nope\""),
+    )?;
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "{}:12:8: sites[0].pool: no pool named \"nope\"",
+            bad.display()
+        )),
+        "{err}"
+    );
+
+    std::fs::write(
+        &bad,
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\nbogus = 1\n",
+    )?;
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.starts_with(&format!("{}:3:1:", bad.display())) && err.contains("bogus"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn reload_swaps_the_config_and_refuses_a_bad_one() -> anyhow::Result<()> {
+    let a = TestOrigin::start("a").await?;
+    let b = TestOrigin::start("b").await?;
+    let edge = Edge::start(&basic_config(&[a.url()], ""))?;
+    let mut kept = Conn::plain(edge.http(), false).await?;
+    assert_eq!(
+        kept.send(get("t", "/hello")).await?.header("x-origin"),
+        Some("a")
+    );
+    // The listener address must stay the same: pin it.
+    let pinned = |o: &str| {
+        basic_config(&[o.to_string()], "").replace(
+            "address = \"127.0.0.1:0\"",
+            &format!("address = \"{}\"", edge.http()),
+        )
+    };
+    let pinned_admin = |s: String| {
+        s.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{}\"", edge.admin()),
+        )
+    };
+    edge.rewrite(&pinned_admin(pinned(&b.url())))?;
+    edge.signal(Signal::SIGHUP)?;
+    let moved = eventually(Duration::from_secs(10), || async {
+        get_plain(edge.http(), "t", "/hello")
+            .await
+            .ok()
+            .and_then(|r| r.header("x-origin").map(str::to_string))
+            == Some("b".into())
+    })
+    .await;
+    assert!(moved, "reload did not take effect");
+    // A connection opened before the reload still works.
+    assert_eq!(
+        kept.send(get("t", "/hello")).await?.header("x-origin"),
+        Some("b")
+    );
+
+    // A bad config is refused; the running one keeps serving.
+    edge.rewrite("[[listeners]]\naddress = \"127.0.0.1:0\"\nnot_a_key = true\n")?;
+    edge.signal(Signal::SIGHUP)?;
+    let refused = eventually(Duration::from_secs(10), || async {
+        metric(
+            &edge.metrics().await.unwrap_or_default(),
+            "meridian_config_reloads_total",
+            &["refused"],
+        ) >= 1.0
+    })
+    .await;
+    assert!(refused);
+    assert_eq!(
+        get_plain(edge.http(), "t", "/hello")
+            .await?
+            .header("x-origin"),
+        Some("b")
+    );
+    // The admin API says why.
+    let r = Conn::plain(edge.admin(), false)
+        .await?
+        .send(req("POST", "admin", "/reload", ""))
+        .await?;
+    assert_eq!(r.status, 422);
+    assert!(r.text().contains("edge.toml:3:1:"), "{}", r.text());
+    Ok(())
+}
+
+#[tokio::test]
+async fn certificates_reload_without_restart() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let dir = TempDir::new("pki")?;
+    let pki = Pki::new(dir.path())?;
+    let cfg = format!(
+        "{}\n[tls]\nwatch_interval = \"200ms\"\n",
+        basic_config(&[origin.url()], &pki.config())
+    );
+    let edge = Edge::start(&cfg)?;
+    let tls_c = pki.tls("c.test", &["h2"])?;
+    assert!(
+        Conn::tls(edge.https(), &tls_c).await.is_err(),
+        "no certificate for c.test yet"
+    );
+    // An existing connection survives the swap.
+    let mut kept = Conn::tls(edge.https(), &pki.tls("a.test", &["h2"])?).await?;
+    // Replace a.test's files with a certificate for both a.test and c.test.
+    let tmp = TempDir::new("newcert")?;
+    let leaf = pki.ca.leaf(tmp.path(), "ac", &["a.test", "c.test"])?;
+    std::fs::copy(&leaf.key, &pki.a.key)?;
+    std::fs::copy(&leaf.cert, &pki.a.cert)?;
+    let ok = eventually(Duration::from_secs(10), || async {
+        Conn::tls(edge.https(), &tls_c).await.is_ok()
+    })
+    .await;
+    assert!(ok, "the new certificate was never served");
+    assert_eq!(
+        kept.send(req_h2("GET", "https", "a.test", "/hello", ""))
+            .await?
+            .status,
+        200
+    );
+    let m = edge.metrics().await?;
+    assert!(
+        metric(&m, "meridian_certificate_reloads_total", &["ok"]) >= 1.0,
+        "{m}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits_0() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let edge_cfg = basic_config(&[origin.url()], "")
+        .replace("[log]", "[server]\ndrain_delay = \"500ms\"\n\n[log]");
+    let mut edge = Edge::start(&edge_cfg)?;
+    let http = edge.http();
+    let admin = edge.admin();
+    let inflight = tokio::spawn(async move { get_plain(http, "t", "/slow?ms=1500").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    edge.signal(Signal::SIGTERM)?;
+    // During the drain delay, /readyz answers 503 and /healthz 200.
+    let not_ready = eventually(Duration::from_secs(2), || async {
+        get_plain(admin, "admin", "/readyz")
+            .await
+            .map(|r| r.status)
+            .unwrap_or(0)
+            == 503
+    })
+    .await;
+    assert!(not_ready, "/readyz did not turn 503 on SIGTERM");
+    assert_eq!(get_plain(admin, "admin", "/healthz").await?.status, 200);
+    let r = inflight.await??;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "slow"),
+        "the in-flight request finished"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let s = edge.wait_exit(Duration::from_secs(10));
+        (s, edge)
+    })
+    .await?;
+    let exit = status
+        .0?
+        .ok_or_else(|| anyhow::anyhow!("edge did not exit"))?;
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        tokio::net::TcpStream::connect(http).await.is_err(),
+        "still accepting after exit"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn zero_downtime_upgrade_with_reuseport() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let old = Edge::start(
+        &basic_config(&[origin.url()], "")
+            .replace("[log]", "[server]\ndrain_delay = \"300ms\"\n\n[log]"),
+    )?;
+    let http = old.http();
+    // The new process binds the same port while the old one still listens.
+    let cfg = basic_config(&[origin.url()], "")
+        .replacen(
+            "address = \"127.0.0.1:0\"",
+            &format!("address = \"{http}\""),
+            1,
+        )
+        .replace(
+            "[log]\naccess_log = \"stdout\"",
+            "[log]\naccess_log = \"off\"",
+        );
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut loops = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        loops.push(tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+                match get_plain(http, "t", "/hello").await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("upgrade loop failure: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new = Edge::start(&cfg)?;
+    assert_eq!(new.http(), http);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = ok.load(Ordering::Relaxed);
+    old.signal(Signal::SIGTERM)?;
+    let mut old = old;
+    let exited = tokio::task::spawn_blocking(move || {
+        old.wait_exit(Duration::from_secs(15)).map(|s| (s, old))
+    })
+    .await??;
+    assert!(
+        exited.0.is_some_and(|s| s.success()),
+        "the old process did not exit cleanly"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await?;
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} failed requests of {}", ok + failed);
+    assert!(
+        ok > before && before > 0,
+        "the loop ran across the swap ({before} then {ok})"
+    );
+    assert_eq!(get_plain(new.http(), "t", "/hello").await?.status, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn admin_token_config_redaction_and_access_log() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let cfg = basic_config(&[origin.url()], "")
+        .replace("[admin]\n", "[admin]\ntoken = \"s3cret-token\"\n");
+    let edge = Edge::start(&cfg)?;
+    assert_eq!(
+        get_plain(edge.admin(), "admin", "/healthz").await?.status,
+        200
+    );
+    assert_eq!(
+        get_plain(edge.admin(), "admin", "/metrics").await?.status,
+        401
+    );
+    let mut authed = get("admin", "/config");
+    authed
+        .headers_mut()
+        .insert("authorization", "Bearer s3cret-token".parse()?);
+    let r = Conn::plain(edge.admin(), false).await?.send(authed).await?;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().contains("<redacted>") && !r.text().contains("s3cret-token"),
+        "{}",
+        r.text()
+    );
+    // POST /drain flips readiness; /undrain flips it back.
+    let mut drain = req("POST", "admin", "/drain", "");
+    drain
+        .headers_mut()
+        .insert("authorization", "Bearer s3cret-token".parse()?);
+    assert_eq!(
+        Conn::plain(edge.admin(), false)
+            .await?
+            .send(drain)
+            .await?
+            .status,
+        200
+    );
+    assert_eq!(
+        get_plain(edge.admin(), "admin", "/readyz").await?.status,
+        503
+    );
+    let mut undrain = req("POST", "admin", "/undrain", "");
+    undrain
+        .headers_mut()
+        .insert("authorization", "Bearer s3cret-token".parse()?);
+    assert_eq!(
+        Conn::plain(edge.admin(), false)
+            .await?
+            .send(undrain)
+            .await?
+            .status,
+        200
+    );
+    assert_eq!(
+        get_plain(edge.admin(), "admin", "/readyz").await?.status,
+        200
+    );
+    // The access log: one JSON object per request, on stdout.
+    assert_eq!(
+        get_plain(edge.http(), "logged.test", "/hello?q=1")
+            .await?
+            .status,
+        200
+    );
+    let found = eventually(Duration::from_secs(5), || async {
+        !edge.lines_with("logged.test").is_empty()
+    })
+    .await;
+    assert!(found, "no access log line");
+    let line = edge.lines_with("logged.test").remove(0);
+    let j: serde_json::Value = serde_json::from_str(&line)?;
+    assert_eq!(j["status"], 200);
+    assert_eq!(j["path"], "/hello?q=1");
+    assert_eq!(j["proto"], "h1");
+    assert_eq!(j["bytes_out"], 5);
+    assert_eq!(j["complete"], true);
+    assert!(
+        j["origin"]
+            .as_str()
+            .is_some_and(|o| o.contains(&origin.addr.to_string()))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn demo_starts_and_answers() -> anyhow::Result<()> {
+    meridian_e2e::init();
+    let demo = Proc::start(
+        bin(),
+        &[
+            "demo",
+            "--http",
+            "127.0.0.1:0",
+            "--https",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        "meridian-edge",
+    )?;
+    let r = get_plain(demo.http(), "localhost", "/").await?;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("Meridian demo"));
+    assert_eq!(
+        get_plain(demo.http(), "localhost", "/api/items")
+            .await?
+            .json()?["count"],
+        3
+    );
+    // Over TLS with the generated localhost certificate (not verified here;
+    // the interop test checks TLS against a CA with curl).
+    let r = get_plain(demo.admin(), "admin", "/readyz").await?;
+    assert_eq!(r.status, 200);
+    let png = get_plain(demo.http(), "localhost", "/img/logo.png").await?;
+    assert!(png.body.starts_with(b"\x89PNG"));
+    assert_eq!(png.header("content-type"), Some("image/png"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_line_proxy_mode_and_its_config_equivalent() -> anyhow::Result<()> {
+    meridian_e2e::init();
+    let origin = TestOrigin::start("o").await?;
+    let url = origin.url();
+    let p = Proc::start(
+        bin(),
+        &[
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--origin",
+            &url,
+            "--admin",
+            "127.0.0.1:0",
+            "--access-log",
+            "off",
+        ],
+        "meridian-edge",
+    )?;
+    assert_eq!(get_plain(p.http(), "t", "/hello").await?.text(), "hello");
+    let out = Command::new(bin())
+        .args([
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--origin",
+            &url,
+            "--print-config",
+        ])
+        .output()?;
+    assert!(out.status.success());
+    let dir = TempDir::new("oneline")?;
+    let f = dir.path().join("printed.toml");
+    std::fs::write(&f, &out.stdout)?;
+    let check = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&f)
+        .output()?;
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! A real origin for tests: HTTP/1.1 and h2c on 127.0.0.1, counting every
+//! request it receives, with routes that misbehave on purpose.
+//!
+//! Routes: `/hello`, `/echo` (the request as JSON), `/slow?ms=N`,
+//! `/status/N`, `/large?mb=N`, `/healthz` (503 while unhealthy), `/ws`
+//! (upgrades and echoes bytes), and anything else: 200 with the path.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Mutex;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(b.into())
+        .map_err(|n| match n {})
+        .boxed()
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub by_path: Mutex<HashMap<String, u64>>,
+    pub unhealthy: AtomicBool,
+    /// The last request's headers seen on `/echo`-style routes.
+    pub last_headers: Mutex<Vec<(String, String)>>,
+}
+
+pub struct TestOrigin {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub stats: Arc<Stats>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestOrigin {
+    /// Starts an origin on an ephemeral port.
+    pub async fn start(name: &str) -> anyhow::Result<Self> {
+        Self::start_on("127.0.0.1:0".parse()?, name, Arc::new(Stats::default())).await
+    }
+
+    /// Starts (or restarts) an origin on `addr`, sharing `stats`.
+    pub async fn start_on(addr: SocketAddr, name: &str, stats: Arc<Stats>) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (n, s) = (name.to_string(), stats.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (n, s) = (n.clone(), s.clone());
+                conns.spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let (n, s) = (n.clone(), s.clone());
+                        async move { Ok::<_, Infallible>(handle(req, &n, &s).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Ok(TestOrigin {
+            addr,
+            name: name.to_string(),
+            stats,
+            task: Some(task),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.stats.requests.load(Ordering::SeqCst)
+    }
+
+    pub async fn count(&self, path: &str) -> u64 {
+        self.stats
+            .by_path
+            .lock()
+            .await
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn set_healthy(&self, ok: bool) {
+        self.stats.unhealthy.store(!ok, Ordering::SeqCst);
+    }
+
+    /// Stops listening and drops every open connection.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for TestOrigin {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))?
+        .parse()
+        .ok()
+}
+
+async fn handle(req: Request<Incoming>, name: &str, stats: &Stats) -> Response<Body> {
+    stats.requests.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_string();
+    *stats.by_path.lock().await.entry(path.clone()).or_default() += 1;
+    *stats.last_headers.lock().await = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let mut resp = match path.as_str() {
+        "/hello" => Response::new(full("hello")),
+        "/healthz" => {
+            let mut r = Response::new(full("ok"));
+            if stats.unhealthy.load(Ordering::SeqCst) {
+                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            r
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(query(&req, "ms").unwrap_or(1000))).await;
+            Response::new(full("slow"))
+        }
+        "/large" => {
+            let mb = query(&req, "mb").unwrap_or(1);
+            let chunk = Bytes::from(vec![b'x'; 1 << 20]);
+            let stream = futures_util::stream::iter(
+                (0..mb).map(move |_| Ok::<_, Infallible>(Frame::data(chunk.clone()))),
+            );
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(mb << 20));
+            r
+        }
+        "/ws" if req.headers().contains_key(header::UPGRADE) => {
+            let on = hyper::upgrade::on(req);
+            tokio::spawn(async move {
+                if let Ok(up) = on.await {
+                    let mut io = TokioIo::new(up);
+                    let (mut r, mut w) = tokio::io::split(&mut io);
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        tokio::io::copy(&mut r, &mut w),
+                    )
+                    .await;
+                }
+            });
+            let mut r = Response::new(full(Bytes::new()));
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            r.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            return r;
+        }
+        p if p.starts_with("/status/") => {
+            let code = p[8..]
+                .parse()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::BAD_REQUEST);
+            let mut r = Response::new(full(code.to_string()));
+            *r.status_mut() = code;
+            r
+        }
+        _ => {
+            // /echo and anything else: the request as JSON, body counted.
+            let method = req.method().to_string();
+            let uri = req.uri().to_string();
+            let version = format!("{:?}", req.version());
+            let headers: Vec<(String, String)> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            let mut body = req.into_body();
+            let mut n = 0u64;
+            while let Some(Ok(f)) = body.frame().await {
+                if let Some(d) = f.data_ref() {
+                    n += d.len() as u64;
+                }
+            }
+            let json = serde_json::json!({"origin": name, "method": method, "uri": uri, "version": version, "headers": headers, "body_bytes": n});
+            let mut r = Response::new(full(json.to_string()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(name) {
+        resp.headers_mut().insert("x-origin", v);
+    }
+    resp
+}
