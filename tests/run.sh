@@ -19,9 +19,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-for tool in curl; do
+# The independent HTTP/3 client of the interop tests.
+if ! python3 -c "import aioquic" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check aioquic \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages aioquic
+fi
+for tool in curl kdig python3; do
   command -v "$tool" >/dev/null || { echo "required tool $tool is missing after install" >&2; exit 1; }
 done
+python3 -c "import aioquic" || { echo "aioquic did not install" >&2; exit 1; }
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 echo "== cargo fmt --check"

@@ -37,6 +37,8 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// The server is shutting down.
     ShuttingDown,
+    /// An unsafe request arrived in TLS early data (RFC 8470): retry after the handshake.
+    TooEarly,
     Internal,
 }
 
@@ -55,6 +57,7 @@ impl ErrorKind {
             }
             ErrorKind::ConnectTimeout | ErrorKind::HeaderTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::TooEarly => StatusCode::TOO_EARLY,
         }
     }
 
@@ -73,6 +76,7 @@ impl ErrorKind {
             ErrorKind::HeaderTimeout => "header-timeout",
             ErrorKind::UpstreamProtocol => "upstream-protocol",
             ErrorKind::ShuttingDown => "shutting-down",
+            ErrorKind::TooEarly => "too-early",
             ErrorKind::Internal => "internal",
         }
     }
@@ -146,7 +150,10 @@ impl ProxyError {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if matches!(
             self.kind,
-            ErrorKind::BadRequest(_) | ErrorKind::BodyTooLarge | ErrorKind::ClientBodyError
+            ErrorKind::BadRequest(_)
+                | ErrorKind::BodyTooLarge
+                | ErrorKind::ClientBodyError
+                | ErrorKind::TooEarly
         ) {
             // The connection may be out of step with the client: end it.
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -18,6 +18,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod http;
+pub mod http3;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

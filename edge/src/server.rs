@@ -80,6 +80,7 @@ struct ListenerKey {
     tls: bool,
     alpn: Vec<String>,
     reuse_port: bool,
+    http3: bool,
 }
 
 impl ListenerKey {
@@ -89,6 +90,7 @@ impl ListenerKey {
             tls: l.tls,
             alpn: l.alpn.clone(),
             reuse_port: l.reuse_port,
+            http3: l.tls && l.http3,
         }
     }
 }
@@ -98,6 +100,40 @@ struct Listening {
     bound: SocketAddr,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// The QUIC endpoints' accept loops, when the listener serves HTTP/3.
+    h3_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Listening {
+    async fn close(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        for t in self.h3_tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// The Alt-Svc value of each TLS port that also serves HTTP/3.
+fn alt_svc_map(
+    listeners: &[Listening],
+    cfg: &Config,
+) -> std::collections::HashMap<u16, http::HeaderValue> {
+    let mut m = std::collections::HashMap::new();
+    if !cfg.http3.alt_svc {
+        return m;
+    }
+    for l in listeners.iter().filter(|l| l.key.http3) {
+        let v = format!(
+            "h3=\":{}\"; ma={}",
+            l.bound.port(),
+            cfg.http3.alt_svc_max_age.get().as_secs()
+        );
+        if let Ok(v) = http::HeaderValue::from_str(&v) {
+            m.insert(l.bound.port(), v);
+        }
+    }
+    m
 }
 
 /// What a running server has bound, for printing and for tests.
@@ -146,11 +182,7 @@ pub async fn run(
 
     let mut listeners = Vec::new();
     for l in &config.listeners {
-        listeners.push(start_listener(
-            l,
-            &shared,
-            config.tls.min_version.as_deref() == Some("1.3"),
-        )?);
+        listeners.push(start_listener(l, &shared, &config)?);
     }
     let (control_tx, mut control_rx) = mpsc::channel::<Control>(8);
     let (admin_stop_tx, admin_stop) = watch::channel(false);
@@ -166,6 +198,7 @@ pub async fn run(
         };
         tokio::spawn(admin::serve(l, a, admin_stop));
     }
+    proxy.set_alt_svc(alt_svc_map(&listeners, &config));
     on_ready(&Bound {
         listeners: listeners.iter().map(|l| (l.key.tls, l.bound)).collect(),
         admin: admin_addr,
@@ -210,8 +243,7 @@ pub async fn run(
         tokio::time::sleep(cfg.server.drain_delay.get()).await;
     }
     for l in listeners.drain(..) {
-        let _ = l.stop.send(true);
-        let _ = l.task.await;
+        l.close().await;
     }
     let _ = conn_stop_tx.send(true);
     let open = shared.conns.n.load(Ordering::Acquire);
@@ -245,8 +277,9 @@ fn admin_token(config: &Config) -> Result<Option<Arc<str>>, ServerError> {
 fn start_listener(
     l: &ListenerConfig,
     shared: &Arc<Shared>,
-    min13: bool,
+    cfg: &Config,
 ) -> Result<Listening, ServerError> {
+    let min13 = cfg.tls.min_version.as_deref() == Some("1.3");
     let listener: TcpListener =
         bind_tcp(l.address, l.reuse_port, l.backlog).map_err(|source| ServerError::Bind {
             addr: l.address,
@@ -266,7 +299,7 @@ fn start_listener(
         None
     };
     let (stop, mut stop_rx) = watch::channel(false);
-    let shared = shared.clone();
+    let accept_shared = shared.clone();
     let task = tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
@@ -281,21 +314,21 @@ fn start_listener(
                 },
                 _ = stop_rx.changed() => break,
             };
-            let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
-                shared.proxy.metrics.connections_rejected.inc();
+            let Ok(permit) = accept_shared.slots.clone().try_acquire_owned() else {
+                accept_shared.proxy.metrics.connections_rejected.inc();
                 drop(stream);
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let token = ConnToken::new(&shared.conns);
+            let token = ConnToken::new(&accept_shared.conns);
             let local = stream.local_addr().unwrap_or(bound);
             let fut = crate::http::serve_tcp(
                 stream,
                 peer,
                 local,
                 acceptor.clone(),
-                shared.proxy.clone(),
-                shared.conn_stop.clone(),
+                accept_shared.proxy.clone(),
+                accept_shared.conn_stop.clone(),
             );
             let span = tracing::debug_span!("conn", %peer);
             tokio::spawn(
@@ -309,11 +342,38 @@ fn start_listener(
         }
         tracing::info!(%bound, "listener closed");
     });
+    // HTTP/3 on the same address and (bound) port, over UDP.
+    let mut h3_tasks = Vec::new();
+    if l.tls && l.http3 {
+        let sc = crate::http3::server_config(shared.certs.clone(), &cfg.http3)
+            .map_err(|e| ServerError::Build(e.to_string()))?;
+        let endpoints = crate::http3::bind(bound, cfg.http3.endpoints, sc)
+            .map_err(|e| ServerError::Build(e.to_string()))?;
+        let ctx = crate::http3::H3Ctx {
+            proxy: shared.proxy.clone(),
+            retry: cfg.http3.retry,
+            retry_threshold: cfg.http3.retry_threshold,
+            early_data: cfg.http3.early_data,
+            handshake_timeout: cfg.limits.tls_handshake_timeout.get(),
+            max_header_bytes: cfg.limits.max_header_bytes.get(),
+            handshaking: Arc::default(),
+        };
+        for ep in endpoints {
+            let conns = shared.conns.clone();
+            h3_tasks.push(tokio::spawn(crate::http3::serve(
+                ep,
+                ctx.clone(),
+                stop.subscribe(),
+                move || ConnToken::new(&conns),
+            )));
+        }
+    }
     Ok(Listening {
         key: ListenerKey::of(l),
         bound,
         stop,
         task,
+        h3_tasks,
     })
 }
 
@@ -347,7 +407,6 @@ async fn reload(
         let cfg = Arc::new(cfg);
         let rt = Runtime::build(cfg.clone(), Some(&old), m)?;
         // Listeners: keep those unchanged, open new ones, close removed ones.
-        let min13 = cfg.tls.min_version.as_deref() == Some("1.3");
         let wanted: Vec<ListenerKey> = cfg.listeners.iter().map(ListenerKey::of).collect();
         let mut opened = Vec::new();
         for l in &cfg.listeners {
@@ -357,15 +416,13 @@ async fn reload(
             }
             // The same address with other settings: close the old one first.
             if let Some(i) = listeners.iter().position(|x| x.key.address == key.address) {
-                let old = listeners.remove(i);
-                let _ = old.stop.send(true);
-                let _ = old.task.await;
+                listeners.remove(i).close().await;
             }
-            match start_listener(l, shared, min13) {
+            match start_listener(l, shared, &cfg) {
                 Ok(x) => opened.push(x),
                 Err(e) => {
                     for x in opened {
-                        let _ = x.stop.send(true);
+                        x.close().await;
                     }
                     return Err(e.to_string());
                 }
@@ -376,7 +433,7 @@ async fn reload(
             if wanted.contains(&l.key) {
                 kept.push(l);
             } else {
-                let _ = l.stop.send(true);
+                l.close().await;
             }
         }
         kept.extend(opened);
@@ -389,6 +446,7 @@ async fn reload(
             shared.slots.forget_permits(have - want);
         }
         shared.certs.replace(certs);
+        shared.proxy.set_alt_svc(alt_svc_map(listeners, &cfg));
         shared.proxy.swap(rt);
         Ok(())
     }

@@ -175,3 +175,83 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> anyhow::Resu
 pub fn raw_status(reply: &str) -> Option<u16> {
     reply.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
+
+/// An HTTP/3 connection (quinn + h3) for tests.
+pub struct H3Conn {
+    send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    _driver: tokio::task::JoinHandle<()>,
+    pub conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+impl H3Conn {
+    /// Connects over QUIC with ALPN h3, verifying against `tls.roots` and `tls.sni`.
+    pub async fn connect(addr: SocketAddr, tls: &Tls) -> anyhow::Result<H3Conn> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(tls.roots.clone())
+            .with_no_client_auth();
+        crypto.alpn_protocols = vec![b"h3".to_vec()];
+        let qc = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?;
+        let mut endpoint = quinn::Endpoint::client(if addr.is_ipv6() {
+            "[::1]:0".parse()?
+        } else {
+            "127.0.0.1:0".parse()?
+        })?;
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(qc)));
+        let conn = tokio::time::timeout(TIMEOUT, endpoint.connect(addr, &tls.sni)?).await??;
+        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone())).await?;
+        let _driver = tokio::spawn(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        Ok(H3Conn {
+            send,
+            _driver,
+            conn,
+            _endpoint: endpoint,
+        })
+    }
+
+    /// Sends `method https://authority/path` with `body`; reads the response whole.
+    pub async fn send(
+        &mut self,
+        method: &str,
+        authority: &str,
+        path: &str,
+        body: Bytes,
+    ) -> anyhow::Result<Resp> {
+        let fut = async {
+            let req = Request::builder()
+                .method(method)
+                .uri(format!("https://{authority}{path}"))
+                .body(())?;
+            let mut stream = self.send.send_request(req).await?;
+            if !body.is_empty() {
+                for chunk in body.chunks(64 * 1024) {
+                    stream.send_data(Bytes::copy_from_slice(chunk)).await?;
+                }
+            }
+            stream.finish().await?;
+            let resp = stream.recv_response().await?;
+            let mut out = bytes::BytesMut::new();
+            while let Some(mut chunk) = stream.recv_data().await? {
+                use bytes::Buf;
+                while chunk.has_remaining() {
+                    let c = chunk.chunk();
+                    out.extend_from_slice(c);
+                    let n = c.len();
+                    chunk.advance(n);
+                }
+            }
+            let (parts, ()) = resp.into_parts();
+            Ok::<_, anyhow::Error>(Resp {
+                status: parts.status.as_u16(),
+                version: parts.version,
+                headers: parts.headers,
+                body: out.freeze(),
+            })
+        };
+        tokio::time::timeout(TIMEOUT, fut).await?
+    }
+}

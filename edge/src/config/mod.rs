@@ -47,6 +47,8 @@ pub struct Config {
     #[serde(default)]
     pub http2: Http2Config,
     #[serde(default)]
+    pub http3: Http3Config,
+    #[serde(default)]
     pub tls: TlsConfig,
     #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
@@ -208,6 +210,73 @@ impl Default for Http2Config {
     }
 }
 
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http3Config {
+    /// Add `Alt-Svc: h3=":PORT"; ma=…` to HTTP/1.1 and HTTP/2 responses on
+    /// listeners that serve HTTP/3, so browsers upgrade.
+    pub alt_svc: bool,
+    /// The Alt-Svc `ma` (how long clients may remember it).
+    pub alt_svc_max_age: Dur,
+    /// A connection with no traffic for this long is closed.
+    pub idle_timeout: Dur,
+    /// Concurrent request streams a client may open.
+    pub max_concurrent_streams: u32,
+    /// Flow-control window per stream.
+    pub stream_receive_window: ByteSize,
+    /// Flow-control window per connection.
+    pub receive_window: ByteSize,
+    /// How much may be in flight toward a client per connection.
+    pub send_window: ByteSize,
+    /// "cubic" (default), "bbr" or "newreno".
+    pub congestion: Congestion,
+    /// UDP sockets (quinn endpoints) per listener, bound with SO_REUSEPORT
+    /// so the kernel spreads clients across them.
+    pub endpoints: usize,
+    /// Address validation with a Retry packet: "auto" (only while more than
+    /// `retry_threshold` handshakes are in progress), "always" or "never".
+    pub retry: RetryMode,
+    pub retry_threshold: usize,
+    /// Accept 0-RTT (early data): only safe, idempotent requests are served
+    /// from it, marked `Early-Data: 1` toward the origin (RFC 8470); others get 425.
+    pub early_data: bool,
+}
+
+impl Default for Http3Config {
+    fn default() -> Self {
+        Http3Config {
+            alt_svc: true,
+            alt_svc_max_age: Dur::secs(86400),
+            idle_timeout: Dur::secs(30),
+            max_concurrent_streams: 100,
+            stream_receive_window: ByteSize(1024 * 1024),
+            receive_window: ByteSize(8 * 1024 * 1024),
+            send_window: ByteSize(8 * 1024 * 1024),
+            congestion: Congestion::Cubic,
+            endpoints: 1,
+            retry: RetryMode::Auto,
+            retry_threshold: 64,
+            early_data: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    Cubic,
+    Bbr,
+    NewReno,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RetryMode {
+    Auto,
+    Always,
+    Never,
+}
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
@@ -252,6 +321,10 @@ pub struct ListenerConfig {
     /// The kernel's accept backlog.
     #[serde(default = "default_backlog")]
     pub backlog: u32,
+    /// On a TLS listener: also serve HTTP/3 (QUIC) on the same address and
+    /// UDP port, and advertise it with Alt-Svc.
+    #[serde(default = "yes")]
+    pub http3: bool,
 }
 
 fn yes() -> bool {
@@ -739,6 +812,18 @@ impl Config {
                 }
             }
         }
+        if self.http3.endpoints == 0 || self.http3.endpoints > 64 {
+            bad(path!["http3", "endpoints"], "must be 1 to 64".into());
+        }
+        if self.http3.max_concurrent_streams == 0 {
+            bad(
+                path!["http3", "max_concurrent_streams"],
+                "must be at least 1".into(),
+            );
+        }
+        if self.http3.idle_timeout.get().is_zero() {
+            bad(path!["http3", "idle_timeout"], "must be above zero".into());
+        }
         if !matches!(self.server.unknown_host_status, 404 | 421) {
             bad(
                 path!["server", "unknown_host_status"],
@@ -910,7 +995,8 @@ origins = [{ url = "http://127.0.0.1:9000" }]
             let path = entry.expect("entry").path();
             if path.extension().is_some_and(|e| e == "toml") {
                 let src = std::fs::read_to_string(&path).expect("read");
-                let cfg: Config = toml::from_str(&src).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let cfg: Config =
+                    toml::from_str(&src).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 let problems: Vec<String> = cfg
                     .validate()
                     .into_iter()

@@ -71,10 +71,62 @@ impl FrameTimer {
     }
 }
 
+/// A request body as the client's protocol delivers it.
+pub enum ClientBody {
+    /// No body: requests the edge makes itself (revalidations, tests).
+    Empty,
+    /// HTTP/1.1 and HTTP/2, from hyper.
+    Hyper(Incoming),
+    /// HTTP/3, from an h3 request stream.
+    H3(crate::http3::H3Body),
+}
+
+impl std::fmt::Debug for ClientBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClientBody::Empty => "ClientBody::Empty",
+            ClientBody::Hyper(_) => "ClientBody::Hyper",
+            ClientBody::H3(_) => "ClientBody::H3",
+        })
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::H3(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::H3(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::H3(b) => b.size_hint(),
+        }
+    }
+}
+
 /// The client's request body on its way to the origin.
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     limit: u64,
     seen: u64,
     timer: Option<FrameTimer>,
@@ -94,7 +146,7 @@ impl RequestBody {
     }
 
     /// `limit` 0 means unlimited.
-    pub fn new(inner: Incoming, limit: u64, too_large: Arc<AtomicBool>) -> Self {
+    pub fn new(inner: ClientBody, limit: u64, too_large: Arc<AtomicBool>) -> Self {
         let inner = (!inner.is_end_stream()).then_some(inner);
         RequestBody {
             inner,
@@ -148,7 +200,7 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.inner = None;
-                Poll::Ready(Some(Err(BodyError::Stream(e.into()))))
+                Poll::Ready(Some(Err(BodyError::Stream(e))))
             }
             Poll::Ready(None) => {
                 this.inner = None;

@@ -194,14 +194,14 @@ pub async fn serve_io<S>(
         tls,
         proto: if h2 { Proto::H2 } else { Proto::H1 },
         conn: shared,
+        early: false,
     };
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
         let ds = ds.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, &ds).await) }
+        async move { Ok::<_, Infallible>(proxy.handle(req.map(body::ClientBody::Hyper), &ds).await) }
     });
     let io = TokioIo::new(io);
-    tokio::pin!(stop);
     if h2 {
         let h = &limits.h2;
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -216,15 +216,7 @@ pub async fn serve_io<S>(
             )
             .keep_alive_interval(h.keepalive_interval.map(|d| d.get()))
             .keep_alive_timeout(Duration::from_secs(20));
-        let conn = b.serve_connection(io, service);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => log_conn_end(r, peer),
-            _ = &mut stop => {
-                conn.as_mut().graceful_shutdown();
-                log_conn_end(conn.await, peer);
-            }
-        }
+        drive(b.serve_connection(io, service), stop, peer).await;
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
@@ -235,14 +227,56 @@ pub async fn serve_io<S>(
         if limits.max_headers != 100 {
             b.max_headers(limits.max_headers);
         }
-        let conn = b.serve_connection(io, service).with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => log_conn_end(r, peer),
-            _ = &mut stop => {
-                conn.as_mut().graceful_shutdown();
-                log_conn_end(conn.await, peer);
-            }
+        drive(b.serve_connection(io, service).with_upgrades(), stop, peer).await;
+    }
+}
+
+/// A served connection that can be asked to finish gracefully.
+trait Graceful: std::future::Future<Output = Result<(), hyper::Error>> {
+    fn shut_down(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn shut_down(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn shut_down(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves a connection to its end; on shutdown, finishes it gracefully
+/// (HTTP/1.1: after the request in flight; HTTP/2: GOAWAY, then drain).
+async fn drive<C: Graceful>(
+    conn: C,
+    stop: impl std::future::Future<Output = ()>,
+    peer: SocketAddr,
+) {
+    tokio::pin!(conn);
+    tokio::pin!(stop);
+    tokio::select! {
+        r = conn.as_mut() => log_conn_end(r, peer),
+        _ = &mut stop => {
+            conn.as_mut().shut_down();
+            log_conn_end(conn.await, peer);
         }
     }
 }

@@ -82,6 +82,10 @@ pub struct Metrics {
     pub config_reloads: Family<Outcome, Counter>,
     pub cert_reloads: Family<Outcome, Counter>,
     pub access_log_dropped: Counter,
+    pub quic_handshakes: Family<Outcome, Counter>,
+    pub quic_retries: Counter,
+    pub quic_rtt: Histogram,
+    pub quic_lost_packets: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -120,6 +124,10 @@ impl Metrics {
             config_reloads: Family::default(),
             cert_reloads: Family::default(),
             access_log_dropped: Counter::default(),
+            quic_handshakes: Family::default(),
+            quic_retries: Counter::default(),
+            quic_rtt: latency_histogram(),
+            quic_lost_packets: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -211,6 +219,26 @@ impl Metrics {
             "access_log_dropped",
             "Access log lines dropped because the writer fell behind",
             m.access_log_dropped.clone(),
+        );
+        registry.register(
+            "quic_handshakes",
+            "QUIC handshakes with clients, by result",
+            m.quic_handshakes.clone(),
+        );
+        registry.register(
+            "quic_retries",
+            "QUIC Retry packets sent to validate client addresses",
+            m.quic_retries.clone(),
+        );
+        registry.register(
+            "quic_rtt_seconds",
+            "Smoothed RTT of QUIC connections, observed when they close",
+            m.quic_rtt.clone(),
+        );
+        registry.register(
+            "quic_lost_packets",
+            "Packets QUIC connections declared lost",
+            m.quic_lost_packets.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

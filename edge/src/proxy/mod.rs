@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use crate::accesslog::{AccessLog, LogRecord};
 use crate::config::Config;
 use crate::error::{ErrorKind, ProxyError};
-use crate::http::body::{OnBodyEnd, RequestBody, ResponseBody};
+use crate::http::body::{ClientBody, OnBodyEnd, RequestBody, ResponseBody};
 use crate::http::io::{ConnShared, InflightGuard};
 use crate::metrics::{
     Metrics, OriginTransition, PoolLabels, Protocol, Reason, RequestLabels, UpstreamError,
@@ -69,6 +69,8 @@ pub struct Downstream {
     pub tls: bool,
     pub proto: Proto,
     pub conn: Arc<ConnShared>,
+    /// The request arrived in TLS early data (0-RTT), so it may be a replay.
+    pub early: bool,
 }
 
 /// A configured site.
@@ -160,6 +162,8 @@ pub struct Proxy {
     runtime: ArcSwap<Runtime>,
     pub metrics: Arc<Metrics>,
     draining: AtomicBool,
+    /// `Alt-Svc` values by local TLS port, for listeners that serve HTTP/3.
+    alt_svc: ArcSwap<HashMap<u16, HeaderValue>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -181,7 +185,13 @@ impl Proxy {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             draining: AtomicBool::new(false),
+            alt_svc: ArcSwap::from_pointee(HashMap::new()),
         })
+    }
+
+    /// Sets the `Alt-Svc` value advertised on each TLS port.
+    pub fn set_alt_svc(&self, by_port: HashMap<u16, HeaderValue>) {
+        self.alt_svc.store(Arc::new(by_port));
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -203,7 +213,7 @@ impl Proxy {
     /// Runs one request through the pipeline.
     pub async fn handle(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         ds: &Downstream,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
@@ -238,6 +248,12 @@ impl Proxy {
         // response_filter: every client response.
         let version = resp.version();
         headers::add_via(resp.headers_mut(), version, &rt.config.server.via);
+        if ds.tls
+            && ds.proto != Proto::H3
+            && let Some(v) = self.alt_svc.load().get(&ds.local.port())
+        {
+            resp.headers_mut().insert(header::ALT_SVC, v.clone());
+        }
         self.metrics
             .request_duration
             .get_or_create(&Protocol {
@@ -280,7 +296,7 @@ impl Proxy {
 
     async fn pipeline(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         ds: &Downstream,
         seq: u64,
         rt: &Runtime,
@@ -320,6 +336,15 @@ impl Proxy {
                 ErrorKind::BadRequest("missing-host"),
                 "host",
             ));
+        }
+        // 0-RTT data can be replayed: only safe methods, marked for the origin (RFC 8470).
+        if ds.early {
+            if !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {
+                return Err(ProxyError::downstream(ErrorKind::TooEarly, "early data"));
+            }
+            parts
+                .headers
+                .insert("early-data", HeaderValue::from_static("1"));
         }
         let max_body = cfg.limits.max_body_bytes.get();
         if max_body > 0
@@ -753,5 +778,79 @@ impl OnBodyEnd for ExchangeEnd {
                 .inc();
             self.rt.access_log.write(&rec);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use meridian_e2e::origin::TestOrigin;
+
+    async fn proxy_for(origin: &TestOrigin) -> Arc<Proxy> {
+        let src = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[log]\naccess_log = \"off\"\n[[sites]]\nhosts = [\"*\"]\npool = \"o\"\n[pools.o]\norigins = [{{ url = \"{}\" }}]\n",
+            origin.url()
+        );
+        let cfg = Arc::new(Config::from_toml(&src, "test").expect("config"));
+        let metrics = Metrics::new();
+        Proxy::new(
+            Runtime::build(cfg, None, &metrics).expect("runtime"),
+            metrics,
+        )
+    }
+
+    fn downstream(early: bool) -> Downstream {
+        Downstream {
+            client: "127.0.0.1:1".parse().expect("addr"),
+            local: "127.0.0.1:443".parse().expect("addr"),
+            tls: true,
+            proto: Proto::H3,
+            conn: Arc::default(),
+            early,
+        }
+    }
+
+    fn request(method: Method) -> Request<ClientBody> {
+        Request::builder()
+            .method(method)
+            .uri("https://a.test/echo")
+            .body(ClientBody::Empty)
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn early_data_allows_only_safe_methods_and_marks_them() {
+        let origin = TestOrigin::start("o").await.expect("origin");
+        let proxy = proxy_for(&origin).await;
+        let r = proxy.handle(request(Method::POST), &downstream(true)).await;
+        assert_eq!(r.status(), StatusCode::TOO_EARLY);
+        assert_eq!(
+            origin.requests(),
+            0,
+            "a 0-RTT POST never reaches the origin"
+        );
+
+        let r = proxy.handle(request(Method::GET), &downstream(true)).await;
+        assert_eq!(r.status(), 200);
+        let body = r.into_body().collect().await.expect("body").to_bytes();
+        let j: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        let early = j["headers"]
+            .as_array()
+            .and_then(|h| h.iter().find(|x| x[0] == "early-data"))
+            .map(|x| x[1].clone());
+        assert_eq!(
+            early,
+            Some("1".into()),
+            "RFC 8470: Early-Data: 1 toward the origin"
+        );
+
+        // Not early: POST goes through, without the marker.
+        let r = proxy
+            .handle(request(Method::POST), &downstream(false))
+            .await;
+        assert_eq!(r.status(), 200);
+        let body = r.into_body().collect().await.expect("body").to_bytes();
+        assert!(!String::from_utf8_lossy(&body).contains("early-data"));
     }
 }

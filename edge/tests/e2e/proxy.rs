@@ -103,7 +103,16 @@ async fn tls_alpn_chooses_h1_or_h2_and_sni_chooses_the_certificate() -> anyhow::
         metric(&m, "meridian_tls_handshakes_total", &["result=\"ok\""]) >= 5.0,
         "{m}"
     );
-    assert!(metric(&m, "meridian_tls_handshakes_total", &["result=\"error\""]) >= 1.0);
+    // The server records the failed handshake once the client's alert arrives.
+    let failed = eventually(Duration::from_secs(5), || async {
+        metric(
+            &edge.metrics().await.unwrap_or_default(),
+            "meridian_tls_handshakes_total",
+            &["result=\"error\""],
+        ) >= 1.0
+    })
+    .await;
+    assert!(failed, "the failed handshake was not counted");
     assert!(metric(&m, "meridian_requests_total", &["protocol=\"h2\""]) >= 4.0);
     Ok(())
 }

@@ -199,34 +199,28 @@ async fn probe(
         crate::error::ProxyError::upstream(crate::error::ErrorKind::UpstreamProtocol, "probe")
             .with_cause(e)
     };
-    let mut req = http::Request::builder()
+    // HTTP/1.1 takes the origin form; HTTP/2 the absolute form.
+    let uri = match &sender {
+        Sender::H1(_) => hc.path.clone(),
+        Sender::H2(_) => format!("{}://{}{}", origin.addr.scheme(), host, hc.path),
+    };
+    let req = http::Request::builder()
         .method(http::Method::GET)
-        .header(http::header::HOST, host.as_str())
-        .header(http::header::USER_AGENT, "meridian-health-check")
-        .header(http::header::CONNECTION, "close");
+        .uri(uri)
+        .header(http::header::USER_AGENT, "meridian-health-check");
+    let req = match &sender {
+        Sender::H1(_) => req
+            .header(http::header::HOST, host.as_str())
+            .header(http::header::CONNECTION, "close"),
+        Sender::H2(_) => req,
+    };
+    let req = req.body(RequestBody::empty()).map_err(|e| {
+        crate::error::ProxyError::upstream(crate::error::ErrorKind::Internal, "probe request")
+            .with_cause(e)
+    })?;
     let resp = match sender {
-        Sender::H1(mut s) => {
-            req = req.uri(hc.path.as_str());
-            let r = req.body(RequestBody::empty()).map_err(|e| {
-                crate::error::ProxyError::upstream(
-                    crate::error::ErrorKind::Internal,
-                    "probe request",
-                )
-                .with_cause(e)
-            })?;
-            s.send_request(r).await.map_err(fail)?
-        }
-        Sender::H2(mut s) => {
-            req = req.uri(format!("{}://{}{}", origin.addr.scheme(), host, hc.path));
-            let r = req.body(RequestBody::empty()).map_err(|e| {
-                crate::error::ProxyError::upstream(
-                    crate::error::ErrorKind::Internal,
-                    "probe request",
-                )
-                .with_cause(e)
-            })?;
-            s.send_request(r).await.map_err(fail)?
-        }
+        Sender::H1(mut s) => s.send_request(req).await.map_err(fail)?,
+        Sender::H2(mut s) => s.send_request(req).await.map_err(fail)?,
     };
     let status = resp.status().as_u16();
     let _ = crate::http::body::drain(resp.into_body(), 64 * 1024).await;

@@ -1,0 +1,71 @@
+# Shared helpers of the benchmark scripts (sourced, not run).
+# Everything binds 127.0.0.1; every process started is killed on exit.
+
+BENCH_PIDS=()
+bench_cleanup() {
+  for p in "${BENCH_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${BENCH_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  [ -n "${WORK:-}" ] && rm -rf "$WORK"
+}
+
+# need_tools TOOL... : install bench/apt-packages.txt if any is missing, then insist.
+need_tools() {
+  local missing=0
+  for t in "$@"; do command -v "$t" >/dev/null || missing=1; done
+  if [ "$missing" = 1 ]; then
+    local sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    grep -vE '^\s*(#|$)' "$BENCH_DIR/apt-packages.txt" | xargs $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+  fi
+  for t in "$@"; do command -v "$t" >/dev/null || { echo "bench needs $t" >&2; exit 1; }; done
+}
+
+# make_cert DIR : a self-signed P-256 certificate for localhost (cert.pem, key.pem).
+make_cert() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+    -keyout "$1/key.pem" -out "$1/cert.pem" 2>/dev/null
+}
+
+# start_origin PORT SIZE : nginx (one worker) serving /obj of SIZE random bytes.
+start_origin() {
+  local port=$1 size=$2
+  mkdir -p "$WORK/www" "$WORK/origin"
+  head -c "$size" /dev/urandom > "$WORK/www/obj"
+  cat > "$WORK/origin/nginx.conf" <<CONF
+worker_processes 1;
+pid $WORK/origin/nginx.pid;
+error_log $WORK/origin/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$port; root $WORK/www; }
+}
+CONF
+  nginx -p "$WORK/origin" -c "$WORK/origin/nginx.conf" -g 'daemon off;' &
+  BENCH_PIDS+=($!)
+}
+
+# wait_http URL : up to 5 s for URL to answer.
+wait_http() {
+  for _ in $(seq 1 100); do
+    curl -sk -o /dev/null "$1" && return 0
+    sleep 0.05
+  done
+  echo "timed out waiting for $1" >&2
+  return 1
+}
+
+# cpu_ticks PID : user+system clock ticks the process has used.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# ratio A B : A/B with two decimals.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
+# edge_bin : builds the release binaries if missing; prints the edge's path.
+edge_bin() {
+  (cd "$BENCH_DIR/.." && { [ -x target/release/meridian-edge ] && [ -x target/release/h3load ]; } \
+    || cargo build --release -p meridian-edge -p meridian-bench >&2)
+  echo "$BENCH_DIR/../target/release/meridian-edge"
+}

@@ -1,0 +1,153 @@
+//! HTTP/3: our own h3 client (quinn + h3) and an independent one (aioquic).
+
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use meridian_e2e::certs::TempDir;
+use meridian_e2e::client::{Conn, H3Conn, req_h2};
+use meridian_e2e::origin::TestOrigin;
+use nix::sys::signal::Signal;
+
+use crate::{Edge, Pki, basic_config, metric};
+
+async fn setup() -> anyhow::Result<(TestOrigin, TempDir, Pki, Edge)> {
+    let origin = TestOrigin::start("o").await?;
+    let dir = TempDir::new("pki")?;
+    let pki = Pki::new(dir.path())?;
+    let edge = Edge::start(&format!(
+        "{}\n[limits]\nmax_body_bytes = \"64MiB\"\n",
+        basic_config(&[origin.url()], &pki.config())
+    ))?;
+    Ok((origin, dir, pki, edge))
+}
+
+#[tokio::test]
+async fn h3_get_head_post_large_and_alt_svc() -> anyhow::Result<()> {
+    let (origin, _dir, pki, edge) = setup().await?;
+    let mut c = H3Conn::connect(edge.https(), &pki.tls("a.test", &[])?).await?;
+    let r = c.send("GET", "a.test", "/hello", Bytes::new()).await?;
+    assert_eq!(
+        (r.status, r.version, r.text().as_str()),
+        (200, http::Version::HTTP_3, "hello")
+    );
+    // Via on a response names the protocol it was received in (RFC 9110 §7.6.3): HTTP/1.1 from the origin.
+    assert_eq!(r.header("via"), Some("1.1 meridian"));
+    assert!(r.header("alt-svc").is_none(), "no Alt-Svc over h3 itself");
+    // The origin saw the request as a normal proxied one.
+    let r = c.send("GET", "a.test", "/echo", Bytes::new()).await?;
+    let j = r.json()?;
+    let via = j["headers"]
+        .as_array()
+        .and_then(|h| h.iter().find(|x| x[0] == "via"))
+        .map(|x| x[1].clone());
+    assert_eq!(via, Some("3 meridian".into()));
+    // HEAD keeps Content-Length and has no body.
+    let r = c
+        .send("HEAD", "a.test", "/large?mb=2", Bytes::new())
+        .await?;
+    assert_eq!(
+        (r.status, r.header("content-length")),
+        (200, Some("2097152"))
+    );
+    assert!(r.body.is_empty());
+    // A large download, streamed.
+    let r = c
+        .send("GET", "a.test", "/large?mb=64", Bytes::new())
+        .await?;
+    assert_eq!(r.body.len(), 64 << 20);
+    // POST streams the body to the origin.
+    let r = c
+        .send("POST", "a.test", "/echo", Bytes::from(vec![b'p'; 8 << 20]))
+        .await?;
+    assert_eq!(r.json()?["body_bytes"], 8u64 << 20);
+    assert!(origin.count("/echo").await >= 2);
+    // Alt-Svc on h2 and h1 responses of the TLS listener.
+    let port = edge.https().port();
+    let mut h2 = Conn::tls(edge.https(), &pki.tls("a.test", &["h2"])?).await?;
+    let r = h2
+        .send(req_h2("GET", "https", "a.test", "/hello", ""))
+        .await?;
+    assert_eq!(
+        r.header("alt-svc"),
+        Some(format!("h3=\":{port}\"; ma=86400").as_str())
+    );
+    let m = edge.metrics().await?;
+    assert!(
+        metric(&m, "meridian_requests_total", &["protocol=\"h3\""]) >= 5.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "meridian_quic_handshakes_total", &["result=\"ok\""]) >= 1.0,
+        "{m}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn h3_sni_chooses_between_certificates() -> anyhow::Result<()> {
+    let (_origin, _dir, pki, edge) = setup().await?;
+    for sni in ["a.test", "b.test", "x.w.test"] {
+        let mut c = H3Conn::connect(edge.https(), &pki.tls(sni, &[])?).await?;
+        assert_eq!(
+            c.send("GET", sni, "/hello", Bytes::new()).await?.status,
+            200,
+            "{sni}"
+        );
+    }
+    assert!(
+        H3Conn::connect(edge.https(), &pki.tls("zzz.test", &[])?)
+            .await
+            .is_err()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn h3_graceful_drain_finishes_in_flight_requests() -> anyhow::Result<()> {
+    let (_origin, _dir, pki, edge) = setup().await?;
+    let mut c = H3Conn::connect(edge.https(), &pki.tls("a.test", &[])?).await?;
+    let slow =
+        tokio::spawn(async move { c.send("GET", "a.test", "/slow?ms=1000", Bytes::new()).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    edge.signal(Signal::SIGTERM)?;
+    let r = slow.await??;
+    assert_eq!((r.status, r.text().as_str()), (200, "slow"));
+    let mut edge = edge;
+    let exit = tokio::task::spawn_blocking(move || {
+        edge.wait_exit(Duration::from_secs(10)).map(|s| (s, edge))
+    })
+    .await??;
+    assert!(exit.0.is_some_and(|s| s.success()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn aioquic_client_interop() -> anyhow::Result<()> {
+    let (_origin, _dir, pki, edge) = setup().await?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/interop/h3_client.py");
+    let connect = edge.https().to_string();
+    let ca = pki.ca.path.to_string_lossy().into_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args([
+                script,
+                "--ca",
+                &ca,
+                "--connect",
+                &connect,
+                "https://b.test/large?mb=3",
+            ])
+            .output()
+    })
+    .await?
+    .map_err(|e| anyhow::anyhow!("python3 is required for the HTTP/3 interop test: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "aioquic client failed (pip install aioquic): {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), format!("h3 200 {}", 3 << 20));
+    Ok(())
+}
