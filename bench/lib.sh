@@ -30,6 +30,8 @@ make_cert() {
 # start_origin PORT SIZE : nginx (one worker) serving /obj of SIZE random bytes.
 start_origin() {
   local port=$1 size=$2
+  # nginx workers run unprivileged: the object must be readable by them.
+  chmod 755 "$WORK"
   mkdir -p "$WORK/www" "$WORK/origin"
   head -c "$size" /dev/urandom > "$WORK/www/obj"
   cat > "$WORK/origin/nginx.conf" <<CONF
@@ -55,6 +57,16 @@ wait_http() {
   done
   echo "timed out waiting for $1" >&2
   return 1
+}
+
+# check_object URL SIZE : the URL must answer 200 with SIZE bytes, or the run stops.
+check_object() {
+  local got
+  got=$(curl -sk -o /dev/null -w '%{http_code} %{size_download}' "$1")
+  if [ "$got" != "200 $2" ]; then
+    echo "sanity check failed for $1: got '$got', want '200 $2'" >&2
+    exit 1
+  fi
 }
 
 # cpu_ticks PID : user+system clock ticks the process has used.

@@ -6,7 +6,7 @@
 # ratios from this one run. It records nothing: run it and read the output.
 #
 # Needs (Debian): dnsperf pdns-server pdns-backend-geoip knot nsd
-# (listed in .ci/apt-packages.txt). Missing peers are skipped with a note;
+# (listed in bench/apt-packages.txt). Missing peers are skipped with a note;
 # missing dnsperf is an error.
 #
 # Usage: bench/dns/run.sh [SECONDS]     (default 10 per test)

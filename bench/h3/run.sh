@@ -42,12 +42,15 @@ EDGE_PID=$!
 BENCH_PIDS+=($EDGE_PID)
 wait_http "http://127.0.0.1:$ORIGIN/obj"
 wait_http "https://localhost:$TLS/obj" 2>/dev/null || wait_http "http://127.0.0.1:$ADMIN/readyz"
+check_object "http://127.0.0.1:$ORIGIN/obj" "$SIZE"
+check_object "https://localhost:$TLS/obj" "$SIZE"
 TCK=$(getconf CLK_TCK)
 
 run_h2() {
   local log="$WORK/h2.log" t0 t1 out rps n p50 p99
   t0=$(cpu_ticks $EDGE_PID)
   out=$(h2load -c"$CONNS" -m"$STREAMS" -t1 -D"$DURATION" --log-file="$log" "https://localhost:$TLS/obj" 2>&1)
+  echo "$out" | grep -q " 0 failed, 0 errored" || { echo "h2load saw failed requests: $(echo "$out" | grep '^requests:')" >&2; exit 1; }
   t1=$(cpu_ticks $EDGE_PID)
   rps=$(echo "$out" | awk '/^finished in/ {for (i=1;i<=NF;i++) if ($i ~ /req\/s,?$/) {v=$(i-1); sub(",","",v); print v}}')
   n=$(echo "$out" | awk '/^requests:/ {print $8}')
@@ -57,7 +60,7 @@ run_h2() {
 run_h3() {
   local t0 t1 out rps n p50 p99
   t0=$(cpu_ticks $EDGE_PID)
-  out=$("$H3LOAD" --connect "127.0.0.1:$TLS" --ca "$WORK/cert.pem" -c "$CONNS" -m "$STREAMS" -d "$DURATION" "https://localhost:$TLS/obj")
+  out=$("$H3LOAD" --connect "127.0.0.1:$TLS" -c "$CONNS" -m "$STREAMS" -d "$DURATION" "https://localhost:$TLS/obj")
   t1=$(cpu_ticks $EDGE_PID)
   rps=$(echo "$out" | sed -E 's/.*; ([0-9.]+) req\/s.*/\1/')
   n=$(echo "$out" | sed -E 's/^requests: ([0-9]+) ok.*/\1/')
@@ -67,7 +70,7 @@ run_h3() {
 }
 
 h2load -c"$CONNS" -m"$STREAMS" -t1 -D2 "https://localhost:$TLS/obj" >/dev/null 2>&1
-"$H3LOAD" --connect "127.0.0.1:$TLS" --ca "$WORK/cert.pem" -c "$CONNS" -m "$STREAMS" -d 2 "https://localhost:$TLS/obj" >/dev/null
+"$H3LOAD" --connect "127.0.0.1:$TLS" -c "$CONNS" -m "$STREAMS" -d 2 "https://localhost:$TLS/obj" >/dev/null
 read -r h2_rps h2_p50 h2_p99 h2_cpu < <(run_h2)
 read -r h3_rps h3_p50 h3_p99 h3_cpu < <(run_h3)
 echo

@@ -83,11 +83,16 @@ CONF
 BENCH_PIDS+=($!)
 
 for port in $ORIGIN_PORT $NGINX_HTTP $EDGE_HTTP; do wait_http "http://127.0.0.1:$port/obj"; done
+for url in "http://127.0.0.1:$ORIGIN_PORT/obj" "http://127.0.0.1:$NGINX_HTTP/obj" "http://127.0.0.1:$EDGE_HTTP/obj" \
+  "https://localhost:$NGINX_TLS/obj" "https://localhost:$EDGE_TLS/obj"; do
+  check_object "$url" "$SIZE"
+done
 
 # wrk: requests/s and p99 (ms).
 run_wrk() {
   local out
   out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/obj")
+  if echo "$out" | grep -q "Non-2xx"; then echo "wrk saw non-2xx responses from port $1" >&2; exit 1; fi
   local rps p99
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p99=$(echo "$out" | awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub("us","",v); v=v/1000} else if (v ~ /ms$/) {sub("ms","",v)} else if (v ~ /s$/) {sub("s","",v); v=v*1000}; print v}')
@@ -98,6 +103,7 @@ run_h2() {
   local log="$WORK/h2load-$1.log"
   local out
   out=$(h2load -c"$CONNS" -m10 -t1 -D"$DURATION" --log-file="$log" "https://localhost:$1/obj" 2>&1)
+  echo "$out" | grep -q " 0 failed, 0 errored" || { echo "h2load saw failed requests: $(echo "$out" | grep '^requests:')" >&2; exit 1; }
   local rps p99
   rps=$(echo "$out" | awk '/^finished in/ {for (i=1;i<=NF;i++) if ($i ~ /req\/s,?$/) {v=$(i-1); sub(",","",v); print v}}')
   p99=$(awk '{print $3}' "$log" | sort -n | awk '{a[NR]=$1} END {i=int(NR*0.99); if (i<1) i=1; printf "%.2f", a[i]/1000}')

@@ -45,7 +45,30 @@ fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error
 }
 
 impl LogRecord {
-    pub fn begin<B>(req: &Request<B>, ds: &Downstream) -> Self {
+    /// Starts a record. With `detailed` false (access log off) the strings
+    /// are not built: only what the metrics need is kept.
+    pub fn begin<B>(req: &Request<B>, ds: &Downstream, detailed: bool) -> Self {
+        if !detailed {
+            return LogRecord {
+                ts: String::new(),
+                client: ds.client,
+                proto: ds.proto.label(),
+                tls: ds.tls,
+                method: String::new(),
+                host: None,
+                path: String::new(),
+                status: 0,
+                bytes_out: 0,
+                duration: Duration::ZERO,
+                site: None,
+                origin: None,
+                upstream_status: None,
+                attempts: 0,
+                error: None,
+                complete: false,
+                user_agent: None,
+            };
+        }
         let h = req.headers();
         let s = |n: http::header::HeaderName| {
             h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
@@ -140,6 +163,10 @@ impl AccessLog {
             tx: Some(tx),
             metrics,
         })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
     }
 
     pub fn write(&self, rec: &LogRecord) {

@@ -154,6 +154,15 @@ fn init_logging(level: &str, format: LogFormat) {
 }
 
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    // One worker: a current-thread runtime is an event loop like nginx's,
+    // without the multi-thread scheduler's cross-thread wake-ups.
+    if threads == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("meridian-edge")
+            .build()
+            .context("starting the async runtime");
+    }
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.enable_all().thread_name("meridian-edge");
     if threads > 0 {

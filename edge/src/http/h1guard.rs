@@ -122,6 +122,16 @@ impl H1Guard {
                             return;
                         }
                     }
+                    // Fast path: a whole head in this read, nothing buffered: parse in place.
+                    if self.head.is_empty()
+                        && let Some(end) = find_end(data)
+                        && end <= self.max_head
+                    {
+                        let (head, rest) = data.split_at(end);
+                        self.finish_head_from(head, seen);
+                        data = rest;
+                        continue;
+                    }
                     let from = self.head.len().saturating_sub(3);
                     let room = (self.max_head + 4).saturating_sub(self.head.len());
                     let take = data.len().min(room.max(1));
@@ -167,11 +177,26 @@ impl H1Guard {
     }
 
     fn finish_head(&mut self, seen: &mut Seen) {
+        let head = std::mem::take(&mut self.head);
+        self.finish_head_from(&head, seen);
+        // Keep the buffer's capacity for the next head.
+        self.head = head;
+        self.head.clear();
+    }
+
+    fn finish_head_from(&mut self, head: &[u8], seen: &mut Seen) {
         let seq = self.heads;
         self.heads += 1;
-        let mut headers = vec![httparse::EMPTY_HEADER; self.max_headers];
-        let mut req = httparse::Request::new(&mut headers);
-        let parsed = req.parse(&self.head);
+        let mut stack = [httparse::EMPTY_HEADER; 128];
+        let mut heap = Vec::new();
+        let headers: &mut [httparse::Header<'_>] = if self.max_headers <= stack.len() {
+            &mut stack[..self.max_headers]
+        } else {
+            heap.resize(self.max_headers, httparse::EMPTY_HEADER);
+            &mut heap
+        };
+        let mut req = httparse::Request::new(headers);
+        let parsed = req.parse(head);
         let next = match parsed {
             Ok(httparse::Status::Complete(_)) => {
                 if req.method == Some("PRI") || req.method == Some("CONNECT") {
@@ -187,7 +212,6 @@ impl H1Guard {
             // Malformed, too many headers, or partial: hyper decides.
             _ => State::Passthrough,
         };
-        self.head.clear();
         self.state = next;
     }
 }

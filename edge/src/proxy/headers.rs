@@ -48,19 +48,35 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Appends this node to `Via`, e.g. "1.1 meridian" or "2 meridian".
-pub fn add_via(h: &mut HeaderMap, version: http::Version, pseudonym: &str) {
-    if pseudonym.is_empty() {
-        return;
+/// The `Via` values of this node for each protocol version, built once per
+/// config: "1.0 p", "1.1 p", "2 p", "3 p". Empty when `Via` is disabled.
+#[derive(Debug, Default)]
+pub struct ViaValues(Vec<HeaderValue>);
+
+impl ViaValues {
+    pub fn new(pseudonym: &str) -> Self {
+        if pseudonym.is_empty() {
+            return ViaValues(Vec::new());
+        }
+        ViaValues(
+            ["1.0", "1.1", "2", "3"]
+                .iter()
+                .filter_map(|p| HeaderValue::from_str(&format!("{p} {pseudonym}")).ok())
+                .collect(),
+        )
     }
-    let proto = match version {
-        http::Version::HTTP_10 => "1.0",
-        http::Version::HTTP_2 => "2",
-        http::Version::HTTP_3 => "3",
-        _ => "1.1",
-    };
-    if let Ok(v) = HeaderValue::from_str(&format!("{proto} {pseudonym}")) {
-        h.append(header::VIA, v);
+
+    /// Appends this node to `Via` for a message received in `version`.
+    pub fn add(&self, h: &mut HeaderMap, version: http::Version) {
+        let i = match version {
+            http::Version::HTTP_10 => 0,
+            http::Version::HTTP_2 => 2,
+            http::Version::HTTP_3 => 3,
+            _ => 1,
+        };
+        if let Some(v) = self.0.get(i) {
+            h.append(header::VIA, v.clone());
+        }
     }
 }
 
@@ -159,7 +175,7 @@ mod tests {
             h[header::FORWARDED],
             "for=\"[2001:db8::1]\";proto=https;host=example.com"
         );
-        add_via(&mut h, http::Version::HTTP_2, "meridian");
+        ViaValues::new("meridian").add(&mut h, http::Version::HTTP_2);
         assert_eq!(h[header::VIA], "2 meridian");
     }
 

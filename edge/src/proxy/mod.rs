@@ -89,6 +89,7 @@ pub struct Runtime {
     pub sites: Vec<Site>,
     pub pools: HashMap<String, Arc<Pool>>,
     pub access_log: AccessLog,
+    pub via: headers::ViaValues,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -151,6 +152,7 @@ impl Runtime {
             sites,
             pools,
             access_log,
+            via: headers::ViaValues::new(&config.server.via),
             tasks,
             config,
         })
@@ -220,7 +222,7 @@ impl Proxy {
         let rt = self.runtime();
         let seq = ds.conn.requests.fetch_add(1, Ordering::AcqRel);
         let inflight = InflightGuard::new(&ds.conn);
-        let mut rec = LogRecord::begin(&req, ds);
+        let mut rec = LogRecord::begin(&req, ds, rt.access_log.enabled());
         let mut end = ExchangeEnd {
             proxy: self.clone(),
             rt: rt.clone(),
@@ -247,7 +249,7 @@ impl Proxy {
         };
         // response_filter: every client response.
         let version = resp.version();
-        headers::add_via(resp.headers_mut(), version, &rt.config.server.via);
+        rt.via.add(resp.headers_mut(), version);
         if ds.tls
             && ds.proto != Proto::H3
             && let Some(v) = self.alt_svc.load().get(&ds.local.port())
@@ -382,7 +384,7 @@ impl Proxy {
         };
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
         parts.headers.remove(header::EXPECT);
-        headers::add_via(&mut parts.headers, parts.version, &cfg.server.via);
+        rt.via.add(&mut parts.headers, parts.version);
         headers::add_forwarded(
             &mut parts.headers,
             cfg.server.forwarded,

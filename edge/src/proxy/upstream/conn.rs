@@ -332,6 +332,13 @@ impl ConnPool {
             if s.is_closed() || since.elapsed() > self.idle_timeout {
                 continue;
             }
+            if s.is_ready() {
+                return Some(Checkout {
+                    sender: Sender::H1(s),
+                    reused: true,
+                    permit,
+                });
+            }
             // The previous response may have ended a moment ago: give the
             // connection task a moment to be ready again.
             match tokio::time::timeout(Duration::from_millis(50), s.ready()).await {
