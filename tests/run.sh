@@ -29,6 +29,9 @@ for tool in curl kdig python3; do
 done
 python3 -c "import aioquic" || { echo "aioquic did not install" >&2; exit 1; }
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+# Lossless SO_REUSEPORT upgrades (README, "Zero-downtime upgrade"): queued
+# connections of a closing listener move to the new process instead of being reset.
+$SUDO sysctl -q -w net.ipv4.tcp_migrate_req=1
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

@@ -45,6 +45,29 @@ fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error
 }
 
 impl LogRecord {
+    /// A record for work no client asked for (background revalidation); never written.
+    pub fn background() -> Self {
+        LogRecord {
+            ts: String::new(),
+            client: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            proto: "background",
+            tls: false,
+            method: String::new(),
+            host: None,
+            path: String::new(),
+            status: 0,
+            bytes_out: 0,
+            duration: Duration::ZERO,
+            site: None,
+            origin: None,
+            upstream_status: None,
+            attempts: 0,
+            error: None,
+            complete: false,
+            user_agent: None,
+        }
+    }
+
     /// Starts a record. With `detailed` false (access log off) the strings
     /// are not built: only what the metrics need is kept.
     pub fn begin<B>(req: &Request<B>, ds: &Downstream, detailed: bool) -> Self {

@@ -39,6 +39,10 @@ pub enum ErrorKind {
     ShuttingDown,
     /// An unsafe request arrived in TLS early data (RFC 8470): retry after the handshake.
     TooEarly,
+    /// `only-if-cached` and nothing usable is stored (RFC 9111 §5.2.1.7): 504.
+    NotCached,
+    /// The client may not do this (e.g. PURGE from an unlisted network).
+    Forbidden,
     Internal,
 }
 
@@ -58,6 +62,8 @@ impl ErrorKind {
             ErrorKind::ConnectTimeout | ErrorKind::HeaderTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::TooEarly => StatusCode::TOO_EARLY,
+            ErrorKind::NotCached => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -77,6 +83,8 @@ impl ErrorKind {
             ErrorKind::UpstreamProtocol => "upstream-protocol",
             ErrorKind::ShuttingDown => "shutting-down",
             ErrorKind::TooEarly => "too-early",
+            ErrorKind::NotCached => "not-cached",
+            ErrorKind::Forbidden => "forbidden",
             ErrorKind::Internal => "internal",
         }
     }

@@ -87,6 +87,9 @@ struct ProxyArgs {
     /// Access log (`log.access_log`).
     #[arg(long, value_name = "TARGET", default_value = "stdout")]
     access_log: String,
+    /// Keep a disk cache tier in this directory (`cache.disk_dir`); it survives restarts.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
     /// Print the equivalent config file and exit.
     #[arg(long)]
     print_config: bool,
@@ -126,6 +129,12 @@ fn proxy_config(a: &ProxyArgs) -> anyhow::Result<String> {
             "[[tls.certificates]]\ncert = {}\nkey = {}\ndefault = true\n\n",
             toml_str(&c.display().to_string()),
             toml_str(&k.display().to_string())
+        ));
+    }
+    if let Some(dir) = &a.cache_dir {
+        s.push_str(&format!(
+            "[cache]\ndisk_dir = {}\n\n",
+            toml_str(&dir.display().to_string())
         ));
     }
     s.push_str("[[sites]]\nhosts = [\"*\"]\npool = \"origin\"\n\n[pools.origin]\n");

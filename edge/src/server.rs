@@ -13,6 +13,8 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tracing::Instrument;
 
 use crate::admin::{self, Admin, Control};
+use crate::cache::http::HttpCache;
+use crate::cache::storage::{Storage, StorageConfig};
 use crate::config::{Config, ConfigError, ListenerConfig};
 use crate::listener::bind_tcp;
 use crate::listener::tls::{CertSet, CertStore, TlsError, server_config};
@@ -163,7 +165,8 @@ pub async fn run(
     let config = Arc::new(config);
     let certs = CertStore::new(CertSet::load(&config.tls)?);
     let runtime = Runtime::build(config.clone(), None, &metrics).map_err(ServerError::Build)?;
-    let proxy = Proxy::new(runtime, metrics.clone());
+    let cache = open_cache(&config, &metrics).await?;
+    let proxy = Proxy::new(runtime, metrics.clone(), cache.clone());
     let (conn_stop_tx, conn_stop) = watch::channel(false);
     let shared = Arc::new(Shared {
         proxy: proxy.clone(),
@@ -180,6 +183,15 @@ pub async fn run(
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
 
+    if config.listeners.iter().any(|l| l.reuse_port)
+        && std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+            .is_ok_and(|v| v.trim() == "0")
+    {
+        tracing::warn!(
+            "net.ipv4.tcp_migrate_req is 0: during a SO_REUSEPORT upgrade, connections queued on the old \
+             listener will be reset; set it to 1 for lossless upgrades"
+        );
+    }
     let mut listeners = Vec::new();
     for l in &config.listeners {
         listeners.push(start_listener(l, &shared, &config)?);
@@ -259,7 +271,54 @@ pub async fn run(
         tracing::info!(drained = open, "all connections finished");
     }
     let _ = admin_stop_tx.send(true);
+    if let Some(c) = &cache
+        && let Err(e) = c.storage.close().await
+    {
+        tracing::warn!(error = %e, "closing the cache storage failed");
+    }
     Ok(())
+}
+
+/// Opens the cache's storage, if any site caches. The storage settings take
+/// effect at start-up; a reload keeps the storage that is open.
+async fn open_cache(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<HttpCache>>, ServerError> {
+    if !config.sites.iter().any(|s| s.cache.enabled) {
+        return Ok(None);
+    }
+    let c = &config.cache;
+    if let Some(dir) = &c.disk_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ServerError::Build(format!("cache directory {}: {e}", dir.display())))?;
+    }
+    let storage = Storage::open(StorageConfig {
+        memory_capacity: c.memory.get(),
+        disk_dir: c.disk_dir.clone(),
+        disk_capacity: c.disk.get(),
+        chunk_size: u32::try_from(c.chunk_size.get()).unwrap_or(1 << 20),
+        max_object_size: c.max_object_size.get(),
+        memory_eviction: None,
+        disk_block_size: None,
+    })
+    .await
+    .map_err(|e| ServerError::Build(format!("cache storage: {e}")))?;
+    // foyer does not report disk evictions: drop index entries of evicted objects now and then.
+    let sweeper = storage.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match sweeper.sweep_index().await {
+                Ok(n) if n > 0 => tracing::debug!(dropped = n, "cache index swept"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cache index sweep failed"),
+            }
+        }
+    });
+    Ok(Some(HttpCache::new(storage, metrics.clone())))
 }
 
 fn admin_token(config: &Config) -> Result<Option<Arc<str>>, ServerError> {

@@ -163,6 +163,9 @@ async fn handle(req: Request<Incoming>, name: &str, stats: &Stats) -> Response<B
             let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
             r.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(mb << 20));
+            if let Some(cc) = param(&req, "cc").and_then(|c| HeaderValue::from_str(&c).ok()) {
+                r.headers_mut().insert(header::CACHE_CONTROL, cc);
+            }
             r
         }
         "/ws" if req.headers().contains_key(header::UPGRADE) => {
@@ -186,6 +189,7 @@ async fn handle(req: Request<Incoming>, name: &str, stats: &Stats) -> Response<B
                 .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             return r;
         }
+        p if p.starts_with("/cc/") => cacheable(&req, stats).await,
         p if p.starts_with("/status/") => {
             let code = p[8..]
                 .parse()
@@ -231,4 +235,94 @@ async fn handle(req: Request<Incoming>, name: &str, stats: &Stats) -> Response<B
         resp.headers_mut().insert("x-origin", v);
     }
     resp
+}
+
+fn pct_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(
+                std::str::from_utf8(&b[i + 1..(i + 3).min(b.len())]).unwrap_or(""),
+                16,
+            )
+        {
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(if b[i] == b'+' { b' ' } else { b[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn param(req: &Request<Incoming>, key: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| pct_decode(v))
+    })
+}
+
+/// `/cc/<anything>?cc=&etag=&lm=&vary=&tag=&size=&delay=&status=`: a response
+/// whose caching headers the request chooses. Answers 304 to a matching
+/// If-None-Match. The body is `size` bytes (default: a short text naming the
+/// request count, so tests can tell fetches apart).
+async fn cacheable(req: &Request<Incoming>, stats: &Stats) -> Response<Body> {
+    if let Some(ms) = param(req, "delay").and_then(|d| d.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let etag = param(req, "etag");
+    if let (Some(e), Some(inm)) = (&etag, req.headers().get(header::IF_NONE_MATCH))
+        && inm
+            .to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim() == e))
+    {
+        let mut r = Response::new(full(Bytes::new()));
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        if let Ok(v) = HeaderValue::from_str(e) {
+            r.headers_mut().insert(header::ETAG, v);
+        }
+        if let Some(cc) = param(req, "cc").and_then(|c| HeaderValue::from_str(&c).ok()) {
+            r.headers_mut().insert(header::CACHE_CONTROL, cc);
+        }
+        return r;
+    }
+    let n = stats.requests.load(Ordering::SeqCst);
+    let body = match param(req, "size").and_then(|s| s.parse::<usize>().ok()) {
+        Some(size) => Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
+        None => Bytes::from(format!("response {n} for {}", req.uri().path())),
+    };
+    let mut r = Response::new(full(body));
+    if let Some(s) = param(req, "status")
+        .and_then(|s| s.parse().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+    {
+        *r.status_mut() = s;
+    }
+    let h = r.headers_mut();
+    for (q, name) in [
+        ("cc", header::CACHE_CONTROL),
+        ("etag", header::ETAG),
+        ("lm", header::LAST_MODIFIED),
+        ("vary", header::VARY),
+        ("expires", header::EXPIRES),
+    ] {
+        if let Some(v) = param(req, q).and_then(|v| HeaderValue::from_str(&v).ok()) {
+            h.insert(name, v);
+        }
+    }
+    if let Some(v) = param(req, "cdncc").and_then(|v| HeaderValue::from_str(&v).ok()) {
+        h.insert("cdn-cache-control", v);
+    }
+    if let Some(v) = param(req, "tag").and_then(|v| HeaderValue::from_str(&v).ok()) {
+        h.insert("surrogate-key", v);
+    }
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    r
 }

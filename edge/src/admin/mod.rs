@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -79,6 +79,9 @@ impl Admin {
                 }
             }
             (&Method::GET, "/metrics") => {
+                if let Some(c) = &self.proxy.cache {
+                    c.update_gauges();
+                }
                 let mut r = text(StatusCode::OK, self.proxy.metrics.encode());
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -95,6 +98,35 @@ impl Admin {
                     Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
                 }
             }
+            (&Method::POST, "/purge") => {
+                let Some(cache) = self.proxy.cache.clone() else {
+                    return text(StatusCode::NOT_FOUND, "no cache is configured\n");
+                };
+                let body = match http_body_util::Limited::new(req.into_body(), 1 << 20)
+                    .collect()
+                    .await
+                {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => {
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            format!("cannot read the body: {e}\n"),
+                        );
+                    }
+                };
+                let purge: crate::cache::http::PurgeRequest = match serde_json::from_slice(&body) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        return text(StatusCode::BAD_REQUEST, format!("bad purge request: {e}\n"));
+                    }
+                };
+                let counts = cache.purge(&self.proxy.runtime(), &purge).await;
+                json(StatusCode::OK, &counts)
+            }
+            (&Method::GET, "/cache") => match &self.proxy.cache {
+                Some(c) => json(StatusCode::OK, &c.stats_json()),
+                None => text(StatusCode::NOT_FOUND, "no cache is configured\n"),
+            },
             (&Method::POST, "/drain") => {
                 self.proxy.set_draining(true);
                 tracing::warn!("drain requested through the admin API: /readyz now answers 503");
@@ -121,11 +153,21 @@ impl Admin {
             }
             (
                 _,
-                "/healthz" | "/readyz" | "/metrics" | "/config" | "/drain" | "/undrain" | "/reload",
+                "/healthz" | "/readyz" | "/metrics" | "/config" | "/drain" | "/undrain" | "/reload"
+                | "/purge" | "/cache",
             ) => text(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed\n"),
             _ => text(StatusCode::NOT_FOUND, "404 Not Found\n"),
         }
     }
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
+    let mut r = text(status, serde_json::to_vec_pretty(v).unwrap_or_default());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

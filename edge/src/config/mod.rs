@@ -51,6 +51,8 @@ pub struct Config {
     #[serde(default)]
     pub tls: TlsConfig,
     #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
     pub sites: Vec<SiteConfig>,
@@ -347,6 +349,94 @@ pub struct SiteConfig {
     /// Send the client's Host to the origin (the default); false sends the origin's own host.
     #[serde(default = "yes")]
     pub preserve_host: bool,
+    /// How this site uses the cache.
+    #[serde(default)]
+    pub cache: SiteCache,
+}
+
+/// The shared cache: a memory tier and an optional disk tier.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// The memory tier's capacity.
+    pub memory: ByteSize,
+    /// The disk tier's directory; absent means memory only. Entries on disk
+    /// survive restarts (and kill -9).
+    pub disk_dir: Option<PathBuf>,
+    /// The disk tier's capacity.
+    pub disk: ByteSize,
+    /// Objects larger than this are stored in chunks of this size.
+    pub chunk_size: ByteSize,
+    /// Objects larger than this stream through uncached.
+    pub max_object_size: ByteSize,
+    /// How long concurrent misses for one object wait for the first one's
+    /// origin fetch before going to the origin themselves.
+    pub lock_timeout: Dur,
+    /// How long a response found uncacheable is remembered, so requests for
+    /// it skip request coalescing (hit-for-pass).
+    pub hit_for_pass: Dur,
+    /// Client networks allowed to send the HTTP PURGE method.
+    pub purge_allow: Vec<String>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            memory: ByteSize(256 * 1024 * 1024),
+            disk_dir: None,
+            disk: ByteSize(10 * 1024 * 1024 * 1024),
+            chunk_size: ByteSize(1024 * 1024),
+            max_object_size: ByteSize(1024 * 1024 * 1024),
+            lock_timeout: Dur::secs(10),
+            hit_for_pass: Dur::secs(120),
+            purge_allow: vec!["127.0.0.1/32".into(), "::1/128".into()],
+        }
+    }
+}
+
+/// A site's use of the cache.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SiteCache {
+    /// Cache this site's responses (as RFC 9111 allows).
+    pub enabled: bool,
+    /// Freshness for responses that carry no freshness information, where
+    /// caching them is allowed (like Varnish's default_ttl). 0 disables.
+    pub default_ttl: Dur,
+    /// Serve stale while revalidating in the background, when the origin sends
+    /// no stale-while-revalidate (like Varnish grace). 0 disables.
+    pub stale_while_revalidate: Dur,
+    /// Serve stale when the origin fails, when the origin sends no
+    /// stale-if-error (like nginx proxy_cache_use_stale). 0 disables.
+    pub stale_if_error: Dur,
+    /// Sort query parameters in the cache key.
+    pub sort_query: bool,
+    /// Query parameters left out of the cache key: names, or prefixes ending
+    /// in `*` such as "utm_*".
+    pub ignore_params: Vec<String>,
+    /// Remove Surrogate-Key and Cache-Tag from responses to clients.
+    pub strip_tags: bool,
+    /// Add Cache-Status (RFC 9211) to responses.
+    pub cache_status: bool,
+    /// Let origin stale-while-revalidate/stale-if-error apply with s-maxage
+    /// (RFC 9111 reads s-maxage as proxy-revalidate, which forbids them).
+    pub s_maxage_allows_stale: bool,
+}
+
+impl Default for SiteCache {
+    fn default() -> Self {
+        SiteCache {
+            enabled: true,
+            default_ttl: Dur::secs(0),
+            stale_while_revalidate: Dur::secs(0),
+            stale_if_error: Dur::secs(0),
+            sort_query: false,
+            ignore_params: Vec::new(),
+            strip_tags: true,
+            cache_status: true,
+            s_maxage_allows_stale: false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -823,6 +913,29 @@ impl Config {
         }
         if self.http3.idle_timeout.get().is_zero() {
             bad(path!["http3", "idle_timeout"], "must be above zero".into());
+        }
+        for (i, net) in self.cache.purge_allow.iter().enumerate() {
+            if crate::cache::acl::Cidr::parse(net).is_err() {
+                bad(
+                    path!["cache", "purge_allow", i],
+                    format!("{net:?} is not an address or CIDR network"),
+                );
+            }
+        }
+        if self.cache.chunk_size.get() < 4096 || self.cache.chunk_size.get() > 64 * 1024 * 1024 {
+            bad(path!["cache", "chunk_size"], "must be 4KiB to 64MiB".into());
+        }
+        if self.cache.memory.get() < 1024 * 1024 {
+            bad(path!["cache", "memory"], "must be at least 1MiB".into());
+        }
+        if let Some(d) = &self.cache.disk_dir
+            && d.exists()
+            && !d.is_dir()
+        {
+            bad(
+                path!["cache", "disk_dir"],
+                format!("{} is not a directory", d.display()),
+            );
         }
         if !matches!(self.server.unknown_host_status, 404 | 421) {
             bad(

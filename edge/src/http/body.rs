@@ -248,7 +248,17 @@ pub struct ResponseBody {
 enum Kind {
     Empty,
     Full(Option<Bytes>),
-    Upstream { body: Incoming, timer: FrameTimer },
+    Upstream {
+        body: Incoming,
+        timer: FrameTimer,
+    },
+    /// Fed by a task (a cache fill, or chunks read from storage) through a
+    /// bounded channel; `len` is the exact length when known.
+    Channel {
+        rx: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
+        len: Option<u64>,
+        sent: u64,
+    },
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -276,6 +286,14 @@ impl ResponseBody {
             body,
             timer: FrameTimer::new(idle, deadline),
         })
+    }
+
+    /// A body fed through a bounded channel. `len` is its exact length, if known.
+    pub fn channel(
+        rx: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
+        len: Option<u64>,
+    ) -> Self {
+        Self::from_kind(Kind::Channel { rx, len, sent: 0 })
     }
 
     fn from_kind(kind: Kind) -> Self {
@@ -336,6 +354,15 @@ impl Body for ResponseBody {
                     }
                 }
             },
+            Kind::Channel { rx, sent, .. } => match rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(b))) => {
+                    *sent += b.len() as u64;
+                    Some(Ok(Frame::data(b)))
+                }
+                Poll::Ready(Some(Err(e))) => Some(Err(BodyError::Stream(e))),
+                Poll::Ready(None) => None,
+                Poll::Pending => return Poll::Pending,
+            },
         };
         match &r {
             Some(Ok(f)) => {
@@ -360,6 +387,7 @@ impl Body for ResponseBody {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
             Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Channel { len, sent, .. } => len.is_some_and(|l| *sent >= l),
         }
     }
 
@@ -368,6 +396,10 @@ impl Body for ResponseBody {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Channel { len, sent, .. } => match len {
+                Some(l) => SizeHint::with_exact(l.saturating_sub(*sent)),
+                None => SizeHint::default(),
+            },
         }
     }
 }

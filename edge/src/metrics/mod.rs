@@ -34,6 +34,11 @@ pub struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheResult {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
     pub result: &'static str,
 }
@@ -86,6 +91,16 @@ pub struct Metrics {
     pub quic_retries: Counter,
     pub quic_rtt: Histogram,
     pub quic_lost_packets: Counter,
+    pub cache_requests: Family<CacheResult, Counter>,
+    pub cache_coalesced: Counter,
+    pub cache_purges: Family<Reason, Counter>,
+    pub cache_bytes: Family<Reason, Counter>,
+    pub cache_occupancy: Family<Reason, Gauge>,
+    pub cache_capacity: Family<Reason, Gauge>,
+    pub cache_entries: Gauge,
+    pub cache_disk_io_bytes: Family<Reason, Gauge>,
+    pub cache_disk_read_latency: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub cache_corrupt: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -128,6 +143,16 @@ impl Metrics {
             quic_retries: Counter::default(),
             quic_rtt: latency_histogram(),
             quic_lost_packets: Counter::default(),
+            cache_requests: Family::default(),
+            cache_coalesced: Counter::default(),
+            cache_purges: Family::default(),
+            cache_bytes: Family::default(),
+            cache_occupancy: Family::default(),
+            cache_capacity: Family::default(),
+            cache_entries: Gauge::default(),
+            cache_disk_io_bytes: Family::default(),
+            cache_disk_read_latency: Gauge::default(),
+            cache_corrupt: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -239,6 +264,52 @@ impl Metrics {
             "quic_lost_packets",
             "Packets QUIC connections declared lost",
             m.quic_lost_packets.clone(),
+        );
+        registry.register("cache_requests", "Cache lookups and their results (hit, miss, stale-while-revalidate, stale-if-error, revalidated, pass, uncacheable, stored...)", m.cache_requests.clone());
+        registry.register(
+            "cache_coalesced_waiters",
+            "Requests that waited for another request's origin fetch",
+            m.cache_coalesced.clone(),
+        );
+        registry.register(
+            "cache_purged_objects",
+            "Objects purged, by kind (hard, soft, method, invalidation)",
+            m.cache_purges.clone(),
+        );
+        registry.register(
+            "cache_served_bytes",
+            "Body bytes served from the cache, by tier",
+            m.cache_bytes.clone(),
+        );
+        registry.register(
+            "cache_occupancy_bytes",
+            "Bytes stored in each cache tier",
+            m.cache_occupancy.clone(),
+        );
+        registry.register(
+            "cache_capacity_bytes",
+            "Capacity of each cache tier",
+            m.cache_capacity.clone(),
+        );
+        registry.register(
+            "cache_disk_io_bytes",
+            "Bytes read from and written to the disk tier",
+            m.cache_disk_io_bytes.clone(),
+        );
+        registry.register(
+            "cache_disk_read_latency_seconds",
+            "Average latency of disk tier reads",
+            m.cache_disk_read_latency.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Entries in the cache (heads and chunks)",
+            m.cache_entries.clone(),
+        );
+        registry.register(
+            "cache_corrupt_entries",
+            "Stored entries found corrupt and dropped",
+            m.cache_corrupt.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

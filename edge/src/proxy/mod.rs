@@ -79,6 +79,8 @@ pub struct Site {
     pub name: Arc<str>,
     pub pool: Arc<Pool>,
     pub preserve_host: bool,
+    /// How the site uses the cache; None when its cache is disabled.
+    pub cache: Option<Arc<crate::cache::http::SitePolicy>>,
 }
 
 /// Everything built from one config generation. Swapped whole on reload;
@@ -139,6 +141,12 @@ impl Runtime {
                 name: Arc::from(sc.hosts.first().map_or("*", String::as_str)),
                 pool,
                 preserve_host: sc.preserve_host,
+                cache: sc.cache.enabled.then(|| {
+                    Arc::new(crate::cache::http::SitePolicy::new(
+                        &sc.cache,
+                        &config.cache,
+                    ))
+                }),
             });
         }
         let access_log = AccessLog::open(&config.log.access_log, metrics.clone())
@@ -166,6 +174,8 @@ pub struct Proxy {
     draining: AtomicBool,
     /// `Alt-Svc` values by local TLS port, for listeners that serve HTTP/3.
     alt_svc: ArcSwap<HashMap<u16, HeaderValue>>,
+    /// The shared cache (its storage outlives config generations).
+    pub cache: Option<Arc<crate::cache::http::HttpCache>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -182,12 +192,17 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 impl Proxy {
-    pub fn new(runtime: Runtime, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        runtime: Runtime,
+        metrics: Arc<Metrics>,
+        cache: Option<Arc<crate::cache::http::HttpCache>>,
+    ) -> Arc<Self> {
         Arc::new(Proxy {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             draining: AtomicBool::new(false),
             alt_svc: ArcSwap::from_pointee(HashMap::new()),
+            cache,
         })
     }
 
@@ -231,7 +246,6 @@ impl Proxy {
             proto: ds.proto,
             site: Arc::from("-"),
             origin: None,
-            pool_return: None,
             _inflight: inflight,
         };
         let mut resp = match self.pipeline(req, ds, seq, &rt, &mut end, &mut rec).await {
@@ -297,7 +311,7 @@ impl Proxy {
     }
 
     async fn pipeline(
-        &self,
+        self: &Arc<Self>,
         req: Request<ClientBody>,
         ds: &Downstream,
         seq: u64,
@@ -373,9 +387,7 @@ impl Proxy {
         let pool = site.pool.clone();
         end.origin = Some((pool.name.clone(), None));
 
-        // 3. (cache lookup goes here)
-
-        // 4. upstream_request
+        // 3. upstream_request: what goes to the origin, whatever answers it.
         let upgrade = ds.proto == Proto::H1 && headers::wants_upgrade(&parts.headers);
         let client_upgrade = if upgrade {
             parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
@@ -397,23 +409,55 @@ impl Proxy {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
+        let too_large = Arc::new(AtomicBool::new(false));
+        let body = RequestBody::new(body, max_body, too_large.clone())
+            .with_idle_timeout(pool.config.timeouts.idle.get());
+        let up = UpstreamRequest {
+            parts,
+            host,
+            path,
+            preserve_host: site.preserve_host,
+            upgrade,
+            tls: ds.tls,
+        };
+
+        // 4. cache: may answer, or fetch and store.
+        if !upgrade && let (Some(cache), Some(policy)) = (&self.cache, &site.cache) {
+            return crate::cache::http::handle(
+                self, cache, policy, rt, site, ds, up, body, &too_large, rec,
+            )
+            .await;
+        }
+
+        // 5. upstream_peer + send, with retries.
+        let fetched = self.fetch(&pool, &up, body, &too_large, rec).await?;
+        self.finish_response(fetched, &pool, upgrade, client_upgrade)
+            .await
+    }
+
+    /// Sends a request to `pool`: picks an origin, checks out a connection,
+    /// sends, and retries on another origin when that is safe and the retry
+    /// budget allows. The response's connection goes back to the pool when
+    /// its body ends ([`Fetched::pool_return`]).
+    pub async fn fetch(
+        &self,
+        pool: &Arc<Pool>,
+        up: &UpstreamRequest,
+        body: RequestBody,
+        too_large: &AtomicBool,
+        rec: &mut LogRecord,
+    ) -> Result<Fetched, ProxyError> {
         let hash_key = if pool.uses_hash() {
-            upstream::select::hash64(&[host.as_deref().unwrap_or("").as_bytes(), path.as_bytes()])
+            upstream::select::hash64(&[
+                up.host.as_deref().unwrap_or("").as_bytes(),
+                up.path.as_bytes(),
+            ])
         } else {
             0
         };
-        let too_large = Arc::new(AtomicBool::new(false));
-        let mut body = Some(
-            RequestBody::new(body, max_body, too_large.clone())
-                .with_idle_timeout(pool.config.timeouts.idle.get()),
-        );
-        let replayable =
-            body.as_ref().is_some_and(RequestBody::is_empty) && is_idempotent(&parts.method);
-        let method = parts.method.clone();
-
-        // 5. upstream_peer + send, with retries.
-        let now_s = now_ms() / 1000;
-        pool.budget.deposit(now_s);
+        let replayable = body.is_empty() && is_idempotent(&up.parts.method);
+        let mut body = Some(body);
+        pool.budget.deposit(now_ms() / 1000);
         let mut tried: Vec<usize> = Vec::with_capacity(2);
         let mut attempt = 0u32;
         let mut pending: Option<Request<RequestBody>> = None;
@@ -430,7 +474,6 @@ impl Proxy {
                 .ok_or_else(|| ProxyError::upstream(ErrorKind::NoHealthyOrigin, "select"))?;
             let origin = pool.origins[idx].clone();
             tried.push(idx);
-            end.origin = Some((pool.name.clone(), Some(origin.label.clone())));
             rec.origin = Some(origin.label.clone());
             rec.attempts = attempt;
             let req = match pending.take() {
@@ -442,25 +485,21 @@ impl Proxy {
                         body.take().unwrap_or_else(RequestBody::empty)
                     };
                     build_upstream_request(
-                        &parts,
+                        &up.parts,
                         &origin,
-                        site.preserve_host,
-                        host.as_deref(),
-                        &path,
+                        up.preserve_host,
+                        up.host.as_deref(),
+                        &up.path,
                         b,
                     )?
                 }
             };
-            let result = self.send(&pool, &origin, req, upgrade, end).await;
-            let err = match result {
-                Ok(resp) => {
+            let err = match self.send(pool, &origin, req, up.upgrade).await {
+                Ok((resp, pool_return)) => {
                     let status = resp.status();
-                    let failed = matches!(status.as_u16(), 502..=504);
-                    self.record_outcome(&pool, &origin, !failed);
+                    self.record_outcome(pool, &origin, !matches!(status.as_u16(), 502..=504));
                     rec.upstream_status = Some(status.as_u16());
-                    return self
-                        .finish_response(resp, &pool, upgrade, client_upgrade, cfg)
-                        .await;
+                    return Ok(Fetched { resp, pool_return });
                 }
                 Err((e, returned)) => {
                     pending = returned;
@@ -471,7 +510,7 @@ impl Proxy {
                 return Err(ProxyError::downstream(ErrorKind::BodyTooLarge, "body"));
             }
             if err.source == crate::error::ErrorSource::Upstream {
-                self.record_outcome(&pool, &origin, false);
+                self.record_outcome(pool, &origin, false);
             }
             let can_retry = (err.retry_safe && (pending.is_some() || replayable || body.is_some()))
                 || (replayable
@@ -485,7 +524,7 @@ impl Proxy {
             {
                 return Err(err);
             }
-            tracing::debug!(error = %err, attempt, method = %method, "retrying on another origin");
+            tracing::debug!(error = %err, attempt, method = %up.parts.method, "retrying on another origin");
             self.metrics
                 .upstream_retries
                 .get_or_create(&PoolLabels {
@@ -522,8 +561,7 @@ impl Proxy {
         origin: &Arc<Origin>,
         req: Request<RequestBody>,
         upgrade: bool,
-        end: &mut ExchangeEnd,
-    ) -> Result<Response<Incoming>, (ProxyError, Option<Request<RequestBody>>)> {
+    ) -> Result<(Response<Incoming>, PoolReturn), (ProxyError, Option<Request<RequestBody>>)> {
         self.metrics
             .upstream_requests
             .get_or_create(&PoolLabels {
@@ -618,26 +656,26 @@ impl Proxy {
                 .retry_safe(returned.is_some());
                 Err((err, returned))
             }
-            Ok(Ok(resp)) => {
-                end.pool_return = Some(PoolReturn {
+            Ok(Ok(resp)) => Ok((
+                resp,
+                PoolReturn {
                     origin: origin.clone(),
                     sender: Some(sender),
                     permit,
                     _guard: guard,
-                });
-                Ok(resp)
-            }
+                },
+            )),
         }
     }
 
-    async fn finish_response(
+    pub(crate) async fn finish_response(
         &self,
-        resp: Response<Incoming>,
+        fetched: Fetched,
         pool: &Pool,
         upgrade: bool,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        _cfg: &Config,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        let Fetched { resp, pool_return } = fetched;
         let (mut parts, body) = resp.into_parts();
         if upgrade && parts.status == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
@@ -653,12 +691,15 @@ impl Proxy {
             let idle = pool.config.timeouts.idle.get();
             tokio::spawn(tunnel(client_upgrade, origin_upgrade, idle));
             headers::strip_hop_by_hop(&mut parts.headers, true);
+            // The connection now belongs to the tunnel: never back to the pool.
+            drop(pool_return);
             return Ok(Response::from_parts(parts, ResponseBody::empty()));
         }
         // 6. upstream_response_filter
         headers::strip_hop_by_hop(&mut parts.headers, false);
         let deadline = pool.config.timeouts.total.map(|t| Instant::now() + t.get());
-        let body = ResponseBody::upstream(body, pool.config.timeouts.idle.get(), deadline);
+        let mut body = ResponseBody::upstream(body, pool.config.timeouts.idle.get(), deadline);
+        body.on_end(pool_return);
         Ok(Response::from_parts(parts, body))
     }
 }
@@ -736,8 +777,28 @@ pub fn health_changed(
         .set(i64::from(t == Transition::Up));
 }
 
+/// An origin's response and the connection it came on.
+pub struct Fetched {
+    pub resp: Response<Incoming>,
+    /// Returns the connection to its pool when the body ends complete.
+    pub pool_return: PoolReturn,
+}
+
+/// The request that goes to the origin, prepared once per client request.
+#[derive(Debug)]
+pub struct UpstreamRequest {
+    /// Method, URI, version and headers after the request filters.
+    pub parts: http::request::Parts,
+    pub host: Option<String>,
+    pub path: String,
+    pub preserve_host: bool,
+    pub upgrade: bool,
+    /// The client came over TLS (the cache key's scheme).
+    pub tls: bool,
+}
+
 /// The connection an exchange used, returned to its pool when the body ends.
-struct PoolReturn {
+pub struct PoolReturn {
     origin: Arc<Origin>,
     sender: Option<Sender>,
     permit: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
@@ -753,18 +814,19 @@ struct ExchangeEnd {
     proto: Proto,
     site: Arc<str>,
     origin: Option<(Arc<str>, Option<Arc<str>>)>,
-    pool_return: Option<PoolReturn>,
     _inflight: InflightGuard,
+}
+
+impl OnBodyEnd for PoolReturn {
+    fn finish(&mut self, complete: bool, _bytes: u64) {
+        if complete && let Some(Sender::H1(s)) = self.sender.take() {
+            self.origin.conns.checkin(s, self.permit.take());
+        }
+    }
 }
 
 impl OnBodyEnd for ExchangeEnd {
     fn finish(&mut self, complete: bool, bytes: u64) {
-        if let Some(mut pr) = self.pool_return.take()
-            && complete
-            && let Some(Sender::H1(s)) = pr.sender.take()
-        {
-            pr.origin.conns.checkin(s, pr.permit.take());
-        }
         if let Some(mut rec) = self.rec.take() {
             rec.bytes_out = bytes;
             rec.complete = complete;
@@ -799,6 +861,7 @@ mod tests {
         Proxy::new(
             Runtime::build(cfg, None, &metrics).expect("runtime"),
             metrics,
+            None,
         )
     }
 

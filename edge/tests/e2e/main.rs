@@ -2,6 +2,7 @@
 //! real origin, real sockets. One test binary, with modules.
 
 mod bad_input;
+mod cache;
 mod http3;
 mod interop;
 mod ops;

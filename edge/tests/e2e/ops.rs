@@ -219,8 +219,24 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The upgrade is lossless only with `net.ipv4.tcp_migrate_req=1` (Linux
+/// 5.14+): without it, connections queued on the old listener when it closes
+/// are reset. tests/run.sh sets it; so does this test when it may.
+fn ensure_tcp_migrate_req() -> anyhow::Result<()> {
+    const P: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    let v =
+        std::fs::read_to_string(P).map_err(|e| anyhow::anyhow!("{P}: {e} (needs Linux 5.14+)"))?;
+    if v.trim() == "1" || std::fs::write(P, "1").is_ok() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "net.ipv4.tcp_migrate_req is 0 and cannot be set here: run `sysctl -w net.ipv4.tcp_migrate_req=1` as root (tests/run.sh does)"
+    )
+}
+
 #[tokio::test]
 async fn zero_downtime_upgrade_with_reuseport() -> anyhow::Result<()> {
+    ensure_tcp_migrate_req()?;
     let origin = TestOrigin::start("o").await?;
     let old = Edge::start(
         &basic_config(&[origin.url()], "")

@@ -1,0 +1,8 @@
+//! The HTTP cache: the RFC 9111 policy ([`policy`], pure, no I/O or clocks).
+//! Storage and the pipeline stage plug in beside it.
+
+pub mod acl;
+pub mod http;
+pub mod policy;
+pub mod range;
+pub mod storage;
