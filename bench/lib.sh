@@ -27,9 +27,11 @@ make_cert() {
     -keyout "$1/key.pem" -out "$1/cert.pem" 2>/dev/null
 }
 
-# start_origin PORT SIZE : nginx (one worker) serving /obj of SIZE random bytes.
+# start_origin PORT SIZE [CACHE_CONTROL] : nginx (one worker) serving /obj of
+# SIZE random bytes, with that Cache-Control if given.
 start_origin() {
-  local port=$1 size=$2
+  local port=$1 size=$2 cc="${3:-}" extra=""
+  [ -n "$cc" ] && extra="add_header Cache-Control \"$cc\";"
   # nginx workers run unprivileged: the object must be readable by them.
   chmod 755 "$WORK"
   mkdir -p "$WORK/www" "$WORK/origin"
@@ -42,7 +44,7 @@ events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  server { listen 127.0.0.1:$port; root $WORK/www; }
+  server { listen 127.0.0.1:$port; root $WORK/www; $extra }
 }
 CONF
   nginx -p "$WORK/origin" -c "$WORK/origin/nginx.conf" -g 'daemon off;' &

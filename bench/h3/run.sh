@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# HTTP/3 versus HTTP/2 on the same meridian-edge, same object, same client
+# HTTP/3 versus HTTP/2 on the same meridian-edge, for cache hits: same object, same client
 # concurrency: h2load (HTTP/2 over TLS) and h3load (bench/src/bin/h3load.rs).
 # Reports requests/s, p50, p99 and the edge's CPU time per request.
 #
@@ -16,7 +16,7 @@ WORK="$(mktemp -d /tmp/meridian-bench-h3.XXXXXX)"
 trap bench_cleanup EXIT
 ORIGIN=18910 TLS=18911 ADMIN=18912
 make_cert "$WORK"
-start_origin $ORIGIN "$SIZE"
+start_origin $ORIGIN "$SIZE" "public, max-age=3600"
 cat > "$WORK/edge.toml" <<CONF
 [server]
 worker_threads = $WORKERS
@@ -44,6 +44,9 @@ wait_http "http://127.0.0.1:$ORIGIN/obj"
 wait_http "https://localhost:$TLS/obj" 2>/dev/null || wait_http "http://127.0.0.1:$ADMIN/readyz"
 check_object "http://127.0.0.1:$ORIGIN/obj" "$SIZE"
 check_object "https://localhost:$TLS/obj" "$SIZE"
+# Served from the cache from here on.
+curl -sk -D - -o /dev/null "https://localhost:$TLS/obj" | grep -qi "^cache-status: meridian; hit" \
+  || { echo "the object is not a cache hit" >&2; exit 1; }
 TCK=$(getconf CLK_TCK)
 
 run_h2() {
@@ -74,7 +77,7 @@ h2load -c"$CONNS" -m"$STREAMS" -t1 -D2 "https://localhost:$TLS/obj" >/dev/null 2
 read -r h2_rps h2_p50 h2_p99 h2_cpu < <(run_h2)
 read -r h3_rps h3_p50 h3_p99 h3_cpu < <(run_h3)
 echo
-echo "meridian-edge proxying a ${SIZE}-byte object; $WORKERS worker(s); $CONNS connections x $STREAMS streams; ${DURATION}s per run; $(nproc) cores shared by origin, edge and load generator"
+echo "meridian-edge cache hits of a ${SIZE}-byte object; $WORKERS worker(s); $CONNS connections x $STREAMS streams; ${DURATION}s per run; $(nproc) cores shared by origin, edge and load generator"
 echo
 echo "| protocol | req/s | p50 ms | p99 ms | edge CPU µs/req |"
 echo "|---|---|---|---|---|"

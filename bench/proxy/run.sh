@@ -76,6 +76,8 @@ key = "$WORK/key.pem"
 [[sites]]
 hosts = ["*"]
 pool = "origin"
+[sites.cache]
+enabled = false   # a plain proxy, like the nginx it is compared with
 [pools.origin]
 origins = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
 CONF
