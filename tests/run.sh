@@ -24,7 +24,7 @@ if ! python3 -c "import aioquic" 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check aioquic \
     || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages aioquic
 fi
-for tool in curl kdig python3; do
+for tool in curl kdig python3 ip bird birdc systemd-analyze; do
   command -v "$tool" >/dev/null || { echo "required tool $tool is missing after install" >&2; exit 1; }
 done
 python3 -c "import aioquic" || { echo "aioquic did not install" >&2; exit 1; }
@@ -41,3 +41,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== cargo test"
 cargo test --workspace
+
+echo "== deployment files"
+bash infra/systemd/verify.sh
+bash infra/validate.sh

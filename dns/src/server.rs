@@ -325,11 +325,20 @@ impl Running {
         }
         let mut tick = tokio::time::interval(Duration::from_secs(every.max(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // systemd (Type=notify): serving now. A no-op outside systemd.
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         loop {
             tokio::select! {
                 _ = hup.recv() => {
                     info!("SIGHUP: reloading");
-                    if self.reload().await.is_ok() {
+                    let mut reloading = vec![sd_notify::NotifyState::Reloading];
+                    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+                        reloading.push(now);
+                    }
+                    let _ = sd_notify::notify(false, &reloading);
+                    let reloaded = self.reload().await.is_ok();
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                    if reloaded {
                         let (paths, e) = refresh(&self.shared.runtime.load());
                         geo_mtimes = mtimes(&paths);
                         geo_paths = paths;
@@ -351,6 +360,7 @@ impl Running {
                 _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             }
         }
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         self.shutdown().await;
         Ok(())
     }

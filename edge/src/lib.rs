@@ -14,6 +14,7 @@
 
 pub mod accesslog;
 pub mod admin;
+pub mod anycast;
 pub mod cache;
 pub mod config;
 pub mod demo;

@@ -49,6 +49,33 @@ enum Command {
     Proxy(ProxyArgs),
     /// The embedded demo (the default when no command is given).
     Demo(DemoArgs),
+    /// Announce the anycast prefix through BIRD while the local edge is ready.
+    Anycast {
+        /// The edge's admin listener (its /readyz is probed).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+        /// The birdc binary.
+        #[arg(long, value_name = "PATH", default_value = "/usr/sbin/birdc")]
+        birdc: PathBuf,
+        /// BIRD's control socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/bird/bird.ctl")]
+        socket: PathBuf,
+        /// The BIRD static protocol that holds the anycast route.
+        #[arg(long, value_name = "NAME", default_value = "anycast")]
+        protocol: String,
+        /// Probe interval, e.g. "1s".
+        #[arg(long, value_name = "DURATION", default_value = "1s")]
+        interval: String,
+        /// Probe timeout.
+        #[arg(long, value_name = "DURATION", default_value = "1s")]
+        timeout: String,
+        /// Good probes before announcing.
+        #[arg(long, default_value_t = 2)]
+        rise: u32,
+        /// Failed probes before withdrawing.
+        #[arg(long, default_value_t = 2)]
+        fall: u32,
+    },
     /// Run only the built-in demo origin (for trying things and benchmarks).
     Origin {
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
@@ -290,6 +317,43 @@ fn main() -> ExitCode {
             }
             let cfg = Config::from_toml(&text, "<command line>")?;
             run_config(cfg, None, None)
+        })(),
+        Some(Command::Anycast {
+            admin,
+            birdc,
+            socket,
+            protocol,
+            interval,
+            timeout,
+            rise,
+            fall,
+        }) => (|| {
+            init_logging("info", LogFormat::Text);
+            let interval =
+                meridian_edge::config::parse_duration(&interval).map_err(anyhow::Error::msg)?;
+            let timeout =
+                meridian_edge::config::parse_duration(&timeout).map_err(anyhow::Error::msg)?;
+            let s = meridian_edge::anycast::Settings {
+                admin,
+                birdc,
+                socket,
+                protocol,
+                interval,
+                timeout,
+                rise,
+                fall,
+            };
+            let rt = runtime(1)?;
+            rt.block_on(meridian_edge::anycast::run(s, |route| {
+                println!(
+                    "meridian-edge anycast: {}",
+                    match route {
+                        meridian_edge::anycast::Route::Announced => "announced",
+                        meridian_edge::anycast::Route::Withdrawn => "withdrawn",
+                    }
+                );
+            }))?;
+            Ok(())
         })(),
         Some(Command::Origin {
             listen,

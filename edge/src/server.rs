@@ -215,6 +215,11 @@ pub async fn run(
         listeners: listeners.iter().map(|l| (l.key.tls, l.bound)).collect(),
         admin: admin_addr,
     });
+    systemd_notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("serving"),
+    ]);
+    spawn_watchdog();
     tracing::info!(listeners = listeners.len(), "meridian-edge ready");
 
     let mut cert_tick = tokio::time::interval(
@@ -230,10 +235,14 @@ pub async fn run(
         tokio::select! {
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading");
+                notify_reloading();
                 let _ = reload(&shared, path.as_ref(), &mut listeners).await;
+                systemd_notify(&[sd_notify::NotifyState::Ready]);
             }
             Some(Control::Reload(reply)) = control_rx.recv() => {
+                notify_reloading();
                 let r = reload(&shared, path.as_ref(), &mut listeners).await;
+                systemd_notify(&[sd_notify::NotifyState::Ready]);
                 let _ = reply.send(r);
             }
             _ = cert_tick.tick() => {
@@ -250,6 +259,10 @@ pub async fn run(
     // Drain: not ready, stop accepting, let in-flight requests finish.
     let cfg = proxy.runtime().config.clone();
     proxy.set_draining(true);
+    systemd_notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("draining"),
+    ]);
     tracing::info!(grace = ?cfg.server.graceful_timeout.get(), "draining: /readyz now answers 503");
     if !cfg.server.drain_delay.get().is_zero() {
         tokio::time::sleep(cfg.server.drain_delay.get()).await;
@@ -319,6 +332,43 @@ async fn open_cache(
         }
     });
     Ok(Some(HttpCache::new(storage, metrics.clone())))
+}
+
+/// Tells systemd (Type=notify) about the service's state; a no-op outside systemd.
+fn systemd_notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// RELOADING=1 with the monotonic time, as systemd's reload protocol asks.
+fn notify_reloading() {
+    match sd_notify::NotifyState::monotonic_usec_now() {
+        Ok(now) => systemd_notify(&[sd_notify::NotifyState::Reloading, now]),
+        Err(_) => systemd_notify(&[sd_notify::NotifyState::Reloading]),
+    }
+}
+
+/// Pings systemd's watchdog at half its interval while the runtime is alive.
+fn spawn_watchdog() {
+    // As sd_watchdog_enabled(3): WATCHDOG_USEC set, and WATCHDOG_PID unset or ours.
+    let usec = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let ours = std::env::var("WATCHDOG_PID")
+        .map_or(true, |p| p.parse::<u32>().ok() == Some(std::process::id()));
+    if usec == 0 || !ours {
+        return;
+    }
+    let every = Duration::from_micros(usec / 2);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            systemd_notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    });
 }
 
 fn admin_token(config: &Config) -> Result<Option<Arc<str>>, ServerError> {

@@ -27,8 +27,19 @@ const MAX_LINES: usize = 200_000;
 impl Proc {
     /// Starts `bin args…` and waits until it prints `<name>: ready`.
     pub fn start(bin: &Path, args: &[&str], name: &str) -> anyhow::Result<Proc> {
+        Self::start_env(bin, args, name, &[])
+    }
+
+    /// Like [`Proc::start`], with extra environment variables.
+    pub fn start_env(
+        bin: &Path,
+        args: &[&str],
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Proc> {
         let mut child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -151,3 +151,30 @@ async fn aioquic_client_interop() -> anyhow::Result<()> {
     assert_eq!(stdout.trim(), format!("h3 200 {}", 3 << 20));
     Ok(())
 }
+
+#[tokio::test]
+async fn h3_cache_hit() -> anyhow::Result<()> {
+    let (origin, _dir, pki, edge) = setup().await?;
+    let mut c = H3Conn::connect(edge.https(), &pki.tls("a.test", &[])?).await?;
+    let path = "/cc/h3?cc=max-age%3D60";
+    let r1 = c.send("GET", "a.test", path, Bytes::new()).await?;
+    assert!(
+        r1.header("cache-status")
+            .is_some_and(|s| s.contains("fwd=uri-miss"))
+    );
+    let mut hit = None;
+    for _ in 0..50 {
+        let r = c.send("GET", "a.test", path, Bytes::new()).await?;
+        if r.header("cache-status")
+            .is_some_and(|s| s.starts_with("meridian; hit"))
+        {
+            hit = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hit = hit.ok_or_else(|| anyhow::anyhow!("no cache hit over h3"))?;
+    assert_eq!(hit.body, r1.body);
+    assert_eq!(origin.count("/cc/h3").await, 1);
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! End-to-end tests of meridian-edge: the real binary on ephemeral ports, a
 //! real origin, real sockets. One test binary, with modules.
 
+mod anycast;
 mod bad_input;
 mod cache;
 mod http3;

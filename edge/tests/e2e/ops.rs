@@ -469,3 +469,55 @@ async fn one_line_proxy_mode_and_its_config_equivalent() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn systemd_notify_ready_reloading_stopping() -> anyhow::Result<()> {
+    meridian_e2e::init();
+    let origin = TestOrigin::start("o").await?;
+    let dir = TempDir::new("notify")?;
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let cfg = dir.path().join("edge.toml");
+    std::fs::write(&cfg, basic_config(&[origin.url()], ""))?;
+    let sock_env = sock_path.display().to_string();
+    let cfg_arg = cfg.display().to_string();
+    let mut edge = Proc::start_env(
+        bin(),
+        &["run", "--config", &cfg_arg],
+        "meridian-edge",
+        &[("NOTIFY_SOCKET", &sock_env), ("WATCHDOG_USEC", "400000")],
+    )?;
+    let mut buf = [0u8; 512];
+    let mut recv_until = |want: &str| -> anyhow::Result<Vec<String>> {
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            let n = sock
+                .recv(&mut buf)
+                .map_err(|e| anyhow::anyhow!("waiting for {want}: {e}; seen {seen:?}"))?;
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let done = msg.lines().any(|l| l == want);
+            seen.push(msg);
+            if done {
+                return Ok(seen);
+            }
+        }
+        anyhow::bail!("never saw {want}: {seen:?}")
+    };
+    recv_until("READY=1")?;
+    recv_until("WATCHDOG=1")?;
+    edge.signal(Signal::SIGHUP)?;
+    let seen = recv_until("RELOADING=1")?;
+    assert!(
+        seen.last().is_some_and(|m| m.contains("MONOTONIC_USEC=")),
+        "{seen:?}"
+    );
+    recv_until("READY=1")?;
+    edge.signal(Signal::SIGTERM)?;
+    recv_until("STOPPING=1")?;
+    assert!(
+        edge.wait_exit(Duration::from_secs(10))?
+            .is_some_and(|s| s.success())
+    );
+    Ok(())
+}

@@ -385,3 +385,85 @@ async fn http10_request_is_served() -> anyhow::Result<()> {
     assert!(reply.ends_with("hello"), "{reply}");
     Ok(())
 }
+
+#[tokio::test]
+async fn ipv6_listener_and_h2_over_tls_to_a_verified_origin() -> anyhow::Result<()> {
+    // The origin: an edge terminating TLS for a.test (our test PKI), in front of a plain origin.
+    let plain = TestOrigin::start("deep").await?;
+    let dir = meridian_e2e::certs::TempDir::new("pki")?;
+    let pki = Pki::new(dir.path())?;
+    let tls_origin = Edge::start(&basic_config(&[plain.url()], &pki.config()))?;
+    let ca = pki.ca.path.display().to_string();
+    let origin_url = format!("https://127.0.0.1:{}", tls_origin.https().port());
+    // The edge under test: an IPv6 listener, HTTP/2 over TLS to that origin,
+    // verifying its certificate against the test CA with SNI a.test.
+    let cfg = basic_config(
+        std::slice::from_ref(&origin_url),
+        &format!("protocol = \"http2\"\n[pools.main.tls]\nca_file = \"{ca}\"\nsni = \"a.test\"\n"),
+    )
+    .replace("address = \"127.0.0.1:0\"", "address = \"[::1]:0\"");
+    let edge = Edge::start(&cfg)?;
+    assert!(edge.http().is_ipv6());
+    let r = get_plain(edge.http(), "v6.test", "/echo").await?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json()?;
+    assert_eq!(j["origin"], "deep");
+    // The TLS origin saw HTTP/2 from us: its Via toward the deep origin says "2".
+    let via: Vec<String> = j["headers"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .filter(|x| x[0] == "via")
+                .filter_map(|x| x[1].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        via,
+        ["1.1 meridian", "2 meridian"],
+        "h1 from the client, then h2 between the edges"
+    );
+    assert_eq!(
+        j["headers"]
+            .as_array()
+            .and_then(|h| h.iter().find(|x| x[0] == "x-forwarded-for"))
+            .map(|x| x[1].clone()),
+        Some("::1, 127.0.0.1".into())
+    );
+    // A wrong SNI name fails verification: 502, never an unverified connection.
+    let bad = basic_config(
+        &[origin_url],
+        &format!(
+            "[pools.main.tls]\nca_file = \"{ca}\"\nsni = \"evil.test\"\n[pools.main.retry]\nattempts = 1\n"
+        ),
+    );
+    let edge2 = Edge::start(&bad)?;
+    assert_eq!(get_plain(edge2.http(), "t", "/hello").await?.status, 502);
+    let m = edge2.metrics().await?;
+    assert!(
+        metric(&m, "meridian_upstream_errors_total", &["connect-failed"]) >= 1.0,
+        "{m}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn pool_connection_limit_gives_503_when_full() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let edge = Edge::start(&basic_config(
+        &[origin.url()],
+        "[pools.main.connection_pool]\nmax_connections = 1\n[pools.main.timeouts]\nconnect = \"300ms\"\n[pools.main.retry]\nattempts = 1\n",
+    ))?;
+    let http = edge.http();
+    let slow = tokio::spawn(async move { get_plain(http, "t", "/slow?ms=1500").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = get_plain(edge.http(), "t", "/hello").await?;
+    assert_eq!(r.status, 503, "the one connection is busy");
+    assert_eq!(slow.await??.status, 200);
+    assert_eq!(
+        get_plain(edge.http(), "t", "/hello").await?.status,
+        200,
+        "free again"
+    );
+    Ok(())
+}
