@@ -45,13 +45,13 @@ fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error
 }
 
 impl LogRecord {
-    /// A record for work no client asked for (background revalidation); never written.
-    pub fn background() -> Self {
+    /// A record with only the connection's facts filled in.
+    fn bare(client: SocketAddr, proto: &'static str, tls: bool) -> Self {
         LogRecord {
             ts: String::new(),
-            client: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-            proto: "background",
-            tls: false,
+            client,
+            proto,
+            tls,
             method: String::new(),
             host: None,
             path: String::new(),
@@ -68,29 +68,16 @@ impl LogRecord {
         }
     }
 
+    /// A record for work no client asked for (background revalidation); never written.
+    pub fn background() -> Self {
+        Self::bare(SocketAddr::from(([0, 0, 0, 0], 0)), "background", false)
+    }
+
     /// Starts a record. With `detailed` false (access log off) the strings
     /// are not built: only what the metrics need is kept.
     pub fn begin<B>(req: &Request<B>, ds: &Downstream, detailed: bool) -> Self {
         if !detailed {
-            return LogRecord {
-                ts: String::new(),
-                client: ds.client,
-                proto: ds.proto.label(),
-                tls: ds.tls,
-                method: String::new(),
-                host: None,
-                path: String::new(),
-                status: 0,
-                bytes_out: 0,
-                duration: Duration::ZERO,
-                site: None,
-                origin: None,
-                upstream_status: None,
-                attempts: 0,
-                error: None,
-                complete: false,
-                user_agent: None,
-            };
+            return Self::bare(ds.client, ds.proto.label(), ds.tls);
         }
         let h = req.headers();
         let s = |n: http::header::HeaderName| {

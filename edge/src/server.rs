@@ -203,10 +203,21 @@ pub async fn run(
         let l = bind_tcp(addr, false, 128).map_err(|source| ServerError::Bind { addr, source })?;
         admin_addr = l.local_addr().ok();
         let token = admin_token(&config)?;
+        let overload_shared = shared.clone();
+        let overloaded = Arc::new(move || {
+            let rt = overload_shared.proxy.runtime();
+            let max = rt.config.server.max_connections;
+            let limit = match rt.config.server.overload_connections {
+                0 => max - max / 10,
+                n => n,
+            };
+            overload_shared.conns.n.load(Ordering::Acquire) >= limit
+        });
         let a = Admin {
             proxy: proxy.clone(),
             token,
             control: control_tx.clone(),
+            overloaded,
         };
         tokio::spawn(admin::serve(l, a, admin_stop));
     }

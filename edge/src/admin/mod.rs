@@ -27,6 +27,8 @@ pub struct Admin {
     pub proxy: Arc<Proxy>,
     pub token: Option<Arc<str>>,
     pub control: mpsc::Sender<Control>,
+    /// Whether the edge is overloaded (readiness fails while it is).
+    pub overloaded: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -74,6 +76,8 @@ impl Admin {
             (&Method::GET | &Method::HEAD, "/readyz") => {
                 if self.proxy.is_draining() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if (self.overloaded)() {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "overloaded\n")
                 } else {
                     text(StatusCode::OK, "ready\n")
                 }

@@ -1221,6 +1221,10 @@ async fn fill(
     if body_is_complete(&meta, len) {
         complete = true;
     }
+    metrics
+        .cache_bytes
+        .get_or_create(&Reason { reason: "origin" })
+        .inc_by(len);
     drop(client);
     if let (Some(w), true) = (writer, complete) {
         meta.body_len = len;
@@ -1322,13 +1326,7 @@ async fn revalidate(
         // Freshen the stored object with the 304's headers (RFC 9111 §4.3.4).
         let not_modified = fetched.resp.headers().clone();
         drain(fetched).await;
-        let mut fresh = stored_response(&hit.meta);
-        fresh.headers.remove(SOFT_PURGE);
-        policy::freshen_stored_response(&mut fresh, &not_modified, request_time, response_time);
-        let mut meta = hit.meta.clone();
-        meta.headers = meta_headers(&fresh.headers);
-        meta.request_time = request_time;
-        meta.response_time = response_time;
+        let (fresh, meta) = freshened(&hit.meta, &not_modified, request_time, response_time);
         let _ = cache.storage.update_meta(&obj_key, meta.clone()).await;
         cache.count("revalidated");
         let cs = CacheStatus::forward(CACHE_NAME, FwdReason::Stale).fwd_status(status);
@@ -1367,12 +1365,7 @@ async fn revalidate(
     }
     // A new representation replaces the stored one.
     cache.count("stale-replaced");
-    let key = obj_key
-        .split(VARIANT_SEP)
-        .next()
-        .unwrap_or(&obj_key)
-        .to_string();
-    let variant = obj_key.contains(VARIANT_SEP).then(|| obj_key.clone());
+    let (key, variant) = split_variant(&obj_key);
     up.parts.headers = client_headers.clone();
     up.parts.method = method;
     let cs = CacheStatus::forward(CACHE_NAME, FwdReason::Stale).fwd_status(status);
@@ -1392,6 +1385,37 @@ async fn revalidate(
         cs,
     )
     .await
+}
+
+/// The URL key and, for a Vary variant, the variant key of a stored object.
+fn split_variant(obj_key: &str) -> (String, Option<String>) {
+    let key = obj_key
+        .split(VARIANT_SEP)
+        .next()
+        .unwrap_or(obj_key)
+        .to_string();
+    (
+        key,
+        obj_key.contains(VARIANT_SEP).then(|| obj_key.to_string()),
+    )
+}
+
+/// A stored object freshened by a 304 (RFC 9111 §4.3.4): the merged
+/// response, and the metadata to store. A soft purge ends here.
+fn freshened(
+    meta: &ObjectMeta,
+    not_modified: &HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> (StoredResponse, ObjectMeta) {
+    let mut fresh = stored_response(meta);
+    fresh.headers.remove(SOFT_PURGE);
+    policy::freshen_stored_response(&mut fresh, not_modified, request_time, response_time);
+    let mut meta = meta.clone();
+    meta.headers = meta_headers(&fresh.headers);
+    meta.request_time = request_time;
+    meta.response_time = response_time;
+    (fresh, meta)
 }
 
 /// Reads a response body to its end (so its connection can be reused).
@@ -1460,18 +1484,7 @@ fn spawn_revalidation(
             let not_modified = fetched.resp.headers().clone();
             drain(fetched).await;
             if let Ok(Some(hit)) = cache.storage.get(&obj_key).await {
-                let mut fresh = stored_response(&hit.meta);
-                fresh.headers.remove(SOFT_PURGE);
-                policy::freshen_stored_response(
-                    &mut fresh,
-                    &not_modified,
-                    request_time,
-                    response_time,
-                );
-                let mut meta = hit.meta;
-                meta.headers = meta_headers(&fresh.headers);
-                meta.request_time = request_time;
-                meta.response_time = response_time;
+                let (_, meta) = freshened(&hit.meta, &not_modified, request_time, response_time);
                 let _ = cache.storage.update_meta(&obj_key, meta).await;
             }
             return;
@@ -1479,12 +1492,7 @@ fn spawn_revalidation(
         if policy::UpstreamFailure::Status(status).is_error() {
             return; // keep serving what we have
         }
-        let key = obj_key
-            .split(VARIANT_SEP)
-            .next()
-            .unwrap_or(&obj_key)
-            .to_string();
-        let variant = obj_key.contains(VARIANT_SEP).then(|| obj_key.clone());
+        let (key, variant) = split_variant(&obj_key);
         let site = Site {
             name: Arc::from("-"),
             pool: pool.clone(),

@@ -76,6 +76,10 @@ pub struct ServerConfig {
     pub forwarded: ForwardedMode,
     /// The largest number of client connections open at once, all listeners together.
     pub max_connections: usize,
+    /// /readyz answers 503 "overloaded" while this many client connections are
+    /// open (so load balancers and the anycast controller shed load); 0
+    /// means 90% of max_connections.
+    pub overload_connections: usize,
     /// How many unknown-host requests get: 421 (misdirected) or 404.
     pub unknown_host_status: u16,
 }
@@ -89,6 +93,7 @@ impl Default for ServerConfig {
             via: "meridian".into(),
             forwarded: ForwardedMode::XForwarded,
             max_connections: 65536,
+            overload_connections: 0,
             unknown_host_status: 421,
         }
     }

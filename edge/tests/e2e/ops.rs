@@ -451,6 +451,8 @@ async fn one_line_proxy_mode_and_its_config_equivalent() -> anyhow::Result<()> {
             "127.0.0.1:0",
             "--origin",
             &url,
+            "--cache-dir",
+            "/var/cache/meridian-test",
             "--print-config",
         ])
         .output()?;
@@ -458,6 +460,10 @@ async fn one_line_proxy_mode_and_its_config_equivalent() -> anyhow::Result<()> {
     let dir = TempDir::new("oneline")?;
     let f = dir.path().join("printed.toml");
     std::fs::write(&f, &out.stdout)?;
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("[cache]\ndisk_dir = \"/var/cache/meridian-test\"")
+    );
     let check = Command::new(bin())
         .args(["check", "--config"])
         .arg(&f)
@@ -519,5 +525,38 @@ async fn systemd_notify_ready_reloading_stopping() -> anyhow::Result<()> {
         edge.wait_exit(Duration::from_secs(10))?
             .is_some_and(|s| s.success())
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn readyz_fails_while_overloaded() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let cfg = basic_config(&[origin.url()], "")
+        .replace("[log]", "[server]\noverload_connections = 2\n\n[log]");
+    let edge = Edge::start(&cfg)?;
+    assert_eq!(
+        get_plain(edge.admin(), "admin", "/readyz").await?.status,
+        200
+    );
+    // Two idle client connections reach the overload mark.
+    let _c1 = tokio::net::TcpStream::connect(edge.http()).await?;
+    let _c2 = tokio::net::TcpStream::connect(edge.http()).await?;
+    let over = eventually(Duration::from_secs(5), || async {
+        get_plain(edge.admin(), "admin", "/readyz")
+            .await
+            .map(|r| r.status == 503 && r.text() == "overloaded\n")
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(over, "/readyz did not report overload");
+    drop((_c1, _c2));
+    let ok = eventually(Duration::from_secs(5), || async {
+        get_plain(edge.admin(), "admin", "/readyz")
+            .await
+            .map(|r| r.status == 200)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(ok, "/readyz did not recover");
     Ok(())
 }
