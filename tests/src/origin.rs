@@ -35,6 +35,8 @@ pub struct Stats {
     pub unhealthy: AtomicBool,
     /// The last request's headers seen on `/echo`-style routes.
     pub last_headers: Mutex<Vec<(String, String)>>,
+    /// The Range header of the last `/cc/` request.
+    pub last_range: Mutex<Option<String>>,
 }
 
 pub struct TestOrigin {
@@ -295,7 +297,39 @@ async fn cacheable(req: &Request<Incoming>, stats: &Stats) -> Response<Body> {
         Some(size) => Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
         None => Bytes::from(format!("response {n} for {}", req.uri().path())),
     };
+    // A single `bytes=a-b` range is honoured (with `ranges=1`), as origins behind a slicing cache do.
+    let range = (param(req, "ranges").as_deref() == Some("1"))
+        .then(|| {
+            req.headers()
+                .get(header::RANGE)?
+                .to_str()
+                .ok()?
+                .strip_prefix("bytes=")?
+                .split_once('-')
+                .map(|(a, b)| (a.parse::<usize>().ok(), b.parse::<usize>().ok()))
+        })
+        .flatten();
+    *stats.last_range.lock().await = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let total = body.len();
+    let (body, content_range) = match range {
+        Some((Some(a), b)) if a < total => {
+            let end = b.unwrap_or(total - 1).min(total - 1);
+            (
+                body.slice(a..end + 1),
+                Some(format!("bytes {a}-{end}/{total}")),
+            )
+        }
+        _ => (body, None),
+    };
     let mut r = Response::new(full(body));
+    if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+        r.headers_mut().insert(header::CONTENT_RANGE, cr);
+    }
     if let Some(s) = param(req, "status")
         .and_then(|s| s.parse().ok())
         .and_then(|s| StatusCode::from_u16(s).ok())

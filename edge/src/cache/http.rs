@@ -51,6 +51,8 @@ pub struct SitePolicy {
     pub lock_timeout: Duration,
     pub hit_for_pass: Duration,
     pub purge_allow: Vec<Cidr>,
+    /// Slice mode's slice size; 0 when off.
+    pub slice_size: u64,
 }
 
 impl SitePolicy {
@@ -78,6 +80,7 @@ impl SitePolicy {
                 .iter()
                 .filter_map(|n| Cidr::parse(n).ok())
                 .collect(),
+            slice_size: site.slice_size.get(),
         }
     }
 }
@@ -128,13 +131,13 @@ impl std::fmt::Debug for HttpCache {
 }
 
 /// The first request for a key fetches; the others wait for it.
-enum Join {
+pub(crate) enum Join {
     Leader(FlightGuard),
     Follower(watch::Receiver<bool>),
 }
 
 /// Held by the request that fetches a key; dropping it wakes the waiters.
-struct FlightGuard {
+pub(crate) struct FlightGuard {
     cache: Arc<HttpCache>,
     key: String,
     tx: watch::Sender<bool>,
@@ -160,7 +163,7 @@ impl HttpCache {
         })
     }
 
-    fn join(self: &Arc<Self>, key: &str) -> Join {
+    pub(crate) fn join(self: &Arc<Self>, key: &str) -> Join {
         let mut f = self.flights.lock();
         if let Some(rx) = f.get(key) {
             return Join::Follower(rx.clone());
@@ -199,6 +202,27 @@ impl HttpCache {
             }
         }
         p.insert(key.to_string(), Instant::now() + for_);
+    }
+
+    /// Every stored key of one URL: its own, its Vary variants', its slices'.
+    pub(crate) fn keys_of_url(&self, key: &str) -> Vec<String> {
+        let mut ks: Vec<String> = self
+            .storage
+            .index()
+            .keys_with_prefix(key)
+            .into_iter()
+            .filter(|k| {
+                k.len() == key.len()
+                    || matches!(
+                        k[key.len()..].chars().next(),
+                        Some(VARIANT_SEP | super::slice::SLICE_SEP)
+                    )
+            })
+            .collect();
+        if !ks.iter().any(|k| k == key) {
+            ks.push(key.to_string());
+        }
+        ks
     }
 
     /// Sets the occupancy gauges from the storage (called before a scrape).
@@ -307,8 +331,7 @@ impl HttpCache {
         let index = self.storage.index();
         for url in &req.urls {
             if let Some(k) = key_for_url(rt, url) {
-                let mut ks = index.keys_with_prefix(&format!("{k}{VARIANT_SEP}"));
-                ks.push(k);
+                let ks = self.keys_of_url(&k);
                 counts.urls += ks.len();
                 keys.extend(ks);
             }
@@ -372,7 +395,7 @@ enum Found {
     Miss { variant: Option<String> },
 }
 
-fn headers_of(meta: &ObjectMeta) -> HeaderMap {
+pub(crate) fn headers_of(meta: &ObjectMeta) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(meta.headers.len());
     for (n, v) in &meta.headers {
         if let (Ok(n), Ok(v)) = (
@@ -385,7 +408,7 @@ fn headers_of(meta: &ObjectMeta) -> HeaderMap {
     h
 }
 
-fn meta_headers(h: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn meta_headers(h: &HeaderMap) -> Vec<(String, Vec<u8>)> {
     h.iter()
         .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
         .collect()
@@ -487,6 +510,12 @@ pub async fn handle(
     }
     if method != Method::GET && method != Method::HEAD {
         return unsafe_method(proxy, cache, site, up, body, too_large, rec, &key, scheme).await;
+    }
+    if sp.slice_size > 0
+        && method == Method::GET
+        && let Some(resp) = super::slice::serve(proxy, cache, sp, site, &up, rec, &key).await?
+    {
+        return Ok(resp);
     }
     let req_headers = up.parts.headers.clone();
     let now = SystemTime::now();
@@ -698,11 +727,7 @@ async fn unsafe_method(
                 policy::cache_key_for_uri(&t, None, scheme, &KeyOptions::default()).ok()
             };
             if let Some(k) = k {
-                let mut ks = cache
-                    .storage
-                    .index()
-                    .keys_with_prefix(&format!("{k}{VARIANT_SEP}"));
-                ks.push(k);
+                let ks = cache.keys_of_url(&k);
                 for k in ks {
                     if cache.storage.remove(&k).await.unwrap_or(false) {
                         n += 1;
@@ -739,12 +764,8 @@ async fn purge_method(
         ..PurgeRequest::default()
     };
     let mut counts = cache.purge(rt, &req).await;
-    // The URL's own key (already normalised by the site's options) and its variants.
-    let mut ks = cache
-        .storage
-        .index()
-        .keys_with_prefix(&format!("{key}{VARIANT_SEP}"));
-    ks.push(key.to_string());
+    // The URL's own key (already normalised by the site's options), variants and slices.
+    let ks = cache.keys_of_url(key);
     for k in ks {
         if cache.storage.remove(&k).await.unwrap_or(false) {
             counts.purged += 1;
@@ -769,7 +790,7 @@ async fn purge_method(
 
 /// Headers no client response carries: the targeted cache field consumed here,
 /// and (if configured) the surrogate keys.
-fn downstream_headers(h: &mut HeaderMap, sp: &SitePolicy) {
+pub(crate) fn downstream_headers(h: &mut HeaderMap, sp: &SitePolicy) {
     for n in policy::headers_to_strip_downstream(h, &sp.policy) {
         h.remove(n);
     }
@@ -955,7 +976,12 @@ fn spawn_chunk_reader(
 
 /// Whether a storable response is worth storing: it can be fresh, served
 /// stale, or revalidated.
-fn worth_storing(status: StatusCode, h: &HeaderMap, now: SystemTime, sp: &SitePolicy) -> bool {
+pub(crate) fn worth_storing(
+    status: StatusCode,
+    h: &HeaderMap,
+    now: SystemTime,
+    sp: &SitePolicy,
+) -> bool {
     let f = policy::freshness_lifetime(status, h, now, &sp.policy);
     let d = policy::effective_response_directives(h).directives;
     !f.lifetime.is_zero()
@@ -1021,7 +1047,7 @@ async fn fetch_and_store(
 
 /// Decides whether `fetched` is stored; streams it to the client either way.
 #[allow(clippy::too_many_arguments)]
-async fn store_and_respond(
+pub(crate) async fn store_and_respond(
     proxy: &Arc<Proxy>,
     cache: &Arc<HttpCache>,
     sp: &Arc<SitePolicy>,

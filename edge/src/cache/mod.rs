@@ -5,4 +5,5 @@ pub mod acl;
 pub mod http;
 pub mod policy;
 pub mod range;
+pub mod slice;
 pub mod storage;

@@ -423,6 +423,9 @@ pub struct SiteCache {
     pub strip_tags: bool,
     /// Add Cache-Status (RFC 9211) to responses.
     pub cache_status: bool,
+    /// Slice mode (like nginx's slice module): fetch and cache GETs in slices of
+    /// this size, each with its own Range request to the origin. 0 disables.
+    pub slice_size: ByteSize,
     /// Let origin stale-while-revalidate/stale-if-error apply with s-maxage
     /// (RFC 9111 reads s-maxage as proxy-revalidate, which forbids them).
     pub s_maxage_allows_stale: bool,
@@ -440,6 +443,7 @@ impl Default for SiteCache {
             strip_tags: true,
             cache_status: true,
             s_maxage_allows_stale: false,
+            slice_size: ByteSize(0),
         }
     }
 }

@@ -785,7 +785,7 @@ pub struct Fetched {
 }
 
 /// The request that goes to the origin, prepared once per client request.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct UpstreamRequest {
     /// Method, URI, version and headers after the request filters.
     pub parts: http::request::Parts,

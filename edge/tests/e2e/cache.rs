@@ -701,3 +701,92 @@ async fn objects_over_max_object_size_stream_uncached_with_bounded_memory() -> a
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn slice_mode_fetches_and_caches_only_the_slices_asked_for() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let cfg = config(&origin, "").replace(
+        "pool = \"main\"",
+        "pool = \"main\"\n[sites.cache]\nslice_size = \"64KiB\"",
+    );
+    let edge = Edge::start(&cfg)?;
+    let path = "/cc/video?cc=max-age%3D600&size=300000&etag=%22v1%22&ranges=1";
+    let full: Vec<u8> = (0..300_000).map(|i| (i % 251) as u8).collect();
+    // A range in slice 1: only slice 1 is fetched.
+    let r = fetch_with(&edge, path, &[("range", "bytes=100000-100099")]).await?;
+    assert_eq!(r.status, 206);
+    assert_eq!(
+        r.header("content-range"),
+        Some("bytes 100000-100099/300000")
+    );
+    assert_eq!(&r.body[..], &full[100_000..100_100]);
+    assert_eq!(origin.count("/cc/video").await, 1);
+    assert_eq!(
+        origin.stats.last_range.lock().await.as_deref(),
+        Some("bytes=65536-131071")
+    );
+    // The same range again: from the cached slice.
+    let r = fetch_with(&edge, path, &[("range", "bytes=100000-100099")]).await?;
+    assert_eq!(&r.body[..], &full[100_000..100_100]);
+    assert!(
+        status_of(&r).starts_with("meridian; hit"),
+        "{}",
+        status_of(&r)
+    );
+    assert_eq!(origin.count("/cc/video").await, 1);
+    // The whole object: the four missing slices are fetched, then all is cached.
+    let r = fetch(&edge, path).await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("300000"));
+    assert!(
+        r.body[..] == full[..],
+        "the assembled object has the right bytes"
+    );
+    assert_eq!(origin.count("/cc/video").await, 5);
+    let r = fetch(&edge, path).await?;
+    assert!(r.body[..] == full[..]);
+    assert_eq!(
+        origin.count("/cc/video").await,
+        5,
+        "every slice came from the cache"
+    );
+    // An origin that ignores Range: the normal path stores the whole object.
+    let plain = "/cc/plain?cc=max-age%3D600&size=100000";
+    let r = fetch_with(&edge, plain, &[("range", "bytes=10-19")]).await?;
+    assert_eq!((r.status, &r.body[..]), (206, &full[10..20]));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            status_of(&fetch(&edge, plain).await.expect("fetch")).starts_with("meridian; hit")
+        })
+        .await
+    );
+    assert_eq!(origin.count("/cc/plain").await, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn url_purge_removes_slices_too() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let cfg = config(&origin, "").replace(
+        "pool = \"main\"",
+        "pool = \"main\"\n[sites.cache]\nslice_size = \"64KiB\"",
+    );
+    let edge = Edge::start(&cfg)?;
+    let path = "/cc/sliced?cc=max-age%3D600&size=200000&etag=%22v1%22&ranges=1";
+    fetch(&edge, path).await?;
+    assert_eq!(origin.count("/cc/sliced").await, 4);
+    let body = format!(r#"{{"urls":["http://cache.test{path}"]}}"#);
+    let j = Conn::plain(edge.admin(), false)
+        .await?
+        .send(req("POST", "admin", "/purge", body))
+        .await?
+        .json()?;
+    assert_eq!(j["purged"], 4, "{j}");
+    fetch(&edge, path).await?;
+    assert_eq!(
+        origin.count("/cc/sliced").await,
+        8,
+        "every slice was fetched again"
+    );
+    Ok(())
+}
