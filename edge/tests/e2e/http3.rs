@@ -178,3 +178,79 @@ async fn h3_cache_hit() -> anyhow::Result<()> {
     assert_eq!(origin.count("/cc/h3").await, 1);
     Ok(())
 }
+
+/// Headless Chromium (Debian's), QUIC forced on for the test origin: the
+/// page arrives over HTTP/3, as the origin's `Via: 3 meridian` proves.
+///
+/// Chromium verifies certificates inside QUIC strictly: it accepts the test
+/// certificate only by its SPKI pin, and only if the certificate looks like a
+/// real leaf (short validity, CA:FALSE). openssl makes one.
+#[tokio::test]
+async fn chromium_fetches_a_page_over_h3() -> anyhow::Result<()> {
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .ok_or_else(|| anyhow::anyhow!("headless Chromium is required for this interop test (apt-get install chromium; tests/run.sh does)"))?;
+    let origin = TestOrigin::start("o").await?;
+    let dir = TempDir::new("chromium")?;
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let sh = |script: String| -> anyhow::Result<String> {
+        let out = Command::new("sh").args(["-c", &script]).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    sh(format!(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=a.test \
+         -addext subjectAltName=DNS:a.test -addext basicConstraints=critical,CA:FALSE -addext extendedKeyUsage=serverAuth \
+         -keyout {} -out {} 2>/dev/null",
+        key.display(),
+        cert.display()
+    ))?;
+    let spki = sh(format!(
+        "openssl x509 -in {} -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
+        cert.display()
+    ))?;
+    let tls = format!(
+        "\n[[listeners]]\naddress = \"127.0.0.1:0\"\ntls = true\n\n[[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let edge = Edge::start(&basic_config(&[origin.url()], &tls))?;
+    let port = edge.https().port();
+    let profile = dir.path().join("profile");
+    let args = vec![
+        "--headless".to_string(),
+        "--no-sandbox".into(),
+        "--disable-gpu".into(),
+        "--no-first-run".into(),
+        "--disable-background-networking".into(),
+        "--disable-component-update".into(),
+        "--disable-sync".into(),
+        format!("--user-data-dir={}", profile.display()),
+        format!("--ignore-certificate-errors-spki-list={spki}"),
+        "--enable-quic".into(),
+        format!("--origin-to-force-quic-on=a.test:{port}"),
+        "--host-resolver-rules=MAP a.test 127.0.0.1".into(),
+        "--dump-dom".into(),
+        format!("https://a.test:{port}/echo"),
+    ];
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new(chromium)
+            .args(&args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains(r#"["via","3 meridian"]"#),
+        "Chromium did not reach the edge over HTTP/3.\nstdout: {dom}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
