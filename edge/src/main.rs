@@ -257,7 +257,7 @@ fn demo_main(a: DemoArgs) -> anyhow::Result<()> {
                  \x20 curl -sk --http2 -o /dev/null -w '%{{http_version}} %{{size_download}} bytes\\n' https://localhost:{}/img/logo.png\n\
                  \x20 curl -s -o /dev/null -w '%{{size_download}} bytes in %{{time_total}}s\\n' http://{http}/large?mb=256\n\
                  \x20 curl -i http://{http}/slow?ms=1500\n\
-                 \x20 curl -i http://{http}/cache/public\n\
+                 \x20 curl -si http://{http}/cache/public | grep -i cache-status   (twice: a miss, then a hit)\n\
                  \x20 curl -s http://{admin}/metrics | grep meridian_requests\n\
                  \x20 curl -s http://{admin}/readyz\n\
                  Access log lines follow as JSON. Stop with Ctrl-C.\n",

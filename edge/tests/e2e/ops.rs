@@ -417,6 +417,25 @@ async fn demo_starts_and_answers() -> anyhow::Result<()> {
     // the interop test checks TLS against a CA with curl).
     let r = get_plain(demo.admin(), "admin", "/readyz").await?;
     assert_eq!(r.status, 200);
+    // The demo caches: a miss, then a hit.
+    let first = get_plain(demo.http(), "localhost", "/cache/public").await?;
+    assert!(
+        first
+            .header("cache-status")
+            .is_some_and(|c| c.contains("fwd=uri-miss")),
+        "{:?}",
+        first.header("cache-status")
+    );
+    let hit = eventually(Duration::from_secs(5), || async {
+        get_plain(demo.http(), "localhost", "/cache/public")
+            .await
+            .is_ok_and(|r| {
+                r.header("cache-status")
+                    .is_some_and(|c| c.starts_with("meridian; hit"))
+            })
+    })
+    .await;
+    assert!(hit, "the demo never served /cache/public from the cache");
     let png = get_plain(demo.http(), "localhost", "/img/logo.png").await?;
     assert!(png.body.starts_with(b"\x89PNG"));
     assert_eq!(png.header("content-type"), Some("image/png"));

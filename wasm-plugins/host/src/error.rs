@@ -1,0 +1,110 @@
+//! The host's error type.
+
+use std::time::Duration;
+
+/// What went wrong, without the details: cheap to match and to use as a
+/// metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Engine or pool set-up failed.
+    Engine,
+    /// The module failed to compile or validate.
+    Compile,
+    /// The module does not speak proxy-wasm 0.2.x (missing ABI marker, wrong
+    /// callback signature, missing memory export, non-function import).
+    InvalidAbi,
+    /// A new instance could not be created (pool exhausted, initial memory
+    /// above the limit, start function trapped...).
+    Instantiate,
+    /// `proxy_on_vm_start` or `proxy_on_configure` returned false.
+    ConfigureRejected,
+    /// The guest trapped (unreachable, out-of-bounds access, stack overflow...).
+    Trap,
+    /// A callback ran past its deadline (epoch interruption).
+    DeadlineExceeded,
+    /// The guest tried to grow its memory beyond the plugin's limit.
+    MemoryLimit,
+    /// The guest called WASI `proc_exit`.
+    Exited,
+    /// The embedder used the API out of order (e.g. a callback on a context
+    /// whose instance already failed).
+    Usage,
+}
+
+/// Errors returned by the host. The `plugin` field names the plugin, the
+/// `callback` field the guest export that was running.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginError {
+    #[error("wasm engine setup failed: {0}")]
+    Engine(String),
+    #[error("plugin {plugin}: compile failed: {message}")]
+    Compile { plugin: String, message: String },
+    #[error("plugin {plugin}: not a proxy-wasm 0.2.x module: {message}")]
+    InvalidAbi { plugin: String, message: String },
+    #[error("plugin {plugin}: instantiation failed: {message}")]
+    Instantiate { plugin: String, message: String },
+    #[error("plugin {plugin}: {callback} returned false")]
+    ConfigureRejected {
+        plugin: String,
+        callback: &'static str,
+    },
+    #[error("plugin {plugin}: trap in {callback}: {message}")]
+    Trap {
+        plugin: String,
+        callback: &'static str,
+        message: String,
+    },
+    #[error("plugin {plugin}: {callback} exceeded its {deadline:?} deadline")]
+    DeadlineExceeded {
+        plugin: String,
+        callback: &'static str,
+        deadline: Duration,
+    },
+    #[error("plugin {plugin}: {callback} exceeded the memory limit of {limit_bytes} bytes")]
+    MemoryLimit {
+        plugin: String,
+        callback: &'static str,
+        limit_bytes: usize,
+    },
+    #[error("plugin {plugin}: proc_exit({code}) in {callback}")]
+    Exited {
+        plugin: String,
+        callback: &'static str,
+        code: i32,
+    },
+    #[error("plugin {plugin}: {message}")]
+    Usage { plugin: String, message: String },
+}
+
+impl PluginError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Engine(_) => ErrorKind::Engine,
+            Self::Compile { .. } => ErrorKind::Compile,
+            Self::InvalidAbi { .. } => ErrorKind::InvalidAbi,
+            Self::Instantiate { .. } => ErrorKind::Instantiate,
+            Self::ConfigureRejected { .. } => ErrorKind::ConfigureRejected,
+            Self::Trap { .. } => ErrorKind::Trap,
+            Self::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,
+            Self::MemoryLimit { .. } => ErrorKind::MemoryLimit,
+            Self::Exited { .. } => ErrorKind::Exited,
+            Self::Usage { .. } => ErrorKind::Usage,
+        }
+    }
+
+    /// True for failures of guest code at run time (trap, deadline, memory,
+    /// exit); these are counted and poison the instance.
+    pub fn is_guest_failure(&self) -> bool {
+        matches!(
+            self.kind(),
+            ErrorKind::Trap
+                | ErrorKind::DeadlineExceeded
+                | ErrorKind::MemoryLimit
+                | ErrorKind::Exited
+        )
+    }
+}
+
+pub type Result<T, E = PluginError> = std::result::Result<T, E>;

@@ -1,0 +1,435 @@
+//! One wasm instance of a plugin: its `Store`, the guest exports it offers,
+//! and the per-store host state the hostcalls read and write.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use wasmtime::{
+    Instance, InstancePre, Memory, ResourceLimiter, Store, Trap, TypedFunc, WasmParams, WasmResults,
+};
+
+use crate::PropertyResolver;
+use crate::abi::{HeaderList, MapType};
+use crate::error::{PluginError, Result};
+use crate::metrics::MetricRegistry;
+use crate::plugin::{HttpCallRequest, LocalResponse};
+use crate::shared::SharedData;
+
+/// State shared by every instance of one plugin.
+pub(crate) struct PluginShared {
+    pub name: String,
+    pub vm_config: Bytes,
+    pub plugin_config: Bytes,
+    pub metrics: MetricRegistry,
+    pub shared_data: SharedData,
+    pub host_properties: Option<Arc<dyn PropertyResolver>>,
+    pub tick_period_ms: AtomicU32,
+    pub memory_limit: usize,
+    pub stats: Stats,
+}
+
+/// Failure and lifecycle counters (see [`crate::PluginStats`]).
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub callbacks: AtomicU64,
+    pub failures: AtomicU64,
+    pub traps: AtomicU64,
+    pub deadlines: AtomicU64,
+    pub memory_limits: AtomicU64,
+    pub exits: AtomicU64,
+    pub instances_created: AtomicU64,
+    pub instances_discarded: AtomicU64,
+    pub live_instances: AtomicU64,
+}
+
+/// Why `memory.grow` trapped: the plugin's own limit, not an engine error.
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit of {0} bytes exceeded")]
+pub(crate) struct MemoryLimitExceeded(usize);
+
+/// WASI `proc_exit` unwinds the guest with this error.
+#[derive(Debug, thiserror::Error)]
+#[error("guest called proc_exit({0})")]
+pub(crate) struct ProcExit(pub i32);
+
+pub(crate) struct Limiter {
+    limit: usize,
+    hit: bool,
+}
+
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.hit = true;
+            return Err(MemoryLimitExceeded(self.limit).into());
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// A stream-level request the guest made during a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Signal {
+    ContinueRequest,
+    ContinueResponse,
+    Close,
+}
+
+/// The store data: what hostcalls see.
+pub(crate) struct HostState {
+    pub plugin: Arc<PluginShared>,
+    pub limiter: Limiter,
+    pub memory: Option<Memory>,
+    pub alloc: Option<TypedFunc<i32, i32>>,
+    pub root_id: u32,
+    /// The context of the running callback (root or request).
+    pub active_id: u32,
+    /// The live request context, if any.
+    pub request_id: Option<u32>,
+    pub effective_id: u32,
+    /// Header maps, indexed by `MapType as usize`; `None` = not available now.
+    pub maps: [Option<HeaderList>; 8],
+    pub request_body: Option<BytesMut>,
+    pub response_body: Option<BytesMut>,
+    pub http_call_body: Option<Bytes>,
+    pub local_response: Option<LocalResponse>,
+    pub signal: Option<Signal>,
+    pub http_calls: Vec<HttpCallRequest>,
+    pub next_http_token: u32,
+    pub properties: Vec<(Vec<u8>, Vec<u8>)>,
+    pub request_properties: Option<Arc<dyn PropertyResolver>>,
+    pub done_pending: bool,
+    pub done_called: bool,
+}
+
+impl HostState {
+    fn new(plugin: Arc<PluginShared>) -> Self {
+        let limit = plugin.memory_limit;
+        Self {
+            plugin,
+            limiter: Limiter { limit, hit: false },
+            memory: None,
+            alloc: None,
+            root_id: ROOT_CONTEXT_ID,
+            active_id: ROOT_CONTEXT_ID,
+            request_id: None,
+            effective_id: ROOT_CONTEXT_ID,
+            maps: Default::default(),
+            request_body: None,
+            response_body: None,
+            http_call_body: None,
+            local_response: None,
+            signal: None,
+            http_calls: Vec::new(),
+            next_http_token: 1,
+            properties: Vec::new(),
+            request_properties: None,
+            done_pending: false,
+            done_called: false,
+        }
+    }
+
+    pub(crate) fn map(&self, t: MapType) -> Option<&HeaderList> {
+        self.maps[t as usize].as_ref()
+    }
+
+    pub(crate) fn map_mut(&mut self, t: MapType) -> Option<&mut HeaderList> {
+        self.maps[t as usize].as_mut()
+    }
+
+    /// Forget everything about the finished request context.
+    pub(crate) fn reset_request(&mut self) {
+        self.maps = Default::default();
+        self.request_body = None;
+        self.response_body = None;
+        self.http_call_body = None;
+        self.local_response = None;
+        self.signal = None;
+        self.http_calls.clear();
+        self.properties.clear();
+        self.request_properties = None;
+        self.request_id = None;
+        self.active_id = self.root_id;
+        self.effective_id = self.root_id;
+        self.done_pending = false;
+        self.done_called = false;
+    }
+}
+
+/// Root context id of every instance; request contexts count up from 2.
+pub(crate) const ROOT_CONTEXT_ID: u32 = 1;
+
+type F1 = TypedFunc<i32, ()>;
+type F2 = TypedFunc<(i32, i32), ()>;
+type F1R = TypedFunc<i32, i32>;
+type F2R = TypedFunc<(i32, i32), i32>;
+type F3R = TypedFunc<(i32, i32, i32), i32>;
+type F5 = TypedFunc<(i32, i32, i32, i32, i32), ()>;
+
+/// The guest's proxy-wasm callbacks. All are optional.
+#[derive(Default)]
+pub(crate) struct Exports {
+    pub initialize: Option<TypedFunc<(), ()>>,
+    pub start: Option<TypedFunc<(), ()>>,
+    pub on_context_create: Option<F2>,
+    pub on_vm_start: Option<F2R>,
+    pub on_configure: Option<F2R>,
+    pub on_request_headers: Option<F3R>,
+    pub on_request_body: Option<F3R>,
+    pub on_request_trailers: Option<F2R>,
+    pub on_response_headers: Option<F3R>,
+    pub on_response_body: Option<F3R>,
+    pub on_response_trailers: Option<F2R>,
+    pub on_log: Option<F1>,
+    pub on_done: Option<F1R>,
+    pub on_delete: Option<F1>,
+    pub on_tick: Option<F1>,
+    pub on_http_call_response: Option<F5>,
+}
+
+/// Export names and the signature each must have: (name, params, results).
+pub(crate) const CALLBACK_SIGNATURES: &[(&str, usize, usize)] = &[
+    ("_initialize", 0, 0),
+    ("_start", 0, 0),
+    ("proxy_on_memory_allocate", 1, 1),
+    ("malloc", 1, 1),
+    ("proxy_on_context_create", 2, 0),
+    ("proxy_on_vm_start", 2, 1),
+    ("proxy_on_configure", 2, 1),
+    ("proxy_on_request_headers", 3, 1),
+    ("proxy_on_request_body", 3, 1),
+    ("proxy_on_request_trailers", 2, 1),
+    ("proxy_on_response_headers", 3, 1),
+    ("proxy_on_response_body", 3, 1),
+    ("proxy_on_response_trailers", 2, 1),
+    ("proxy_on_log", 1, 0),
+    ("proxy_on_done", 1, 1),
+    ("proxy_on_delete", 1, 0),
+    ("proxy_on_tick", 1, 0),
+    ("proxy_on_http_call_response", 5, 0),
+];
+
+/// A live instance with its own store, root context and memory.
+pub(crate) struct PluginInstance {
+    pub store: Store<HostState>,
+    pub exports: Exports,
+    next_context_id: u32,
+    deadline: Duration,
+    deadline_ticks: u64,
+}
+
+impl Drop for PluginInstance {
+    fn drop(&mut self) {
+        self.store
+            .data()
+            .plugin
+            .stats
+            .live_instances
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn typed<P: WasmParams, R: WasmResults>(
+    store: &mut Store<HostState>,
+    instance: &Instance,
+    name: &str,
+) -> Result<Option<TypedFunc<P, R>>> {
+    match instance.get_export(&mut *store, name) {
+        None => Ok(None),
+        Some(ext) => {
+            let func = ext.into_func().ok_or_else(|| PluginError::InvalidAbi {
+                plugin: store.data().plugin.name.clone(),
+                message: format!("export {name} is not a function"),
+            })?;
+            func.typed::<P, R>(&*store)
+                .map(Some)
+                .map_err(|e| PluginError::InvalidAbi {
+                    plugin: store.data().plugin.name.clone(),
+                    message: format!("export {name} has the wrong signature: {e}"),
+                })
+        }
+    }
+}
+
+impl PluginInstance {
+    /// Instantiate from the pre-linked module, then run the integration and
+    /// root-context callbacks: `_initialize` (or `_start`),
+    /// `proxy_on_context_create(root, 0)`, `proxy_on_vm_start`, `proxy_on_configure`.
+    pub(crate) fn new(
+        plugin: &Arc<PluginShared>,
+        pre: &InstancePre<HostState>,
+        deadline: Duration,
+        deadline_ticks: u64,
+    ) -> Result<Self> {
+        let engine = pre.module().engine();
+        let mut store = Store::new(engine, HostState::new(plugin.clone()));
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(deadline_ticks);
+        let instance = pre.instantiate(&mut store).map_err(|e| {
+            if store.data().limiter.hit {
+                PluginError::MemoryLimit {
+                    plugin: plugin.name.clone(),
+                    callback: "instantiate",
+                    limit_bytes: plugin.memory_limit,
+                }
+            } else {
+                PluginError::Instantiate {
+                    plugin: plugin.name.clone(),
+                    message: format!("{e:#}"),
+                }
+            }
+        })?;
+        plugin
+            .stats
+            .instances_created
+            .fetch_add(1, Ordering::Relaxed);
+        plugin.stats.live_instances.fetch_add(1, Ordering::Relaxed);
+        let memory = instance.get_memory(&mut store, "memory");
+        let alloc = match typed::<i32, i32>(&mut store, &instance, "proxy_on_memory_allocate")? {
+            Some(f) => Some(f),
+            None => typed::<i32, i32>(&mut store, &instance, "malloc")?,
+        };
+        let exports = Exports {
+            initialize: typed(&mut store, &instance, "_initialize")?,
+            start: typed(&mut store, &instance, "_start")?,
+            on_context_create: typed(&mut store, &instance, "proxy_on_context_create")?,
+            on_vm_start: typed(&mut store, &instance, "proxy_on_vm_start")?,
+            on_configure: typed(&mut store, &instance, "proxy_on_configure")?,
+            on_request_headers: typed(&mut store, &instance, "proxy_on_request_headers")?,
+            on_request_body: typed(&mut store, &instance, "proxy_on_request_body")?,
+            on_request_trailers: typed(&mut store, &instance, "proxy_on_request_trailers")?,
+            on_response_headers: typed(&mut store, &instance, "proxy_on_response_headers")?,
+            on_response_body: typed(&mut store, &instance, "proxy_on_response_body")?,
+            on_response_trailers: typed(&mut store, &instance, "proxy_on_response_trailers")?,
+            on_log: typed(&mut store, &instance, "proxy_on_log")?,
+            on_done: typed(&mut store, &instance, "proxy_on_done")?,
+            on_delete: typed(&mut store, &instance, "proxy_on_delete")?,
+            on_tick: typed(&mut store, &instance, "proxy_on_tick")?,
+            on_http_call_response: typed(&mut store, &instance, "proxy_on_http_call_response")?,
+        };
+        {
+            let st = store.data_mut();
+            st.memory = memory;
+            st.alloc = alloc;
+        }
+        let mut this = Self {
+            store,
+            exports,
+            next_context_id: ROOT_CONTEXT_ID + 1,
+            deadline,
+            deadline_ticks,
+        };
+        let root = ROOT_CONTEXT_ID as i32;
+        if let Some(f) = this.exports.initialize.clone() {
+            this.call("_initialize", &f, ())?;
+        } else if let Some(f) = this.exports.start.clone() {
+            this.call("_start", &f, ())?;
+        }
+        if let Some(f) = this.exports.on_context_create.clone() {
+            this.call("proxy_on_context_create", &f, (root, 0))?;
+        }
+        if let Some(f) = this.exports.on_vm_start.clone() {
+            let size = plugin.vm_config.len() as i32;
+            if this.call("proxy_on_vm_start", &f, (root, size))? == 0 {
+                return Err(PluginError::ConfigureRejected {
+                    plugin: plugin.name.clone(),
+                    callback: "proxy_on_vm_start",
+                });
+            }
+        }
+        if let Some(f) = this.exports.on_configure.clone() {
+            let size = plugin.plugin_config.len() as i32;
+            if this.call("proxy_on_configure", &f, (root, size))? == 0 {
+                return Err(PluginError::ConfigureRejected {
+                    plugin: plugin.name.clone(),
+                    callback: "proxy_on_configure",
+                });
+            }
+        }
+        Ok(this)
+    }
+
+    /// A fresh request context id, unique within this instance.
+    pub(crate) fn next_context_id(&mut self) -> u32 {
+        let id = self.next_context_id;
+        self.next_context_id = match id.wrapping_add(1) {
+            n if n <= ROOT_CONTEXT_ID => ROOT_CONTEXT_ID + 1,
+            n => n,
+        };
+        id
+    }
+
+    /// Call a guest export under the callback deadline, and turn any failure
+    /// into a typed, counted error.
+    pub(crate) fn call<P: WasmParams, R: WasmResults>(
+        &mut self,
+        callback: &'static str,
+        func: &TypedFunc<P, R>,
+        args: P,
+    ) -> Result<R> {
+        let stats = &self.store.data().plugin.clone().stats;
+        stats.callbacks.fetch_add(1, Ordering::Relaxed);
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        self.store.data_mut().limiter.hit = false;
+        match func.call(&mut self.store, args) {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.classify(callback, e)),
+        }
+    }
+
+    fn classify(&self, callback: &'static str, e: wasmtime::Error) -> PluginError {
+        let st = self.store.data();
+        let plugin = st.plugin.name.clone();
+        let stats = &st.plugin.stats;
+        stats.failures.fetch_add(1, Ordering::Relaxed);
+        if st.limiter.hit || e.is::<MemoryLimitExceeded>() {
+            stats.memory_limits.fetch_add(1, Ordering::Relaxed);
+            return PluginError::MemoryLimit {
+                plugin,
+                callback,
+                limit_bytes: st.limiter.limit,
+            };
+        }
+        if let Some(exit) = e.downcast_ref::<ProcExit>() {
+            stats.exits.fetch_add(1, Ordering::Relaxed);
+            return PluginError::Exited {
+                plugin,
+                callback,
+                code: exit.0,
+            };
+        }
+        if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
+            stats.deadlines.fetch_add(1, Ordering::Relaxed);
+            return PluginError::DeadlineExceeded {
+                plugin,
+                callback,
+                deadline: self.deadline,
+            };
+        }
+        stats.traps.fetch_add(1, Ordering::Relaxed);
+        PluginError::Trap {
+            plugin,
+            callback,
+            message: format!("{e:#}"),
+        }
+    }
+}

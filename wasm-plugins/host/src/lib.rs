@@ -1,0 +1,306 @@
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+//! `meridian-wasm-host`: Meridian's plugin host. It embeds wasmtime and
+//! implements the host side of the [proxy-wasm ABI 0.2.1] (0.2.0 accepted),
+//! behind a neutral API that knows nothing of any HTTP library: the edge
+//! adapts its requests to [`HeaderList`]s and `BytesMut` bodies.
+//!
+//! Entry point: [`PluginHost::new`], then [`PluginHost::load`] per plugin, then
+//! per request [`Plugin::request_context`] and the `on_*` phase methods of
+//! [`RequestContext`]. Failures come back as [`PluginError`]; map them with the
+//! plugin's [`FailurePolicy`].
+//!
+//! Engine: one `wasmtime::Engine` per host with the pooling instance allocator
+//! and epoch interruption; a background thread advances the epoch every
+//! [`HostConfig::epoch_tick`], and each callback runs under its plugin's
+//! [`Limits::callback_deadline`]. Modules are compiled once per load and
+//! linked once into an `InstancePre`; requests reuse pre-configured instances
+//! from a per-plugin pool, each request getting a new proxy-wasm context id.
+//!
+//! [proxy-wasm ABI 0.2.1]: https://github.com/proxy-wasm/spec/tree/main/abi-versions/v0.2.1
+
+pub mod abi;
+mod error;
+mod hostcalls;
+mod instance;
+mod metrics;
+mod plugin;
+mod shared;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig,
+};
+
+pub use abi::{HeaderList, LogLevel, MetricKind, Status};
+pub use error::{ErrorKind, PluginError, Result};
+pub use metrics::MetricSnapshot;
+pub use plugin::{
+    Action, FailurePolicy, HttpCallRequest, HttpCallResponse, Limits, LocalResponse, Plugin,
+    PluginStats, RequestContext,
+};
+pub use shared::SharedData;
+
+use instance::{HostState, PluginShared};
+
+/// Supplies property values (`proxy_get_property`) that the host does not
+/// know itself, e.g. `source.address` or `meridian.client.country`.
+///
+/// Built in: `plugin_name`, `plugin_root_id`, and, while the request headers
+/// are available, `request.path`, `request.method`, `request.host`,
+/// `request.scheme`, `request.headers` (serialized map) and
+/// `request.headers.<name>`.
+pub trait PropertyResolver: Send + Sync {
+    /// Value of the property at `path` (e.g. `["source", "address"]`).
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+}
+
+/// Host-wide settings.
+#[derive(Clone)]
+pub struct HostConfig {
+    /// Pool size: the most instances (of all plugins together) alive at once.
+    pub max_instances: u32,
+    /// Ceiling on any plugin's linear memory; each plugin's
+    /// [`Limits::memory_bytes`] must be at most this.
+    pub max_memory_bytes: usize,
+    /// Epoch interval; deadlines are enforced with this granularity.
+    pub epoch_tick: Duration,
+    /// Idle instances kept per plugin.
+    pub max_idle_instances_per_plugin: usize,
+    /// Host-wide property resolver, consulted last.
+    pub properties: Option<Arc<dyn PropertyResolver>>,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            max_instances: 256,
+            max_memory_bytes: 64 << 20,
+            epoch_tick: Duration::from_millis(5),
+            max_idle_instances_per_plugin: 32,
+            properties: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for HostConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostConfig")
+            .field("max_instances", &self.max_instances)
+            .field("max_memory_bytes", &self.max_memory_bytes)
+            .field("epoch_tick", &self.epoch_tick)
+            .field(
+                "max_idle_instances_per_plugin",
+                &self.max_idle_instances_per_plugin,
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// The background thread that advances the engine's epoch. Shared by the host
+/// and its plugins; stops when the last of them is dropped.
+pub(crate) struct Ticker {
+    stop: Arc<AtomicBool>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Ticker {
+    fn start(engine: Engine, tick: Duration) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                let mut next = Instant::now() + tick;
+                while !flag.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    if now < next {
+                        std::thread::park_timeout(next - now);
+                        continue;
+                    }
+                    engine.increment_epoch();
+                    next += tick;
+                    if next < now {
+                        next = now + tick;
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            handle: Mutex::new(Some(handle)),
+        })
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.lock().take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+    }
+}
+
+/// The plugin host: one engine, one epoch ticker, any number of plugins.
+pub struct PluginHost {
+    engine: Engine,
+    linker: Linker<HostState>,
+    defined: hostcalls::Defined,
+    ticker: Arc<Ticker>,
+    config: HostConfig,
+}
+
+impl std::fmt::Debug for PluginHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHost")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginHost {
+    /// Build the engine (pooling allocator, epoch interruption), the linker
+    /// with every host function, and start the epoch ticker.
+    pub fn new(config: HostConfig) -> Result<Self> {
+        let engine_err = |e: &dyn std::fmt::Display| PluginError::Engine(e.to_string());
+        if config.epoch_tick.is_zero() {
+            return Err(PluginError::Engine("epoch_tick must be non-zero".into()));
+        }
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_core_instances(config.max_instances)
+            .total_memories(config.max_instances)
+            .total_tables(config.max_instances)
+            .max_memory_size(config.max_memory_bytes);
+        let mut cfg = Config::new();
+        cfg.epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&cfg).map_err(|e| engine_err(&e))?;
+        let mut linker = Linker::new(&engine);
+        let defined = hostcalls::add_to_linker(&mut linker).map_err(|e| engine_err(&e))?;
+        let ticker =
+            Arc::new(Ticker::start(engine.clone(), config.epoch_tick).map_err(|e| engine_err(&e))?);
+        Ok(Self {
+            engine,
+            linker,
+            defined,
+            ticker,
+            config,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compile `wasm` (binary format) once, link it, create the first instance
+    /// and run its root context through `proxy_on_vm_start` and
+    /// `proxy_on_configure` (with `plugin_config` as `PLUGIN_CONFIGURATION`).
+    /// That instance becomes the first of the plugin's pool.
+    pub fn load(
+        &self,
+        name: &str,
+        wasm: &[u8],
+        plugin_config: &[u8],
+        limits: Limits,
+        policy: FailurePolicy,
+    ) -> Result<Plugin> {
+        let invalid = |message: String| PluginError::InvalidAbi {
+            plugin: name.to_owned(),
+            message,
+        };
+        if limits.memory_bytes > self.config.max_memory_bytes {
+            return Err(PluginError::Usage {
+                plugin: name.to_owned(),
+                message: format!(
+                    "memory limit {} exceeds the host maximum {}",
+                    limits.memory_bytes, self.config.max_memory_bytes
+                ),
+            });
+        }
+        let module = Module::new(&self.engine, wasm).map_err(|e| PluginError::Compile {
+            plugin: name.to_owned(),
+            message: format!("{e:#}"),
+        })?;
+        check_exports(&module).map_err(invalid)?;
+
+        let mut linker = self.linker.clone();
+        let stubbed = hostcalls::stub_unknown_imports(&mut linker, &self.defined, &module)
+            .map_err(invalid)?;
+        if !stubbed.is_empty() {
+            tracing::info!(plugin = name, imports = ?stubbed, "unknown imports stubbed as Unimplemented");
+        }
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| invalid(format!("{e:#}")))?;
+
+        let tick = self.config.epoch_tick.as_nanos().max(1);
+        let deadline_ticks = (limits.callback_deadline.as_nanos().div_ceil(tick) as u64).max(1) + 1;
+        let shared = Arc::new(PluginShared {
+            name: name.to_owned(),
+            vm_config: Bytes::new(),
+            plugin_config: Bytes::copy_from_slice(plugin_config),
+            metrics: Default::default(),
+            shared_data: Default::default(),
+            host_properties: self.config.properties.clone(),
+            tick_period_ms: AtomicU32::new(0),
+            memory_limit: limits.memory_bytes,
+            stats: Default::default(),
+        });
+        let inner = Arc::new(plugin::PluginInner {
+            shared,
+            pre,
+            limits,
+            policy,
+            deadline_ticks,
+            max_idle: self.config.max_idle_instances_per_plugin,
+            idle: Mutex::new(Vec::new()),
+            _ticker: self.ticker.clone(),
+        });
+        let first = inner.instantiate()?;
+        if !limits.fresh_instance_per_request {
+            inner.idle.lock().push(first);
+        }
+        Ok(Plugin { inner })
+    }
+}
+
+/// Require a proxy-wasm 0.2.x ABI marker, a memory export and well-typed callbacks.
+fn check_exports(module: &Module) -> std::result::Result<(), String> {
+    use wasmtime::ExternType;
+    let has = |n: &str| module.get_export(n).is_some();
+    if !has("proxy_abi_version_0_2_1") && !has("proxy_abi_version_0_2_0") {
+        return Err(
+            "missing export proxy_abi_version_0_2_1 (or _0_2_0); only ABI 0.2.x is supported"
+                .into(),
+        );
+    }
+    match module.get_export("memory") {
+        Some(ExternType::Memory(_)) => {}
+        _ => return Err("missing memory export \"memory\"".into()),
+    }
+    for &(name, params, results) in instance::CALLBACK_SIGNATURES {
+        match module.get_export(name) {
+            None => {}
+            Some(ExternType::Func(f)) => {
+                let ok = f.params().len() == params
+                    && f.results().len() == results
+                    && f.params()
+                        .chain(f.results())
+                        .all(|t| matches!(t, wasmtime::ValType::I32));
+                if !ok {
+                    return Err(format!(
+                        "export {name} has signature {f}, expected {params} i32 params and {results} i32 results"
+                    ));
+                }
+            }
+            Some(_) => return Err(format!("export {name} is not a function")),
+        }
+    }
+    Ok(())
+}

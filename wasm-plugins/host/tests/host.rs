@@ -1,0 +1,680 @@
+#![allow(clippy::unwrap_used)]
+//! End-to-end tests of the host with small WAT plugins.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use meridian_wasm_host::{
+    Action, ErrorKind, FailurePolicy, HeaderList, HostConfig, HttpCallResponse, Limits, MetricKind,
+    Plugin, PluginHost, PropertyResolver,
+};
+
+/// Imports, memory, a wrap-around bump allocator at 32 KiB.., the ABI marker
+/// and `$check(actual, expected)` which traps on mismatch. Data goes below
+/// 16 KiB; return slots live at 16384 (ptr), 16388 (size), 16392 (cas/id).
+const PRELUDE: &str = r#"
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_value" (func $get_hdr (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add_hdr (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_pairs" (func $get_pairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_property" (func $get_prop (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_shared_data" (func $set_shared (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_define_metric" (func $define_metric (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_increment_metric" (func $inc_metric (param i32 i64) (result i32)))
+  (import "env" "proxy_get_current_time_nanoseconds" (func $now (param i32) (result i32)))
+  (import "env" "proxy_get_buffer_bytes" (func $get_buf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_buffer_bytes" (func $set_buf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_http_call" (func $http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 32768))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (if (i32.gt_u (i32.add (global.get $heap) (local.get $n)) (i32.const 65536))
+      (then (global.set $heap (i32.const 32768))))
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func $check (param i32 i32) (if (i32.ne (local.get 0) (local.get 1)) (then unreachable)))
+"#;
+
+fn module(body: &str) -> Vec<u8> {
+    wat::parse_str(format!("(module {PRELUDE} {body})")).expect("valid WAT")
+}
+
+fn host() -> PluginHost {
+    PluginHost::new(HostConfig {
+        max_instances: 8,
+        max_memory_bytes: 16 << 20,
+        epoch_tick: Duration::from_millis(5),
+        max_idle_instances_per_plugin: 4,
+        properties: None,
+    })
+    .expect("host")
+}
+
+fn load(host: &PluginHost, body: &str) -> Plugin {
+    host.load(
+        "test",
+        &module(body),
+        b"",
+        Limits::default(),
+        FailurePolicy::Open,
+    )
+    .expect("load")
+}
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderList {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+fn get<'a>(h: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
+    h.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+}
+
+const ADD_HEADER: &str = r#"
+  (data (i32.const 0) "x-added")
+  (data (i32.const 16) "yes")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $check (call $add_hdr (i32.const 0) (i32.const 0) (i32.const 7) (i32.const 16) (i32.const 3)) (i32.const 0))
+    (i32.const 0))
+"#;
+
+#[test]
+fn filter_adds_a_request_header_and_reuses_the_pool() -> anyhow::Result<()> {
+    let host = host();
+    let plugin = load(&host, ADD_HEADER);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let mut ctx = plugin.request_context()?;
+        ids.push(ctx.id());
+        let mut h = headers(&[(":path", "/"), (":method", "GET")]);
+        assert_eq!(ctx.on_request_headers(&mut h, true)?, Action::Continue);
+        assert_eq!(get(&h, "x-added"), Some(&b"yes"[..]));
+        assert_eq!(h.len(), 3);
+        ctx.finish()?;
+    }
+    // One instance, configured once, reused with fresh context ids.
+    let stats = plugin.stats();
+    assert_eq!(stats.instances_created, 1);
+    assert_eq!(stats.idle_instances, 1);
+    assert!(ids.windows(2).all(|w| w[1] > w[0]), "{ids:?}");
+    Ok(())
+}
+
+#[test]
+fn fresh_instance_per_request() -> anyhow::Result<()> {
+    let host = host();
+    let limits = Limits {
+        fresh_instance_per_request: true,
+        ..Limits::default()
+    };
+    let plugin = host.load(
+        "fresh",
+        &module(ADD_HEADER),
+        b"",
+        limits,
+        FailurePolicy::Open,
+    )?;
+    for _ in 0..3 {
+        let mut ctx = plugin.request_context()?;
+        let mut h = headers(&[(":path", "/")]);
+        assert_eq!(ctx.on_request_headers(&mut h, true)?, Action::Continue);
+        assert_eq!(get(&h, "x-added"), Some(&b"yes"[..]));
+    }
+    let stats = plugin.stats();
+    assert_eq!(stats.instances_created, 4); // load + 3 requests
+    assert_eq!(stats.live_instances, 0);
+    Ok(())
+}
+
+const AUTH: &str = r#"
+  (data (i32.const 0) "authorization")
+  (data (i32.const 32) "denied")
+  (data (i32.const 48) "no entry\n")
+  ;; one pair: www-authenticate: Basic
+  (data (i32.const 64) "\01\00\00\00\10\00\00\00\05\00\00\00www-authenticate\00Basic\00")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eq (call $get_hdr (i32.const 0) (i32.const 0) (i32.const 13) (i32.const 16384) (i32.const 16388)) (i32.const 1))
+      (then
+        (call $check (call $send (i32.const 401) (i32.const 32) (i32.const 6) (i32.const 48) (i32.const 9)
+                                 (i32.const 64) (i32.const 35) (i32.const -1)) (i32.const 0))
+        (return (i32.const 1))))
+    (i32.const 0))
+"#;
+
+#[test]
+fn filter_sends_a_local_401() -> anyhow::Result<()> {
+    let host = host();
+    let plugin = load(&host, AUTH);
+    let mut ctx = plugin.request_context()?;
+    let mut h = headers(&[(":path", "/secret")]);
+    match ctx.on_request_headers(&mut h, true)? {
+        Action::LocalResponse(r) => {
+            assert_eq!(r.status, 401);
+            assert_eq!(r.details, "denied");
+            assert_eq!(r.body, Bytes::from_static(b"no entry\n"));
+            assert_eq!(r.headers, headers(&[("www-authenticate", "Basic")]));
+            assert_eq!(r.grpc_status, None);
+        }
+        other => panic!("expected a local response, got {other:?}"),
+    }
+    drop(ctx);
+    let mut ctx = plugin.request_context()?;
+    let mut h = headers(&[(":path", "/secret"), ("Authorization", "Basic abc")]);
+    assert_eq!(ctx.on_request_headers(&mut h, true)?, Action::Continue);
+    Ok(())
+}
+
+const TRAP_ON_HEADER: &str = r#"
+  (data (i32.const 0) "x-trap")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eq (call $get_hdr (i32.const 0) (i32.const 0) (i32.const 6) (i32.const 16384) (i32.const 16388)) (i32.const 0))
+      (then unreachable))
+    (i32.const 0))
+"#;
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4)
+}
+
+#[test]
+fn trap_is_an_error_and_ten_thousand_traps_leave_the_host_healthy() -> anyhow::Result<()> {
+    let host = host(); // a pool of only 8 instance slots: a leak would exhaust it
+    let plugin = load(&host, TRAP_ON_HEADER);
+    let trap = |plugin: &Plugin| {
+        let mut ctx = plugin.request_context().expect("context");
+        let mut h = headers(&[("x-trap", "1")]);
+        let err = ctx.on_request_headers(&mut h, true).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Trap, "{err}");
+        assert!(
+            err.to_string().contains("proxy_on_request_headers"),
+            "{err}"
+        );
+        // The headers come back even when the guest traps.
+        assert_eq!(get(&h, "x-trap"), Some(&b"1"[..]));
+        // The context is dead; later calls say so instead of running wasm.
+        assert_eq!(
+            ctx.on_request_headers(&mut h, true).unwrap_err().kind(),
+            ErrorKind::Usage
+        );
+        assert_eq!(FailurePolicy::Open.action_for(&err), Action::Continue);
+    };
+    for _ in 0..100 {
+        trap(&plugin);
+    }
+    let before = rss_kib();
+    for _ in 0..9_900 {
+        trap(&plugin);
+    }
+    let after = rss_kib();
+    let stats = plugin.stats();
+    assert_eq!(stats.traps, 10_000);
+    assert_eq!(stats.failures, 10_000);
+    assert_eq!(stats.instances_discarded, 10_000);
+    assert!(stats.live_instances <= 1, "{stats:?}");
+    eprintln!("rss before {before} KiB, after {after} KiB, stats {stats:?}");
+    assert!(
+        after.saturating_sub(before) < 64 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    // Still healthy.
+    let mut ctx = plugin.request_context()?;
+    let mut h = headers(&[(":path", "/")]);
+    assert_eq!(ctx.on_request_headers(&mut h, true)?, Action::Continue);
+    Ok(())
+}
+
+#[test]
+fn infinite_loop_hits_the_deadline() -> anyhow::Result<()> {
+    let host = host();
+    let limits = Limits {
+        callback_deadline: Duration::from_millis(50),
+        ..Limits::default()
+    };
+    let body = r#"
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (loop $l (br $l))
+        (i32.const 0))
+    "#;
+    let plugin = host.load("spin", &module(body), b"", limits, FailurePolicy::Closed)?;
+    for _ in 0..3 {
+        let mut ctx = plugin.request_context()?;
+        let mut h = HeaderList::new();
+        let start = Instant::now();
+        let err = ctx.on_request_headers(&mut h, true).unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(err.kind(), ErrorKind::DeadlineExceeded, "{err}");
+        assert!(took >= Duration::from_millis(45), "{took:?}");
+        assert!(took < Duration::from_millis(500), "{took:?}");
+        match plugin.policy().action_for(&err) {
+            Action::LocalResponse(r) => assert_eq!(r.status, 500),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(plugin.stats().deadline_exceeded, 3);
+    Ok(())
+}
+
+#[test]
+fn memory_growth_beyond_the_limit_fails() -> anyhow::Result<()> {
+    let host = host();
+    let limits = Limits {
+        memory_bytes: 1 << 20,
+        ..Limits::default()
+    }; // 16 pages
+    let body = r#"
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        ;; 8 more pages fit under the limit, 100 do not.
+        (drop (memory.grow (i32.const 8)))
+        (drop (memory.grow (i32.const 100)))
+        (i32.const 0))
+    "#;
+    let plugin = host.load("hog", &module(body), b"", limits, FailurePolicy::Open)?;
+    let mut ctx = plugin.request_context()?;
+    let err = ctx
+        .on_request_headers(&mut HeaderList::new(), true)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::MemoryLimit, "{err}");
+    assert_eq!(plugin.stats().memory_limit, 1);
+
+    // A module whose initial memory is above the limit does not load.
+    let big = wat::parse_str(format!(
+        "(module {} (func (export \"proxy_abi_version_0_2_1\")))",
+        "(memory (export \"memory\") 32)"
+    ))?;
+    let err = host
+        .load("big", &big, b"", limits, FailurePolicy::Open)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::MemoryLimit, "{err}");
+    Ok(())
+}
+
+#[test]
+fn bad_pointers_get_invalid_memory_access() -> anyhow::Result<()> {
+    let host = host();
+    // Every call below must return 6 (InvalidMemoryAccess), or 21 (WASI FAULT).
+    let body = r#"
+      (data (i32.const 0) "x-key")
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (call $check (call $log (i32.const 2) (i32.const -16) (i32.const 100)) (i32.const 6))
+        (call $check (call $log (i32.const 2) (i32.const 0) (i32.const -1)) (i32.const 6))
+        (call $check (call $get_hdr (i32.const 0) (i32.const 65530) (i32.const 10) (i32.const 16384) (i32.const 16388)) (i32.const 6))
+        (call $check (call $get_pairs (i32.const 0) (i32.const 65534) (i32.const 16388)) (i32.const 6))
+        (call $check (call $get_pairs (i32.const 0) (i32.const 16384) (i32.const -4)) (i32.const 6))
+        (call $check (call $add_hdr (i32.const 0) (i32.const 0) (i32.const 5) (i32.const -1) (i32.const 2)) (i32.const 6))
+        (call $check (call $get_prop (i32.const 70000) (i32.const 4) (i32.const 16384) (i32.const 16388)) (i32.const 6))
+        (call $check (call $set_shared (i32.const 0) (i32.const 5) (i32.const 65535) (i32.const 2) (i32.const 0)) (i32.const 6))
+        (call $check (call $send (i32.const 200) (i32.const 0) (i32.const 0) (i32.const -100) (i32.const 200)
+                                 (i32.const 0) (i32.const 0) (i32.const -1)) (i32.const 6))
+        (call $check (call $define_metric (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 65533)) (i32.const 6))
+        (call $check (call $now (i32.const 65532)) (i32.const 6))
+        (call $check (call $get_buf (i32.const 7) (i32.const 0) (i32.const 10) (i32.const 65535) (i32.const 16388)) (i32.const 0))
+        (call $check (call $set_buf (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -8) (i32.const 16)) (i32.const 6))
+        ;; unknown buffer id
+        (call $check (call $set_buf (i32.const 42) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1)) (i32.const 2))
+        (call $check (call $http_call (i32.const 0) (i32.const 100000) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+                                      (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 16384)) (i32.const 6))
+        ;; iovec table out of bounds; then an iovec pointing out of bounds
+        (call $check (call $fd_write (i32.const 1) (i32.const 65530) (i32.const 2) (i32.const 16384)) (i32.const 21))
+        (i32.store (i32.const 100) (i32.const -50))
+        (i32.store (i32.const 104) (i32.const 100))
+        (call $check (call $fd_write (i32.const 1) (i32.const 100) (i32.const 1) (i32.const 16384)) (i32.const 21))
+        (i32.const 0))
+    "#;
+    let plugin = load(&host, body);
+    let mut ctx = plugin.request_context()?;
+    let mut h = headers(&[("x-key", "v")]);
+    assert_eq!(ctx.on_request_headers(&mut h, true)?, Action::Continue);
+    assert_eq!(h, headers(&[("x-key", "v")]));
+    assert_eq!(plugin.stats().failures, 0);
+    Ok(())
+}
+
+#[test]
+fn unknown_imports_return_unimplemented() -> anyhow::Result<()> {
+    let host = host();
+    let wasm = wat::parse_str(
+        r#"(module
+          (import "env" "proxy_not_in_any_spec" (func $a (param i32) (result i32)))
+          (import "other_module" "thing" (func $b (result i64 i32)))
+          (import "wasi_snapshot_preview1" "fd_readdir" (func $c (param i32 i32 i32 i64 i32) (result i32)))
+          (import "env" "proxy_call_foreign_function" (func $ffi (param i32 i32 i32 i32 i32 i32) (result i32)))
+          (import "env" "proxy_register_shared_queue" (func $q (param i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func (export "proxy_abi_version_0_2_0"))
+          (func $check (param i32 i32) (if (i32.ne (local.get 0) (local.get 1)) (then unreachable)))
+          (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+            (local $r i32)
+            (call $check (call $a (i32.const 1)) (i32.const 12))
+            (local.set $r (call $b))
+            (drop)
+            (call $check (local.get $r) (i32.const 12))
+            (call $check (call $c (i32.const 3) (i32.const 0) (i32.const 0) (i64.const 0) (i32.const 0)) (i32.const 52))
+            (call $check (call $ffi (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const 12))
+            (call $check (call $q (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const 12))
+            (i32.const 0)))"#,
+    )?;
+    let plugin = host.load(
+        "unknown",
+        &wasm,
+        b"",
+        Limits::default(),
+        FailurePolicy::Open,
+    )?;
+    let mut ctx = plugin.request_context()?;
+    assert_eq!(
+        ctx.on_request_headers(&mut HeaderList::new(), true)?,
+        Action::Continue
+    );
+    Ok(())
+}
+
+#[test]
+fn modules_without_the_abi_marker_are_rejected() {
+    let host = host();
+    let wasm = wat::parse_str(r#"(module (memory (export "memory") 1))"#).unwrap();
+    let err = host
+        .load(
+            "nomarker",
+            &wasm,
+            b"",
+            Limits::default(),
+            FailurePolicy::Open,
+        )
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidAbi, "{err}");
+    // 0.1.0-style callback signature.
+    let wasm = module(
+        r#"(func (export "proxy_on_request_headers") (param i32 i32) (result i32) (i32.const 0))"#,
+    );
+    let err = host
+        .load("old", &wasm, b"", Limits::default(), FailurePolicy::Open)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidAbi, "{err}");
+    let err = host
+        .load(
+            "garbage",
+            b"\0asm garbage",
+            b"",
+            Limits::default(),
+            FailurePolicy::Open,
+        )
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Compile, "{err}");
+}
+
+#[test]
+fn shared_data_cas_through_the_abi() -> anyhow::Result<()> {
+    let host = host();
+    let body = r#"
+      (data (i32.const 0) "k")
+      (data (i32.const 16) "from-plugin")
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        ;; A stale CAS loses...
+        (call $check (call $set_shared (i32.const 0) (i32.const 1) (i32.const 16) (i32.const 11) (i32.const 999999)) (i32.const 8))
+        ;; ...an unconditional write wins.
+        (call $check (call $set_shared (i32.const 0) (i32.const 1) (i32.const 16) (i32.const 11) (i32.const 0)) (i32.const 0))
+        (i32.const 0))
+    "#;
+    let plugin = load(&host, body);
+    let cas = plugin.shared_data().set("k", b"from-host", 0).unwrap();
+    let mut ctx = plugin.request_context()?;
+    assert_eq!(
+        ctx.on_request_headers(&mut HeaderList::new(), true)?,
+        Action::Continue
+    );
+    let (value, new_cas) = plugin.shared_data().get("k").unwrap();
+    assert_eq!(value, Bytes::from_static(b"from-plugin"));
+    assert_ne!(new_cas, cas);
+    Ok(())
+}
+
+#[test]
+fn plugin_metrics_are_visible_to_the_embedder() -> anyhow::Result<()> {
+    let host = host();
+    let body = r#"
+      (data (i32.const 0) "requests_total")
+      (func (export "proxy_on_configure") (param i32 i32) (result i32)
+        (call $check (call $define_metric (i32.const 0) (i32.const 0) (i32.const 14) (i32.const 16392)) (i32.const 0))
+        (i32.const 1))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (call $check (call $inc_metric (i32.load (i32.const 16392)) (i64.const 1)) (i32.const 0))
+        ;; counters cannot go down
+        (call $check (call $inc_metric (i32.load (i32.const 16392)) (i64.const -1)) (i32.const 2))
+        (i32.const 0))
+    "#;
+    let plugin = load(&host, body);
+    for _ in 0..3 {
+        let mut ctx = plugin.request_context()?;
+        ctx.on_request_headers(&mut HeaderList::new(), true)?;
+    }
+    let m = plugin.metrics();
+    assert_eq!(m.len(), 1);
+    assert_eq!(
+        (m[0].name.as_str(), m[0].kind, m[0].value),
+        ("requests_total", MetricKind::Counter, 3)
+    );
+    Ok(())
+}
+
+struct Country;
+impl PropertyResolver for Country {
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        (path == ["meridian", "client", "country"]).then(|| b"NZ".to_vec())
+    }
+}
+
+#[test]
+fn properties_builtin_and_embedder_supplied() -> anyhow::Result<()> {
+    let host = host();
+    // Copies request.path into x-path and meridian.client.country into x-country.
+    let body = r#"
+      (data (i32.const 0) "request\00path")
+      (data (i32.const 16) "meridian\00client\00country")
+      (data (i32.const 48) "x-path")
+      (data (i32.const 64) "x-country")
+      (data (i32.const 80) "no\00such")
+      (func $copy (param $path i32) (param $plen i32) (param $hdr i32) (param $hlen i32)
+        (call $check (call $get_prop (local.get $path) (local.get $plen) (i32.const 16384) (i32.const 16388)) (i32.const 0))
+        (call $check (call $add_hdr (i32.const 0) (local.get $hdr) (local.get $hlen)
+                                    (i32.load (i32.const 16384)) (i32.load (i32.const 16388))) (i32.const 0)))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (call $copy (i32.const 0) (i32.const 12) (i32.const 48) (i32.const 6))
+        (call $copy (i32.const 16) (i32.const 23) (i32.const 64) (i32.const 9))
+        (call $check (call $get_prop (i32.const 80) (i32.const 7) (i32.const 16384) (i32.const 16388)) (i32.const 1))
+        (i32.const 0))
+    "#;
+    let plugin = load(&host, body);
+    let mut ctx = plugin.request_context_with(Arc::new(Country))?;
+    let mut h = headers(&[(":path", "/a/b?c")]);
+    assert_eq!(ctx.on_request_headers(&mut h, true)?, Action::Continue);
+    assert_eq!(get(&h, "x-path"), Some(&b"/a/b?c"[..]));
+    assert_eq!(get(&h, "x-country"), Some(&b"NZ"[..]));
+    Ok(())
+}
+
+#[test]
+fn http_call_pauses_and_resumes() -> anyhow::Result<()> {
+    let host = host();
+    // Headers: :method GET, :path /check, :authority auth
+    let body = r#"
+      (data (i32.const 0) "auth-service")
+      (data (i32.const 16) "\03\00\00\00\07\00\00\00\03\00\00\00\05\00\00\00\06\00\00\00\0a\00\00\00\04\00\00\00:method\00GET\00:path\00/check\00:authority\00auth\00")
+      (data (i32.const 200) "x-auth")
+      (data (i32.const 216) "ok")
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (call $check (call $http_call (i32.const 0) (i32.const 12) (i32.const 16) (i32.const 76)
+                                      (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+                                      (i32.const 500) (i32.const 16392)) (i32.const 0))
+        (i32.const 1))
+      (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+        ;; token 1, one header, 2 body bytes, no trailers
+        (call $check (local.get 1) (i32.const 1))
+        (call $check (local.get 2) (i32.const 1))
+        (call $check (call $get_buf (i32.const 4) (i32.const 0) (i32.const 100) (i32.const 16384) (i32.const 16388)) (i32.const 0))
+        (call $check (i32.load (i32.const 16388)) (i32.const 2))
+        (call $check (call $add_hdr (i32.const 0) (i32.const 200) (i32.const 6) (i32.const 216) (i32.const 2)) (i32.const 0))
+        (call $check (call $continue (i32.const 0)) (i32.const 0)))
+    "#;
+    let plugin = load(&host, body);
+    let mut ctx = plugin.request_context()?;
+    let mut h = headers(&[(":path", "/")]);
+    assert_eq!(ctx.on_request_headers(&mut h, true)?, Action::Pause);
+    let calls = ctx.take_http_calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].upstream, "auth-service");
+    assert_eq!(calls[0].timeout, Duration::from_millis(500));
+    assert_eq!(get(&calls[0].headers, ":path"), Some(&b"/check"[..]));
+    let resp = HttpCallResponse {
+        headers: headers(&[(":status", "200")]),
+        body: Bytes::from_static(b"ok"),
+        trailers: vec![],
+    };
+    assert_eq!(
+        ctx.on_http_call_response(calls[0].token, Some(resp), &mut h)?,
+        Action::Continue
+    );
+    assert_eq!(get(&h, "x-auth"), Some(&b"ok"[..]));
+    Ok(())
+}
+
+#[test]
+fn body_can_be_replaced() -> anyhow::Result<()> {
+    let host = host();
+    let body = r#"
+      (data (i32.const 0) "REDACTED")
+      (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32)
+        (call $check (call $set_buf (i32.const 0) (i32.const 0) (local.get 1) (i32.const 0) (i32.const 8)) (i32.const 0))
+        (i32.const 0))
+    "#;
+    let plugin = load(&host, body);
+    let mut ctx = plugin.request_context()?;
+    let mut b = BytesMut::from(&b"secret password"[..]);
+    assert_eq!(ctx.on_request_body(&mut b, true)?, Action::Continue);
+    assert_eq!(&b[..], b"REDACTED");
+    Ok(())
+}
+
+#[test]
+fn configure_sees_the_plugin_config_and_can_reject_it() -> anyhow::Result<()> {
+    let host = host();
+    // Accept only a configuration that is exactly "ok".
+    let body = r#"
+      (func (export "proxy_on_configure") (param i32 i32) (result i32)
+        (if (i32.ne (local.get 1) (i32.const 2)) (then (return (i32.const 0))))
+        (call $check (call $get_buf (i32.const 7) (i32.const 0) (i32.const 2) (i32.const 16384) (i32.const 16388)) (i32.const 0))
+        (i32.eq (i32.load16_u (i32.load (i32.const 16384))) (i32.const 0x6b6f)))
+    "#;
+    let wasm = module(body);
+    host.load("cfg", &wasm, b"ok", Limits::default(), FailurePolicy::Open)?;
+    let err = host
+        .load("cfg", &wasm, b"no", Limits::default(), FailurePolicy::Open)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConfigureRejected);
+    let err = host
+        .load(
+            "cfg",
+            &wasm,
+            b"nope",
+            Limits::default(),
+            FailurePolicy::Open,
+        )
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConfigureRejected);
+    Ok(())
+}
+
+/// Per-callback overhead. Run with
+/// `cargo test --release -- --ignored --nocapture bench_`.
+#[test]
+#[ignore]
+fn bench_on_request_headers() -> anyhow::Result<()> {
+    let host = host();
+    let plugin = load(&host, ADD_HEADER);
+    let n = 200_000;
+    let mut h = headers(&[(":path", "/"), (":method", "GET"), ("host", "example.com")]);
+    let mut ctx = plugin.request_context()?;
+    let start = Instant::now();
+    for _ in 0..n {
+        ctx.on_request_headers(&mut h, true)?;
+        h.truncate(3);
+    }
+    let per_call = start.elapsed().as_nanos() / n;
+    drop(ctx);
+    let start = Instant::now();
+    for _ in 0..n {
+        let mut ctx = plugin.request_context()?;
+        ctx.on_request_headers(&mut h, true)?;
+        ctx.finish()?;
+        h.truncate(3);
+    }
+    let per_request = start.elapsed().as_nanos() / n;
+    let fresh = host.load(
+        "fresh",
+        &module(ADD_HEADER),
+        b"",
+        Limits {
+            fresh_instance_per_request: true,
+            ..Limits::default()
+        },
+        FailurePolicy::Open,
+    )?;
+    let m = 20_000;
+    let start = Instant::now();
+    for _ in 0..m {
+        let mut ctx = fresh.request_context()?;
+        ctx.on_request_headers(&mut h, true)?;
+        ctx.finish()?;
+        h.truncate(3);
+    }
+    let per_fresh = start.elapsed().as_nanos() / m;
+    println!("on_request_headers (add one header): {per_call} ns/callback");
+    println!("pooled request (context create + headers + done + delete): {per_request} ns/request");
+    println!(
+        "fresh instance per request (instantiate + configure + headers + done + delete): {per_fresh} ns/request"
+    );
+    Ok(())
+}
+
+#[test]
+fn api_types_are_thread_safe() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<PluginHost>();
+    send_sync::<Plugin>();
+    send::<meridian_wasm_host::RequestContext>();
+}
+
+#[test]
+fn on_log_reads_both_header_maps() -> anyhow::Result<()> {
+    let host = host();
+    // on_log copies response header "x-cache" into request header "x-logged".
+    let body = r#"
+      (data (i32.const 0) "x-cache")
+      (data (i32.const 16) "x-logged")
+      (func (export "proxy_on_log") (param i32)
+        (call $check (call $get_hdr (i32.const 2) (i32.const 0) (i32.const 7) (i32.const 16384) (i32.const 16388)) (i32.const 0))
+        (call $check (call $add_hdr (i32.const 0) (i32.const 16) (i32.const 8)
+                                    (i32.load (i32.const 16384)) (i32.load (i32.const 16388))) (i32.const 0)))
+    "#;
+    let plugin = load(&host, body);
+    let mut ctx = plugin.request_context()?;
+    let mut req = headers(&[(":path", "/")]);
+    let mut resp = headers(&[(":status", "200"), ("x-cache", "HIT")]);
+    assert!(ctx.on_done()?);
+    ctx.on_log(&mut req, &mut resp)?;
+    ctx.finish()?;
+    assert_eq!(get(&req, "x-logged"), Some(&b"HIT"[..]));
+    Ok(())
+}
