@@ -23,6 +23,7 @@ pub mod http;
 pub mod http3;
 pub mod listener;
 pub mod metrics;
+pub mod plugins;
 pub mod proxy;
 pub mod server;
 

@@ -114,6 +114,10 @@ struct ProxyArgs {
     /// Access log (`log.access_log`).
     #[arg(long, value_name = "TARGET", default_value = "stdout")]
     access_log: String,
+    /// A Wasm plugin for every request (`[[sites.plugins]]`), optionally with
+    /// its configuration file: `PATH` or `PATH@CONFIG_FILE`. Repeatable, applied in order.
+    #[arg(long, value_name = "PATH[@CONFIG]")]
+    plugin: Vec<String>,
     /// Keep a disk cache tier in this directory (`cache.disk_dir`); it survives restarts.
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -164,7 +168,22 @@ fn proxy_config(a: &ProxyArgs) -> anyhow::Result<String> {
             toml_str(&dir.display().to_string())
         ));
     }
-    s.push_str("[[sites]]\nhosts = [\"*\"]\npool = \"origin\"\n\n[pools.origin]\n");
+    s.push_str("[[sites]]\nhosts = [\"*\"]\npool = \"origin\"\n\n");
+    for p in &a.plugin {
+        let (path, config) = match p.split_once('@') {
+            Some((path, cfg)) => {
+                let text =
+                    std::fs::read_to_string(cfg).with_context(|| format!("plugin config {cfg}"))?;
+                (path, Some(text))
+            }
+            None => (p.as_str(), None),
+        };
+        s.push_str(&format!("[[sites.plugins]]\npath = {}\n", toml_str(path)));
+        if let Some(c) = config {
+            s.push_str(&format!("config = {}\n", toml_str(&c)));
+        }
+    }
+    s.push_str("[pools.origin]\n");
     s.push_str(&format!(
         "selection = {}\norigins = [\n",
         toml_str(&a.selection)

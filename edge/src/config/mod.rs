@@ -357,6 +357,46 @@ pub struct SiteConfig {
     /// How this site uses the cache.
     #[serde(default)]
     pub cache: SiteCache,
+    /// Wasm plugins (proxy-wasm) run on each request, in order, after routing
+    /// and before the cache: a request a plugin refuses never reaches the
+    /// cache or the origin.
+    #[serde(default)]
+    pub plugins: Vec<PluginConfig>,
+}
+
+/// One Wasm plugin in a site's chain.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The compiled module (.wasm), built for wasm32 against the proxy-wasm ABI 0.2.x.
+    pub path: PathBuf,
+    /// The plugin's configuration, handed to it as bytes: a string as is, a
+    /// table as JSON.
+    #[serde(default)]
+    pub config: Option<toml::Value>,
+    /// What a failure (trap, deadline, memory limit) does to the request:
+    /// "closed" answers 500 (the default: safe for auth plugins), "open" skips the plugin.
+    #[serde(default = "default_plugin_policy")]
+    pub failure: String,
+    /// The plugin's memory limit.
+    #[serde(default = "default_plugin_memory")]
+    pub memory: ByteSize,
+    /// CPU time one callback may take.
+    #[serde(default = "default_plugin_deadline")]
+    pub deadline: Dur,
+    /// A fresh instance per request instead of pooled ones (stricter isolation, slower).
+    #[serde(default)]
+    pub fresh_instance: bool,
+}
+
+fn default_plugin_policy() -> String {
+    "closed".into()
+}
+fn default_plugin_memory() -> ByteSize {
+    ByteSize(16 * 1024 * 1024)
+}
+fn default_plugin_deadline() -> Dur {
+    Dur::millis(50)
 }
 
 /// The shared cache: a memory tier and an optional disk tier.
@@ -822,6 +862,32 @@ impl Config {
             );
         }
         for (i, s) in self.sites.iter().enumerate() {
+            for (j, p) in s.plugins.iter().enumerate() {
+                if !p.path.is_file() {
+                    bad(
+                        path!["sites", i, "plugins", j, "path"],
+                        format!("{} is not a readable file", p.path.display()),
+                    );
+                }
+                if p.failure != "open" && p.failure != "closed" {
+                    bad(
+                        path!["sites", i, "plugins", j, "failure"],
+                        format!("{:?} is not \"open\" or \"closed\"", p.failure),
+                    );
+                }
+                if p.memory.get() > 64 * 1024 * 1024 || p.memory.get() < 64 * 1024 {
+                    bad(
+                        path!["sites", i, "plugins", j, "memory"],
+                        "must be 64KiB to 64MiB".into(),
+                    );
+                }
+                if p.deadline.get().is_zero() {
+                    bad(
+                        path!["sites", i, "plugins", j, "deadline"],
+                        "must be above zero".into(),
+                    );
+                }
+            }
             if !self.pools.contains_key(&s.pool) {
                 bad(
                     path!["sites", i, "pool"],

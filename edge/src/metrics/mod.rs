@@ -92,6 +92,7 @@ pub struct Metrics {
     pub quic_rtt: Histogram,
     pub quic_lost_packets: Counter,
     pub cache_requests: Family<CacheResult, Counter>,
+    pub plugin_results: Family<Reason, Counter>,
     pub cache_coalesced: Counter,
     pub cache_purges: Family<Reason, Counter>,
     pub cache_bytes: Family<Reason, Counter>,
@@ -144,6 +145,7 @@ impl Metrics {
             quic_rtt: latency_histogram(),
             quic_lost_packets: Counter::default(),
             cache_requests: Family::default(),
+            plugin_results: Family::default(),
             cache_coalesced: Counter::default(),
             cache_purges: Family::default(),
             cache_bytes: Family::default(),
@@ -264,6 +266,11 @@ impl Metrics {
             "quic_lost_packets",
             "Packets QUIC connections declared lost",
             m.quic_lost_packets.clone(),
+        );
+        registry.register(
+            "plugin_results",
+            "Wasm plugin request-phase outcomes (continue, local-response, failed, unsupported)",
+            m.plugin_results.clone(),
         );
         registry.register("cache_requests", "Cache lookups and their results (hit, miss, stale-while-revalidate, stale-if-error, revalidated, pass, uncacheable, stored...)", m.cache_requests.clone());
         registry.register(

@@ -81,6 +81,8 @@ pub struct Site {
     pub preserve_host: bool,
     /// How the site uses the cache; None when its cache is disabled.
     pub cache: Option<Arc<crate::cache::http::SitePolicy>>,
+    /// The site's Wasm plugins, run in order in the request phase.
+    pub plugins: Vec<Arc<crate::plugins::LoadedPlugin>>,
 }
 
 /// Everything built from one config generation. Swapped whole on reload;
@@ -92,6 +94,8 @@ pub struct Runtime {
     pub pools: HashMap<String, Arc<Pool>>,
     pub access_log: AccessLog,
     pub via: headers::ViaValues,
+    /// The Wasm host, kept across generations (one engine per process).
+    pub plugin_host: Option<Arc<meridian_wasm_host::PluginHost>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -126,6 +130,13 @@ impl Runtime {
         }
         let mut patterns = Vec::new();
         let mut sites = Vec::new();
+        let plugin_host = match previous.and_then(|r| r.plugin_host.clone()) {
+            Some(h) => Some(h),
+            None if config.sites.iter().any(|s| !s.plugins.is_empty()) => {
+                Some(crate::plugins::new_host()?)
+            }
+            None => None,
+        };
         for sc in &config.sites {
             let pool = pools
                 .get(&sc.pool)
@@ -147,6 +158,14 @@ impl Runtime {
                         &config.cache,
                     ))
                 }),
+                plugins: match &plugin_host {
+                    Some(h) if !sc.plugins.is_empty() => crate::plugins::load_chain(
+                        h,
+                        sc.hosts.first().map_or("*", String::as_str),
+                        &sc.plugins,
+                    )?,
+                    _ => Vec::new(),
+                },
             });
         }
         let access_log = AccessLog::open(&config.log.access_log, metrics.clone())
@@ -161,6 +180,7 @@ impl Runtime {
             pools,
             access_log,
             via: headers::ViaValues::new(&config.server.via),
+            plugin_host,
             tasks,
             config,
         })
@@ -386,6 +406,17 @@ impl Proxy {
         rec.site = Some(site.name.clone());
         let pool = site.pool.clone();
         end.origin = Some((pool.name.clone(), None));
+
+        // Wasm plugins: after routing, before the cache and the origin.
+        if !site.plugins.is_empty() {
+            let scheme = if ds.tls { "https" } else { "http" };
+            let eos = http_body::Body::is_end_stream(&body);
+            if let Some(resp) =
+                crate::plugins::run_request(&site.plugins, &mut parts, scheme, eos, &self.metrics)
+            {
+                return Ok(resp);
+            }
+        }
 
         // 3. upstream_request: what goes to the origin, whatever answers it.
         let upgrade = ds.proto == Proto::H1 && headers::wants_upgrade(&parts.headers);

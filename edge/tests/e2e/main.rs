@@ -7,6 +7,7 @@ mod cache;
 mod http3;
 mod interop;
 mod ops;
+mod plugins;
 mod proxy;
 
 use std::path::{Path, PathBuf};
