@@ -39,6 +39,11 @@ cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+echo "== Wasm plugins: SDK and example tests, and the modules in wasm-plugins/dist"
+# The end-to-end tests load the built plugins; the script installs its
+# toolchain (rustup's wasm32 target, else Debian's rustc-web) as needed.
+wasm-plugins/build
+
 echo "== cargo test"
 cargo test --workspace
 

@@ -269,7 +269,9 @@ fn param(req: &Request<Incoming>, key: &str) -> Option<String> {
 }
 
 /// `/cc/<anything>?cc=&etag=&lm=&vary=&tag=&size=&delay=&status=`: a response
-/// whose caching headers the request chooses. Answers 304 to a matching
+/// whose caching headers the request chooses; `text=` (with `repeat=`) sets
+/// the body, `ct=` the Content-Type, `ce=` a Content-Encoding and
+/// `hdr=name:value` one more header. Answers 304 to a matching
 /// If-None-Match. The body is `size` bytes (default: a short text naming the
 /// request count, so tests can tell fetches apart).
 async fn cacheable(req: &Request<Incoming>, stats: &Stats) -> Response<Body> {
@@ -293,9 +295,17 @@ async fn cacheable(req: &Request<Incoming>, stats: &Stats) -> Response<Body> {
         return r;
     }
     let n = stats.requests.load(Ordering::SeqCst);
-    let body = match param(req, "size").and_then(|s| s.parse::<usize>().ok()) {
-        Some(size) => Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
-        None => Bytes::from(format!("response {n} for {}", req.uri().path())),
+    let repeat = param(req, "repeat")
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(1)
+        .min(1 << 20);
+    let body = match (
+        param(req, "size").and_then(|s| s.parse::<usize>().ok()),
+        param(req, "text"),
+    ) {
+        (Some(size), _) => Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
+        (None, Some(t)) => Bytes::from(t.repeat(repeat)),
+        (None, None) => Bytes::from(format!("response {n} for {}", req.uri().path())),
     };
     // A single `bytes=a-b` range is honoured (with `ranges=1`), as origins behind a slicing cache do.
     let range = (param(req, "ranges").as_deref() == Some("1"))
@@ -354,9 +364,21 @@ async fn cacheable(req: &Request<Incoming>, stats: &Stats) -> Response<Body> {
     if let Some(v) = param(req, "tag").and_then(|v| HeaderValue::from_str(&v).ok()) {
         h.insert("surrogate-key", v);
     }
+    let ct = param(req, "ct").and_then(|v| HeaderValue::from_str(&v).ok());
     h.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
+        ct.unwrap_or(HeaderValue::from_static("application/octet-stream")),
     );
+    if let Some(v) = param(req, "ce").and_then(|v| HeaderValue::from_str(&v).ok()) {
+        h.insert(header::CONTENT_ENCODING, v);
+    }
+    if let Some((n, v)) = param(req, "hdr").as_deref().and_then(|v| v.split_once(':'))
+        && let (Ok(n), Ok(v)) = (
+            header::HeaderName::from_bytes(n.trim().as_bytes()),
+            HeaderValue::from_str(v.trim()),
+        )
+    {
+        h.insert(n, v);
+    }
     r
 }

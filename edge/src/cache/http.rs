@@ -1449,6 +1449,7 @@ async fn drain(fetched: crate::proxy::Fetched) {
     let crate::proxy::Fetched {
         resp,
         mut pool_return,
+        ..
     } = fetched;
     let ok = crate::http::body::drain(resp.into_body(), 1 << 20)
         .await
@@ -1481,6 +1482,7 @@ fn spawn_revalidation(
         preserve_host: up.preserve_host,
         upgrade: false,
         tls: up.tls,
+        plugins: up.plugins.clone(),
     };
     let obj_key = obj_key.to_string();
     let sp = site.cache.clone();

@@ -53,6 +53,8 @@ pub struct Config {
     #[serde(default)]
     pub cache: CacheConfig,
     #[serde(default)]
+    pub plugins: PluginsConfig,
+    #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
     pub sites: Vec<SiteConfig>,
@@ -387,6 +389,45 @@ pub struct PluginConfig {
     /// A fresh instance per request instead of pooled ones (stricter isolation, slower).
     #[serde(default)]
     pub fresh_instance: bool,
+    /// Run the response phase on every response the client gets, cache hits
+    /// included. By default (false) it runs on origin responses only, before
+    /// they are stored, so a cached object is transformed once.
+    #[serde(default)]
+    pub every_response: bool,
+    /// The most response body this plugin may hold back (by pausing) before
+    /// the failure policy applies.
+    #[serde(default = "default_plugin_body_buffer")]
+    pub body_buffer: ByteSize,
+}
+
+fn default_plugin_body_buffer() -> ByteSize {
+    ByteSize(1024 * 1024)
+}
+
+/// Process-wide settings of the Wasm plugin host.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// A MaxMind DB (GeoLite2/GeoIP2 Country or City, or one built with
+    /// `meridian-dns geo build`): plugins read the client's country as the
+    /// property `meridian.client.country`.
+    pub geoip: Option<PathBuf>,
+    /// The most plugin instances alive at once, all plugins together. A
+    /// request holds one instance of each plugin of its site until its
+    /// response ends.
+    pub max_instances: u32,
+    /// The largest response body an `http_call` may return to a plugin.
+    pub http_call_max_body: ByteSize,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            geoip: None,
+            max_instances: 1024,
+            http_call_max_body: ByteSize(1024 * 1024),
+        }
+    }
 }
 
 fn default_plugin_policy() -> String {
@@ -861,6 +902,20 @@ impl Config {
                 "at least one [[sites]] entry is needed".into(),
             );
         }
+        if let Some(g) = &self.plugins.geoip
+            && !g.is_file()
+        {
+            bad(
+                path!["plugins", "geoip"],
+                format!("{} is not a readable file", g.display()),
+            );
+        }
+        if !(1..=16_384).contains(&self.plugins.max_instances) {
+            bad(
+                path!["plugins", "max_instances"],
+                "must be 1 to 16384".into(),
+            );
+        }
         for (i, s) in self.sites.iter().enumerate() {
             for (j, p) in s.plugins.iter().enumerate() {
                 if !p.path.is_file() {
@@ -885,6 +940,12 @@ impl Config {
                     bad(
                         path!["sites", i, "plugins", j, "deadline"],
                         "must be above zero".into(),
+                    );
+                }
+                if p.body_buffer.get() > 256 * 1024 * 1024 {
+                    bad(
+                        path!["sites", i, "plugins", j, "body_buffer"],
+                        "must be at most 256MiB".into(),
                     );
                 }
             }

@@ -79,6 +79,8 @@ pub enum ClientBody {
     Hyper(Incoming),
     /// HTTP/3, from an h3 request stream.
     H3(crate::http3::H3Body),
+    /// A body the edge made itself (a plugin's `http_call`); taken once.
+    Full(Option<Bytes>),
 }
 
 impl std::fmt::Debug for ClientBody {
@@ -87,6 +89,7 @@ impl std::fmt::Debug for ClientBody {
             ClientBody::Empty => "ClientBody::Empty",
             ClientBody::Hyper(_) => "ClientBody::Hyper",
             ClientBody::H3(_) => "ClientBody::H3",
+            ClientBody::Full(_) => "ClientBody::Full",
         })
     }
 }
@@ -103,6 +106,7 @@ impl Body for ClientBody {
             ClientBody::Empty => Poll::Ready(None),
             ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ClientBody::H3(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
@@ -111,6 +115,7 @@ impl Body for ClientBody {
             ClientBody::Empty => true,
             ClientBody::Hyper(b) => b.is_end_stream(),
             ClientBody::H3(b) => b.is_end_stream(),
+            ClientBody::Full(b) => b.is_none(),
         }
     }
 
@@ -119,6 +124,7 @@ impl Body for ClientBody {
             ClientBody::Empty => SizeHint::with_exact(0),
             ClientBody::Hyper(b) => b.size_hint(),
             ClientBody::H3(b) => b.size_hint(),
+            ClientBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
 }

@@ -34,6 +34,20 @@ pub struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub plugin: Arc<str>,
+    pub kind: &'static str,
+}
+
+/// A metric a plugin defined (`proxy_define_metric`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginMetricLabels {
+    pub plugin: Arc<str>,
+    pub name: Arc<str>,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheResult {
     pub result: &'static str,
 }
@@ -93,6 +107,11 @@ pub struct Metrics {
     pub quic_lost_packets: Counter,
     pub cache_requests: Family<CacheResult, Counter>,
     pub plugin_results: Family<Reason, Counter>,
+    pub plugin_metric: Family<PluginMetricLabels, Gauge>,
+    pub plugin_histogram_count: Family<PluginMetricLabels, Gauge>,
+    pub plugin_callbacks: Family<PluginLabels, Gauge>,
+    pub plugin_failures: Family<PluginLabels, Gauge>,
+    pub plugin_instances: Family<PluginLabels, Gauge>,
     pub cache_coalesced: Counter,
     pub cache_purges: Family<Reason, Counter>,
     pub cache_bytes: Family<Reason, Counter>,
@@ -146,6 +165,11 @@ impl Metrics {
             quic_lost_packets: Counter::default(),
             cache_requests: Family::default(),
             plugin_results: Family::default(),
+            plugin_metric: Family::default(),
+            plugin_histogram_count: Family::default(),
+            plugin_callbacks: Family::default(),
+            plugin_failures: Family::default(),
+            plugin_instances: Family::default(),
             cache_coalesced: Counter::default(),
             cache_purges: Family::default(),
             cache_bytes: Family::default(),
@@ -269,8 +293,33 @@ impl Metrics {
         );
         registry.register(
             "plugin_results",
-            "Wasm plugin request-phase outcomes (continue, local-response, failed, unsupported)",
+            "Wasm plugin outcomes (continue, local-response, failed, close, stalled, http-call, http-call-failed, response-continue, body-buffer-exceeded, body-skipped-encoded, unsupported)",
             m.plugin_results.clone(),
+        );
+        registry.register(
+            "plugin_metric",
+            "Metrics the plugins define themselves (value; sum for histograms)",
+            m.plugin_metric.clone(),
+        );
+        registry.register(
+            "plugin_histogram_count",
+            "Sample counts of the plugins' own histograms",
+            m.plugin_histogram_count.clone(),
+        );
+        registry.register(
+            "plugin_callbacks",
+            "Wasm callbacks run, per plugin",
+            m.plugin_callbacks.clone(),
+        );
+        registry.register(
+            "plugin_failures",
+            "Wasm plugin failures by kind (trap, deadline, memory, exit)",
+            m.plugin_failures.clone(),
+        );
+        registry.register(
+            "plugin_instances",
+            "Wasm plugin instances, live (pooled or serving) and idle",
+            m.plugin_instances.clone(),
         );
         registry.register("cache_requests", "Cache lookups and their results (hit, miss, stale-while-revalidate, stale-if-error, revalidated, pass, uncacheable, stored...)", m.cache_requests.clone());
         registry.register(

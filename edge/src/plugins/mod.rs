@@ -1,19 +1,43 @@
 //! The adapter between the request pipeline and the Wasm host
-//! (`meridian-wasm-host`): loads each site's plugin chain from the config,
-//! and runs it in the request phase, after routing and before the cache, so
-//! a request a plugin refuses never reaches the cache or the origin.
+//! (`meridian-wasm-host`).
+//!
+//! - **Loading:** [`load_chain`] compiles each site's plugin chain when a
+//!   config generation is built; a bad module refuses the config.
+//! - **Request phase:** [`run_request`] runs after routing and before the
+//!   cache, so a request a plugin refuses never reaches the cache or the
+//!   origin. A plugin that pauses for an `http_call` is resumed when the call
+//!   (to a pool named in the config) answers.
+//! - **Response phase:** [`response_phase`] runs the same contexts, in reverse
+//!   chain order (as Envoy does), on origin responses before they are stored
+//!   ([`Phase::Store`]), or on every client response, cache hits included,
+//!   for plugins with `every_response` ([`Phase::Deliver`]).
+//! - **Bodies:** chunks go through `on_response_body` as they arrive. A plugin
+//!   that pauses makes the edge buffer (up to its `body_buffer`) and call it
+//!   again with everything so far. The response head is held until the chain
+//!   releases its first bytes, so a body transformed in one piece gets an
+//!   exact Content-Length; a streamed one keeps the origin's length only if
+//!   no plugin changes it. Encoded (compressed) bodies, ranges and bodiless
+//!   responses skip the body callbacks.
 //!
 //! Callbacks run synchronously on the worker thread. Each is bounded by the
 //! plugin's deadline (epoch interruption), and a failure (trap, deadline,
 //! memory limit) is mapped by the plugin's failure policy.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Response, StatusCode, Uri, request};
-use meridian_wasm_host::{Action, FailurePolicy, HostConfig, Limits, Plugin, PluginHost};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, Response, StatusCode, Uri, header, request};
+use http_body_util::BodyExt;
+use meridian_wasm_host::{
+    Action, FailurePolicy, HeaderList, HostConfig, HttpCallRequest, HttpCallResponse,
+    LocalResponse, MetricKind, Plugin, PluginHost, PropertyResolver, RequestContext,
+};
+use parking_lot::Mutex;
 
-use crate::config::PluginConfig;
+use crate::config::{PluginConfig, PluginsConfig};
 use crate::http::body::ResponseBody;
 use crate::metrics::{Metrics, Reason};
 
@@ -21,6 +45,10 @@ use crate::metrics::{Metrics, Reason};
 pub struct LoadedPlugin {
     pub name: Arc<str>,
     pub plugin: Plugin,
+    /// Response phase on every client response (hits too), not before storing.
+    pub every_response: bool,
+    /// The most body bytes the plugin may hold back by pausing.
+    pub body_buffer: usize,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -32,10 +60,13 @@ impl std::fmt::Debug for LoadedPlugin {
 }
 
 /// The process's plugin host (one wasmtime engine), created on first need.
-pub fn new_host() -> Result<Arc<PluginHost>, String> {
-    PluginHost::new(HostConfig::default())
-        .map(Arc::new)
-        .map_err(|e| format!("starting the Wasm host: {e}"))
+pub fn new_host(cfg: &PluginsConfig) -> Result<Arc<PluginHost>, String> {
+    PluginHost::new(HostConfig {
+        max_instances: cfg.max_instances,
+        ..HostConfig::default()
+    })
+    .map(Arc::new)
+    .map_err(|e| format!("starting the Wasm host: {e}"))
 }
 
 /// Loads (compiles and configures) a site's plugins; any failure refuses the config.
@@ -52,7 +83,7 @@ pub fn load_chain(
             Some(toml::Value::String(s)) => s.clone().into_bytes(),
             Some(v) => serde_json::to_vec(v).map_err(|e| format!("plugin config: {e}"))?,
         };
-        let limits = Limits {
+        let limits = meridian_wasm_host::Limits {
             memory_bytes: c.memory.get() as usize,
             callback_deadline: c.deadline.get(),
             fresh_instance_per_request: c.fresh_instance,
@@ -73,9 +104,35 @@ pub fn load_chain(
         out.push(Arc::new(LoadedPlugin {
             name: Arc::from(name),
             plugin,
+            every_response: c.every_response,
+            body_buffer: usize::try_from(c.body_buffer.get()).unwrap_or(usize::MAX),
         }));
     }
     Ok(out)
+}
+
+/// Tasks that call `proxy_on_tick` for plugins that asked for a tick period.
+/// They end when the plugin is unloaded (the generation is dropped).
+pub fn spawn_tickers(chain: &[Arc<LoadedPlugin>]) -> Vec<tokio::task::JoinHandle<()>> {
+    chain
+        .iter()
+        .filter_map(|lp| {
+            let period = lp.plugin.tick_period()?.max(Duration::from_millis(10));
+            let weak = Arc::downgrade(lp);
+            Some(tokio::spawn(async move {
+                let mut iv = tokio::time::interval(period);
+                iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                iv.tick().await;
+                loop {
+                    iv.tick().await;
+                    let Some(lp) = weak.upgrade() else { break };
+                    if let Err(e) = lp.plugin.on_tick() {
+                        tracing::warn!(plugin = %lp.name, error = %e, "plugin tick failed");
+                    }
+                }
+            }))
+        })
+        .collect()
 }
 
 fn count(metrics: &Metrics, result: &'static str) {
@@ -85,94 +142,372 @@ fn count(metrics: &Metrics, result: &'static str) {
         .inc();
 }
 
-/// Runs the request-header phase of every plugin, in order. Modified headers
-/// (and `:path`) are written back into `parts`. `Some` is the response a
-/// plugin answered with (or its failure policy's): the request goes no further.
-pub fn run_request(
-    chain: &[Arc<LoadedPlugin>],
-    parts: &mut request::Parts,
-    scheme: &str,
-    end_of_stream: bool,
-    metrics: &Metrics,
-) -> Option<Response<ResponseBody>> {
-    for lp in chain {
-        let policy = lp.plugin.policy();
-        let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(parts.headers.len() + 4);
-        headers.push((":method".into(), parts.method.as_str().as_bytes().to_vec()));
-        headers.push((":scheme".into(), scheme.as_bytes().to_vec()));
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            });
-        headers.push((
-            ":authority".into(),
-            authority.unwrap_or_default().into_bytes(),
-        ));
-        headers.push((
-            ":path".into(),
-            parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .as_bytes()
-                .to_vec(),
-        ));
-        for (n, v) in &parts.headers {
-            headers.push((n.as_str().to_string(), v.as_bytes().to_vec()));
+/// A MaxMind database for the `meridian.client.country` property.
+pub struct GeoIp(maxminddb::Reader<Vec<u8>>);
+
+impl std::fmt::Debug for GeoIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GeoIp")
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct GeoRecord<'a> {
+    #[serde(borrow, default)]
+    country: Option<GeoNames<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct GeoNames<'a> {
+    #[serde(borrow, default)]
+    iso_code: Option<&'a str>,
+    #[serde(borrow, default)]
+    code: Option<&'a str>,
+}
+
+impl GeoIp {
+    /// Opens and checks the database (reads it whole into memory).
+    pub fn open(path: &std::path::Path) -> Result<Self, String> {
+        let r = maxminddb::Reader::open_readfile(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Self(r))
+    }
+
+    /// The ISO 3166 alpha-2 country of `ip`, if the database knows it.
+    pub fn country(&self, ip: IpAddr) -> Option<String> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let res = self.0.lookup(ip).ok()?;
+        let rec = res.decode::<GeoRecord<'_>>().ok()??;
+        let c = rec.country?;
+        let code = c.iso_code.or(c.code)?;
+        (code.len() == 2 && code.bytes().all(|b| b.is_ascii_alphabetic()))
+            .then(|| code.to_ascii_uppercase())
+    }
+}
+
+/// Per-request properties: `source.*`, `destination.*`, `request.protocol`,
+/// `connection.tls`, and Meridian's `meridian.client.country` / `.ip`; and
+/// the request's own `request.path`, `.url_path`, `.query`, `.method`,
+/// `.host` and `.scheme` as the client sent them, for the phases where the
+/// host's built-in request properties (the live header map) are gone.
+pub struct RequestProps {
+    pub client: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+    pub protocol: &'static str,
+    pub geo: Option<Arc<GeoIp>>,
+    /// Method, path with query, host.
+    pub request: (String, String, String),
+    country: OnceLock<Option<String>>,
+}
+
+impl RequestProps {
+    pub fn new(
+        client: SocketAddr,
+        local: SocketAddr,
+        tls: bool,
+        protocol: &'static str,
+        geo: Option<Arc<GeoIp>>,
+        request: (String, String, String),
+    ) -> Self {
+        Self {
+            client,
+            local,
+            tls,
+            protocol,
+            geo,
+            request,
+            country: OnceLock::new(),
         }
-        let result = lp.plugin.request_context().and_then(|mut ctx| {
-            let action = ctx.on_request_headers(&mut headers, end_of_stream);
-            let _ = ctx.finish();
-            action
-        });
-        if result.is_err() {
-            count(metrics, "failed");
+    }
+}
+
+impl PropertyResolver for RequestProps {
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        // Integers are 8-byte little-endian, booleans one byte, as in Envoy.
+        match path {
+            ["source", "address"] => Some(self.client.to_string().into_bytes()),
+            ["source", "port"] => Some(u64::from(self.client.port()).to_le_bytes().to_vec()),
+            ["destination", "address"] => Some(self.local.to_string().into_bytes()),
+            ["destination", "port"] => Some(u64::from(self.local.port()).to_le_bytes().to_vec()),
+            ["connection", "tls"] => Some(vec![u8::from(self.tls)]),
+            ["request", "protocol"] => Some(self.protocol.as_bytes().to_vec()),
+            ["request", "method"] => Some(self.request.0.as_bytes().to_vec()),
+            ["request", "path"] => Some(self.request.1.as_bytes().to_vec()),
+            ["request", "url_path"] => Some(
+                self.request
+                    .1
+                    .split_once('?')
+                    .map_or(self.request.1.as_str(), |(p, _)| p)
+                    .as_bytes()
+                    .to_vec(),
+            ),
+            ["request", "query"] => Some(
+                self.request
+                    .1
+                    .split_once('?')
+                    .map_or("", |(_, q)| q)
+                    .as_bytes()
+                    .to_vec(),
+            ),
+            ["request", "host"] => Some(self.request.2.as_bytes().to_vec()),
+            ["request", "scheme"] => Some(if self.tls { &b"https"[..] } else { b"http" }.to_vec()),
+            ["meridian", "client", "ip"] => Some(self.client.ip().to_string().into_bytes()),
+            ["meridian", "client", "country"] => self
+                .country
+                .get_or_init(|| self.geo.as_ref().and_then(|g| g.country(self.client.ip())))
+                .as_ref()
+                .map(|c| c.as_bytes().to_vec()),
+            _ => None,
         }
-        match policy.apply(result) {
-            Action::Continue => {
-                count(metrics, "continue");
-                write_back(parts, headers);
-            }
-            Action::LocalResponse(lr) => {
-                count(metrics, "local-response");
-                let mut resp = Response::new(ResponseBody::full(lr.body));
-                *resp.status_mut() =
-                    StatusCode::from_u16(lr.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                for (n, v) in lr.headers {
-                    if let (Ok(n), Ok(v)) = (
-                        HeaderName::from_bytes(n.as_bytes()),
-                        HeaderValue::from_bytes(&v),
-                    ) {
-                        resp.headers_mut().append(n, v);
-                    }
+    }
+}
+
+/// The live plugin contexts of one exchange, kept from the request phase to
+/// the end of the response. Dropping it ends the contexts (`on_log`,
+/// `on_done`, `on_delete`) and returns their instances to the pools.
+pub struct Exchange {
+    chain: Vec<Arc<LoadedPlugin>>,
+    ctxs: Vec<Option<RequestContext>>,
+    head: bool,
+    metrics: Arc<Metrics>,
+    response_headers: HeaderList,
+}
+
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("plugins", &self.chain.len())
+            .finish()
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        // Lent to each plugin in turn (moved in and out, not copied). The
+        // request headers are the ones each context kept from its request phase.
+        let mut req = HeaderList::new();
+        let mut resp = std::mem::take(&mut self.response_headers);
+        for (lp, ctx) in self.chain.iter().zip(self.ctxs.iter_mut()) {
+            if let Some(mut ctx) = ctx.take() {
+                if let Err(e) = ctx.on_log(&mut req, &mut resp) {
+                    tracing::warn!(plugin = %lp.name, error = %e, "plugin on_log failed");
                 }
-                return Some(resp);
-            }
-            // Pausing for an http_call is not wired into the edge yet: the
-            // plugin's failure policy decides.
-            _ => {
-                count(metrics, "unsupported");
-                tracing::warn!(plugin = %lp.name, "plugin paused or closed the stream; not supported yet");
-                if policy == FailurePolicy::Closed {
-                    let mut resp =
-                        Response::new(ResponseBody::full(Bytes::from_static(b"plugin failure\n")));
-                    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                    return Some(resp);
+                if let Err(e) = ctx.finish() {
+                    tracing::warn!(plugin = %lp.name, error = %e, "plugin failed at the end of a request");
                 }
             }
         }
     }
-    None
 }
 
-fn write_back(parts: &mut request::Parts, headers: Vec<(String, Vec<u8>)>) {
+/// An [`Exchange`] shared by the pipeline stages that may need it.
+pub type SharedExchange = Arc<Mutex<Exchange>>;
+
+/// Which plugins a response phase runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Origin responses, before the cache stores them.
+    Store,
+    /// Every response the client gets (plugins with `every_response`).
+    Deliver,
+}
+
+fn request_header_list(parts: &request::Parts, scheme: &str) -> HeaderList {
+    let mut headers: HeaderList = Vec::with_capacity(parts.headers.len() + 4);
+    headers.push((":method".into(), parts.method.as_str().as_bytes().to_vec()));
+    headers.push((":scheme".into(), scheme.as_bytes().to_vec()));
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().as_bytes().to_vec())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .map(|h| h.as_bytes().to_vec())
+        })
+        .unwrap_or_default();
+    headers.push((":authority".into(), authority));
+    headers.push((
+        ":path".into(),
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes()
+            .to_vec(),
+    ));
+    for (n, v) in &parts.headers {
+        headers.push((n.as_str().to_string(), v.as_bytes().to_vec()));
+    }
+    headers
+}
+
+/// A plugin's failure under a closed policy, or a stream it closed.
+fn failure_response(status: StatusCode, body: &'static [u8]) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(Bytes::from_static(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// A plugin's `send_local_response`. Not stored unless the plugin says how.
+fn local_response(lr: LocalResponse) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(lr.body));
+    *resp.status_mut() =
+        StatusCode::from_u16(lr.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    for (n, v) in lr.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_bytes(&v),
+        ) {
+            resp.headers_mut().append(n, v);
+        }
+    }
+    if !resp.headers().contains_key(header::CACHE_CONTROL) {
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    resp
+}
+
+/// The most HTTP-call rounds one plugin may go through in one request.
+const MAX_CALL_ROUNDS: usize = 8;
+
+/// Runs the request-header phase of every plugin, in order. Modified headers
+/// (and `:path`) are written back into `parts`. `Ok` carries the live
+/// contexts for the response phase; `Err` is the response a plugin answered
+/// with (or its failure policy's): the request goes no further.
+///
+/// `call` performs a plugin's `http_call` (`None`: failed or timed out).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_request<F, Fut>(
+    chain: &[Arc<LoadedPlugin>],
+    parts: &mut request::Parts,
+    scheme: &str,
+    end_of_stream: bool,
+    metrics: &Arc<Metrics>,
+    props: Arc<dyn PropertyResolver>,
+    call: F,
+) -> Result<SharedExchange, Response<ResponseBody>>
+where
+    F: Fn(HttpCallRequest) -> Fut,
+    Fut: Future<Output = Option<HttpCallResponse>>,
+{
+    let mut ex = Exchange {
+        chain: chain.to_vec(),
+        ctxs: Vec::with_capacity(chain.len()),
+        head: parts.method == http::Method::HEAD,
+        metrics: metrics.clone(),
+        response_headers: Vec::new(),
+    };
+    for lp in chain {
+        let policy = lp.plugin.policy();
+        // The failure policy: `Some` is the response that ends the request.
+        let fail = |ex: &mut Exchange| -> Option<Response<ResponseBody>> {
+            count(metrics, "failed");
+            match policy {
+                FailurePolicy::Open => {
+                    ex.ctxs.push(None);
+                    None
+                }
+                FailurePolicy::Closed => Some(failure_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    b"plugin failure\n",
+                )),
+            }
+        };
+        let mut ctx = match lp.plugin.request_context_with(props.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(plugin = %lp.name, error = %e, "plugin context failed");
+                if let Some(r) = fail(&mut ex) {
+                    return Err(r);
+                }
+                continue;
+            }
+        };
+        let mut headers = request_header_list(parts, scheme);
+        let mut action = ctx.on_request_headers(&mut headers, end_of_stream);
+        let mut rounds = 0;
+        loop {
+            match action {
+                Err(e) => {
+                    tracing::warn!(plugin = %lp.name, error = %e, "plugin failed in the request phase");
+                    if let Some(r) = fail(&mut ex) {
+                        return Err(r);
+                    }
+                    break;
+                }
+                Ok(Action::Continue) => {
+                    count(metrics, "continue");
+                    write_back(parts, &headers);
+                    ctx.keep_request_headers(headers);
+                    ex.ctxs.push(Some(ctx));
+                    break;
+                }
+                Ok(Action::LocalResponse(lr)) => {
+                    count(metrics, "local-response");
+                    return Err(local_response(lr));
+                }
+                Ok(Action::Close) => {
+                    count(metrics, "close");
+                    return Err(failure_response(
+                        StatusCode::FORBIDDEN,
+                        b"closed by plugin\n",
+                    ));
+                }
+                Ok(Action::Pause) => {
+                    let calls = ctx.take_http_calls();
+                    if calls.is_empty() || rounds >= MAX_CALL_ROUNDS {
+                        // Nothing can resume it: the failure policy decides.
+                        tracing::warn!(plugin = %lp.name, rounds, "plugin paused with no call to wait for");
+                        count(metrics, "stalled");
+                        if policy == FailurePolicy::Closed {
+                            return Err(failure_response(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                b"plugin failure\n",
+                            ));
+                        }
+                        ex.ctxs.push(Some(ctx));
+                        break;
+                    }
+                    rounds += 1;
+                    let results =
+                        futures_util::future::join_all(calls.iter().map(|c| call(c.clone()))).await;
+                    action = Ok(Action::Pause);
+                    for (c, r) in calls.iter().zip(results) {
+                        count(
+                            metrics,
+                            if r.is_some() {
+                                "http-call"
+                            } else {
+                                "http-call-failed"
+                            },
+                        );
+                        action = ctx.on_http_call_response(c.token, r, &mut headers);
+                        if !matches!(action, Ok(Action::Pause)) {
+                            break;
+                        }
+                    }
+                }
+                Ok(_) => {
+                    count(metrics, "unsupported");
+                    ex.ctxs.push(Some(ctx));
+                    break;
+                }
+            }
+        }
+    }
+    Ok(Arc::new(Mutex::new(ex)))
+}
+
+fn write_back(parts: &mut request::Parts, headers: &HeaderList) {
     let mut map = http::HeaderMap::with_capacity(headers.len());
     for (n, v) in headers {
         if n == ":path" {
@@ -190,10 +525,438 @@ fn write_back(parts: &mut request::Parts, headers: Vec<(String, Vec<u8>)>) {
         }
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(n.as_bytes()),
-            HeaderValue::from_bytes(&v),
+            HeaderValue::from_bytes(v),
         ) {
             map.append(n, v);
         }
     }
     parts.headers = map;
+}
+
+/// Whether the exchange has plugins for `phase`.
+pub fn has_phase(ex: &SharedExchange, phase: Phase) -> bool {
+    let ex = ex.lock();
+    ex.chain
+        .iter()
+        .zip(&ex.ctxs)
+        .any(|(lp, c)| c.is_some() && lp.every_response == (phase == Phase::Deliver))
+}
+
+/// A response body stage: one plugin's buffer while it holds data back.
+struct Stage {
+    idx: usize,
+    buf: BytesMut,
+    active: bool,
+}
+
+/// What stopped a body from going through the chain.
+enum BodyFailure {
+    /// A plugin failed under a closed policy, or closed the stream.
+    Failed,
+    /// A plugin answered with a local response mid-body.
+    Local(LocalResponse),
+}
+
+/// Pushes one chunk through the stages; returns what comes out the far end.
+fn push_chunk(
+    ex: &mut Exchange,
+    stages: &mut [Stage],
+    chunk: Bytes,
+    eos: bool,
+) -> Result<Bytes, BodyFailure> {
+    let mut data = chunk;
+    for st in stages.iter_mut() {
+        if !st.active || (data.is_empty() && !eos && st.buf.is_empty()) {
+            continue;
+        }
+        let lp = ex.chain[st.idx].clone();
+        st.buf.extend_from_slice(&data);
+        let Some(ctx) = ex.ctxs[st.idx].as_mut() else {
+            st.active = false;
+            data = st.buf.split().freeze();
+            continue;
+        };
+        match ctx.on_response_body(&mut st.buf, eos) {
+            // Held back: the limit is on what the plugin makes the edge keep.
+            Ok(Action::Pause) if !eos && st.buf.len() > lp.body_buffer => {
+                tracing::warn!(plugin = %lp.name, limit = lp.body_buffer, "plugin held back more body than its body_buffer");
+                count(&ex.metrics, "body-buffer-exceeded");
+                if lp.plugin.policy() == FailurePolicy::Closed {
+                    return Err(BodyFailure::Failed);
+                }
+                st.active = false;
+                data = st.buf.split().freeze();
+            }
+            Ok(Action::Pause) if !eos => return Ok(Bytes::new()),
+            Ok(Action::Continue | Action::Pause) => data = st.buf.split().freeze(),
+            Ok(Action::LocalResponse(lr)) => return Err(BodyFailure::Local(lr)),
+            Ok(_) => return Err(BodyFailure::Failed),
+            Err(e) => {
+                tracing::warn!(plugin = %lp.name, error = %e, "plugin failed on a response body");
+                count(&ex.metrics, "failed");
+                ex.ctxs[st.idx] = None;
+                if lp.plugin.policy() == FailurePolicy::Closed {
+                    return Err(BodyFailure::Failed);
+                }
+                st.active = false;
+                data = st.buf.split().freeze();
+            }
+        }
+    }
+    Ok(data)
+}
+
+fn response_header_list(resp: &Response<ResponseBody>) -> HeaderList {
+    let mut list: HeaderList = Vec::with_capacity(resp.headers().len() + 1);
+    list.push((":status".into(), resp.status().as_str().as_bytes().to_vec()));
+    for (n, v) in resp.headers() {
+        list.push((n.as_str().to_string(), v.as_bytes().to_vec()));
+    }
+    list
+}
+
+fn write_back_response(resp: &mut Response<ResponseBody>, list: &HeaderList) {
+    let mut map = http::HeaderMap::with_capacity(list.len());
+    for (n, v) in list {
+        if n == ":status" {
+            if let Some(s) = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u16>().ok())
+                .and_then(|s| StatusCode::from_u16(s).ok())
+            {
+                *resp.status_mut() = s;
+            }
+            continue;
+        }
+        if n.starts_with(':') {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
+            map.append(n, v);
+        }
+    }
+    *resp.headers_mut() = map;
+}
+
+/// Runs the response phase of the exchange's plugins for `phase`, in reverse
+/// chain order: headers, then (unless skipped) the body, which may be
+/// buffered or streamed (see the module docs).
+pub async fn response_phase(
+    ex: &SharedExchange,
+    phase: Phase,
+    mut resp: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    let eos = http_body::Body::is_end_stream(resp.body());
+    let mut stages: Vec<Stage> = Vec::new();
+    {
+        let mut guard = ex.lock();
+        let ex_ref = &mut *guard;
+        let mut list = response_header_list(&resp);
+        for idx in (0..ex_ref.chain.len()).rev() {
+            let lp = ex_ref.chain[idx].clone();
+            if lp.every_response != (phase == Phase::Deliver) {
+                continue;
+            }
+            let Some(ctx) = ex_ref.ctxs[idx].as_mut() else {
+                continue;
+            };
+            match ctx.on_response_headers(&mut list, eos) {
+                // A pause on the head waits for the body: the head is held anyway.
+                Ok(Action::Continue | Action::Pause) => {
+                    count(&ex_ref.metrics, "response-continue");
+                    stages.push(Stage {
+                        idx,
+                        buf: BytesMut::new(),
+                        active: true,
+                    });
+                }
+                Ok(Action::LocalResponse(lr)) => {
+                    count(&ex_ref.metrics, "local-response");
+                    let r = local_response(lr);
+                    ex_ref.response_headers = response_header_list(&r);
+                    return r;
+                }
+                Ok(_) => {
+                    count(&ex_ref.metrics, "close");
+                    return failure_response(StatusCode::BAD_GATEWAY, b"closed by plugin\n");
+                }
+                Err(e) => {
+                    tracing::warn!(plugin = %lp.name, error = %e, "plugin failed on response headers");
+                    count(&ex_ref.metrics, "failed");
+                    ex_ref.ctxs[idx] = None;
+                    if lp.plugin.policy() == FailurePolicy::Closed {
+                        return failure_response(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            b"plugin failure\n",
+                        );
+                    }
+                }
+            }
+        }
+        write_back_response(&mut resp, &list);
+        ex_ref.response_headers = list;
+        let status = resp.status();
+        let encoded = resp
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        if encoded && !stages.is_empty() && !eos {
+            count(&ex_ref.metrics, "body-skipped-encoded");
+        }
+        if stages.is_empty()
+            || eos
+            || ex_ref.head
+            || encoded
+            || status.is_informational()
+            || matches!(
+                status,
+                StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED | StatusCode::PARTIAL_CONTENT
+            )
+        {
+            return resp;
+        }
+    }
+    transform_body(ex.clone(), stages, resp).await
+}
+
+/// Runs the body through the stages. The head is held until the chain
+/// releases its first bytes (or the body ends).
+async fn transform_body(
+    ex: SharedExchange,
+    mut stages: Vec<Stage>,
+    resp: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    let (mut parts, mut body) = resp.into_parts();
+    let mut out = BytesMut::new();
+    let mut in_total: u64 = 0;
+    let fail = |f: BodyFailure| match f {
+        BodyFailure::Local(lr) => local_response(lr),
+        BodyFailure::Failed => {
+            failure_response(StatusCode::INTERNAL_SERVER_ERROR, b"plugin failure\n")
+        }
+    };
+    // 1. Until the first release: nothing has been sent yet.
+    let finished = loop {
+        let (chunk, eos) = match body.frame().await {
+            None => (Bytes::new(), true),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => (d, false),
+                Err(_) => continue, // trailers: not passed through plugins
+            },
+            Some(Err(e)) => {
+                tracing::info!(error = %e, "origin body failed before the plugins released it");
+                return failure_response(StatusCode::BAD_GATEWAY, b"origin body failed\n");
+            }
+        };
+        in_total += chunk.len() as u64;
+        let released = {
+            let mut g = ex.lock();
+            push_chunk(&mut g, &mut stages, chunk, eos)
+        };
+        match released {
+            Ok(b) => out.extend_from_slice(&b),
+            Err(f) => return fail(f),
+        }
+        if eos {
+            break true;
+        }
+        // Released, and more to come: stream. (A body whose last bytes just
+        // came goes round once more to see its end, and is sent whole.)
+        if !out.is_empty() && !http_body::Body::is_end_stream(&body) {
+            break false;
+        }
+    };
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    if finished {
+        // The whole body went through: its length is known exactly.
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+        return Response::from_parts(parts, ResponseBody::full(out.freeze()));
+    }
+    // 2. Streaming. The origin's Content-Length holds only while no plugin
+    // changes the length; it is dropped now if one already has.
+    let out_total = out.len() as u64;
+    if out_total != in_total {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, crate::error::BoxError>>(2);
+    let first = out.freeze();
+    tokio::spawn(async move {
+        let mut in_total = in_total;
+        let mut out_total = first.len() as u64;
+        if tx.send(Ok(first)).await.is_err() {
+            return;
+        }
+        loop {
+            let (chunk, eos) = match body.frame().await {
+                None => (Bytes::new(), true),
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => (d, false),
+                    Err(_) => continue,
+                },
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(Box::new(e))).await;
+                    return;
+                }
+            };
+            in_total += chunk.len() as u64;
+            let released = {
+                let mut g = ex.lock();
+                push_chunk(&mut g, &mut stages, chunk, eos)
+            };
+            let b = match released {
+                Ok(b) => b,
+                Err(_) => {
+                    let _ = tx
+                        .send(Err("a plugin failed while streaming the body".into()))
+                        .await;
+                    return;
+                }
+            };
+            out_total += b.len() as u64;
+            if declared.is_some() && (out_total > in_total || (eos && out_total != in_total)) {
+                tracing::warn!("a plugin changed the body's length after Content-Length was sent");
+                let _ = tx
+                    .send(Err("a plugin changed the length of a streamed body".into()))
+                    .await;
+                return;
+            }
+            if !b.is_empty() && tx.send(Ok(b)).await.is_err() {
+                return;
+            }
+            if eos {
+                return;
+            }
+        }
+    });
+    Response::from_parts(parts, ResponseBody::channel(rx, declared))
+}
+
+/// Exports each plugin's own metrics and the host's counters for it.
+pub fn update_metrics(metrics: &Metrics, sites: &[crate::proxy::Site]) {
+    use crate::metrics::{PluginLabels, PluginMetricLabels};
+    metrics.plugin_metric.clear();
+    metrics.plugin_histogram_count.clear();
+    metrics.plugin_callbacks.clear();
+    metrics.plugin_failures.clear();
+    metrics.plugin_instances.clear();
+    for site in sites {
+        for lp in &site.plugins {
+            for m in lp.plugin.metrics() {
+                let labels = PluginMetricLabels {
+                    plugin: lp.name.clone(),
+                    name: Arc::from(m.name.as_str()),
+                    kind: match m.kind {
+                        MetricKind::Counter => "counter",
+                        MetricKind::Gauge => "gauge",
+                        _ => "histogram",
+                    },
+                };
+                metrics.plugin_metric.get_or_create(&labels).set(m.value);
+                if m.kind == MetricKind::Histogram {
+                    metrics
+                        .plugin_histogram_count
+                        .get_or_create(&labels)
+                        .set(i64::try_from(m.count).unwrap_or(i64::MAX));
+                }
+            }
+            let s = lp.plugin.stats();
+            let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            metrics
+                .plugin_callbacks
+                .get_or_create(&PluginLabels {
+                    plugin: lp.name.clone(),
+                    kind: "callbacks",
+                })
+                .set(g(s.callbacks));
+            for (kind, v) in [
+                ("trap", s.traps),
+                ("deadline", s.deadline_exceeded),
+                ("memory", s.memory_limit),
+                ("exit", s.exits),
+            ] {
+                metrics
+                    .plugin_failures
+                    .get_or_create(&PluginLabels {
+                        plugin: lp.name.clone(),
+                        kind,
+                    })
+                    .set(g(v));
+            }
+            for (kind, v) in [
+                ("live", s.live_instances),
+                ("idle", s.idle_instances as u64),
+            ] {
+                metrics
+                    .plugin_instances
+                    .get_or_create(&PluginLabels {
+                        plugin: lp.name.clone(),
+                        kind,
+                    })
+                    .set(g(v));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_properties_follow_envoys_encoding() {
+        let p = RequestProps::new(
+            "192.0.2.7:5555".parse().unwrap(),
+            "127.0.0.1:443".parse().unwrap(),
+            true,
+            "h2",
+            None,
+            ("GET".into(), "/a/b?x=1".into(), "example.com".into()),
+        );
+        assert_eq!(p.property(&["request", "url_path"]), Some(b"/a/b".to_vec()));
+        assert_eq!(p.property(&["request", "query"]), Some(b"x=1".to_vec()));
+        assert_eq!(p.property(&["request", "scheme"]), Some(b"https".to_vec()));
+        assert_eq!(
+            p.property(&["source", "address"]),
+            Some(b"192.0.2.7:5555".to_vec())
+        );
+        assert_eq!(
+            p.property(&["source", "port"]),
+            Some(5555u64.to_le_bytes().to_vec())
+        );
+        assert_eq!(p.property(&["connection", "tls"]), Some(vec![1]));
+        assert_eq!(p.property(&["request", "protocol"]), Some(b"h2".to_vec()));
+        assert_eq!(
+            p.property(&["meridian", "client", "ip"]),
+            Some(b"192.0.2.7".to_vec())
+        );
+        // No GeoIP database: the country is unknown (NotFound to the plugin).
+        assert_eq!(p.property(&["meridian", "client", "country"]), None);
+        assert_eq!(p.property(&["nope"]), None);
+    }
+
+    #[test]
+    fn response_headers_round_trip_with_status() {
+        let mut resp = Response::new(ResponseBody::empty());
+        resp.headers_mut()
+            .insert("x-a", HeaderValue::from_static("1"));
+        let mut list = response_header_list(&resp);
+        assert_eq!(list[0], (":status".to_string(), b"200".to_vec()));
+        list[0].1 = b"203".to_vec();
+        list.push(("x-b".into(), b"2".to_vec()));
+        list.push(("bad name".into(), b"x".to_vec()));
+        write_back_response(&mut resp, &list);
+        assert_eq!(resp.status(), StatusCode::NON_AUTHORITATIVE_INFORMATION);
+        assert_eq!(resp.headers().len(), 2);
+    }
 }

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -96,6 +97,8 @@ pub struct Runtime {
     pub via: headers::ViaValues,
     /// The Wasm host, kept across generations (one engine per process).
     pub plugin_host: Option<Arc<meridian_wasm_host::PluginHost>>,
+    /// The GeoIP database behind the plugins' `meridian.client.country`.
+    pub geoip: Option<Arc<crate::plugins::GeoIp>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -133,7 +136,7 @@ impl Runtime {
         let plugin_host = match previous.and_then(|r| r.plugin_host.clone()) {
             Some(h) => Some(h),
             None if config.sites.iter().any(|s| !s.plugins.is_empty()) => {
-                Some(crate::plugins::new_host()?)
+                Some(crate::plugins::new_host(&config.plugins)?)
             }
             None => None,
         };
@@ -170,10 +173,17 @@ impl Runtime {
         }
         let access_log = AccessLog::open(&config.log.access_log, metrics.clone())
             .map_err(|e| format!("access log: {e}"))?;
-        let tasks = pools
+        let geoip = match &config.plugins.geoip {
+            Some(p) => Some(Arc::new(crate::plugins::GeoIp::open(p)?)),
+            None => None,
+        };
+        let mut tasks: Vec<_> = pools
             .values()
             .flat_map(|p| upstream::health::spawn_checkers(p.clone(), metrics.clone()))
             .collect();
+        for s in &sites {
+            tasks.extend(crate::plugins::spawn_tickers(&s.plugins));
+        }
         Ok(Runtime {
             router: Router::new(&patterns),
             sites,
@@ -181,6 +191,7 @@ impl Runtime {
             access_log,
             via: headers::ViaValues::new(&config.server.via),
             plugin_host,
+            geoip,
             tasks,
             config,
         })
@@ -266,9 +277,11 @@ impl Proxy {
             proto: ds.proto,
             site: Arc::from("-"),
             origin: None,
+            plugins: None,
             _inflight: inflight,
         };
-        let mut resp = match self.pipeline(req, ds, seq, &rt, &mut end, &mut rec).await {
+        let result = self.pipeline(req, ds, seq, &rt, &mut end, &mut rec).await;
+        let mut resp = match result {
             Ok(r) => r,
             Err(e) => {
                 rec.error = Some(e.kind.label());
@@ -282,6 +295,11 @@ impl Proxy {
             }
         };
         // response_filter: every client response.
+        if let Some(ex) = &end.plugins
+            && crate::plugins::has_phase(ex, crate::plugins::Phase::Deliver)
+        {
+            resp = crate::plugins::response_phase(ex, crate::plugins::Phase::Deliver, resp).await;
+        }
         let version = resp.version();
         rt.via.add(resp.headers_mut(), version);
         if ds.tls
@@ -408,13 +426,43 @@ impl Proxy {
         end.origin = Some((pool.name.clone(), None));
 
         // Wasm plugins: after routing, before the cache and the origin.
+        let mut exchange = None;
         if !site.plugins.is_empty() {
             let scheme = if ds.tls { "https" } else { "http" };
             let eos = http_body::Body::is_end_stream(&body);
-            if let Some(resp) =
-                crate::plugins::run_request(&site.plugins, &mut parts, scheme, eos, &self.metrics)
+            let props = Arc::new(crate::plugins::RequestProps::new(
+                ds.client,
+                ds.local,
+                ds.tls,
+                ds.proto.label(),
+                rt.geoip.clone(),
+                (
+                    parts.method.as_str().to_string(),
+                    parts
+                        .uri
+                        .path_and_query()
+                        .map_or("/", |p| p.as_str())
+                        .to_string(),
+                    host.clone().unwrap_or_default(),
+                ),
+            ));
+            let call = |c| self.plugin_http_call(rt, c);
+            match crate::plugins::run_request(
+                &site.plugins,
+                &mut parts,
+                scheme,
+                eos,
+                &self.metrics,
+                props,
+                call,
+            )
+            .await
             {
-                return Ok(resp);
+                Ok(ex) => {
+                    end.plugins = Some(ex.clone());
+                    exchange = Some(ex);
+                }
+                Err(resp) => return Ok(resp),
             }
         }
 
@@ -450,6 +498,7 @@ impl Proxy {
             preserve_host: site.preserve_host,
             upgrade,
             tls: ds.tls,
+            plugins: exchange,
         };
 
         // 4. cache: may answer, or fetch and store.
@@ -530,7 +579,11 @@ impl Proxy {
                     let status = resp.status();
                     self.record_outcome(pool, &origin, !matches!(status.as_u16(), 502..=504));
                     rec.upstream_status = Some(status.as_u16());
-                    return Ok(Fetched { resp, pool_return });
+                    return Ok(Fetched {
+                        resp,
+                        pool_return,
+                        plugins: up.plugins.clone(),
+                    });
                 }
                 Err((e, returned)) => {
                     pending = returned;
@@ -570,6 +623,89 @@ impl Proxy {
                 })
                 .inc();
         }
+    }
+
+    /// A plugin's `http_call`: to the pool named `upstream` in the config,
+    /// bounded by the call's timeout (at most 60 s) and by
+    /// `[plugins] http_call_max_body`. `None` when it fails.
+    async fn plugin_http_call(
+        self: &Arc<Self>,
+        rt: &Runtime,
+        call: meridian_wasm_host::HttpCallRequest,
+    ) -> Option<meridian_wasm_host::HttpCallResponse> {
+        let Some(pool) = rt.pools.get(&call.upstream).cloned() else {
+            tracing::warn!(upstream = %call.upstream, "plugin http_call to a pool that is not configured");
+            return None;
+        };
+        let (mut parts, ()) = Request::new(()).into_parts();
+        let mut host = None;
+        let mut path = String::from("/");
+        for (n, v) in &call.headers {
+            match n.as_str() {
+                ":method" => parts.method = Method::from_bytes(v).ok()?,
+                ":path" => path = String::from_utf8(v.clone()).ok()?,
+                ":authority" => host = Some(String::from_utf8(v.clone()).ok()?),
+                n if n.starts_with(':') => {}
+                n => {
+                    if let (Ok(n), Ok(v)) = (
+                        http::HeaderName::from_bytes(n.as_bytes()),
+                        HeaderValue::from_bytes(v),
+                    ) {
+                        parts.headers.append(n, v);
+                    }
+                }
+            }
+        }
+        parts.uri = path.parse().ok()?;
+        let body = if call.body.is_empty() {
+            RequestBody::empty()
+        } else {
+            RequestBody::new(ClientBody::Full(Some(call.body.clone())), 0, Arc::default())
+        };
+        let up = UpstreamRequest {
+            parts,
+            host,
+            path,
+            preserve_host: true,
+            upgrade: false,
+            tls: false,
+            plugins: None,
+        };
+        let max = usize::try_from(rt.config.plugins.http_call_max_body.get()).unwrap_or(usize::MAX);
+        let timeout = call
+            .timeout
+            .clamp(Duration::from_millis(1), Duration::from_secs(60));
+        let exchange = async {
+            let mut rec = LogRecord::background();
+            let flag = AtomicBool::new(false);
+            let fetched = self.fetch(&pool, &up, body, &flag, &mut rec).await.ok()?;
+            let resp = self
+                .finish_response(fetched, &pool, false, None)
+                .await
+                .ok()?;
+            let (parts, body) = resp.into_parts();
+            let body = http_body_util::Limited::new(body, max)
+                .collect()
+                .await
+                .ok()?
+                .to_bytes();
+            let mut headers: meridian_wasm_host::HeaderList =
+                Vec::with_capacity(parts.headers.len() + 1);
+            headers.push((":status".into(), parts.status.as_str().as_bytes().to_vec()));
+            for (n, v) in &parts.headers {
+                headers.push((n.as_str().to_string(), v.as_bytes().to_vec()));
+            }
+            Some(meridian_wasm_host::HttpCallResponse {
+                headers,
+                body,
+                trailers: Vec::new(),
+            })
+        };
+        let r = tokio::time::timeout(timeout, exchange).await.ok().flatten();
+        if r.is_none() {
+            tracing::info!(upstream = %call.upstream, "plugin http_call failed or timed out");
+        }
+        r
     }
 
     fn record_outcome(&self, pool: &Pool, origin: &Origin, ok: bool) {
@@ -706,7 +842,11 @@ impl Proxy {
         upgrade: bool,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let Fetched { resp, pool_return } = fetched;
+        let Fetched {
+            resp,
+            pool_return,
+            plugins,
+        } = fetched;
         let (mut parts, body) = resp.into_parts();
         if upgrade && parts.status == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
@@ -731,7 +871,14 @@ impl Proxy {
         let deadline = pool.config.timeouts.total.map(|t| Instant::now() + t.get());
         let mut body = ResponseBody::upstream(body, pool.config.timeouts.idle.get(), deadline);
         body.on_end(pool_return);
-        Ok(Response::from_parts(parts, body))
+        let resp = Response::from_parts(parts, body);
+        // Response-phase plugins: before the cache stores it.
+        match plugins {
+            Some(ex) if crate::plugins::has_phase(&ex, crate::plugins::Phase::Store) => {
+                Ok(crate::plugins::response_phase(&ex, crate::plugins::Phase::Store, resp).await)
+            }
+            _ => Ok(resp),
+        }
     }
 }
 
@@ -813,6 +960,8 @@ pub struct Fetched {
     pub resp: Response<Incoming>,
     /// Returns the connection to its pool when the body ends complete.
     pub pool_return: PoolReturn,
+    /// The request's live plugin contexts, for the response phase.
+    pub plugins: Option<crate::plugins::SharedExchange>,
 }
 
 /// The request that goes to the origin, prepared once per client request.
@@ -826,6 +975,8 @@ pub struct UpstreamRequest {
     pub upgrade: bool,
     /// The client came over TLS (the cache key's scheme).
     pub tls: bool,
+    /// The request's live plugin contexts, for the response phase.
+    pub plugins: Option<crate::plugins::SharedExchange>,
 }
 
 /// The connection an exchange used, returned to its pool when the body ends.
@@ -845,6 +996,8 @@ struct ExchangeEnd {
     proto: Proto,
     site: Arc<str>,
     origin: Option<(Arc<str>, Option<Arc<str>>)>,
+    /// Plugin contexts live until the response body ends (then `on_log`).
+    plugins: Option<crate::plugins::SharedExchange>,
     _inflight: InflightGuard,
 }
 

@@ -4,6 +4,7 @@
 mod anycast;
 mod bad_input;
 mod cache;
+mod examples;
 mod http3;
 mod interop;
 mod ops;

@@ -262,6 +262,7 @@ impl Plugin {
             instance: Some(instance),
             id,
             paused_map: None,
+            request_headers: None,
             done: false,
             deleted: false,
         })
@@ -337,6 +338,10 @@ pub struct RequestContext {
     instance: Option<PluginInstance>,
     id: u32,
     paused_map: Option<MapType>,
+    /// The request headers as the request phase left them: lent to later
+    /// callbacks read-only-in-spirit, as Envoy keeps them readable in the
+    /// response phase.
+    request_headers: Option<HeaderList>,
     done: bool,
     deleted: bool,
 }
@@ -381,16 +386,26 @@ impl RequestContext {
         mut swap: impl FnMut(&mut HostState, bool),
     ) -> Result<Option<R>> {
         let id = self.id;
+        let lent = self.request_headers.take();
         let inst = self.instance()?;
         let Some(func) = pick(&inst.exports) else {
+            self.request_headers = lent;
             return Ok(None);
         };
         let st = inst.store.data_mut();
         st.active_id = id;
         st.effective_id = id;
+        let lending = lent.is_some();
+        if let Some(h) = lent {
+            st.maps[MapType::RequestHeaders as usize] = Some(h);
+        }
         swap(st, true);
         let r = inst.call(name, &func, args);
-        swap(inst.store.data_mut(), false);
+        let st = inst.store.data_mut();
+        swap(st, false);
+        if lending {
+            self.request_headers = st.maps[MapType::RequestHeaders as usize].take();
+        }
         match r {
             Ok(v) => Ok(Some(v)),
             Err(e) => {
@@ -449,11 +464,14 @@ impl RequestContext {
     }
 
     /// `proxy_on_request_headers`. The plugin may read and edit `headers`.
+    /// Hand the final headers back with [`RequestContext::keep_request_headers`]
+    /// so they stay readable in the later phases, as in Envoy.
     pub fn on_request_headers(
         &mut self,
         headers: &mut HeaderList,
         end_of_stream: bool,
     ) -> Result<Action> {
+        self.request_headers = None;
         self.headers_phase(
             "proxy_on_request_headers",
             MapType::RequestHeaders,
@@ -461,6 +479,12 @@ impl RequestContext {
             end_of_stream,
             true,
         )
+    }
+
+    /// Keep the request headers (as the request phase left them) for the
+    /// later phases: the response callbacks and `on_log` can read them.
+    pub fn keep_request_headers(&mut self, headers: HeaderList) {
+        self.request_headers = Some(headers);
     }
 
     /// `proxy_on_response_headers`. The plugin may read and edit `headers`.
@@ -633,23 +657,28 @@ impl RequestContext {
         })
     }
 
-    /// `proxy_on_log`: the plugin may read (and, harmlessly, edit) both header maps.
+    /// `proxy_on_log`: the plugin may read (and, harmlessly, edit) both header
+    /// maps. An empty `request_headers` means the ones kept with
+    /// [`RequestContext::keep_request_headers`].
     pub fn on_log(
         &mut self,
         request_headers: &mut HeaderList,
         response_headers: &mut HeaderList,
     ) -> Result<()> {
         let id = self.id as i32;
+        let kept = request_headers.is_empty() && self.request_headers.is_some();
         self.run(
             "proxy_on_log",
             |e| e.on_log.clone(),
             id,
             |st, on| {
-                swap_map(
-                    &mut st.maps[MapType::RequestHeaders as usize],
-                    request_headers,
-                    on,
-                );
+                if !kept {
+                    swap_map(
+                        &mut st.maps[MapType::RequestHeaders as usize],
+                        request_headers,
+                        on,
+                    );
+                }
                 swap_map(
                     &mut st.maps[MapType::ResponseHeaders as usize],
                     response_headers,

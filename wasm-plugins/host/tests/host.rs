@@ -647,6 +647,53 @@ fn bench_on_request_headers() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Memory per live instance of the real example plugins (built by
+/// `wasm-plugins/build`): 200 requests in flight at once, each holding its
+/// own instance, RSS before and after.
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture (needs wasm-plugins/dist)"]
+fn bench_instance_memory() -> anyhow::Result<()> {
+    let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist");
+    let n = 200;
+    for (name, cfg) in [
+        ("headers", r#"{"response":{"remove":["Server"]}}"#),
+        ("jwt-auth", r#"{"alg":"HS256","secret":"s"}"#),
+        ("rewrite", r#"{"rules":[{"find":"a","replace":"b"}]}"#),
+        ("compat", "x"),
+    ] {
+        let wasm = std::fs::read(dist.join(format!("{name}.wasm")))
+            .map_err(|e| anyhow::anyhow!("{name}.wasm: {e} (run wasm-plugins/build)"))?;
+        let host = PluginHost::new(HostConfig {
+            max_instances: 512,
+            max_idle_instances_per_plugin: 512,
+            ..HostConfig::default()
+        })?;
+        let plugin = host.load(
+            name,
+            &wasm,
+            cfg.as_bytes(),
+            Limits::default(),
+            FailurePolicy::Open,
+        )?;
+        let before = rss_kib();
+        let mut ctxs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut ctx = plugin.request_context()?;
+            let mut h = headers(&[(":path", "/"), (":method", "GET"), (":authority", "x")]);
+            ctx.on_request_headers(&mut h, true)?;
+            ctxs.push(ctx);
+        }
+        let after = rss_kib();
+        assert_eq!(plugin.stats().live_instances, n as u64);
+        println!(
+            "{name}: {} bytes of module, {} KiB resident per live instance ({n} instances)",
+            wasm.len(),
+            after.saturating_sub(before) / n as u64
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn api_types_are_thread_safe() {
     fn send_sync<T: Send + Sync>() {}
