@@ -34,7 +34,8 @@ WORK="$(mktemp -d /tmp/meridian-bench.XXXXXX)"
 trap bench_cleanup EXIT
 
 ORIGIN_PORT=18930
-start_origin $ORIGIN_PORT "$SIZE" "max-age=3600"
+# public: responses to requests with Authorization are storable (RFC 9111 §3.5)
+start_origin $ORIGIN_PORT "$SIZE" "public, max-age=3600"
 
 SECRET="bench-secret"
 b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }

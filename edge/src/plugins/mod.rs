@@ -63,6 +63,9 @@ impl std::fmt::Debug for LoadedPlugin {
 pub fn new_host(cfg: &PluginsConfig) -> Result<Arc<PluginHost>, String> {
     PluginHost::new(HostConfig {
         max_instances: cfg.max_instances,
+        // Every instance a burst needed stays pooled: re-instantiating copies
+        // the module's data segments, which costs far more than the memory.
+        max_idle_instances_per_plugin: cfg.max_instances as usize,
         ..HostConfig::default()
     })
     .map(Arc::new)
@@ -570,7 +573,14 @@ fn push_chunk(
             continue;
         }
         let lp = ex.chain[st.idx].clone();
-        st.buf.extend_from_slice(&data);
+        if st.buf.is_empty() {
+            // Nothing held back: take the chunk as is (no copy when unshared).
+            st.buf = data
+                .try_into_mut()
+                .unwrap_or_else(|b| BytesMut::from(&b[..]));
+        } else {
+            st.buf.extend_from_slice(&data);
+        }
         let Some(ctx) = ex.ctxs[st.idx].as_mut() else {
             st.active = false;
             data = st.buf.split().freeze();

@@ -298,7 +298,12 @@ impl Proxy {
         if let Some(ex) = &end.plugins
             && crate::plugins::has_phase(ex, crate::plugins::Phase::Deliver)
         {
-            resp = crate::plugins::response_phase(ex, crate::plugins::Phase::Deliver, resp).await;
+            resp = Box::pin(crate::plugins::response_phase(
+                ex,
+                crate::plugins::Phase::Deliver,
+                resp,
+            ))
+            .await;
         }
         let version = resp.version();
         rt.via.add(resp.headers_mut(), version);
@@ -447,7 +452,9 @@ impl Proxy {
                 ),
             ));
             let call = |c| self.plugin_http_call(rt, c);
-            match crate::plugins::run_request(
+            // Boxed: its state (with any http_call) stays out of every
+            // request's future, plugins or not.
+            match Box::pin(crate::plugins::run_request(
                 &site.plugins,
                 &mut parts,
                 scheme,
@@ -455,7 +462,7 @@ impl Proxy {
                 &self.metrics,
                 props,
                 call,
-            )
+            ))
             .await
             {
                 Ok(ex) => {
@@ -875,7 +882,12 @@ impl Proxy {
         // Response-phase plugins: before the cache stores it.
         match plugins {
             Some(ex) if crate::plugins::has_phase(&ex, crate::plugins::Phase::Store) => {
-                Ok(crate::plugins::response_phase(&ex, crate::plugins::Phase::Store, resp).await)
+                Ok(Box::pin(crate::plugins::response_phase(
+                    &ex,
+                    crate::plugins::Phase::Store,
+                    resp,
+                ))
+                .await)
             }
             _ => Ok(resp),
         }

@@ -694,6 +694,75 @@ fn bench_instance_memory() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A whole pooled request through each real example plugin (built by
+/// `wasm-plugins/build`): context, request headers, response headers, log,
+/// done, delete — what the edge does per request.
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture (needs wasm-plugins/dist)"]
+fn bench_real_plugins() -> anyhow::Result<()> {
+    let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist");
+    let host = PluginHost::new(HostConfig::default())?;
+    let req = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "www.example.com"),
+        (":path", "/static/app.js?v=3"),
+        ("user-agent", "curl/8.0"),
+        ("accept", "*/*"),
+        ("accept-encoding", "gzip, br"),
+        ("x-forwarded-for", "192.0.2.1"),
+    ];
+    let resp = [
+        (":status", "200"),
+        ("content-type", "application/javascript"),
+        ("content-length", "1024"),
+        ("server", "nginx"),
+        ("cache-control", "public, max-age=3600"),
+        ("etag", "\"abc\""),
+    ];
+    let n = 50_000u32;
+    for (name, cfg) in [
+        (
+            "headers",
+            r#"{"request":{"add":{"X-From-Edge":"1"}},"response":{"add":{"Strict-Transport-Security":"max-age=63072000"},"remove":["Server"]}}"#,
+        ),
+        (
+            "geo-redirect",
+            r#"{"rules":[{"countries":["KP"],"deny":451}],"default":"continue"}"#,
+        ),
+        ("compat", "x"),
+    ] {
+        let wasm = std::fs::read(dist.join(format!("{name}.wasm")))
+            .map_err(|e| anyhow::anyhow!("{name}.wasm: {e} (run wasm-plugins/build)"))?;
+        let plugin = host.load(
+            name,
+            &wasm,
+            cfg.as_bytes(),
+            Limits::default(),
+            FailurePolicy::Open,
+        )?;
+        let before = plugin.stats().callbacks;
+        let start = Instant::now();
+        for _ in 0..n {
+            let mut ctx = plugin.request_context()?;
+            let mut h = headers(&req);
+            ctx.on_request_headers(&mut h, true)?;
+            ctx.keep_request_headers(h);
+            let mut r = headers(&resp);
+            ctx.on_response_headers(&mut r, false)?;
+            ctx.on_log(&mut Vec::new(), &mut r)?;
+            ctx.finish()?;
+        }
+        let per = start.elapsed().as_nanos() / u128::from(n);
+        let calls = (plugin.stats().callbacks - before) / u64::from(n);
+        println!(
+            "{name}: {per} ns per request ({calls} callbacks, {} ns each)",
+            per / u128::from(calls.max(1))
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn api_types_are_thread_safe() {
     fn send_sync<T: Send + Sync>() {}
