@@ -585,6 +585,24 @@ async fn upstream_proxy_wasm_plugin_behaves_as_in_envoy() -> anyhow::Result<()> 
         metric(&m, "meridian_plugin_metric", &["compat_requests"]) >= f64::from(n),
         "{m}"
     );
+    assert!(metric(&m, "meridian_plugin_results_total", &["\"http-call\""]) >= 2.0);
+
+    // An authz pool that cannot answer: the call fails, the plugin is told
+    // so (no :status), and it refuses, as it would under Envoy.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let top = format!("[pools.authz]\norigins = [{{ url = \"http://{dead}\" }}]\n");
+    let down = Edge::start(&config_with(
+        &origin,
+        &plugin(&dist("compat")?, "\"x\"", "failure = \"closed\""),
+        &top,
+    ))?;
+    let r = get_plain(down.http(), "t", "/compat-authz/ok").await?;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let m = down.metrics().await?;
+    assert!(
+        metric(&m, "meridian_plugin_results_total", &["http-call-failed"]) >= 1.0,
+        "{m}"
+    );
     assert!(
         metric(&m, "meridian_plugin_callbacks", &["callbacks"]) > 0.0,
         "{m}"
