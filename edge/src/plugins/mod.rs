@@ -344,9 +344,7 @@ fn request_header_list(parts: &request::Parts, scheme: &str) -> HeaderList {
             .as_bytes()
             .to_vec(),
     ));
-    for (n, v) in &parts.headers {
-        headers.push((n.as_str().to_string(), v.as_bytes().to_vec()));
-    }
+    push_headers(&mut headers, &parts.headers);
     headers
 }
 
@@ -364,14 +362,7 @@ fn local_response(lr: LocalResponse) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::full(lr.body));
     *resp.status_mut() =
         StatusCode::from_u16(lr.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    for (n, v) in lr.headers {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(n.as_bytes()),
-            HeaderValue::from_bytes(&v),
-        ) {
-            resp.headers_mut().append(n, v);
-        }
-    }
+    *resp.headers_mut() = header_map(&lr.headers, |_, _| {});
     if !resp.headers().contains_key(header::CACHE_CONTROL) {
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -510,30 +501,47 @@ where
     Ok(Arc::new(Mutex::new(ex)))
 }
 
-fn write_back(parts: &mut request::Parts, headers: &HeaderList) {
-    let mut map = http::HeaderMap::with_capacity(headers.len());
+/// Appends `headers` to a proxy-wasm header list.
+pub(crate) fn push_headers(list: &mut HeaderList, headers: &http::HeaderMap) {
     for (n, v) in headers {
-        if n == ":path" {
-            if let Ok(pq) = http::uri::PathAndQuery::try_from(v.as_slice()) {
-                let mut up = parts.uri.clone().into_parts();
-                up.path_and_query = Some(pq);
-                if let Ok(u) = Uri::from_parts(up) {
-                    parts.uri = u;
-                }
-            }
-            continue;
-        }
+        list.push((n.as_str().to_string(), v.as_bytes().to_vec()));
+    }
+}
+
+/// The regular headers of a proxy-wasm list as a `HeaderMap` (entries that
+/// are not valid HTTP are dropped); `pseudo` sees the `:name` entries.
+pub(crate) fn header_map(
+    list: &HeaderList,
+    mut pseudo: impl FnMut(&str, &[u8]),
+) -> http::HeaderMap {
+    let mut map = http::HeaderMap::with_capacity(list.len());
+    for (n, v) in list {
         if n.starts_with(':') {
-            continue;
-        }
-        if let (Ok(n), Ok(v)) = (
+            pseudo(n, v);
+        } else if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(n.as_bytes()),
             HeaderValue::from_bytes(v),
         ) {
             map.append(n, v);
         }
     }
-    parts.headers = map;
+    map
+}
+
+fn write_back(parts: &mut request::Parts, headers: &HeaderList) {
+    let mut path = None;
+    parts.headers = header_map(headers, |n, v| {
+        if n == ":path" {
+            path = http::uri::PathAndQuery::try_from(v).ok();
+        }
+    });
+    if let Some(pq) = path {
+        let mut up = parts.uri.clone().into_parts();
+        up.path_and_query = Some(pq);
+        if let Ok(u) = Uri::from_parts(up) {
+            parts.uri = u;
+        }
+    }
 }
 
 /// Whether the exchange has plugins for `phase`.
@@ -619,36 +627,20 @@ fn push_chunk(
 fn response_header_list(resp: &Response<ResponseBody>) -> HeaderList {
     let mut list: HeaderList = Vec::with_capacity(resp.headers().len() + 1);
     list.push((":status".into(), resp.status().as_str().as_bytes().to_vec()));
-    for (n, v) in resp.headers() {
-        list.push((n.as_str().to_string(), v.as_bytes().to_vec()));
-    }
+    push_headers(&mut list, resp.headers());
     list
 }
 
 fn write_back_response(resp: &mut Response<ResponseBody>, list: &HeaderList) {
-    let mut map = http::HeaderMap::with_capacity(list.len());
-    for (n, v) in list {
+    let mut status = None;
+    *resp.headers_mut() = header_map(list, |n, v| {
         if n == ":status" {
-            if let Some(s) = std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.parse::<u16>().ok())
-                .and_then(|s| StatusCode::from_u16(s).ok())
-            {
-                *resp.status_mut() = s;
-            }
-            continue;
+            status = StatusCode::from_bytes(v).ok();
         }
-        if n.starts_with(':') {
-            continue;
-        }
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(n.as_bytes()),
-            HeaderValue::from_bytes(v),
-        ) {
-            map.append(n, v);
-        }
+    });
+    if let Some(s) = status {
+        *resp.status_mut() = s;
     }
-    *resp.headers_mut() = map;
 }
 
 /// Runs the response phase of the exchange's plugins for `phase`, in reverse
@@ -732,6 +724,22 @@ pub async fn response_phase(
     transform_body(ex.clone(), stages, resp).await
 }
 
+/// The next data of a body and whether it is the end (trailers are not
+/// passed through plugins: they are skipped).
+async fn next_chunk(body: &mut ResponseBody) -> Result<(Bytes, bool), crate::error::BoxError> {
+    loop {
+        match body.frame().await {
+            None => return Ok((Bytes::new(), true)),
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    return Ok((d, false));
+                }
+            }
+            Some(Err(e)) => return Err(Box::new(e)),
+        }
+    }
+}
+
 /// Runs the body through the stages. The head is held until the chain
 /// releases its first bytes (or the body ends).
 async fn transform_body(
@@ -750,13 +758,9 @@ async fn transform_body(
     };
     // 1. Until the first release: nothing has been sent yet.
     let finished = loop {
-        let (chunk, eos) = match body.frame().await {
-            None => (Bytes::new(), true),
-            Some(Ok(f)) => match f.into_data() {
-                Ok(d) => (d, false),
-                Err(_) => continue, // trailers: not passed through plugins
-            },
-            Some(Err(e)) => {
+        let (chunk, eos) = match next_chunk(&mut body).await {
+            Ok(c) => c,
+            Err(e) => {
                 tracing::info!(error = %e, "origin body failed before the plugins released it");
                 return failure_response(StatusCode::BAD_GATEWAY, b"origin body failed\n");
             }
@@ -807,14 +811,10 @@ async fn transform_body(
             return;
         }
         loop {
-            let (chunk, eos) = match body.frame().await {
-                None => (Bytes::new(), true),
-                Some(Ok(f)) => match f.into_data() {
-                    Ok(d) => (d, false),
-                    Err(_) => continue,
-                },
-                Some(Err(e)) => {
-                    let _ = tx.send(Err(Box::new(e))).await;
+            let (chunk, eos) = match next_chunk(&mut body).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
                     return;
                 }
             };

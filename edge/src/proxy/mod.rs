@@ -280,8 +280,7 @@ impl Proxy {
             plugins: None,
             _inflight: inflight,
         };
-        let result = self.pipeline(req, ds, seq, &rt, &mut end, &mut rec).await;
-        let mut resp = match result {
+        let mut resp = match self.pipeline(req, ds, seq, &rt, &mut end, &mut rec).await {
             Ok(r) => r,
             Err(e) => {
                 rec.error = Some(e.kind.label());
@@ -647,22 +646,14 @@ impl Proxy {
         let (mut parts, ()) = Request::new(()).into_parts();
         let mut host = None;
         let mut path = String::from("/");
-        for (n, v) in &call.headers {
-            match n.as_str() {
-                ":method" => parts.method = Method::from_bytes(v).ok()?,
-                ":path" => path = String::from_utf8(v.clone()).ok()?,
-                ":authority" => host = Some(String::from_utf8(v.clone()).ok()?),
-                n if n.starts_with(':') => {}
-                n => {
-                    if let (Ok(n), Ok(v)) = (
-                        http::HeaderName::from_bytes(n.as_bytes()),
-                        HeaderValue::from_bytes(v),
-                    ) {
-                        parts.headers.append(n, v);
-                    }
-                }
-            }
-        }
+        let mut method = Some(Method::GET);
+        parts.headers = crate::plugins::header_map(&call.headers, |n, v| match n {
+            ":method" => method = Method::from_bytes(v).ok(),
+            ":path" => path = String::from_utf8_lossy(v).into_owned(),
+            ":authority" => host = Some(String::from_utf8_lossy(v).into_owned()),
+            _ => {}
+        });
+        parts.method = method?;
         parts.uri = path.parse().ok()?;
         let body = if call.body.is_empty() {
             RequestBody::empty()
@@ -699,9 +690,7 @@ impl Proxy {
             let mut headers: meridian_wasm_host::HeaderList =
                 Vec::with_capacity(parts.headers.len() + 1);
             headers.push((":status".into(), parts.status.as_str().as_bytes().to_vec()));
-            for (n, v) in &parts.headers {
-                headers.push((n.as_str().to_string(), v.as_bytes().to_vec()));
-            }
+            crate::plugins::push_headers(&mut headers, &parts.headers);
             Some(meridian_wasm_host::HttpCallResponse {
                 headers,
                 body,
