@@ -1526,7 +1526,7 @@ fn spawn_revalidation(
             pool: pool.clone(),
             preserve_host: up.preserve_host,
             cache: Some(sp.clone()),
-            plugins: Vec::new(),
+            plugins: Arc::from(Vec::new()),
         };
         let client_headers = up.parts.headers.clone();
         let cs = CacheStatus::forward(CACHE_NAME, FwdReason::Stale);

@@ -354,7 +354,7 @@ pub(crate) async fn serve(
         pool: site.pool.clone(),
         preserve_host: site.preserve_host,
         cache: site.cache.clone(),
-        plugins: Vec::new(),
+        plugins: Arc::from(Vec::new()),
     };
     let up = up.clone();
     let key = key.to_string();

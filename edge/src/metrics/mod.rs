@@ -107,6 +107,10 @@ pub struct Metrics {
     pub quic_lost_packets: Counter,
     pub cache_requests: Family<CacheResult, Counter>,
     pub plugin_results: Family<Reason, Counter>,
+    /// The `continue` and `response-continue` members of `plugin_results`,
+    /// resolved once: they are counted on every request through a plugin.
+    pub plugin_continue: Counter,
+    pub plugin_response_continue: Counter,
     pub plugin_metric: Family<PluginMetricLabels, Gauge>,
     pub plugin_histogram_count: Family<PluginMetricLabels, Gauge>,
     pub plugin_callbacks: Family<PluginLabels, Gauge>,
@@ -140,6 +144,10 @@ fn latency_histogram() -> Histogram {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("meridian");
+        let plugin_results: Family<Reason, Counter> = Family::default();
+        let resolved = |reason| plugin_results.get_or_create(&Reason { reason }).clone();
+        let (plugin_continue, plugin_response_continue) =
+            (resolved("continue"), resolved("response-continue"));
         let m = Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
@@ -164,7 +172,9 @@ impl Metrics {
             quic_rtt: latency_histogram(),
             quic_lost_packets: Counter::default(),
             cache_requests: Family::default(),
-            plugin_results: Family::default(),
+            plugin_results,
+            plugin_continue,
+            plugin_response_continue,
             plugin_metric: Family::default(),
             plugin_histogram_count: Family::default(),
             plugin_callbacks: Family::default(),

@@ -32,7 +32,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, Response, StatusCode, Uri, header, request};
 use http_body_util::BodyExt;
 use meridian_wasm_host::{
-    Action, FailurePolicy, HeaderList, HostConfig, HttpCallRequest, HttpCallResponse,
+    Action, FailurePolicy, HeaderEdit, HeaderList, HostConfig, HttpCallRequest, HttpCallResponse,
     LocalResponse, MetricKind, Plugin, PluginHost, PropertyResolver, RequestContext,
 };
 use parking_lot::Mutex;
@@ -58,6 +58,9 @@ impl std::fmt::Debug for LoadedPlugin {
             .finish()
     }
 }
+
+/// A site's plugin chain, shared by its requests' exchanges.
+pub type Chain = Arc<[Arc<LoadedPlugin>]>;
 
 /// The process's plugin host (one wasmtime engine), created on first need.
 pub fn new_host(cfg: &PluginsConfig) -> Result<Arc<PluginHost>, String> {
@@ -202,8 +205,8 @@ pub struct RequestProps {
     pub tls: bool,
     pub protocol: &'static str,
     pub geo: Option<Arc<GeoIp>>,
-    /// Method, path with query, host.
-    pub request: (String, String, String),
+    /// Method, URI (its path and query as the client sent them), host.
+    pub request: (http::Method, Uri, String),
     country: OnceLock<Option<String>>,
 }
 
@@ -214,7 +217,7 @@ impl RequestProps {
         tls: bool,
         protocol: &'static str,
         geo: Option<Arc<GeoIp>>,
-        request: (String, String, String),
+        request: (http::Method, Uri, String),
     ) -> Self {
         Self {
             client,
@@ -238,24 +241,17 @@ impl PropertyResolver for RequestProps {
             ["destination", "port"] => Some(u64::from(self.local.port()).to_le_bytes().to_vec()),
             ["connection", "tls"] => Some(vec![u8::from(self.tls)]),
             ["request", "protocol"] => Some(self.protocol.as_bytes().to_vec()),
-            ["request", "method"] => Some(self.request.0.as_bytes().to_vec()),
-            ["request", "path"] => Some(self.request.1.as_bytes().to_vec()),
-            ["request", "url_path"] => Some(
+            ["request", "method"] => Some(self.request.0.as_str().as_bytes().to_vec()),
+            ["request", "path"] => Some(
                 self.request
                     .1
-                    .split_once('?')
-                    .map_or(self.request.1.as_str(), |(p, _)| p)
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
                     .as_bytes()
                     .to_vec(),
             ),
-            ["request", "query"] => Some(
-                self.request
-                    .1
-                    .split_once('?')
-                    .map_or("", |(_, q)| q)
-                    .as_bytes()
-                    .to_vec(),
-            ),
+            ["request", "url_path"] => Some(self.request.1.path().as_bytes().to_vec()),
+            ["request", "query"] => Some(self.request.1.query().unwrap_or("").as_bytes().to_vec()),
             ["request", "host"] => Some(self.request.2.as_bytes().to_vec()),
             ["request", "scheme"] => Some(if self.tls { &b"https"[..] } else { b"http" }.to_vec()),
             ["meridian", "client", "ip"] => Some(self.client.ip().to_string().into_bytes()),
@@ -273,7 +269,7 @@ impl PropertyResolver for RequestProps {
 /// the end of the response. Dropping it ends the contexts (`on_log`,
 /// `on_done`, `on_delete`) and returns their instances to the pools.
 pub struct Exchange {
-    chain: Vec<Arc<LoadedPlugin>>,
+    chain: Chain,
     ctxs: Vec<Option<RequestContext>>,
     head: bool,
     metrics: Arc<Metrics>,
@@ -381,7 +377,7 @@ const MAX_CALL_ROUNDS: usize = 8;
 /// `call` performs a plugin's `http_call` (`None`: failed or timed out).
 #[allow(clippy::too_many_arguments)]
 pub async fn run_request<F, Fut>(
-    chain: &[Arc<LoadedPlugin>],
+    chain: &Chain,
     parts: &mut request::Parts,
     scheme: &str,
     end_of_stream: bool,
@@ -394,13 +390,13 @@ where
     Fut: Future<Output = Option<HttpCallResponse>>,
 {
     let mut ex = Exchange {
-        chain: chain.to_vec(),
+        chain: chain.clone(),
         ctxs: Vec::with_capacity(chain.len()),
         head: parts.method == http::Method::HEAD,
         metrics: metrics.clone(),
         response_headers: Vec::new(),
     };
-    for lp in chain {
+    for lp in chain.iter() {
         let policy = lp.plugin.policy();
         // The failure policy: `Some` is the response that ends the request.
         let fail = |ex: &mut Exchange| -> Option<Response<ResponseBody>> {
@@ -439,8 +435,8 @@ where
                     break;
                 }
                 Ok(Action::Continue) => {
-                    count(metrics, "continue");
-                    write_back(parts, &headers);
+                    metrics.plugin_continue.inc();
+                    apply_request_edits(parts, &headers, ctx.take_request_header_edits());
                     ctx.keep_request_headers(headers);
                     ex.ctxs.push(Some(ctx));
                     break;
@@ -528,13 +524,61 @@ pub(crate) fn header_map(
     map
 }
 
-fn write_back(parts: &mut request::Parts, headers: &HeaderList) {
+/// A header name and value a plugin gave, if they are valid HTTP (others
+/// are dropped, as when a whole map is rebuilt). The value is not copied.
+fn valid_header(name: &str, value: Vec<u8>) -> Option<(HeaderName, HeaderValue)> {
+    let n = HeaderName::from_bytes(name.as_bytes()).ok()?;
+    let v = HeaderValue::from_maybe_shared(Bytes::from(value)).ok()?;
+    Some((n, v))
+}
+
+/// Applies a plugin's edits (in order) to `map`; `pseudo` gets the values
+/// it gave to `:name` entries. `false`: the plugin replaced the whole map,
+/// and the caller must rebuild it from the list.
+fn apply_edits(
+    map: &mut http::HeaderMap,
+    edits: Vec<HeaderEdit>,
+    mut pseudo: impl FnMut(&str, &[u8]),
+) -> bool {
+    for e in edits {
+        match e {
+            HeaderEdit::ReplaceAll => return false,
+            HeaderEdit::Add(n, v) | HeaderEdit::Replace(n, v) if n.starts_with(':') => {
+                pseudo(&n, &v)
+            }
+            HeaderEdit::Add(n, v) => {
+                if let Some((n, v)) = valid_header(&n, v) {
+                    map.append(n, v);
+                }
+            }
+            HeaderEdit::Replace(n, v) => {
+                if let Some((n, v)) = valid_header(&n, v) {
+                    map.insert(n, v);
+                }
+            }
+            HeaderEdit::Remove(n) => {
+                map.remove(n.as_str());
+            }
+        }
+    }
+    true
+}
+
+/// Writes a plugin's request-phase edits back into the request: regular
+/// headers, and `:path`, whose change rewrites the URI.
+fn apply_request_edits(parts: &mut request::Parts, list: &HeaderList, edits: Vec<HeaderEdit>) {
+    if edits.is_empty() {
+        return;
+    }
     let mut path = None;
-    parts.headers = header_map(headers, |n, v| {
+    let mut on_pseudo = |n: &str, v: &[u8]| {
         if n == ":path" {
             path = http::uri::PathAndQuery::try_from(v).ok();
         }
-    });
+    };
+    if !apply_edits(&mut parts.headers, edits, &mut on_pseudo) {
+        parts.headers = header_map(list, &mut on_pseudo);
+    }
     if let Some(pq) = path {
         let mut up = parts.uri.clone().into_parts();
         up.path_and_query = Some(pq);
@@ -631,13 +675,26 @@ fn response_header_list(resp: &Response<ResponseBody>) -> HeaderList {
     list
 }
 
-fn write_back_response(resp: &mut Response<ResponseBody>, list: &HeaderList) {
+/// Writes one plugin's response-phase edits back into the response. A
+/// whole-map replacement rebuilds the headers from `list` (which holds every
+/// plugin's edits so far).
+fn apply_response_edits(
+    resp: &mut Response<ResponseBody>,
+    list: &HeaderList,
+    edits: Vec<HeaderEdit>,
+) {
+    if edits.is_empty() {
+        return;
+    }
     let mut status = None;
-    *resp.headers_mut() = header_map(list, |n, v| {
+    let mut on_pseudo = |n: &str, v: &[u8]| {
         if n == ":status" {
             status = StatusCode::from_bytes(v).ok();
         }
-    });
+    };
+    if !apply_edits(resp.headers_mut(), edits, &mut on_pseudo) {
+        *resp.headers_mut() = header_map(list, &mut on_pseudo);
+    }
     if let Some(s) = status {
         *resp.status_mut() = s;
     }
@@ -665,10 +722,12 @@ pub async fn response_phase(
             let Some(ctx) = ex_ref.ctxs[idx].as_mut() else {
                 continue;
             };
-            match ctx.on_response_headers(&mut list, eos) {
+            let r = ctx.on_response_headers(&mut list, eos);
+            apply_response_edits(&mut resp, &list, ctx.take_response_header_edits());
+            match r {
                 // A pause on the head waits for the body: the head is held anyway.
                 Ok(Action::Continue | Action::Pause) => {
-                    count(&ex_ref.metrics, "response-continue");
+                    ex_ref.metrics.plugin_response_continue.inc();
                     stages.push(Stage {
                         idx,
                         buf: BytesMut::new(),
@@ -698,7 +757,6 @@ pub async fn response_phase(
                 }
             }
         }
-        write_back_response(&mut resp, &list);
         ex_ref.response_headers = list;
         let status = resp.status();
         let encoded = resp
@@ -860,7 +918,7 @@ pub fn update_metrics(metrics: &Metrics, sites: &[crate::proxy::Site]) {
     metrics.plugin_failures.clear();
     metrics.plugin_instances.clear();
     for site in sites {
-        for lp in &site.plugins {
+        for lp in site.plugins.iter() {
             for m in lp.plugin.metrics() {
                 let labels = PluginMetricLabels {
                     plugin: lp.name.clone(),
@@ -931,7 +989,11 @@ mod tests {
             true,
             "h2",
             None,
-            ("GET".into(), "/a/b?x=1".into(), "example.com".into()),
+            (
+                http::Method::GET,
+                Uri::from_static("/a/b?x=1"),
+                "example.com".into(),
+            ),
         );
         assert_eq!(p.property(&["request", "url_path"]), Some(b"/a/b".to_vec()));
         assert_eq!(p.property(&["request", "query"]), Some(b"x=1".to_vec()));
@@ -956,17 +1018,71 @@ mod tests {
     }
 
     #[test]
-    fn response_headers_round_trip_with_status() {
+    fn response_edits_apply_in_place_or_rebuild() {
         let mut resp = Response::new(ResponseBody::empty());
         resp.headers_mut()
             .insert("x-a", HeaderValue::from_static("1"));
-        let mut list = response_header_list(&resp);
+        resp.headers_mut()
+            .insert("server", HeaderValue::from_static("o"));
+        let list = response_header_list(&resp);
         assert_eq!(list[0], (":status".to_string(), b"200".to_vec()));
-        list[0].1 = b"203".to_vec();
-        list.push(("x-b".into(), b"2".to_vec()));
-        list.push(("bad name".into(), b"x".to_vec()));
-        write_back_response(&mut resp, &list);
+        apply_response_edits(
+            &mut resp,
+            &list,
+            vec![
+                HeaderEdit::Replace(":status".into(), b"203".to_vec()),
+                HeaderEdit::Add("x-a".into(), b"2".to_vec()),
+                HeaderEdit::Add("bad name".into(), b"x".to_vec()),
+                HeaderEdit::Remove("server".into()),
+                HeaderEdit::Replace("x-b".into(), b"3".to_vec()),
+            ],
+        );
         assert_eq!(resp.status(), StatusCode::NON_AUTHORITATIVE_INFORMATION);
-        assert_eq!(resp.headers().len(), 2);
+        let all: Vec<_> = resp.headers().get_all("x-a").iter().collect();
+        assert_eq!(all, ["1", "2"]);
+        assert_eq!(resp.headers()["x-b"], "3");
+        assert!(!resp.headers().contains_key("server"));
+        assert_eq!(resp.headers().len(), 3);
+        // A whole-map replacement: the list is the truth.
+        let list = vec![
+            (":status".to_string(), b"404".to_vec()),
+            ("x-only".to_string(), b"1".to_vec()),
+            ("bad name".to_string(), b"x".to_vec()),
+        ];
+        apply_response_edits(
+            &mut resp,
+            &list,
+            vec![HeaderEdit::Remove("x-a".into()), HeaderEdit::ReplaceAll],
+        );
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert_eq!(resp.headers().len(), 1);
+        assert_eq!(resp.headers()["x-only"], "1");
+    }
+
+    #[test]
+    fn request_edits_rewrite_the_path_and_headers() {
+        let (mut parts, ()) = http::Request::builder()
+            .uri("http://example.com/a?x=1")
+            .header("x-keep", "1")
+            .header("x-drop", "2")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let list = request_header_list(&parts, "http");
+        apply_request_edits(&mut parts, &list, Vec::new());
+        assert_eq!(parts.headers.len(), 2, "no edits, nothing touched");
+        apply_request_edits(
+            &mut parts,
+            &list,
+            vec![
+                HeaderEdit::Replace(":path".into(), b"/b?y=2".to_vec()),
+                HeaderEdit::Remove("x-drop".into()),
+                HeaderEdit::Add("x-new".into(), b"3".to_vec()),
+            ],
+        );
+        assert_eq!(parts.uri.to_string(), "http://example.com/b?y=2");
+        assert_eq!(parts.headers.len(), 2);
+        assert_eq!(parts.headers["x-new"], "3");
+        assert!(!parts.headers.contains_key("x-drop"));
     }
 }

@@ -83,7 +83,7 @@ pub struct Site {
     /// How the site uses the cache; None when its cache is disabled.
     pub cache: Option<Arc<crate::cache::http::SitePolicy>>,
     /// The site's Wasm plugins, run in order in the request phase.
-    pub plugins: Vec<Arc<crate::plugins::LoadedPlugin>>,
+    pub plugins: crate::plugins::Chain,
 }
 
 /// Everything built from one config generation. Swapped whole on reload;
@@ -166,8 +166,9 @@ impl Runtime {
                         h,
                         sc.hosts.first().map_or("*", String::as_str),
                         &sc.plugins,
-                    )?,
-                    _ => Vec::new(),
+                    )?
+                    .into(),
+                    _ => Arc::from(Vec::new()),
                 },
             });
         }
@@ -441,12 +442,8 @@ impl Proxy {
                 ds.proto.label(),
                 rt.geoip.clone(),
                 (
-                    parts.method.as_str().to_string(),
-                    parts
-                        .uri
-                        .path_and_query()
-                        .map_or("/", |p| p.as_str())
-                        .to_string(),
+                    parts.method.clone(),
+                    parts.uri.clone(),
                     host.clone().unwrap_or_default(),
                 ),
             ));

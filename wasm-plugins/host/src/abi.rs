@@ -12,6 +12,22 @@ use std::fmt;
 /// headers (`:path`, `:method`, `:authority`, `:status`...) included.
 pub type HeaderList = Vec<(String, Vec<u8>)>;
 
+/// One change a plugin made to the request or response header map, in the
+/// order it made them, so the embedder can apply just those to its own map
+/// instead of rebuilding it from the [`HeaderList`]. Names are lower case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderEdit {
+    /// `proxy_add_header_map_value`: one more value.
+    Add(String, Vec<u8>),
+    /// `proxy_replace_header_map_value`: every value of the name replaced by this one.
+    Replace(String, Vec<u8>),
+    /// `proxy_remove_header_map_value`: every value of the name removed.
+    Remove(String),
+    /// `proxy_set_header_map_pairs`: the whole map replaced; the list as the
+    /// callback left it is the only truth.
+    ReplaceAll,
+}
+
 /// `proxy_status_t`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]

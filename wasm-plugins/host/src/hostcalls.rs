@@ -18,8 +18,8 @@ use bytes::Bytes;
 use wasmtime::{Caller, ExternType, IntoFunc, Linker, Module, Val, ValType};
 
 use crate::abi::{
-    self, BufferType, HeaderList, LogLevel, MapType, MetricKind, Status, decode_header_map,
-    encode_header_map_into, encoded_header_map_len, errno,
+    self, BufferType, HeaderEdit, HeaderList, LogLevel, MapType, MetricKind, Status,
+    decode_header_map, encode_header_map_into, encoded_header_map_len, errno,
 };
 use crate::instance::{HostState, ProcExit, Signal};
 use crate::plugin::{HttpCallRequest, LocalResponse};
@@ -482,6 +482,7 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                     k.make_ascii_lowercase();
                 }
                 *st.map_mut(mt).ok_or(Status::NotFound)? = pairs;
+                st.log_edit(mt, HeaderEdit::ReplaceAll);
                 Ok(())
             }))
         },
@@ -517,6 +518,8 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                 let mut key = read_string(mem, kptr, klen)?;
                 key.make_ascii_lowercase();
                 let value = slice(mem, vptr, vlen)?.to_vec();
+                let edit =
+                    HostState::tracks(mt).then(|| HeaderEdit::Replace(key.clone(), value.clone()));
                 let map = st.map_mut(mt).ok_or(Status::NotFound)?;
                 match header_pos(map, key.as_bytes()) {
                     Some(i) => {
@@ -528,6 +531,9 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                         });
                     }
                     None => map.push((key, value)),
+                }
+                if let Some(e) = edit {
+                    st.log_edit(mt, e);
                 }
                 Ok(())
             }))
@@ -542,7 +548,12 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                 let mut key = read_string(mem, kptr, klen)?;
                 key.make_ascii_lowercase();
                 let value = slice(mem, vptr, vlen)?.to_vec();
+                let edit =
+                    HostState::tracks(mt).then(|| HeaderEdit::Add(key.clone(), value.clone()));
                 st.map_mut(mt).ok_or(Status::NotFound)?.push((key, value));
+                if let Some(e) = edit {
+                    st.log_edit(mt, e);
+                }
                 Ok(())
             }))
         },
@@ -557,6 +568,10 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                 st.map_mut(mt)
                     .ok_or(Status::NotFound)?
                     .retain(|(k, _)| !k.as_bytes().eq_ignore_ascii_case(key));
+                if HostState::tracks(mt) {
+                    let name = String::from_utf8_lossy(key).to_ascii_lowercase();
+                    st.log_edit(mt, HeaderEdit::Remove(name));
+                }
                 Ok(())
             }))
         },

@@ -11,7 +11,7 @@ use wasmtime::{
 };
 
 use crate::PropertyResolver;
-use crate::abi::{HeaderList, MapType};
+use crate::abi::{HeaderEdit, HeaderList, MapType};
 use crate::error::{PluginError, Result};
 use crate::metrics::MetricRegistry;
 use crate::plugin::{HttpCallRequest, LocalResponse};
@@ -107,6 +107,9 @@ pub(crate) struct HostState {
     pub effective_id: u32,
     /// Header maps, indexed by `MapType as usize`; `None` = not available now.
     pub maps: [Option<HeaderList>; 8],
+    /// What the plugin changed in the request and the response header maps.
+    pub request_header_edits: Vec<HeaderEdit>,
+    pub response_header_edits: Vec<HeaderEdit>,
     pub request_body: Option<BytesMut>,
     pub response_body: Option<BytesMut>,
     pub http_call_body: Option<Bytes>,
@@ -133,6 +136,8 @@ impl HostState {
             request_id: None,
             effective_id: ROOT_CONTEXT_ID,
             maps: Default::default(),
+            request_header_edits: Vec::new(),
+            response_header_edits: Vec::new(),
             request_body: None,
             response_body: None,
             http_call_body: None,
@@ -155,9 +160,34 @@ impl HostState {
         self.maps[t as usize].as_mut()
     }
 
+    /// Whether changes to map `t` are recorded: only the request and the
+    /// response headers, the ones the embedder writes back.
+    pub(crate) fn tracks(t: MapType) -> bool {
+        matches!(t, MapType::RequestHeaders | MapType::ResponseHeaders)
+    }
+
+    /// Records a change to a tracked header map.
+    pub(crate) fn log_edit(&mut self, t: MapType, edit: HeaderEdit) {
+        let log = match t {
+            MapType::RequestHeaders => &mut self.request_header_edits,
+            MapType::ResponseHeaders => &mut self.response_header_edits,
+            _ => return,
+        };
+        // A whole-map replacement makes the earlier edits moot, and the later
+        // ones are in the list it leaves.
+        if edit == HeaderEdit::ReplaceAll {
+            log.clear();
+        } else if log.last() == Some(&HeaderEdit::ReplaceAll) {
+            return;
+        }
+        log.push(edit);
+    }
+
     /// Forget everything about the finished request context.
     pub(crate) fn reset_request(&mut self) {
         self.maps = Default::default();
+        self.request_header_edits.clear();
+        self.response_header_edits.clear();
         self.request_body = None;
         self.response_body = None;
         self.http_call_body = None;
@@ -386,12 +416,43 @@ impl PluginInstance {
         func: &TypedFunc<P, R>,
         args: P,
     ) -> Result<R> {
-        let stats = &self.store.data().plugin.clone().stats;
-        stats.callbacks.fetch_add(1, Ordering::Relaxed);
+        self.store
+            .data()
+            .plugin
+            .stats
+            .callbacks
+            .fetch_add(1, Ordering::Relaxed);
         self.store.set_epoch_deadline(self.deadline_ticks);
         self.store.data_mut().limiter.hit = false;
         match func.call(&mut self.store, args) {
             Ok(r) => Ok(r),
+            Err(e) => Err(self.classify(callback, e)),
+        }
+    }
+
+    /// Calls the export `pick` selects, if the guest has it (`Ok(None)` if
+    /// not). The function is borrowed, not cloned: cloning a `TypedFunc`
+    /// takes a reference on its registered type, and this runs per callback.
+    pub(crate) fn call_export<P: WasmParams, R: WasmResults>(
+        &mut self,
+        callback: &'static str,
+        pick: fn(&Exports) -> Option<&TypedFunc<P, R>>,
+        args: P,
+    ) -> Result<Option<R>> {
+        let Some(func) = pick(&self.exports) else {
+            return Ok(None);
+        };
+        self.store
+            .data()
+            .plugin
+            .stats
+            .callbacks
+            .fetch_add(1, Ordering::Relaxed);
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        self.store.data_mut().limiter.hit = false;
+        let r = func.call(&mut self.store, args);
+        match r {
+            Ok(r) => Ok(Some(r)),
             Err(e) => Err(self.classify(callback, e)),
         }
     }

@@ -37,7 +37,7 @@ use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig,
 };
 
-pub use abi::{HeaderList, LogLevel, MetricKind, Status};
+pub use abi::{HeaderEdit, HeaderList, LogLevel, MetricKind, Status};
 pub use error::{ErrorKind, PluginError, Result};
 pub use metrics::MetricSnapshot;
 pub use plugin::{

@@ -8,9 +8,9 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use wasmtime::{InstancePre, TypedFunc, WasmParams, WasmResults};
 
-use crate::abi::{ACTION_PAUSE, HeaderList, MapType};
+use crate::abi::{ACTION_PAUSE, HeaderEdit, HeaderList, MapType};
 use crate::error::{PluginError, Result};
-use crate::instance::{HostState, PluginInstance, PluginShared, Signal};
+use crate::instance::{Exports, HostState, PluginInstance, PluginShared, Signal};
 use crate::metrics::MetricSnapshot;
 use crate::shared::SharedData;
 use crate::{PropertyResolver, Ticker};
@@ -149,21 +149,27 @@ pub(crate) struct PluginInner {
     pub policy: FailurePolicy,
     pub deadline_ticks: u64,
     pub max_idle: usize,
-    pub idle: Mutex<Vec<PluginInstance>>,
+    /// Boxed: an instance moves between the pool and a request's context as
+    /// one pointer, not as its few hundred bytes of exports.
+    #[allow(clippy::vec_box)]
+    pub idle: Mutex<Vec<Box<PluginInstance>>>,
     pub _ticker: Arc<Ticker>,
 }
 
 impl PluginInner {
-    pub(crate) fn instantiate(&self) -> Result<PluginInstance> {
+    /// A new instance, boxed: it moves between the pool and the requests'
+    /// contexts as one pointer.
+    pub(crate) fn instantiate(&self) -> Result<Box<PluginInstance>> {
         PluginInstance::new(
             &self.shared,
             &self.pre,
             self.limits.callback_deadline,
             self.deadline_ticks,
         )
+        .map(Box::new)
     }
 
-    fn discard(&self, instance: PluginInstance) {
+    fn discard(&self, instance: Box<PluginInstance>) {
         self.shared
             .stats
             .instances_discarded
@@ -171,7 +177,7 @@ impl PluginInner {
         drop(instance);
     }
 
-    fn release(&self, mut instance: PluginInstance) {
+    fn release(&self, mut instance: Box<PluginInstance>) {
         if self.limits.fresh_instance_per_request {
             drop(instance);
             return;
@@ -251,9 +257,11 @@ impl Plugin {
             st.request_properties = properties;
         }
         let root = instance.store.data().root_id as i32;
-        if let Some(f) = instance.exports.on_context_create.clone()
-            && let Err(e) = instance.call("proxy_on_context_create", &f, (id as i32, root))
-        {
+        if let Err(e) = instance.call_export(
+            "proxy_on_context_create",
+            |e| e.on_context_create.as_ref(),
+            (id as i32, root),
+        ) {
             self.inner.discard(instance);
             return Err(e);
         }
@@ -310,10 +318,9 @@ impl Plugin {
         let mut first_err = None;
         for mut inst in instances {
             let root = inst.store.data().root_id as i32;
-            let r = match inst.exports.on_tick.clone() {
-                Some(f) => inst.call("proxy_on_tick", &f, root),
-                None => Ok(()),
-            };
+            let r = inst
+                .call_export("proxy_on_tick", |e| e.on_tick.as_ref(), root)
+                .map(|_| ());
             // Calls queued from the root context are not supported yet.
             inst.store.data_mut().http_calls.clear();
             match r {
@@ -335,7 +342,7 @@ impl Plugin {
 /// [`PluginError::Usage`].
 pub struct RequestContext {
     plugin: Arc<PluginInner>,
-    instance: Option<PluginInstance>,
+    instance: Option<Box<PluginInstance>>,
     id: u32,
     paused_map: Option<MapType>,
     /// The request headers as the request phase left them: lent to later
@@ -371,27 +378,29 @@ impl RequestContext {
     }
 
     fn instance(&mut self) -> Result<&mut PluginInstance> {
-        self.instance.as_mut().ok_or_else(|| PluginError::Usage {
-            plugin: self.plugin.shared.name.clone(),
-            message: "the plugin instance failed earlier in this request".into(),
-        })
+        self.instance
+            .as_deref_mut()
+            .ok_or_else(|| PluginError::Usage {
+                plugin: self.plugin.shared.name.clone(),
+                message: "the plugin instance failed earlier in this request".into(),
+            })
     }
 
     /// Run a callback; on failure throw the instance away.
     fn run<P: WasmParams, R: WasmResults>(
         &mut self,
         name: &'static str,
-        pick: impl FnOnce(&crate::instance::Exports) -> Option<TypedFunc<P, R>>,
+        pick: fn(&Exports) -> Option<&TypedFunc<P, R>>,
         args: P,
         mut swap: impl FnMut(&mut HostState, bool),
     ) -> Result<Option<R>> {
         let id = self.id;
         let lent = self.request_headers.take();
         let inst = self.instance()?;
-        let Some(func) = pick(&inst.exports) else {
+        if pick(&inst.exports).is_none() {
             self.request_headers = lent;
             return Ok(None);
-        };
+        }
         let st = inst.store.data_mut();
         st.active_id = id;
         st.effective_id = id;
@@ -400,14 +409,14 @@ impl RequestContext {
             st.maps[MapType::RequestHeaders as usize] = Some(h);
         }
         swap(st, true);
-        let r = inst.call(name, &func, args);
+        let r = inst.call_export(name, pick, args);
         let st = inst.store.data_mut();
         swap(st, false);
         if lending {
             self.request_headers = st.maps[MapType::RequestHeaders as usize].take();
         }
         match r {
-            Ok(v) => Ok(Some(v)),
+            Ok(v) => Ok(v),
             Err(e) => {
                 if let Some(inst) = self.instance.take() {
                     self.plugin.discard(inst);
@@ -450,12 +459,10 @@ impl RequestContext {
         let idx = map_type as usize;
         let raw = self.run(
             name,
-            |e| {
-                if request {
-                    e.on_request_headers.clone()
-                } else {
-                    e.on_response_headers.clone()
-                }
+            if request {
+                |e| e.on_request_headers.as_ref()
+            } else {
+                |e| e.on_response_headers.as_ref()
             },
             args,
             |st, on| swap_map(&mut st.maps[idx], headers, on),
@@ -512,12 +519,10 @@ impl RequestContext {
         let args = (self.id as i32, body.len() as i32, end_of_stream as i32);
         let raw = self.run(
             name,
-            |e| {
-                if request {
-                    e.on_request_body.clone()
-                } else {
-                    e.on_response_body.clone()
-                }
+            if request {
+                |e| e.on_request_body.as_ref()
+            } else {
+                |e| e.on_response_body.as_ref()
             },
             args,
             |st, on| {
@@ -557,12 +562,10 @@ impl RequestContext {
         let idx = map_type as usize;
         let raw = self.run(
             name,
-            |e| {
-                if request {
-                    e.on_request_trailers.clone()
-                } else {
-                    e.on_response_trailers.clone()
-                }
+            if request {
+                |e| e.on_request_trailers.as_ref()
+            } else {
+                |e| e.on_response_trailers.as_ref()
             },
             args,
             |st, on| swap_map(&mut st.maps[idx], trailers, on),
@@ -588,6 +591,23 @@ impl RequestContext {
             trailers,
             false,
         )
+    }
+
+    /// The changes the plugin made to the request headers since the last
+    /// take (in the request phase and any `http_call` resumption), to apply
+    /// to the embedder's own map. A [`HeaderEdit::ReplaceAll`] means: rebuild
+    /// it from the list.
+    pub fn take_request_header_edits(&mut self) -> Vec<HeaderEdit> {
+        self.instance.as_mut().map_or_else(Vec::new, |i| {
+            std::mem::take(&mut i.store.data_mut().request_header_edits)
+        })
+    }
+
+    /// The changes the plugin made to the response headers since the last take.
+    pub fn take_response_header_edits(&mut self) -> Vec<HeaderEdit> {
+        self.instance.as_mut().map_or_else(Vec::new, |i| {
+            std::mem::take(&mut i.store.data_mut().response_header_edits)
+        })
     }
 
     /// HTTP calls the plugin queued (with `proxy_http_call`) since the last take.
@@ -621,7 +641,7 @@ impl RequestContext {
         let mut resp = Some(resp);
         let ran = self.run(
             "proxy_on_http_call_response",
-            |e| e.on_http_call_response.clone(),
+            |e| e.on_http_call_response.as_ref(),
             args,
             |st, on| {
                 if let Some(i) = paused_idx {
@@ -669,7 +689,7 @@ impl RequestContext {
         let kept = request_headers.is_empty() && self.request_headers.is_some();
         self.run(
             "proxy_on_log",
-            |e| e.on_log.clone(),
+            |e| e.on_log.as_ref(),
             id,
             |st, on| {
                 if !kept {
@@ -699,7 +719,7 @@ impl RequestContext {
         let id = self.id as i32;
         let r = self.run(
             "proxy_on_done",
-            |e| e.on_done.clone(),
+            |e| e.on_done.as_ref(),
             id,
             |st, _| st.done_called = true,
         )?;
@@ -723,7 +743,7 @@ impl RequestContext {
         self.on_done()?;
         self.deleted = true;
         let id = self.id as i32;
-        self.run("proxy_on_delete", |e| e.on_delete.clone(), id, |_, _| {})?;
+        self.run("proxy_on_delete", |e| e.on_delete.as_ref(), id, |_, _| {})?;
         if let Some(inst) = self.instance.take() {
             self.plugin.release(inst);
         }

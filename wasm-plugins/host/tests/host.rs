@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use meridian_wasm_host::{
-    Action, ErrorKind, FailurePolicy, HeaderList, HostConfig, HttpCallResponse, Limits, MetricKind,
-    Plugin, PluginHost, PropertyResolver,
+    Action, ErrorKind, FailurePolicy, HeaderEdit, HeaderList, HostConfig, HttpCallResponse, Limits,
+    MetricKind, Plugin, PluginHost, PropertyResolver,
 };
 
 /// Imports, memory, a wrap-around bump allocator at 32 KiB.., the ABI marker
@@ -18,6 +18,9 @@ const PRELUDE: &str = r#"
   (import "env" "proxy_get_header_map_value" (func $get_hdr (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add_hdr (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_get_header_map_pairs" (func $get_pairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_replace_header_map_value" (func $rep_hdr (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_remove_header_map_value" (func $rm_hdr (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_header_map_pairs" (func $set_pairs (param i32 i32 i32) (result i32)))
   (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_get_property" (func $get_prop (param i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_set_shared_data" (func $set_shared (param i32 i32 i32 i32 i32) (result i32)))
@@ -106,6 +109,64 @@ fn filter_adds_a_request_header_and_reuses_the_pool() -> anyhow::Result<()> {
     assert_eq!(stats.instances_created, 1);
     assert_eq!(stats.idle_instances, 1);
     assert!(ids.windows(2).all(|w| w[1] > w[0]), "{ids:?}");
+    Ok(())
+}
+
+/// Request headers: add, replace, remove (in mixed case); response headers:
+/// replace the whole map, then add.
+const EDITS: &str = r#"
+  (data (i32.const 0) "X-Added")
+  (data (i32.const 16) "yes")
+  (data (i32.const 32) "x-a")
+  (data (i32.const 48) "new")
+  (data (i32.const 64) "X-Gone")
+  ;; a serialized map of one pair: "x-only" = "1"
+  (data (i32.const 96) "\01\00\00\00\06\00\00\00\01\00\00\00x-only\001\00")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $check (call $add_hdr (i32.const 0) (i32.const 0) (i32.const 7) (i32.const 16) (i32.const 3)) (i32.const 0))
+    (call $check (call $rep_hdr (i32.const 0) (i32.const 32) (i32.const 3) (i32.const 48) (i32.const 3)) (i32.const 0))
+    (call $check (call $rm_hdr (i32.const 0) (i32.const 64) (i32.const 6)) (i32.const 0))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (call $check (call $add_hdr (i32.const 2) (i32.const 0) (i32.const 7) (i32.const 16) (i32.const 3)) (i32.const 0))
+    (call $check (call $set_pairs (i32.const 2) (i32.const 96) (i32.const 23)) (i32.const 0))
+    (call $check (call $add_hdr (i32.const 2) (i32.const 32) (i32.const 3) (i32.const 48) (i32.const 3)) (i32.const 0))
+    (i32.const 0))
+"#;
+
+#[test]
+fn header_edits_are_reported_in_order() -> anyhow::Result<()> {
+    let host = host();
+    let plugin = load(&host, EDITS);
+    for _ in 0..2 {
+        let mut ctx = plugin.request_context()?;
+        let mut h = headers(&[(":path", "/"), ("x-a", "1"), ("x-a", "2"), ("x-gone", "z")]);
+        assert_eq!(ctx.on_request_headers(&mut h, true)?, Action::Continue);
+        assert_eq!(
+            ctx.take_request_header_edits(),
+            vec![
+                HeaderEdit::Add("x-added".into(), b"yes".to_vec()),
+                HeaderEdit::Replace("x-a".into(), b"new".to_vec()),
+                HeaderEdit::Remove("x-gone".into()),
+            ]
+        );
+        // The list agrees with the edits.
+        assert_eq!(
+            h,
+            headers(&[(":path", "/"), ("x-a", "new"), ("x-added", "yes")])
+        );
+        assert!(ctx.take_request_header_edits().is_empty(), "taken once");
+        let mut r = headers(&[(":status", "200"), ("server", "o")]);
+        assert_eq!(ctx.on_response_headers(&mut r, true)?, Action::Continue);
+        assert_eq!(
+            ctx.take_response_header_edits(),
+            vec![HeaderEdit::ReplaceAll],
+            "a whole-map replacement supersedes the edits around it"
+        );
+        assert_eq!(r, headers(&[("x-only", "1"), ("x-a", "new")]));
+        // Nothing carries over to the next request on the pooled instance.
+        ctx.finish()?;
+    }
     Ok(())
 }
 
