@@ -3,7 +3,9 @@
 //!
 //! Routes: `/hello`, `/echo` (the request as JSON), `/slow?ms=N`,
 //! `/status/N`, `/large?mb=N`, `/healthz` (503 while unhealthy), `/ws`
-//! (upgrades and echoes bytes), and anything else: 200 with the path.
+//! (upgrades and echoes bytes), `.../echo-body` (the request body back, its
+//! framing in `x-request-content-length` and `x-request-chunked`), and
+//! anything else: 200 with the path.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -192,6 +194,28 @@ async fn handle(req: Request<Incoming>, name: &str, stats: &Stats) -> Response<B
             return r;
         }
         p if p.starts_with("/cc/") => cacheable(&req, stats).await,
+        p if p.ends_with("/echo-body") => {
+            let cl = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_string();
+            let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+            let body = match req.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => Bytes::from_static(b"<body failed>"),
+            };
+            let mut r = Response::new(full(body));
+            if let Ok(v) = HeaderValue::from_str(&cl) {
+                r.headers_mut().insert("x-request-content-length", v);
+            }
+            r.headers_mut().insert(
+                "x-request-chunked",
+                HeaderValue::from_static(if chunked { "yes" } else { "no" }),
+            );
+            r
+        }
         p if p.starts_with("/status/") => {
             let code = p[8..]
                 .parse()

@@ -79,8 +79,11 @@ pub enum ClientBody {
     Hyper(Incoming),
     /// HTTP/3, from an h3 request stream.
     H3(crate::http3::H3Body),
-    /// A body the edge made itself (a plugin's `http_call`); taken once.
+    /// A body the edge made itself (a plugin's `http_call`, or a request
+    /// body plugins transformed whole); taken once.
     Full(Option<Bytes>),
+    /// A request body streaming out of the plugins (filled by a task).
+    Channel(tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>),
 }
 
 impl std::fmt::Debug for ClientBody {
@@ -90,6 +93,7 @@ impl std::fmt::Debug for ClientBody {
             ClientBody::Hyper(_) => "ClientBody::Hyper",
             ClientBody::H3(_) => "ClientBody::H3",
             ClientBody::Full(_) => "ClientBody::Full",
+            ClientBody::Channel(_) => "ClientBody::Channel",
         })
     }
 }
@@ -107,6 +111,7 @@ impl Body for ClientBody {
             ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ClientBody::H3(b) => Pin::new(b).poll_frame(cx),
             ClientBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            ClientBody::Channel(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
         }
     }
 
@@ -116,6 +121,7 @@ impl Body for ClientBody {
             ClientBody::Hyper(b) => b.is_end_stream(),
             ClientBody::H3(b) => b.is_end_stream(),
             ClientBody::Full(b) => b.is_none(),
+            ClientBody::Channel(_) => false,
         }
     }
 
@@ -125,6 +131,7 @@ impl Body for ClientBody {
             ClientBody::Hyper(b) => b.size_hint(),
             ClientBody::H3(b) => b.size_hint(),
             ClientBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ClientBody::Channel(_) => SizeHint::default(),
         }
     }
 }

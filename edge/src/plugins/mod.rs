@@ -608,8 +608,17 @@ struct Stage {
 enum BodyFailure {
     /// A plugin failed under a closed policy, or closed the stream.
     Failed,
+    /// A plugin with a closed policy held back more than its `body_buffer`.
+    TooLarge,
     /// A plugin answered with a local response mid-body.
     Local(LocalResponse),
+}
+
+/// Which body goes through the stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Request,
+    Response,
 }
 
 /// Pushes one chunk through the stages; returns what comes out the far end.
@@ -618,6 +627,7 @@ fn push_chunk(
     stages: &mut [Stage],
     chunk: Bytes,
     eos: bool,
+    dir: Dir,
 ) -> Result<Bytes, BodyFailure> {
     let mut data = chunk;
     for st in stages.iter_mut() {
@@ -638,13 +648,17 @@ fn push_chunk(
             data = st.buf.split().freeze();
             continue;
         };
-        match ctx.on_response_body(&mut st.buf, eos) {
+        let r = match dir {
+            Dir::Request => ctx.on_request_body(&mut st.buf, eos),
+            Dir::Response => ctx.on_response_body(&mut st.buf, eos),
+        };
+        match r {
             // Held back: the limit is on what the plugin makes the edge keep.
             Ok(Action::Pause) if !eos && st.buf.len() > lp.body_buffer => {
-                tracing::warn!(plugin = %lp.name, limit = lp.body_buffer, "plugin held back more body than its body_buffer");
+                tracing::warn!(plugin = %lp.name, limit = lp.body_buffer, ?dir, "plugin held back more body than its body_buffer");
                 count(&ex.metrics, "body-buffer-exceeded");
                 if lp.plugin.policy() == FailurePolicy::Closed {
-                    return Err(BodyFailure::Failed);
+                    return Err(BodyFailure::TooLarge);
                 }
                 st.active = false;
                 data = st.buf.split().freeze();
@@ -654,7 +668,7 @@ fn push_chunk(
             Ok(Action::LocalResponse(lr)) => return Err(BodyFailure::Local(lr)),
             Ok(_) => return Err(BodyFailure::Failed),
             Err(e) => {
-                tracing::warn!(plugin = %lp.name, error = %e, "plugin failed on a response body");
+                tracing::warn!(plugin = %lp.name, error = %e, ?dir, "plugin failed on a body");
                 count(&ex.metrics, "failed");
                 ex.ctxs[st.idx] = None;
                 if lp.plugin.policy() == FailurePolicy::Closed {
@@ -784,7 +798,11 @@ pub async fn response_phase(
 
 /// The next data of a body and whether it is the end (trailers are not
 /// passed through plugins: they are skipped).
-async fn next_chunk(body: &mut ResponseBody) -> Result<(Bytes, bool), crate::error::BoxError> {
+async fn next_chunk<B>(body: &mut B) -> Result<(Bytes, bool), crate::error::BoxError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<crate::error::BoxError>,
+{
     loop {
         match body.frame().await {
             None => return Ok((Bytes::new(), true)),
@@ -793,9 +811,160 @@ async fn next_chunk(body: &mut ResponseBody) -> Result<(Bytes, bool), crate::err
                     return Ok((d, false));
                 }
             }
-            Some(Err(e)) => return Err(Box::new(e)),
+            Some(Err(e)) => return Err(e.into()),
         }
     }
+}
+
+/// Whether the exchange has a live plugin to run the request body through.
+pub fn has_request_body_phase(ex: &SharedExchange) -> bool {
+    ex.lock().ctxs.iter().any(Option::is_some)
+}
+
+/// Runs the client's request body through the plugins (`on_request_body`),
+/// in chain order, before it goes to the origin, as the response phase does
+/// for response bodies: chunks stream through; a plugin that pauses makes
+/// the edge buffer (up to its `body_buffer`) and call it again with
+/// everything so far. A body the chain releases whole goes on with an exact
+/// Content-Length; one released while still arriving streams on, keeping the
+/// client's length only while no plugin changes it.
+///
+/// `Err` is the response that ends the request: a plugin's local response,
+/// its failure under a closed policy (500; 413 for a body over its
+/// `body_buffer`), or a client body that failed (400) or stalled for `idle` (408).
+pub async fn request_body_phase(
+    ex: &SharedExchange,
+    parts: &mut request::Parts,
+    mut body: crate::http::body::ClientBody,
+    idle: Duration,
+) -> Result<crate::http::body::ClientBody, Response<ResponseBody>> {
+    use crate::http::body::ClientBody;
+    let mut stages: Vec<Stage> = {
+        let g = ex.lock();
+        (0..g.chain.len())
+            .filter(|&i| g.ctxs[i].is_some())
+            .map(|idx| Stage {
+                idx,
+                buf: BytesMut::new(),
+                active: true,
+            })
+            .collect()
+    };
+    if stages.is_empty() || http_body::Body::is_end_stream(&body) {
+        return Ok(body);
+    }
+    let fail = |f: BodyFailure| match f {
+        BodyFailure::Local(lr) => local_response(lr),
+        BodyFailure::TooLarge => failure_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            b"request body over a plugin's buffer\n",
+        ),
+        BodyFailure::Failed => {
+            failure_response(StatusCode::INTERNAL_SERVER_ERROR, b"plugin failure\n")
+        }
+    };
+    let mut out = BytesMut::new();
+    let mut in_total: u64 = 0;
+    // 1. Until the chain releases bytes: nothing has gone to the origin yet.
+    let finished = loop {
+        let (chunk, eos) = match tokio::time::timeout(idle, next_chunk(&mut body)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "client request body failed in the plugin phase");
+                return Err(failure_response(
+                    StatusCode::BAD_REQUEST,
+                    b"request body failed\n",
+                ));
+            }
+            Err(_) => {
+                return Err(failure_response(
+                    StatusCode::REQUEST_TIMEOUT,
+                    b"request body timed out\n",
+                ));
+            }
+        };
+        in_total += chunk.len() as u64;
+        let released = {
+            let mut g = ex.lock();
+            push_chunk(&mut g, &mut stages, chunk, eos, Dir::Request)
+        };
+        match released {
+            Ok(b) => out.extend_from_slice(&b),
+            Err(f) => return Err(fail(f)),
+        }
+        if eos {
+            break true;
+        }
+        if !out.is_empty() && !http_body::Body::is_end_stream(&body) {
+            break false;
+        }
+    };
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    if finished {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+        return Ok(ClientBody::Full(Some(out.freeze())));
+    }
+    // 2. Streaming to the origin.
+    if out.len() as u64 != in_total {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    let declared = parts.headers.contains_key(header::CONTENT_LENGTH);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, crate::error::BoxError>>(2);
+    let first = out.freeze();
+    let ex = ex.clone();
+    tokio::spawn(async move {
+        let mut out_total = first.len() as u64;
+        if tx.send(Ok(first)).await.is_err() {
+            return;
+        }
+        loop {
+            let (chunk, eos) = match tokio::time::timeout(idle, next_chunk(&mut body)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Err(_) => {
+                    let _ = tx.send(Err("request body timed out".into())).await;
+                    return;
+                }
+            };
+            in_total += chunk.len() as u64;
+            let released = {
+                let mut g = ex.lock();
+                push_chunk(&mut g, &mut stages, chunk, eos, Dir::Request)
+            };
+            let Ok(b) = released else {
+                let _ = tx
+                    .send(Err(
+                        "a plugin failed while streaming the request body".into()
+                    ))
+                    .await;
+                return;
+            };
+            out_total += b.len() as u64;
+            if declared && (out_total > in_total || (eos && out_total != in_total)) {
+                tracing::warn!(
+                    "a plugin changed the request body's length after Content-Length was sent"
+                );
+                let _ = tx
+                    .send(Err(
+                        "a plugin changed the length of a streamed request body".into(),
+                    ))
+                    .await;
+                return;
+            }
+            if !b.is_empty() && tx.send(Ok(b)).await.is_err() {
+                return;
+            }
+            if eos {
+                return;
+            }
+        }
+    });
+    Ok(ClientBody::Channel(rx))
 }
 
 /// Runs the body through the stages. The head is held until the chain
@@ -810,7 +979,7 @@ async fn transform_body(
     let mut in_total: u64 = 0;
     let fail = |f: BodyFailure| match f {
         BodyFailure::Local(lr) => local_response(lr),
-        BodyFailure::Failed => {
+        BodyFailure::Failed | BodyFailure::TooLarge => {
             failure_response(StatusCode::INTERNAL_SERVER_ERROR, b"plugin failure\n")
         }
     };
@@ -826,7 +995,7 @@ async fn transform_body(
         in_total += chunk.len() as u64;
         let released = {
             let mut g = ex.lock();
-            push_chunk(&mut g, &mut stages, chunk, eos)
+            push_chunk(&mut g, &mut stages, chunk, eos, Dir::Response)
         };
         match released {
             Ok(b) => out.extend_from_slice(&b),
@@ -879,7 +1048,7 @@ async fn transform_body(
             in_total += chunk.len() as u64;
             let released = {
                 let mut g = ex.lock();
-                push_chunk(&mut g, &mut stages, chunk, eos)
+                push_chunk(&mut g, &mut stages, chunk, eos, Dir::Response)
             };
             let b = match released {
                 Ok(b) => b,

@@ -372,7 +372,7 @@ impl Proxy {
                 "h1 framing",
             ));
         }
-        let (mut parts, body) = req.into_parts();
+        let (mut parts, mut body) = req.into_parts();
         if parts.headers.get_all(header::HOST).iter().count() > 1 {
             return Err(ProxyError::downstream(
                 ErrorKind::BadRequest("duplicate-host"),
@@ -463,6 +463,19 @@ impl Proxy {
             {
                 Ok(ex) => {
                     end.plugins = Some(ex.clone());
+                    if !eos && crate::plugins::has_request_body_phase(&ex) {
+                        body = match Box::pin(crate::plugins::request_body_phase(
+                            &ex,
+                            &mut parts,
+                            body,
+                            pool.config.timeouts.idle.get(),
+                        ))
+                        .await
+                        {
+                            Ok(b) => b,
+                            Err(resp) => return Ok(resp),
+                        };
+                    }
                     exchange = Some(ex);
                 }
                 Err(resp) => return Ok(resp),

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use meridian_e2e::certs::TempDir;
-use meridian_e2e::client::{Conn, Resp, get, get_plain};
+use meridian_e2e::client::{Conn, Resp, get, get_plain, raw, raw_status, req};
 use meridian_e2e::origin::TestOrigin;
 
 use crate::{Edge, basic_config, metric};
@@ -587,6 +587,44 @@ async fn upstream_proxy_wasm_plugin_behaves_as_in_envoy() -> anyhow::Result<()> 
     );
     assert!(metric(&m, "meridian_plugin_results_total", &["\"http-call\""]) >= 2.0);
 
+    // An authz answer slower than the plugin's call timeout: the call fails
+    // at the timeout, and the plugin refuses without waiting for the answer.
+    let mut slow = get("t", "/compat-authz/slow");
+    slow.headers_mut()
+        .insert("x-authz-path", "/slow?ms=3000".parse()?);
+    slow.headers_mut()
+        .insert("x-authz-timeout-ms", "200".parse()?);
+    let t0 = std::time::Instant::now();
+    let r = Conn::plain(edge.http(), false).await?.send(slow).await?;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(
+        t0.elapsed() < std::time::Duration::from_millis(2500),
+        "the call was not cut at its timeout: {:?}",
+        t0.elapsed()
+    );
+    let m = edge.metrics().await?;
+    assert!(
+        metric(
+            &m,
+            "meridian_plugin_results_total",
+            &["\"http-call-failed\""]
+        ) >= 1.0
+    );
+
+    // Tick timers: the plugin asked for one every 100 ms and counts them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let m = edge.metrics().await?;
+        if metric(&m, "meridian_plugin_metric", &["compat_ticks"]) >= 3.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ticks counted: {m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
     // An authz pool that cannot answer: the call fails, the plugin is told
     // so (no :status), and it refuses, as it would under Envoy.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -605,6 +643,122 @@ async fn upstream_proxy_wasm_plugin_behaves_as_in_envoy() -> anyhow::Result<()> 
     );
     assert!(
         metric(&m, "meridian_plugin_callbacks", &["callbacks"]) > 0.0,
+        "{m}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn request_bodies_go_through_plugins_before_the_origin() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let path = dist("compat")?;
+    let edge = Edge::start(&config_with(
+        &origin,
+        &plugin(&path, "\"x\"", "failure = \"closed\"\nbody_buffer = 64"),
+        "",
+    ))?;
+    let post = |body: &'static str| req("POST", "t", "/compat-body/echo-body", body);
+
+    // A body with a Content-Length, buffered whole by the plugin: it reaches
+    // the origin transformed, with its exact length.
+    let r = Conn::plain(edge.http(), false)
+        .await?
+        .send(post("hello plugin"))
+        .await?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "HELLO PLUGIN");
+    assert_eq!(r.header("x-request-content-length"), Some("12"));
+    assert_eq!(r.header("x-request-chunked"), Some("no"));
+
+    // Chunked, in two chunks the plugin holds back until the end: it goes on
+    // whole, with a length.
+    let reply = raw(
+        edge.http(),
+        b"POST /compat-body/echo-body HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\
+          Connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        std::time::Duration::from_secs(5),
+    )
+    .await?;
+    assert_eq!(raw_status(&reply), Some(200), "{reply}");
+    assert!(reply.ends_with("HELLO WORLD"), "{reply}");
+    assert!(
+        reply
+            .to_ascii_lowercase()
+            .contains("x-request-content-length: 11"),
+        "{reply}"
+    );
+
+    // Refused on its body: the origin never sees the request.
+    let before = origin.requests();
+    let r = Conn::plain(edge.http(), false)
+        .await?
+        .send(post("this is forbidden"))
+        .await?;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("x-compat"), Some("body"));
+    assert_eq!(r.text(), "body refused\n");
+    assert_eq!(
+        origin.requests(),
+        before,
+        "a refused body never reaches the origin"
+    );
+
+    // Over the plugin's body_buffer (64 bytes) under the closed policy: 413,
+    // and the origin is not contacted.
+    let big = "a".repeat(100);
+    let r = Conn::plain(edge.http(), false)
+        .await?
+        .send(req("POST", "t", "/compat-body/echo-body", big.clone()))
+        .await?;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(origin.requests(), before);
+
+    // Paths the plugin does not buffer stream through untouched.
+    let r = Conn::plain(edge.http(), false)
+        .await?
+        .send(req("POST", "t", "/other/echo-body", big.clone()))
+        .await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), big);
+
+    // Released chunk by chunk while still arriving: it streams to the origin
+    // (chunked, as it came).
+    let reply = raw(
+        edge.http(),
+        b"POST /other/echo-body HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\
+          Connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        std::time::Duration::from_secs(5),
+    )
+    .await?;
+    assert_eq!(raw_status(&reply), Some(200), "{reply}");
+    assert!(reply.ends_with("hello world"), "{reply}");
+    assert!(
+        reply
+            .to_ascii_lowercase()
+            .contains("x-request-chunked: yes"),
+        "{reply}"
+    );
+
+    // Under the open policy the plugin is skipped for an over-large body,
+    // which goes to the origin untransformed.
+    let open = Edge::start(&config_with(
+        &origin,
+        &plugin(&path, "\"x\"", "failure = \"open\"\nbody_buffer = 64"),
+        "",
+    ))?;
+    let r = Conn::plain(open.http(), false)
+        .await?
+        .send(req("POST", "t", "/compat-body/echo-body", big.clone()))
+        .await?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), big);
+    let m = open.metrics().await?;
+    assert!(
+        metric(
+            &m,
+            "meridian_plugin_results_total",
+            &["\"body-buffer-exceeded\""]
+        ) >= 1.0,
         "{m}"
     );
     Ok(())

@@ -9,9 +9,16 @@
 //!   `x-compat: denied` and the body `denied by compat\n`.
 //! * A path starting with `/compat-authz` pauses the request for an
 //!   `http_call` to the cluster (pool) `authz`: `GET /status/<x-authz-status
-//!   or 200>`. A 200 answer resumes the request with `x-authz-checked: 200`;
-//!   anything else (or a failed call) is answered with 403 — the ext-authz
-//!   pattern.
+//!   or 200>` (or the path in `x-authz-path`), with a timeout of 5 s (or
+//!   `x-authz-timeout-ms`). A 200 answer resumes the request with
+//!   `x-authz-checked: 200`; anything else (or a failed or timed-out call) is
+//!   answered with 403 — the ext-authz pattern.
+//! * Ticks: the root context asks for a tick every 100 ms and counts them in
+//!   the counter `compat_ticks`.
+//! * A path starting with `/compat-body` has its request body buffered
+//!   (the filter pauses until the end of the stream, as Envoy filters do):
+//!   a body containing `forbidden` is answered with `403` and `body
+//!   refused\n`; any other is sent on upper-cased.
 //! * Response headers: adds `x-compat-plugin: upstream-proxy-wasm`, removes
 //!   `x-powered-by`, puts the plugin configuration (a plain string) in
 //!   `x-compat-config`, and the request's `:path` (read in the response
@@ -30,6 +37,7 @@ proxy_wasm::main! {{
         Box::new(CompatRoot {
             config: Rc::new(String::new()),
             requests: None,
+            ticks: None,
         })
     });
 }}
@@ -37,6 +45,7 @@ proxy_wasm::main! {{
 struct CompatRoot {
     config: Rc<String>,
     requests: Option<u32>,
+    ticks: Option<u32>,
 }
 
 impl Context for CompatRoot {}
@@ -55,7 +64,18 @@ impl RootContext for CompatRoot {
             Ok(id) => self.requests = Some(id),
             Err(status) => warn!("compat: define_metric failed: {status:?}"),
         }
+        match proxy_wasm::hostcalls::define_metric(MetricType::Counter, "compat_ticks") {
+            Ok(id) => self.ticks = Some(id),
+            Err(status) => warn!("compat: define_metric failed: {status:?}"),
+        }
+        self.set_tick_period(Duration::from_millis(100));
         true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(id) = self.ticks {
+            let _ = proxy_wasm::hostcalls::increment_metric(id, 1);
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -63,6 +83,7 @@ impl RootContext for CompatRoot {
             context_id,
             config: self.config.clone(),
             requests: self.requests,
+            check_body: false,
         }))
     }
 
@@ -75,6 +96,7 @@ struct CompatHttp {
     context_id: u32,
     config: Rc<String>,
     requests: Option<u32>,
+    check_body: bool,
 }
 
 impl HttpContext for CompatHttp {
@@ -89,11 +111,18 @@ impl HttpContext for CompatHttp {
         info!("compat #{}: request.path = {path}", self.context_id);
 
         self.add_http_request_header("x-compat-seen", "1");
+        self.check_body = path.starts_with("/compat-body");
         if path.starts_with("/compat-authz") {
             let status = self
                 .get_http_request_header("x-authz-status")
                 .unwrap_or_else(|| "200".to_owned());
-            let call_path = format!("/status/{status}");
+            let call_path = self
+                .get_http_request_header("x-authz-path")
+                .unwrap_or_else(|| format!("/status/{status}"));
+            let timeout = self
+                .get_http_request_header("x-authz-timeout-ms")
+                .and_then(|v| v.parse().ok())
+                .map_or(Duration::from_secs(5), Duration::from_millis);
             match self.dispatch_http_call(
                 "authz",
                 vec![
@@ -103,7 +132,7 @@ impl HttpContext for CompatHttp {
                 ],
                 None,
                 vec![],
-                Duration::from_secs(5),
+                timeout,
             ) {
                 Ok(_) => return Action::Pause,
                 Err(status) => {
@@ -121,6 +150,23 @@ impl HttpContext for CompatHttp {
             );
             return Action::Pause;
         }
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !self.check_body {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            // Buffer: the host calls again with everything so far.
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        if body.windows(9).any(|w| w == b"forbidden") {
+            self.send_http_response(403, vec![("x-compat", "body")], Some(b"body refused\n"));
+            return Action::Pause;
+        }
+        self.set_http_request_body(0, body_size, &body.to_ascii_uppercase());
         Action::Continue
     }
 
