@@ -29,6 +29,8 @@ pub struct Resp {
     pub version: Version,
     pub headers: http::HeaderMap,
     pub body: Bytes,
+    /// The trailers that ended the body, if any.
+    pub trailers: Option<http::HeaderMap>,
 }
 
 impl Resp {
@@ -106,12 +108,14 @@ impl Conn {
                 }
             };
             let (parts, body) = resp.into_parts();
-            let body = body.collect().await?.to_bytes();
+            let collected = body.collect().await?;
+            let trailers = collected.trailers().cloned();
             Ok::<_, anyhow::Error>(Resp {
                 status: parts.status.as_u16(),
                 version: parts.version,
                 headers: parts.headers,
-                body,
+                body: collected.to_bytes(),
+                trailers,
             })
         };
         tokio::time::timeout(TIMEOUT, fut).await?
@@ -250,6 +254,7 @@ impl H3Conn {
                 version: parts.version,
                 headers: parts.headers,
                 body: out.freeze(),
+                trailers: None,
             })
         };
         tokio::time::timeout(TIMEOUT, fut).await?

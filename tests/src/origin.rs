@@ -2,7 +2,7 @@
 //! request it receives, with routes that misbehave on purpose.
 //!
 //! Routes: `/hello`, `/echo` (the request as JSON), `/slow?ms=N`,
-//! `/status/N`, `/large?mb=N`, `/healthz` (503 while unhealthy), `/ws`
+//! `/status/N`, `/large?mb=N`, `/trailers` (a body ending in trailers), `/healthz` (503 while unhealthy), `/ws`
 //! (upgrades and echoes bytes), `.../echo-body` (the request body back, its
 //! framing in `x-request-content-length` and `x-request-chunked`), and
 //! anything else: 200 with the path.
@@ -170,6 +170,22 @@ async fn handle(req: Request<Incoming>, name: &str, stats: &Stats) -> Response<B
             if let Some(cc) = param(&req, "cc").and_then(|c| HeaderValue::from_str(&c).ok()) {
                 r.headers_mut().insert(header::CACHE_CONTROL, cc);
             }
+            r
+        }
+        "/trailers" => {
+            // Two data frames, then trailers (gRPC style); h2, or h1 chunked
+            // when the client sent `TE: trailers`.
+            let mut t = http::HeaderMap::new();
+            t.insert("grpc-status", HeaderValue::from_static("0"));
+            t.insert("x-trailer", HeaderValue::from_static("yes"));
+            let stream = futures_util::stream::iter([
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"part one, "))),
+                Ok(Frame::data(Bytes::from_static(b"part two"))),
+                Ok(Frame::trailers(t)),
+            ]);
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             r
         }
         "/ws" if req.headers().contains_key(header::UPGRADE) => {

@@ -5,6 +5,7 @@
 //! Both enforce the limits of the stream they carry: the client's body size
 //! limit, and an idle timeout between frames.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,8 +83,9 @@ pub enum ClientBody {
     /// A body the edge made itself (a plugin's `http_call`, or a request
     /// body plugins transformed whole); taken once.
     Full(Option<Bytes>),
-    /// A request body streaming out of the plugins (filled by a task).
-    Channel(tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>),
+    /// A request body streaming out of the plugins (filled by a task),
+    /// trailers included.
+    Channel(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>),
 }
 
 impl std::fmt::Debug for ClientBody {
@@ -111,7 +113,7 @@ impl Body for ClientBody {
             ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ClientBody::H3(b) => Pin::new(b).poll_frame(cx),
             ClientBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
-            ClientBody::Channel(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
+            ClientBody::Channel(rx) => rx.poll_recv(cx),
         }
     }
 
@@ -256,6 +258,16 @@ pub struct ResponseBody {
     bytes: u64,
     done: bool,
     on_end: Vec<Box<dyn OnBodyEnd>>,
+    /// Trailers sent after the data (set by the plugins' body stages).
+    trailers: Trailers,
+}
+
+/// Trailers to send once the data ends.
+enum Trailers {
+    None,
+    Ready(http::HeaderMap),
+    /// Known only when a task feeding the body reaches its end.
+    Pending(tokio::sync::oneshot::Receiver<http::HeaderMap>),
 }
 
 enum Kind {
@@ -315,6 +327,39 @@ impl ResponseBody {
             bytes: 0,
             done: false,
             on_end: Vec::new(),
+            trailers: Trailers::None,
+        }
+    }
+
+    /// Sends `trailers` after the data.
+    pub fn with_trailers(mut self, trailers: http::HeaderMap) -> Self {
+        self.trailers = Trailers::Ready(trailers);
+        self
+    }
+
+    /// Sends the trailers `rx` yields (if any) after the data: for a body fed
+    /// by a task that learns them at its end.
+    pub fn with_pending_trailers(
+        mut self,
+        rx: tokio::sync::oneshot::Receiver<http::HeaderMap>,
+    ) -> Self {
+        self.trailers = Trailers::Pending(rx);
+        self
+    }
+
+    /// The trailers once the data has ended: `Pending` while a feeding task
+    /// has not said yet.
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Option<http::HeaderMap>> {
+        match std::mem::replace(&mut self.trailers, Trailers::None) {
+            Trailers::None => Poll::Ready(None),
+            Trailers::Ready(t) => Poll::Ready(Some(t)),
+            Trailers::Pending(mut rx) => match Pin::new(&mut rx).poll(cx) {
+                Poll::Ready(r) => Poll::Ready(r.ok()),
+                Poll::Pending => {
+                    self.trailers = Trailers::Pending(rx);
+                    Poll::Pending
+                }
+            },
         }
     }
 
@@ -349,7 +394,7 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let r = match &mut this.kind {
+        let mut r = match &mut this.kind {
             Kind::Empty => None,
             Kind::Full(b) => b.take().map(|b| Ok(Frame::data(b))),
             Kind::Upstream { body, timer } => match Pin::new(&mut *body).poll_frame(cx) {
@@ -377,6 +422,12 @@ impl Body for ResponseBody {
                 Poll::Pending => return Poll::Pending,
             },
         };
+        if r.is_none() {
+            match this.poll_trailers(cx) {
+                Poll::Ready(t) => r = t.map(|t| Ok(Frame::trailers(t))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
         match &r {
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
@@ -396,12 +447,13 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
+        let data_done = match &self.kind {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
             Kind::Upstream { body, .. } => body.is_end_stream(),
             Kind::Channel { len, sent, .. } => len.is_some_and(|l| *sent >= l),
-        }
+        };
+        data_done && matches!(self.trailers, Trailers::None)
     }
 
     fn size_hint(&self) -> SizeHint {

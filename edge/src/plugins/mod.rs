@@ -796,24 +796,78 @@ pub async fn response_phase(
     transform_body(ex.clone(), stages, resp).await
 }
 
-/// The next data of a body and whether it is the end (trailers are not
-/// passed through plugins: they are skipped).
-async fn next_chunk<B>(body: &mut B) -> Result<(Bytes, bool), crate::error::BoxError>
+/// One step of a body: its next data, or its end, with the trailers that
+/// end it, if any.
+struct Piece {
+    data: Bytes,
+    eos: bool,
+    trailers: Option<http::HeaderMap>,
+}
+
+async fn next_chunk<B>(body: &mut B) -> Result<Piece, crate::error::BoxError>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<crate::error::BoxError>,
 {
+    let piece = |data, eos, trailers| Piece {
+        data,
+        eos,
+        trailers,
+    };
     loop {
         match body.frame().await {
-            None => return Ok((Bytes::new(), true)),
-            Some(Ok(f)) => {
-                if let Ok(d) = f.into_data() {
-                    return Ok((d, false));
+            None => return Ok(piece(Bytes::new(), true, None)),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => return Ok(piece(d, false, None)),
+                Err(f) => {
+                    if let Ok(t) = f.into_trailers() {
+                        // Trailers are the last frame.
+                        return Ok(piece(Bytes::new(), true, Some(t)));
+                    }
                 }
-            }
+            },
             Some(Err(e)) => return Err(e.into()),
         }
     }
+}
+
+/// Runs trailers through the stages' plugins (`on_request_trailers` /
+/// `on_response_trailers`), in stage order; a plugin may edit them. A plugin
+/// that fails under a closed policy fails the body.
+fn push_trailers(
+    ex: &mut Exchange,
+    stages: &[Stage],
+    trailers: http::HeaderMap,
+    dir: Dir,
+) -> Result<http::HeaderMap, BodyFailure> {
+    let mut list: HeaderList = Vec::with_capacity(trailers.len());
+    push_headers(&mut list, &trailers);
+    let mut edited = false;
+    for st in stages {
+        let lp = ex.chain[st.idx].clone();
+        let Some(ctx) = ex.ctxs[st.idx].as_mut() else {
+            continue;
+        };
+        let before = list.clone();
+        let r = match dir {
+            Dir::Request => ctx.on_request_trailers(&mut list),
+            Dir::Response => ctx.on_response_trailers(&mut list),
+        };
+        edited |= list != before;
+        if let Err(e) = r {
+            tracing::warn!(plugin = %lp.name, error = %e, ?dir, "plugin failed on trailers");
+            count(&ex.metrics, "failed");
+            ex.ctxs[st.idx] = None;
+            if lp.plugin.policy() == FailurePolicy::Closed {
+                return Err(BodyFailure::Failed);
+            }
+        }
+    }
+    Ok(if edited {
+        header_map(&list, |_, _| {})
+    } else {
+        trailers
+    })
 }
 
 /// Whether the exchange has a live plugin to run the request body through.
@@ -865,10 +919,11 @@ pub async fn request_body_phase(
     };
     let mut out = BytesMut::new();
     let mut in_total: u64 = 0;
+    let mut trailers = None;
     // 1. Until the chain releases bytes: nothing has gone to the origin yet.
     let finished = loop {
-        let (chunk, eos) = match tokio::time::timeout(idle, next_chunk(&mut body)).await {
-            Ok(Ok(c)) => c,
+        let piece = match tokio::time::timeout(idle, next_chunk(&mut body)).await {
+            Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "client request body failed in the plugin phase");
                 return Err(failure_response(
@@ -883,16 +938,22 @@ pub async fn request_body_phase(
                 ));
             }
         };
-        in_total += chunk.len() as u64;
+        in_total += piece.data.len() as u64;
         let released = {
             let mut g = ex.lock();
-            push_chunk(&mut g, &mut stages, chunk, eos, Dir::Request)
+            push_chunk(&mut g, &mut stages, piece.data, piece.eos, Dir::Request).and_then(|b| {
+                trailers = piece
+                    .trailers
+                    .map(|t| push_trailers(&mut g, &stages, t, Dir::Request))
+                    .transpose()?;
+                Ok(b)
+            })
         };
         match released {
             Ok(b) => out.extend_from_slice(&b),
             Err(f) => return Err(fail(f)),
         }
-        if eos {
+        if piece.eos {
             break true;
         }
         if !out.is_empty() && !http_body::Body::is_end_stream(&body) {
@@ -900,28 +961,36 @@ pub async fn request_body_phase(
         }
     };
     parts.headers.remove(header::TRANSFER_ENCODING);
+    type Frames = Result<http_body::Frame<Bytes>, crate::error::BoxError>;
     if finished {
         parts
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
-        return Ok(ClientBody::Full(Some(out.freeze())));
+        let Some(t) = trailers else {
+            return Ok(ClientBody::Full(Some(out.freeze())));
+        };
+        // Data, then trailers: two frames, which the channel holds at once.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Frames>(2);
+        let _ = tx.try_send(Ok(http_body::Frame::data(out.freeze())));
+        let _ = tx.try_send(Ok(http_body::Frame::trailers(t)));
+        return Ok(ClientBody::Channel(rx));
     }
     // 2. Streaming to the origin.
     if out.len() as u64 != in_total {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     let declared = parts.headers.contains_key(header::CONTENT_LENGTH);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, crate::error::BoxError>>(2);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Frames>(2);
     let first = out.freeze();
     let ex = ex.clone();
     tokio::spawn(async move {
         let mut out_total = first.len() as u64;
-        if tx.send(Ok(first)).await.is_err() {
+        if tx.send(Ok(http_body::Frame::data(first))).await.is_err() {
             return;
         }
         loop {
-            let (chunk, eos) = match tokio::time::timeout(idle, next_chunk(&mut body)).await {
-                Ok(Ok(c)) => c,
+            let piece = match tokio::time::timeout(idle, next_chunk(&mut body)).await {
+                Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
                     let _ = tx.send(Err(e)).await;
                     return;
@@ -931,12 +1000,19 @@ pub async fn request_body_phase(
                     return;
                 }
             };
-            in_total += chunk.len() as u64;
+            in_total += piece.data.len() as u64;
+            let eos = piece.eos;
             let released = {
                 let mut g = ex.lock();
-                push_chunk(&mut g, &mut stages, chunk, eos, Dir::Request)
+                push_chunk(&mut g, &mut stages, piece.data, eos, Dir::Request).and_then(|b| {
+                    let t = piece
+                        .trailers
+                        .map(|t| push_trailers(&mut g, &stages, t, Dir::Request))
+                        .transpose()?;
+                    Ok((b, t))
+                })
             };
-            let Ok(b) = released else {
+            let Ok((b, trailers)) = released else {
                 let _ = tx
                     .send(Err(
                         "a plugin failed while streaming the request body".into()
@@ -956,8 +1032,11 @@ pub async fn request_body_phase(
                     .await;
                 return;
             }
-            if !b.is_empty() && tx.send(Ok(b)).await.is_err() {
+            if !b.is_empty() && tx.send(Ok(http_body::Frame::data(b))).await.is_err() {
                 return;
+            }
+            if let Some(t) = trailers {
+                let _ = tx.send(Ok(http_body::Frame::trailers(t))).await;
             }
             if eos {
                 return;
@@ -983,25 +1062,32 @@ async fn transform_body(
             failure_response(StatusCode::INTERNAL_SERVER_ERROR, b"plugin failure\n")
         }
     };
+    let mut trailers = None;
     // 1. Until the first release: nothing has been sent yet.
     let finished = loop {
-        let (chunk, eos) = match next_chunk(&mut body).await {
-            Ok(c) => c,
+        let piece = match next_chunk(&mut body).await {
+            Ok(p) => p,
             Err(e) => {
                 tracing::info!(error = %e, "origin body failed before the plugins released it");
                 return failure_response(StatusCode::BAD_GATEWAY, b"origin body failed\n");
             }
         };
-        in_total += chunk.len() as u64;
+        in_total += piece.data.len() as u64;
         let released = {
             let mut g = ex.lock();
-            push_chunk(&mut g, &mut stages, chunk, eos, Dir::Response)
+            push_chunk(&mut g, &mut stages, piece.data, piece.eos, Dir::Response).and_then(|b| {
+                trailers = piece
+                    .trailers
+                    .map(|t| push_trailers(&mut g, &stages, t, Dir::Response))
+                    .transpose()?;
+                Ok(b)
+            })
         };
         match released {
             Ok(b) => out.extend_from_slice(&b),
             Err(f) => return fail(f),
         }
-        if eos {
+        if piece.eos {
             break true;
         }
         // Released, and more to come: stream. (A body whose last bytes just
@@ -1016,7 +1102,12 @@ async fn transform_body(
         parts
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
-        return Response::from_parts(parts, ResponseBody::full(out.freeze()));
+        let full = ResponseBody::full(out.freeze());
+        let body = match trailers {
+            Some(t) => full.with_trailers(t),
+            None => full,
+        };
+        return Response::from_parts(parts, body);
     }
     // 2. Streaming. The origin's Content-Length holds only while no plugin
     // changes the length; it is dropped now if one already has.
@@ -1030,6 +1121,7 @@ async fn transform_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, crate::error::BoxError>>(2);
+    let (trailers_tx, trailers_rx) = tokio::sync::oneshot::channel();
     let first = out.freeze();
     tokio::spawn(async move {
         let mut in_total = in_total;
@@ -1038,26 +1130,30 @@ async fn transform_body(
             return;
         }
         loop {
-            let (chunk, eos) = match next_chunk(&mut body).await {
-                Ok(c) => c,
+            let piece = match next_chunk(&mut body).await {
+                Ok(p) => p,
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
             };
-            in_total += chunk.len() as u64;
+            in_total += piece.data.len() as u64;
+            let eos = piece.eos;
             let released = {
                 let mut g = ex.lock();
-                push_chunk(&mut g, &mut stages, chunk, eos, Dir::Response)
+                push_chunk(&mut g, &mut stages, piece.data, eos, Dir::Response).and_then(|b| {
+                    let t = piece
+                        .trailers
+                        .map(|t| push_trailers(&mut g, &stages, t, Dir::Response))
+                        .transpose()?;
+                    Ok((b, t))
+                })
             };
-            let b = match released {
-                Ok(b) => b,
-                Err(_) => {
-                    let _ = tx
-                        .send(Err("a plugin failed while streaming the body".into()))
-                        .await;
-                    return;
-                }
+            let Ok((b, trailers)) = released else {
+                let _ = tx
+                    .send(Err("a plugin failed while streaming the body".into()))
+                    .await;
+                return;
             };
             out_total += b.len() as u64;
             if declared.is_some() && (out_total > in_total || (eos && out_total != in_total)) {
@@ -1065,6 +1161,15 @@ async fn transform_body(
                 let _ = tx
                     .send(Err("a plugin changed the length of a streamed body".into()))
                     .await;
+                return;
+            }
+            // The trailers are known before the data channel closes, so the
+            // body finds them when its data ends.
+            if let Some(t) = trailers {
+                let _ = trailers_tx.send(t);
+                if !b.is_empty() {
+                    let _ = tx.send(Ok(b)).await;
+                }
                 return;
             }
             if !b.is_empty() && tx.send(Ok(b)).await.is_err() {
@@ -1075,7 +1180,10 @@ async fn transform_body(
             }
         }
     });
-    Response::from_parts(parts, ResponseBody::channel(rx, declared))
+    Response::from_parts(
+        parts,
+        ResponseBody::channel(rx, declared).with_pending_trailers(trailers_rx),
+    )
 }
 
 /// Exports each plugin's own metrics and the host's counters for it.

@@ -763,3 +763,36 @@ async fn request_bodies_go_through_plugins_before_the_origin() -> anyhow::Result
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn trailers_go_through_the_plugins_body_stages() -> anyhow::Result<()> {
+    // h2 to the origin and to the client, so trailers can travel end to end
+    // (gRPC's grpc-status rides in them).
+    let origin = TestOrigin::start("o").await?;
+    let edge = Edge::start(&config_with(
+        &origin,
+        &plugin(&dist("compat")?, "\"x\"", ""),
+        "protocol = \"http2\"\n",
+    ))?;
+    let mut conn = Conn::plain(edge.http(), true).await?;
+    for _ in 0..2 {
+        let r = conn
+            .send(meridian_e2e::client::req_h2(
+                "GET",
+                "http",
+                "t",
+                "/trailers",
+                "",
+            ))
+            .await?;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "part one, part two");
+        // The response went through the plugin (its response-phase header)...
+        assert_eq!(r.header("x-compat-plugin"), Some("upstream-proxy-wasm"));
+        // ...and its trailers came out the other side.
+        let t = r.trailers.as_ref().expect("trailers");
+        assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+        assert_eq!(t.get("x-trailer").map(|v| v.as_bytes()), Some(&b"yes"[..]));
+    }
+    Ok(())
+}
