@@ -418,6 +418,10 @@ pub struct PluginsConfig {
     pub max_instances: u32,
     /// The largest response body an `http_call` may return to a plugin.
     pub http_call_max_body: ByteSize,
+    /// How long a request waits for a plugin instance when all
+    /// `max_instances` are in use (idle ones of other plugins are evicted
+    /// first); after that, the plugin fails by its policy.
+    pub instance_wait: Dur,
 }
 
 impl Default for PluginsConfig {
@@ -426,6 +430,7 @@ impl Default for PluginsConfig {
             geoip: None,
             max_instances: 1024,
             http_call_max_body: ByteSize(1024 * 1024),
+            instance_wait: Dur::secs(1),
         }
     }
 }
@@ -914,6 +919,12 @@ impl Config {
             bad(
                 path!["plugins", "max_instances"],
                 "must be 1 to 16384".into(),
+            );
+        }
+        if self.plugins.instance_wait.get() > std::time::Duration::from_secs(60) {
+            bad(
+                path!["plugins", "instance_wait"],
+                "must be at most 60s".into(),
             );
         }
         for (i, s) in self.sites.iter().enumerate() {

@@ -32,8 +32,9 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, Response, StatusCode, Uri, header, request};
 use http_body_util::BodyExt;
 use meridian_wasm_host::{
-    Action, FailurePolicy, HeaderEdit, HeaderList, HostConfig, HttpCallRequest, HttpCallResponse,
-    LocalResponse, MetricKind, Plugin, PluginHost, PropertyResolver, RequestContext,
+    Action, ErrorKind, FailurePolicy, HeaderEdit, HeaderList, HostConfig, HttpCallRequest,
+    HttpCallResponse, LocalResponse, MetricKind, Plugin, PluginHost, PropertyResolver,
+    RequestContext,
 };
 use parking_lot::Mutex;
 
@@ -383,6 +384,7 @@ pub async fn run_request<F, Fut>(
     end_of_stream: bool,
     metrics: &Arc<Metrics>,
     props: Arc<dyn PropertyResolver>,
+    instance_wait: Duration,
     call: F,
 ) -> Result<SharedExchange, Response<ResponseBody>>
 where
@@ -412,9 +414,12 @@ where
                 )),
             }
         };
-        let mut ctx = match lp.plugin.request_context_with(props.clone()) {
+        let mut ctx = match context_waiting(lp, &props, instance_wait, metrics).await {
             Ok(c) => c,
             Err(e) => {
+                if e.kind() == ErrorKind::Exhausted {
+                    count(metrics, "instances-exhausted");
+                }
                 tracing::warn!(plugin = %lp.name, error = %e, "plugin context failed");
                 if let Some(r) = fail(&mut ex) {
                     return Err(r);
@@ -495,6 +500,33 @@ where
         }
     }
     Ok(Arc::new(Mutex::new(ex)))
+}
+
+/// A request context for `lp`. When every instance of the host is in use
+/// (and none idle to evict), waits for one to be released, polling with a
+/// backoff of 1 to 20 ms, for up to `wait`.
+async fn context_waiting(
+    lp: &LoadedPlugin,
+    props: &Arc<dyn PropertyResolver>,
+    wait: Duration,
+    metrics: &Metrics,
+) -> meridian_wasm_host::Result<RequestContext> {
+    let start = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(1);
+    let mut waited = false;
+    loop {
+        match lp.plugin.request_context_with(props.clone()) {
+            Err(e) if e.kind() == ErrorKind::Exhausted && start.elapsed() + pause <= wait => {
+                if !waited {
+                    waited = true;
+                    count(metrics, "waited-for-instance");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Appends `headers` to a proxy-wasm header list.

@@ -457,6 +457,7 @@ impl Proxy {
                 eos,
                 &self.metrics,
                 props,
+                rt.config.plugins.instance_wait.get(),
                 call,
             ))
             .await

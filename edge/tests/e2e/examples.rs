@@ -796,3 +796,49 @@ async fn trailers_go_through_the_plugins_body_stages() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn requests_wait_for_a_plugin_instance_when_all_are_in_use() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let chain = plugin(&dist("headers")?, "'{}'", "failure = \"closed\"");
+    // One instance for the whole host: a request holds it until its
+    // response ends, so a second request in the meantime has none.
+    let top = |wait: &str| format!("[plugins]\nmax_instances = 1\ninstance_wait = \"{wait}\"\n");
+    for (wait, expect) in [("5s", 200), ("50ms", 500)] {
+        let edge = Edge::start(&config_with(&origin, &chain, &top(wait)))?;
+        let addr = edge.http();
+        let slow = tokio::spawn(async move { get_plain(addr, "t", "/slow?ms=700").await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let t0 = std::time::Instant::now();
+        let r = get_plain(edge.http(), "t", "/hello").await?;
+        let waited = t0.elapsed();
+        assert_eq!(slow.await??.status, 200);
+        assert_eq!(r.status, expect, "instance_wait {wait}: {}", r.text());
+        let m = edge.metrics().await?;
+        if expect == 200 {
+            // It waited for the slow request to give the instance back.
+            assert!(
+                waited >= std::time::Duration::from_millis(300),
+                "{waited:?}"
+            );
+            assert!(
+                metric(
+                    &m,
+                    "meridian_plugin_results_total",
+                    &["\"waited-for-instance\""]
+                ) >= 1.0
+            );
+        } else {
+            assert!(
+                metric(
+                    &m,
+                    "meridian_plugin_results_total",
+                    &["\"instances-exhausted\""]
+                ) >= 1.0
+            );
+        }
+        // Once the instance is free again, requests go through.
+        assert_eq!(get_plain(edge.http(), "t", "/hello").await?.status, 200);
+    }
+    Ok(())
+}

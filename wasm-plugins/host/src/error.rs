@@ -14,9 +14,12 @@ pub enum ErrorKind {
     /// The module does not speak proxy-wasm 0.2.x (missing ABI marker, wrong
     /// callback signature, missing memory export, non-function import).
     InvalidAbi,
-    /// A new instance could not be created (pool exhausted, initial memory
-    /// above the limit, start function trapped...).
+    /// A new instance could not be created (initial memory above the
+    /// limit, start function trapped...).
     Instantiate,
+    /// Every instance the host may have is in use by a request (none idle to
+    /// evict): a caller may wait for one to be released and try again.
+    Exhausted,
     /// `proxy_on_vm_start` or `proxy_on_configure` returned false.
     ConfigureRejected,
     /// The guest trapped (unreachable, out-of-bounds access, stack overflow...).
@@ -45,6 +48,8 @@ pub enum PluginError {
     InvalidAbi { plugin: String, message: String },
     #[error("plugin {plugin}: instantiation failed: {message}")]
     Instantiate { plugin: String, message: String },
+    #[error("plugin {plugin}: all {limit} plugin instances of the host are in use")]
+    Exhausted { plugin: String, limit: u32 },
     #[error("plugin {plugin}: {callback} returned false")]
     ConfigureRejected {
         plugin: String,
@@ -85,6 +90,7 @@ impl PluginError {
             Self::Compile { .. } => ErrorKind::Compile,
             Self::InvalidAbi { .. } => ErrorKind::InvalidAbi,
             Self::Instantiate { .. } => ErrorKind::Instantiate,
+            Self::Exhausted { .. } => ErrorKind::Exhausted,
             Self::ConfigureRejected { .. } => ErrorKind::ConfigureRejected,
             Self::Trap { .. } => ErrorKind::Trap,
             Self::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,

@@ -257,6 +257,78 @@ pub(crate) const CALLBACK_SIGNATURES: &[(&str, usize, usize)] = &[
     ("proxy_on_http_call_response", 5, 0),
 ];
 
+/// The host's instance slots (`HostConfig::max_instances`, the pooling
+/// allocator's size), shared by all its plugins. Idle instances hold slots
+/// too: when none is free, one idle instance of any plugin is evicted.
+pub(crate) struct Slots {
+    live: AtomicU32,
+    max: u32,
+    /// Every loaded plugin, for eviction (dropped plugins are pruned).
+    plugins: parking_lot::Mutex<Vec<std::sync::Weak<crate::plugin::PluginInner>>>,
+}
+
+impl Slots {
+    pub(crate) fn new(max: u32) -> Arc<Self> {
+        Arc::new(Self {
+            live: AtomicU32::new(0),
+            max,
+            plugins: parking_lot::Mutex::new(Vec::new()),
+        })
+    }
+
+    pub(crate) fn register(&self, plugin: &Arc<crate::plugin::PluginInner>) {
+        let mut all = self.plugins.lock();
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(plugin));
+    }
+
+    fn try_take(self: &Arc<Self>) -> Option<SlotGuard> {
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SlotGuard(self.clone()))
+    }
+
+    /// A slot for a new instance of `plugin`: a free one, or one freed by
+    /// evicting another plugin's idle instance.
+    pub(crate) fn take(self: &Arc<Self>, plugin: &str) -> Result<SlotGuard> {
+        if let Some(g) = self.try_take() {
+            return Ok(g);
+        }
+        let others: Vec<_> = self
+            .plugins
+            .lock()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        for p in others {
+            // Dropped outside the pool's lock: the store goes, then its slot.
+            let evicted = p.idle.lock().pop();
+            if evicted.is_some() {
+                drop(evicted);
+                if let Some(g) = self.try_take() {
+                    return Ok(g);
+                }
+            }
+        }
+        Err(PluginError::Exhausted {
+            plugin: plugin.to_owned(),
+            limit: self.max,
+        })
+    }
+}
+
+/// One taken slot; released when the instance holding it is dropped.
+pub(crate) struct SlotGuard(Arc<Slots>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A live instance with its own store, root context and memory.
 pub(crate) struct PluginInstance {
     pub store: Store<HostState>,
@@ -264,6 +336,9 @@ pub(crate) struct PluginInstance {
     next_context_id: u32,
     deadline: Duration,
     deadline_ticks: u64,
+    /// Last: fields drop in order, so the slot is released after the store
+    /// has given its memory back to the pool.
+    _slot: SlotGuard,
 }
 
 impl Drop for PluginInstance {
@@ -308,6 +383,7 @@ impl PluginInstance {
         pre: &InstancePre<HostState>,
         deadline: Duration,
         deadline_ticks: u64,
+        slot: SlotGuard,
     ) -> Result<Self> {
         let engine = pre.module().engine();
         let mut store = Store::new(engine, HostState::new(plugin.clone()));
@@ -367,6 +443,7 @@ impl PluginInstance {
             next_context_id: ROOT_CONTEXT_ID + 1,
             deadline,
             deadline_ticks,
+            _slot: slot,
         };
         let root = ROOT_CONTEXT_ID as i32;
         if let Some(f) = this.exports.initialize.clone() {

@@ -153,6 +153,7 @@ pub struct PluginHost {
     linker: Linker<HostState>,
     defined: hostcalls::Defined,
     ticker: Arc<Ticker>,
+    slots: Arc<instance::Slots>,
     config: HostConfig,
 }
 
@@ -190,6 +191,7 @@ impl PluginHost {
             linker,
             defined,
             ticker,
+            slots: instance::Slots::new(config.max_instances),
             config,
         })
     }
@@ -260,9 +262,11 @@ impl PluginHost {
             deadline_ticks,
             max_idle: self.config.max_idle_instances_per_plugin,
             idle: Mutex::new(Vec::new()),
+            slots: self.slots.clone(),
             _ticker: self.ticker.clone(),
         });
         let first = inner.instantiate()?;
+        self.slots.register(&inner);
         if !limits.fresh_instance_per_request {
             inner.idle.lock().push(first);
         }

@@ -10,7 +10,7 @@ use wasmtime::{InstancePre, TypedFunc, WasmParams, WasmResults};
 
 use crate::abi::{ACTION_PAUSE, HeaderEdit, HeaderList, MapType};
 use crate::error::{PluginError, Result};
-use crate::instance::{Exports, HostState, PluginInstance, PluginShared, Signal};
+use crate::instance::{Exports, HostState, PluginInstance, PluginShared, Signal, Slots};
 use crate::metrics::MetricSnapshot;
 use crate::shared::SharedData;
 use crate::{PropertyResolver, Ticker};
@@ -153,6 +153,7 @@ pub(crate) struct PluginInner {
     /// one pointer, not as its few hundred bytes of exports.
     #[allow(clippy::vec_box)]
     pub idle: Mutex<Vec<Box<PluginInstance>>>,
+    pub slots: Arc<Slots>,
     pub _ticker: Arc<Ticker>,
 }
 
@@ -160,11 +161,13 @@ impl PluginInner {
     /// A new instance, boxed: it moves between the pool and the requests'
     /// contexts as one pointer.
     pub(crate) fn instantiate(&self) -> Result<Box<PluginInstance>> {
+        let slot = self.slots.take(&self.shared.name)?;
         PluginInstance::new(
             &self.shared,
             &self.pre,
             self.limits.callback_deadline,
             self.deadline_ticks,
+            slot,
         )
         .map(Box::new)
     }

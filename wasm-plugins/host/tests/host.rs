@@ -171,6 +171,44 @@ fn header_edits_are_reported_in_order() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_full_host_evicts_idle_instances_then_reports_exhaustion() -> anyhow::Result<()> {
+    let host = PluginHost::new(HostConfig {
+        max_instances: 2,
+        max_memory_bytes: 16 << 20,
+        epoch_tick: Duration::from_millis(5),
+        max_idle_instances_per_plugin: 4,
+        properties: None,
+    })?;
+    // Each load leaves one idle instance: both slots are taken.
+    let a = load(&host, ADD_HEADER);
+    let b = load(&host, ADD_HEADER);
+    let a1 = a.request_context()?;
+    // A second context of `a` needs a slot: `b`'s idle instance is evicted.
+    let a2 = a.request_context()?;
+    assert_eq!(b.stats().idle_instances, 0);
+    // Every slot is in use by a request: a distinct, retryable error.
+    let err = b.request_context().expect_err("no slot left");
+    assert_eq!(err.kind(), ErrorKind::Exhausted, "{err}");
+    assert_eq!(
+        a.request_context().expect_err("none").kind(),
+        ErrorKind::Exhausted
+    );
+    // A request ends: its instance goes idle, and `b` gets its slot by eviction.
+    a1.finish()?;
+    let mut b1 = b.request_context()?;
+    let mut h = headers(&[(":path", "/")]);
+    assert_eq!(b1.on_request_headers(&mut h, true)?, Action::Continue);
+    assert_eq!(get(&h, "x-added"), Some(&b"yes"[..]));
+    drop(a2);
+    drop(b1);
+    // Dropped plugins give their slots back.
+    drop(a);
+    let _b2 = b.request_context()?;
+    let _b3 = b.request_context()?;
+    Ok(())
+}
+
+#[test]
 fn fresh_instance_per_request() -> anyhow::Result<()> {
     let host = host();
     let limits = Limits {
