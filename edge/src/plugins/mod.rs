@@ -11,13 +11,20 @@
 //!   chain order (as Envoy does), on origin responses before they are stored
 //!   ([`Phase::Store`]), or on every client response, cache hits included,
 //!   for plugins with `every_response` ([`Phase::Deliver`]).
+//! - **Request bodies:** [`request_body_phase`] runs a request's body (and
+//!   its trailers) through `on_request_body` in chain order before the cache
+//!   and the origin, with the same buffering rules as response bodies.
+//! - **Instances:** when every instance of the host is in use, a request
+//!   waits for one (bounded by `[plugins] instance_wait`), then fails by
+//!   policy.
 //! - **Bodies:** chunks go through `on_response_body` as they arrive. A plugin
 //!   that pauses makes the edge buffer (up to its `body_buffer`) and call it
 //!   again with everything so far. The response head is held until the chain
 //!   releases its first bytes, so a body transformed in one piece gets an
 //!   exact Content-Length; a streamed one keeps the origin's length only if
 //!   no plugin changes it. Encoded (compressed) bodies, ranges and bodiless
-//!   responses skip the body callbacks.
+//!   responses skip the body callbacks. Trailers go through
+//!   `on_response_trailers` after the last data and are sent on.
 //!
 //! Callbacks run synchronously on the worker thread. Each is bounded by the
 //! plugin's deadline (epoch interruption), and a failure (trap, deadline,
