@@ -5,7 +5,6 @@
 //! Both enforce the limits of the stream they carry: the client's body size
 //! limit, and an idle timeout between frames.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -258,16 +257,6 @@ pub struct ResponseBody {
     bytes: u64,
     done: bool,
     on_end: Vec<Box<dyn OnBodyEnd>>,
-    /// Trailers sent after the data (set by the plugins' body stages).
-    trailers: Trailers,
-}
-
-/// Trailers to send once the data ends.
-enum Trailers {
-    None,
-    Ready(http::HeaderMap),
-    /// Known only when a task feeding the body reaches its end.
-    Pending(tokio::sync::oneshot::Receiver<http::HeaderMap>),
 }
 
 enum Kind {
@@ -281,6 +270,13 @@ enum Kind {
     /// bounded channel; `len` is the exact length when known.
     Channel {
         rx: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
+        len: Option<u64>,
+        sent: u64,
+    },
+    /// Frames (data, then perhaps trailers) from a task: a body out of the
+    /// plugins' body stages. Ends when the channel closes.
+    Frames {
+        rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
         len: Option<u64>,
         sent: u64,
     },
@@ -327,40 +323,16 @@ impl ResponseBody {
             bytes: 0,
             done: false,
             on_end: Vec::new(),
-            trailers: Trailers::None,
         }
     }
 
-    /// Sends `trailers` after the data.
-    pub fn with_trailers(mut self, trailers: http::HeaderMap) -> Self {
-        self.trailers = Trailers::Ready(trailers);
-        self
-    }
-
-    /// Sends the trailers `rx` yields (if any) after the data: for a body fed
-    /// by a task that learns them at its end.
-    pub fn with_pending_trailers(
-        mut self,
-        rx: tokio::sync::oneshot::Receiver<http::HeaderMap>,
+    /// A body of frames (data, then perhaps trailers) fed through a bounded
+    /// channel. `len` is its exact data length, if known.
+    pub fn frames(
+        rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+        len: Option<u64>,
     ) -> Self {
-        self.trailers = Trailers::Pending(rx);
-        self
-    }
-
-    /// The trailers once the data has ended: `Pending` while a feeding task
-    /// has not said yet.
-    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Option<http::HeaderMap>> {
-        match std::mem::replace(&mut self.trailers, Trailers::None) {
-            Trailers::None => Poll::Ready(None),
-            Trailers::Ready(t) => Poll::Ready(Some(t)),
-            Trailers::Pending(mut rx) => match Pin::new(&mut rx).poll(cx) {
-                Poll::Ready(r) => Poll::Ready(r.ok()),
-                Poll::Pending => {
-                    self.trailers = Trailers::Pending(rx);
-                    Poll::Pending
-                }
-            },
-        }
+        Self::from_kind(Kind::Frames { rx, len, sent: 0 })
     }
 
     /// Runs `f` once, when the body ends or is dropped.
@@ -394,7 +366,7 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let mut r = match &mut this.kind {
+        let r = match &mut this.kind {
             Kind::Empty => None,
             Kind::Full(b) => b.take().map(|b| Ok(Frame::data(b))),
             Kind::Upstream { body, timer } => match Pin::new(&mut *body).poll_frame(cx) {
@@ -421,13 +393,18 @@ impl Body for ResponseBody {
                 Poll::Ready(None) => None,
                 Poll::Pending => return Poll::Pending,
             },
-        };
-        if r.is_none() {
-            match this.poll_trailers(cx) {
-                Poll::Ready(t) => r = t.map(|t| Ok(Frame::trailers(t))),
+            Kind::Frames { rx, sent, .. } => match rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Some(d) = f.data_ref() {
+                        *sent += d.len() as u64;
+                    }
+                    Some(Ok(f))
+                }
+                Poll::Ready(Some(Err(e))) => Some(Err(BodyError::Stream(e))),
+                Poll::Ready(None) => None,
                 Poll::Pending => return Poll::Pending,
-            }
-        }
+            },
+        };
         match &r {
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
@@ -447,13 +424,14 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let data_done = match &self.kind {
+        match &self.kind {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
             Kind::Upstream { body, .. } => body.is_end_stream(),
             Kind::Channel { len, sent, .. } => len.is_some_and(|l| *sent >= l),
-        };
-        data_done && matches!(self.trailers, Trailers::None)
+            // Trailers may follow the data: only the channel's end says.
+            Kind::Frames { .. } => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -461,7 +439,7 @@ impl Body for ResponseBody {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream { body, .. } => body.size_hint(),
-            Kind::Channel { len, sent, .. } => match len {
+            Kind::Channel { len, sent, .. } | Kind::Frames { len, sent, .. } => match len {
                 Some(l) => SizeHint::with_exact(l.saturating_sub(*sent)),
                 None => SizeHint::default(),
             },

@@ -956,118 +956,256 @@ pub async fn request_body_phase(
             failure_response(StatusCode::INTERNAL_SERVER_ERROR, b"plugin failure\n")
         }
     };
-    let mut out = BytesMut::new();
-    let mut in_total: u64 = 0;
-    let mut trailers = None;
     // 1. Until the chain releases bytes: nothing has gone to the origin yet.
-    let finished = loop {
-        let piece = match tokio::time::timeout(idle, next_chunk(&mut body)).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "client request body failed in the plugin phase");
-                return Err(failure_response(
-                    StatusCode::BAD_REQUEST,
-                    b"request body failed\n",
-                ));
-            }
-            Err(_) => {
-                return Err(failure_response(
-                    StatusCode::REQUEST_TIMEOUT,
-                    b"request body timed out\n",
-                ));
-            }
-        };
-        in_total += piece.data.len() as u64;
-        let released = {
-            let mut g = ex.lock();
-            push_chunk(&mut g, &mut stages, piece.data, piece.eos, Dir::Request).and_then(|b| {
-                trailers = piece
-                    .trailers
-                    .map(|t| push_trailers(&mut g, &stages, t, Dir::Request))
-                    .transpose()?;
-                Ok(b)
-            })
-        };
-        match released {
-            Ok(b) => out.extend_from_slice(&b),
-            Err(f) => return Err(fail(f)),
+    let p = match until_release(ex, &mut stages, &mut body, Dir::Request, Some(idle)).await {
+        Ok(p) => p,
+        Err(BodyStop::Plugin(f)) => return Err(fail(f)),
+        Err(BodyStop::Source(e)) => {
+            tracing::debug!(error = %e, "client request body failed in the plugin phase");
+            return Err(failure_response(
+                StatusCode::BAD_REQUEST,
+                b"request body failed\n",
+            ));
         }
-        if piece.eos {
-            break true;
-        }
-        if !out.is_empty() && !http_body::Body::is_end_stream(&body) {
-            break false;
+        Err(BodyStop::Idle) => {
+            return Err(failure_response(
+                StatusCode::REQUEST_TIMEOUT,
+                b"request body timed out\n",
+            ));
         }
     };
     parts.headers.remove(header::TRANSFER_ENCODING);
-    type Frames = Result<http_body::Frame<Bytes>, crate::error::BoxError>;
-    if finished {
+    if p.finished {
         parts
             .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
-        let Some(t) = trailers else {
-            return Ok(ClientBody::Full(Some(out.freeze())));
-        };
-        // Data, then trailers: two frames, which the channel holds at once.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Frames>(2);
-        let _ = tx.try_send(Ok(http_body::Frame::data(out.freeze())));
-        let _ = tx.try_send(Ok(http_body::Frame::trailers(t)));
-        return Ok(ClientBody::Channel(rx));
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(p.out.len()));
+        let out = p.out.freeze();
+        return Ok(match p.trailers {
+            None => ClientBody::Full(Some(out)),
+            Some(t) => ClientBody::Channel(frames_of(out, t)),
+        });
     }
     // 2. Streaming to the origin.
-    if out.len() as u64 != in_total {
+    if p.out.len() as u64 != p.in_total {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     let declared = parts.headers.contains_key(header::CONTENT_LENGTH);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Frames>(2);
-    let first = out.freeze();
-    let ex = ex.clone();
+    Ok(ClientBody::Channel(stream_rest(
+        ex.clone(),
+        stages,
+        body,
+        Dir::Request,
+        Some(idle),
+        p,
+        declared,
+    )))
+}
+
+/// Runs the body through the stages. The head is held until the chain
+/// releases its first bytes (or the body ends).
+async fn transform_body(
+    ex: SharedExchange,
+    mut stages: Vec<Stage>,
+    resp: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    let (mut parts, mut body) = resp.into_parts();
+    // 1. Until the first release: nothing has been sent yet. (The origin
+    // body has its own idle timer.)
+    let p = match until_release(&ex, &mut stages, &mut body, Dir::Response, None).await {
+        Ok(p) => p,
+        Err(BodyStop::Plugin(BodyFailure::Local(lr))) => return local_response(lr),
+        Err(BodyStop::Plugin(_)) => {
+            return failure_response(StatusCode::INTERNAL_SERVER_ERROR, b"plugin failure\n");
+        }
+        Err(BodyStop::Source(e)) => {
+            tracing::info!(error = %e, "origin body failed before the plugins released it");
+            return failure_response(StatusCode::BAD_GATEWAY, b"origin body failed\n");
+        }
+        Err(BodyStop::Idle) => {
+            return failure_response(StatusCode::GATEWAY_TIMEOUT, b"origin body timed out\n");
+        }
+    };
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    if p.finished {
+        // The whole body went through: its length is known exactly.
+        let len = p.out.len() as u64;
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        let out = p.out.freeze();
+        let body = match p.trailers {
+            None => ResponseBody::full(out),
+            Some(t) => ResponseBody::frames(frames_of(out, t), Some(len)),
+        };
+        return Response::from_parts(parts, body);
+    }
+    // 2. Streaming. The origin's Content-Length holds only while no plugin
+    // changes the length; it is dropped now if one already has.
+    if p.out.len() as u64 != p.in_total {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let rx = stream_rest(ex, stages, body, Dir::Response, None, p, declared.is_some());
+    Response::from_parts(parts, ResponseBody::frames(rx, declared))
+}
+
+/// The frames of a body going out of the plugins.
+type FrameRx = tokio::sync::mpsc::Receiver<Result<http_body::Frame<Bytes>, crate::error::BoxError>>;
+
+/// Why a body stopped before the plugins released any of it.
+enum BodyStop {
+    /// The body itself failed.
+    Source(crate::error::BoxError),
+    /// No frame for the idle timeout.
+    Idle,
+    Plugin(BodyFailure),
+}
+
+/// A body's way through the stages up to the first release.
+struct Progress {
+    /// What the chain released.
+    out: BytesMut,
+    /// What came in.
+    in_total: u64,
+    /// The trailers, as the plugins left them, if the body ended with some.
+    trailers: Option<http::HeaderMap>,
+    /// The body ended (everything went through).
+    finished: bool,
+}
+
+/// The next piece of `body`, within `idle` if given.
+async fn next_piece<B>(body: &mut B, idle: Option<Duration>) -> Result<Piece, BodyStop>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<crate::error::BoxError>,
+{
+    let r = match idle {
+        Some(d) => tokio::time::timeout(d, next_chunk(body))
+            .await
+            .map_err(|_| BodyStop::Idle)?,
+        None => next_chunk(body).await,
+    };
+    r.map_err(BodyStop::Source)
+}
+
+/// One piece through the stages: the bytes released, and the trailers.
+fn push_piece(
+    ex: &SharedExchange,
+    stages: &mut [Stage],
+    piece: Piece,
+    dir: Dir,
+) -> Result<(Bytes, Option<http::HeaderMap>), BodyFailure> {
+    let mut g = ex.lock();
+    let b = push_chunk(&mut g, stages, piece.data, piece.eos, dir)?;
+    let t = piece
+        .trailers
+        .map(|t| push_trailers(&mut g, stages, t, dir))
+        .transpose()?;
+    Ok((b, t))
+}
+
+/// Feeds `body` through the stages until the chain releases its first bytes
+/// while more is to come, or the body ends (a body whose last bytes just
+/// came goes round once more to see its end, and counts as finished).
+async fn until_release<B>(
+    ex: &SharedExchange,
+    stages: &mut [Stage],
+    body: &mut B,
+    dir: Dir,
+    idle: Option<Duration>,
+) -> Result<Progress, BodyStop>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<crate::error::BoxError>,
+{
+    let mut p = Progress {
+        out: BytesMut::new(),
+        in_total: 0,
+        trailers: None,
+        finished: false,
+    };
+    loop {
+        let piece = next_piece(body, idle).await?;
+        p.in_total += piece.data.len() as u64;
+        let eos = piece.eos;
+        let (b, t) = push_piece(ex, stages, piece, dir).map_err(BodyStop::Plugin)?;
+        p.out.extend_from_slice(&b);
+        p.trailers = t;
+        if eos {
+            p.finished = true;
+            return Ok(p);
+        }
+        if !p.out.is_empty() && !body.is_end_stream() {
+            return Ok(p);
+        }
+    }
+}
+
+/// A whole body and its trailers as frames (the channel holds both).
+fn frames_of(data: Bytes, trailers: http::HeaderMap) -> FrameRx {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let _ = tx.try_send(Ok(http_body::Frame::data(data)));
+    let _ = tx.try_send(Ok(http_body::Frame::trailers(trailers)));
+    rx
+}
+
+/// Streams the rest of a body through the stages from a task, after what
+/// `p` released first. With `declared` (a Content-Length already sent on)
+/// the stream is cut rather than sent with another length.
+fn stream_rest<B>(
+    ex: SharedExchange,
+    mut stages: Vec<Stage>,
+    mut body: B,
+    dir: Dir,
+    idle: Option<Duration>,
+    p: Progress,
+    declared: bool,
+) -> FrameRx
+where
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<crate::error::BoxError>,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let first = p.out.freeze();
+    let mut in_total = p.in_total;
     tokio::spawn(async move {
         let mut out_total = first.len() as u64;
         if tx.send(Ok(http_body::Frame::data(first))).await.is_err() {
             return;
         }
         loop {
-            let piece = match tokio::time::timeout(idle, next_chunk(&mut body)).await {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => {
+            let piece = match next_piece(&mut body, idle).await {
+                Ok(p) => p,
+                Err(BodyStop::Idle) => {
+                    let _ = tx.send(Err("body timed out".into())).await;
+                    return;
+                }
+                Err(BodyStop::Source(e)) => {
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
-                Err(_) => {
-                    let _ = tx.send(Err("request body timed out".into())).await;
-                    return;
-                }
+                Err(BodyStop::Plugin(_)) => return,
             };
             in_total += piece.data.len() as u64;
             let eos = piece.eos;
-            let released = {
-                let mut g = ex.lock();
-                push_chunk(&mut g, &mut stages, piece.data, eos, Dir::Request).and_then(|b| {
-                    let t = piece
-                        .trailers
-                        .map(|t| push_trailers(&mut g, &stages, t, Dir::Request))
-                        .transpose()?;
-                    Ok((b, t))
-                })
-            };
-            let Ok((b, trailers)) = released else {
+            let Ok((b, trailers)) = push_piece(&ex, &mut stages, piece, dir) else {
                 let _ = tx
-                    .send(Err(
-                        "a plugin failed while streaming the request body".into()
-                    ))
+                    .send(Err("a plugin failed while streaming the body".into()))
                     .await;
                 return;
             };
             out_total += b.len() as u64;
             if declared && (out_total > in_total || (eos && out_total != in_total)) {
                 tracing::warn!(
-                    "a plugin changed the request body's length after Content-Length was sent"
+                    ?dir,
+                    "a plugin changed the body's length after Content-Length was sent"
                 );
                 let _ = tx
-                    .send(Err(
-                        "a plugin changed the length of a streamed request body".into(),
-                    ))
+                    .send(Err("a plugin changed the length of a streamed body".into()))
                     .await;
                 return;
             }
@@ -1082,147 +1220,7 @@ pub async fn request_body_phase(
             }
         }
     });
-    Ok(ClientBody::Channel(rx))
-}
-
-/// Runs the body through the stages. The head is held until the chain
-/// releases its first bytes (or the body ends).
-async fn transform_body(
-    ex: SharedExchange,
-    mut stages: Vec<Stage>,
-    resp: Response<ResponseBody>,
-) -> Response<ResponseBody> {
-    let (mut parts, mut body) = resp.into_parts();
-    let mut out = BytesMut::new();
-    let mut in_total: u64 = 0;
-    let fail = |f: BodyFailure| match f {
-        BodyFailure::Local(lr) => local_response(lr),
-        BodyFailure::Failed | BodyFailure::TooLarge => {
-            failure_response(StatusCode::INTERNAL_SERVER_ERROR, b"plugin failure\n")
-        }
-    };
-    let mut trailers = None;
-    // 1. Until the first release: nothing has been sent yet.
-    let finished = loop {
-        let piece = match next_chunk(&mut body).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::info!(error = %e, "origin body failed before the plugins released it");
-                return failure_response(StatusCode::BAD_GATEWAY, b"origin body failed\n");
-            }
-        };
-        in_total += piece.data.len() as u64;
-        let released = {
-            let mut g = ex.lock();
-            push_chunk(&mut g, &mut stages, piece.data, piece.eos, Dir::Response).and_then(|b| {
-                trailers = piece
-                    .trailers
-                    .map(|t| push_trailers(&mut g, &stages, t, Dir::Response))
-                    .transpose()?;
-                Ok(b)
-            })
-        };
-        match released {
-            Ok(b) => out.extend_from_slice(&b),
-            Err(f) => return fail(f),
-        }
-        if piece.eos {
-            break true;
-        }
-        // Released, and more to come: stream. (A body whose last bytes just
-        // came goes round once more to see its end, and is sent whole.)
-        if !out.is_empty() && !http_body::Body::is_end_stream(&body) {
-            break false;
-        }
-    };
-    parts.headers.remove(header::TRANSFER_ENCODING);
-    if finished {
-        // The whole body went through: its length is known exactly.
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
-        let full = ResponseBody::full(out.freeze());
-        let body = match trailers {
-            Some(t) => full.with_trailers(t),
-            None => full,
-        };
-        return Response::from_parts(parts, body);
-    }
-    // 2. Streaming. The origin's Content-Length holds only while no plugin
-    // changes the length; it is dropped now if one already has.
-    let out_total = out.len() as u64;
-    if out_total != in_total {
-        parts.headers.remove(header::CONTENT_LENGTH);
-    }
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, crate::error::BoxError>>(2);
-    let (trailers_tx, trailers_rx) = tokio::sync::oneshot::channel();
-    let first = out.freeze();
-    tokio::spawn(async move {
-        let mut in_total = in_total;
-        let mut out_total = first.len() as u64;
-        if tx.send(Ok(first)).await.is_err() {
-            return;
-        }
-        loop {
-            let piece = match next_chunk(&mut body).await {
-                Ok(p) => p,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            };
-            in_total += piece.data.len() as u64;
-            let eos = piece.eos;
-            let released = {
-                let mut g = ex.lock();
-                push_chunk(&mut g, &mut stages, piece.data, eos, Dir::Response).and_then(|b| {
-                    let t = piece
-                        .trailers
-                        .map(|t| push_trailers(&mut g, &stages, t, Dir::Response))
-                        .transpose()?;
-                    Ok((b, t))
-                })
-            };
-            let Ok((b, trailers)) = released else {
-                let _ = tx
-                    .send(Err("a plugin failed while streaming the body".into()))
-                    .await;
-                return;
-            };
-            out_total += b.len() as u64;
-            if declared.is_some() && (out_total > in_total || (eos && out_total != in_total)) {
-                tracing::warn!("a plugin changed the body's length after Content-Length was sent");
-                let _ = tx
-                    .send(Err("a plugin changed the length of a streamed body".into()))
-                    .await;
-                return;
-            }
-            // The trailers are known before the data channel closes, so the
-            // body finds them when its data ends.
-            if let Some(t) = trailers {
-                let _ = trailers_tx.send(t);
-                if !b.is_empty() {
-                    let _ = tx.send(Ok(b)).await;
-                }
-                return;
-            }
-            if !b.is_empty() && tx.send(Ok(b)).await.is_err() {
-                return;
-            }
-            if eos {
-                return;
-            }
-        }
-    });
-    Response::from_parts(
-        parts,
-        ResponseBody::channel(rx, declared).with_pending_trailers(trailers_rx),
-    )
+    rx
 }
 
 /// Exports each plugin's own metrics and the host's counters for it.
