@@ -83,3 +83,14 @@ edge_bin() {
     || cargo build --release -p meridian-edge -p meridian-bench >&2)
   echo "$BENCH_DIR/../target/release/meridian-edge"
 }
+
+# plugin_headers_toml DIST : the `headers` plugin as the plugin benches
+# configure it (a request header added; HSTS added and Server removed on the
+# response).
+plugin_headers_toml() {
+  cat <<CONF
+[[sites.plugins]]
+path = "$1/headers.wasm"
+config = '{"request":{"add":{"X-From-Edge":"1"}},"response":{"add":{"Strict-Transport-Security":"max-age=63072000"},"remove":["Server"]}}'
+CONF
+}

@@ -45,13 +45,7 @@ address = "127.0.0.1:$port"
 hosts = ["*"]
 pool = "origin"
 CONF
-    if [ "$chain" = 1 ]; then
-      cat <<CONF
-[[sites.plugins]]
-path = "$DIST/headers.wasm"
-config = '{"request":{"add":{"X-From-Edge":"1"}},"response":{"add":{"Strict-Transport-Security":"max-age=63072000"},"remove":["Server"]}}'
-CONF
-    fi
+    if [ "$chain" = 1 ]; then plugin_headers_toml "$DIST"; fi
     cat <<CONF
 [sites.cache]
 enabled = true

@@ -45,13 +45,7 @@ CLAIMS=$(printf '{"sub":"bench","iss":"https://issuer.test","aud":"meridian","ex
 SIG=$(printf '%s.%s' "$HDR" "$CLAIMS" | openssl dgst -sha256 -hmac "$SECRET" -binary | b64url)
 TOKEN="$HDR.$CLAIMS.$SIG"
 
-plugin_headers() {
-  cat <<CONF
-[[sites.plugins]]
-path = "$DIST/headers.wasm"
-config = '{"request":{"add":{"X-From-Edge":"1"}},"response":{"add":{"Strict-Transport-Security":"max-age=63072000"},"remove":["Server"]}}'
-CONF
-}
+plugin_headers() { plugin_headers_toml "$DIST"; }
 plugin_jwt() {
   cat <<CONF
 [[sites.plugins]]

@@ -446,31 +446,39 @@ impl PluginInstance {
             _slot: slot,
         };
         let root = ROOT_CONTEXT_ID as i32;
-        if let Some(f) = this.exports.initialize.clone() {
-            this.call("_initialize", &f, ())?;
-        } else if let Some(f) = this.exports.start.clone() {
-            this.call("_start", &f, ())?;
+        if this.exports.initialize.is_some() {
+            this.call_export("_initialize", |e| e.initialize.as_ref(), ())?;
+        } else {
+            this.call_export("_start", |e| e.start.as_ref(), ())?;
         }
-        if let Some(f) = this.exports.on_context_create.clone() {
-            this.call("proxy_on_context_create", &f, (root, 0))?;
+        this.call_export(
+            "proxy_on_context_create",
+            |e| e.on_context_create.as_ref(),
+            (root, 0),
+        )?;
+        let vm_size = plugin.vm_config.len() as i32;
+        if this.call_export(
+            "proxy_on_vm_start",
+            |e| e.on_vm_start.as_ref(),
+            (root, vm_size),
+        )? == Some(0)
+        {
+            return Err(PluginError::ConfigureRejected {
+                plugin: plugin.name.clone(),
+                callback: "proxy_on_vm_start",
+            });
         }
-        if let Some(f) = this.exports.on_vm_start.clone() {
-            let size = plugin.vm_config.len() as i32;
-            if this.call("proxy_on_vm_start", &f, (root, size))? == 0 {
-                return Err(PluginError::ConfigureRejected {
-                    plugin: plugin.name.clone(),
-                    callback: "proxy_on_vm_start",
-                });
-            }
-        }
-        if let Some(f) = this.exports.on_configure.clone() {
-            let size = plugin.plugin_config.len() as i32;
-            if this.call("proxy_on_configure", &f, (root, size))? == 0 {
-                return Err(PluginError::ConfigureRejected {
-                    plugin: plugin.name.clone(),
-                    callback: "proxy_on_configure",
-                });
-            }
+        let size = plugin.plugin_config.len() as i32;
+        if this.call_export(
+            "proxy_on_configure",
+            |e| e.on_configure.as_ref(),
+            (root, size),
+        )? == Some(0)
+        {
+            return Err(PluginError::ConfigureRejected {
+                plugin: plugin.name.clone(),
+                callback: "proxy_on_configure",
+            });
         }
         Ok(this)
     }
@@ -485,31 +493,11 @@ impl PluginInstance {
         id
     }
 
-    /// Call a guest export under the callback deadline, and turn any failure
-    /// into a typed, counted error.
-    pub(crate) fn call<P: WasmParams, R: WasmResults>(
-        &mut self,
-        callback: &'static str,
-        func: &TypedFunc<P, R>,
-        args: P,
-    ) -> Result<R> {
-        self.store
-            .data()
-            .plugin
-            .stats
-            .callbacks
-            .fetch_add(1, Ordering::Relaxed);
-        self.store.set_epoch_deadline(self.deadline_ticks);
-        self.store.data_mut().limiter.hit = false;
-        match func.call(&mut self.store, args) {
-            Ok(r) => Ok(r),
-            Err(e) => Err(self.classify(callback, e)),
-        }
-    }
-
-    /// Calls the export `pick` selects, if the guest has it (`Ok(None)` if
-    /// not). The function is borrowed, not cloned: cloning a `TypedFunc`
-    /// takes a reference on its registered type, and this runs per callback.
+    /// Calls the guest export `pick` selects (`Ok(None)` if the guest does
+    /// not have it) under the callback deadline, and turns any failure into
+    /// a typed, counted error. The function is borrowed, not cloned: cloning
+    /// a `TypedFunc` takes a reference on its registered type, and this runs
+    /// per callback.
     pub(crate) fn call_export<P: WasmParams, R: WasmResults>(
         &mut self,
         callback: &'static str,
