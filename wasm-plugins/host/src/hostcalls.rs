@@ -133,6 +133,19 @@ fn read_string(mem: &[u8], ptr: i32, len: i32) -> Result<String, Status> {
         .map_err(|_| Status::BadArgument)
 }
 
+/// A header name (lower-cased) and value from guest memory.
+fn read_header(
+    mem: &[u8],
+    kptr: i32,
+    klen: i32,
+    vptr: i32,
+    vlen: i32,
+) -> Result<(String, Vec<u8>), Status> {
+    let mut key = read_string(mem, kptr, klen)?;
+    key.make_ascii_lowercase();
+    Ok((key, slice(mem, vptr, vlen)?.to_vec()))
+}
+
 fn header_pos(map: &HeaderList, key: &[u8]) -> Option<usize> {
     map.iter()
         .position(|(k, _)| k.as_bytes().eq_ignore_ascii_case(key))
@@ -515,9 +528,7 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
         |mut c: C<'_>, t: i32, kptr: i32, klen: i32, vptr: i32, vlen: i32| -> i32 {
             code(with_mem(&mut c, |mem, st| {
                 let mt = map_type(t)?;
-                let mut key = read_string(mem, kptr, klen)?;
-                key.make_ascii_lowercase();
-                let value = slice(mem, vptr, vlen)?.to_vec();
+                let (key, value) = read_header(mem, kptr, klen, vptr, vlen)?;
                 let edit =
                     HostState::tracks(mt).then(|| HeaderEdit::Replace(key.clone(), value.clone()));
                 let map = st.map_mut(mt).ok_or(Status::NotFound)?;
@@ -545,9 +556,7 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
         |mut c: C<'_>, t: i32, kptr: i32, klen: i32, vptr: i32, vlen: i32| -> i32 {
             code(with_mem(&mut c, |mem, st| {
                 let mt = map_type(t)?;
-                let mut key = read_string(mem, kptr, klen)?;
-                key.make_ascii_lowercase();
-                let value = slice(mem, vptr, vlen)?.to_vec();
+                let (key, value) = read_header(mem, kptr, klen, vptr, vlen)?;
                 let edit =
                     HostState::tracks(mt).then(|| HeaderEdit::Add(key.clone(), value.clone()));
                 st.map_mut(mt).ok_or(Status::NotFound)?.push((key, value));
