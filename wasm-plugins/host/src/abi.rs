@@ -190,47 +190,66 @@ pub fn encoded_header_map_len<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) 
         .sum::<usize>()
 }
 
+/// Error from [`encode_header_map_into`]: the output buffer has the wrong
+/// size, or a name or value is too large for the format's `u32` lengths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEncodeError(&'static str);
+
+impl fmt::Display for MapEncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot serialize header map: {}", self.0)
+    }
+}
+
+impl std::error::Error for MapEncodeError {}
+
 /// Serialize `pairs` into `out`, which must be exactly
-/// [`encoded_header_map_len`] bytes long (this lets the host write straight
-/// into guest memory).
-///
-/// # Panics
-/// If `out` has the wrong length, or a name or value is 4 GiB or longer.
-pub fn encode_header_map_into<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)], out: &mut [u8]) {
-    assert_eq!(
-        out.len(),
-        encoded_header_map_len(pairs),
-        "output buffer size"
-    );
+/// [`encoded_header_map_len`] bytes long. Never panics: a buffer of another
+/// size (or a field of 4 GiB or more) is an error, and `out` is then left
+/// unspecified.
+pub fn encode_header_map_into<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+    pairs: &[(K, V)],
+    out: &mut [u8],
+) -> Result<(), MapEncodeError> {
+    if out.len() != encoded_header_map_len(pairs) {
+        return Err(MapEncodeError("output buffer has the wrong size"));
+    }
     let len32 = |n: usize| {
         u32::try_from(n)
-            .expect("header field too large")
-            .to_le_bytes()
+            .map(u32::to_le_bytes)
+            .map_err(|_| MapEncodeError("field of 4 GiB or more"))
     };
-    out[..4].copy_from_slice(&len32(pairs.len()));
+    // Every range below is within `out`: its length was checked above.
+    let mut put = |at: usize, bytes: &[u8]| -> Result<(), MapEncodeError> {
+        out.get_mut(at..at + bytes.len())
+            .ok_or(MapEncodeError("output buffer has the wrong size"))?
+            .copy_from_slice(bytes);
+        Ok(())
+    };
+    put(0, &len32(pairs.len())?)?;
     let mut sizes = 4;
     let mut data = 4 + pairs.len() * 8;
     for (k, v) in pairs {
         let (k, v) = (k.as_ref(), v.as_ref());
-        out[sizes..sizes + 4].copy_from_slice(&len32(k.len()));
-        out[sizes + 4..sizes + 8].copy_from_slice(&len32(v.len()));
+        put(sizes, &len32(k.len())?)?;
+        put(sizes + 4, &len32(v.len())?)?;
         sizes += 8;
-        out[data..data + k.len()].copy_from_slice(k);
-        data += k.len();
-        out[data] = 0;
-        data += 1;
-        out[data..data + v.len()].copy_from_slice(v);
-        data += v.len();
-        out[data] = 0;
-        data += 1;
+        for field in [k, v] {
+            put(data, field)?;
+            put(data + field.len(), &[0])?;
+            data += field.len() + 1;
+        }
     }
+    Ok(())
 }
 
 /// Serialize `pairs` into a new vector.
-pub fn encode_header_map<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Vec<u8> {
+pub fn encode_header_map<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+    pairs: &[(K, V)],
+) -> Result<Vec<u8>, MapEncodeError> {
     let mut out = vec![0; encoded_header_map_len(pairs)];
-    encode_header_map_into(pairs, &mut out);
-    out
+    encode_header_map_into(pairs, &mut out)?;
+    Ok(out)
 }
 
 /// Parse a serialized map. Accepts the two encodings of the empty map that the
@@ -294,7 +313,7 @@ mod tests {
             ("a".to_string(), b"1".to_vec()),
             ("b".to_string(), b"22".to_vec()),
         ];
-        let enc = encode_header_map(&pairs);
+        let enc = encode_header_map(&pairs).unwrap();
         assert_eq!(
             enc,
             [
@@ -311,12 +330,12 @@ mod tests {
         assert!(decode_header_map(&[0]).unwrap().is_empty());
         assert!(decode_header_map(&[0, 0, 0, 0]).unwrap().is_empty());
         let empty: HeaderList = Vec::new();
-        assert_eq!(encode_header_map(&empty), vec![0, 0, 0, 0]);
+        assert_eq!(encode_header_map(&empty).unwrap(), vec![0, 0, 0, 0]);
     }
 
     #[test]
     fn malformed_is_an_error_not_a_panic() {
-        let good = encode_header_map(&[("key", "value"), ("k2", "")]);
+        let good = encode_header_map(&[("key", "value"), ("k2", "")]).unwrap();
         for cut in 1..good.len() {
             assert!(decode_header_map(&good[..cut]).is_err(), "cut at {cut}");
         }
@@ -358,7 +377,7 @@ mod tests {
                     (key, value)
                 })
                 .collect();
-            let enc = encode_header_map(&pairs);
+            let enc = encode_header_map(&pairs).unwrap();
             assert_eq!(enc.len(), encoded_header_map_len(&pairs));
             assert_eq!(decode_header_map(&enc).unwrap(), pairs);
             // Random corruption must never panic.
@@ -373,6 +392,19 @@ mod tests {
                 .collect();
             let _ = decode_header_map(&junk);
         }
+    }
+
+    #[test]
+    fn encoding_into_a_wrong_sized_buffer_is_an_error_not_a_panic() {
+        let pairs = [("a", "1"), ("bb", "22")];
+        let n = encoded_header_map_len(&pairs);
+        for len in [0, 1, n - 1, n + 1, 2 * n] {
+            let mut out = vec![0; len];
+            assert!(encode_header_map_into(&pairs, &mut out).is_err(), "{len}");
+        }
+        let mut out = vec![0; n];
+        encode_header_map_into(&pairs, &mut out).unwrap();
+        assert_eq!(decode_header_map(&out).unwrap().len(), 2);
     }
 
     #[test]

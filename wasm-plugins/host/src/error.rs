@@ -17,9 +17,22 @@ pub enum ErrorKind {
     /// A new instance could not be created (initial memory above the
     /// limit, start function trapped...).
     Instantiate,
-    /// Every instance the host may have is in use by a request (none idle to
-    /// evict): a caller may wait for one to be released and try again.
+    /// No instance of the plugin could be had: the plugin has none, and every
+    /// instance slot of the host is taken by instances serving requests (none
+    /// idle to evict). Overload, not a plugin failure: a caller may wait and
+    /// try again, and must not skip the plugin (see [`FailurePolicy`]).
+    ///
+    /// [`FailurePolicy`]: crate::FailurePolicy
     Exhausted,
+    /// The request's instance stayed locked by callbacks of other requests
+    /// for longer than [`crate::HostConfig::lock_wait`]. Overload, like
+    /// [`ErrorKind::Exhausted`].
+    Busy,
+    /// The instance that held the request's context was discarded after a
+    /// guest failure in another request's callback (trap, deadline, memory
+    /// limit, exit): the context's state is gone. Treated as a failure of the
+    /// plugin by the policy, but not counted again.
+    InstanceLost,
     /// `proxy_on_vm_start` or `proxy_on_configure` returned false.
     ConfigureRejected,
     /// The guest trapped (unreachable, out-of-bounds access, stack overflow...).
@@ -50,6 +63,18 @@ pub enum PluginError {
     Instantiate { plugin: String, message: String },
     #[error("plugin {plugin}: all {limit} plugin instances of the host are in use")]
     Exhausted { plugin: String, limit: u32 },
+    #[error(
+        "plugin {plugin}: {callback} waited {waited:?} for its instance, busy with other requests"
+    )]
+    Busy {
+        plugin: String,
+        callback: &'static str,
+        waited: Duration,
+    },
+    #[error(
+        "plugin {plugin}: the instance of this request was discarded after another request's failure"
+    )]
+    InstanceLost { plugin: String },
     #[error("plugin {plugin}: {callback} returned false")]
     ConfigureRejected {
         plugin: String,
@@ -91,6 +116,8 @@ impl PluginError {
             Self::InvalidAbi { .. } => ErrorKind::InvalidAbi,
             Self::Instantiate { .. } => ErrorKind::Instantiate,
             Self::Exhausted { .. } => ErrorKind::Exhausted,
+            Self::Busy { .. } => ErrorKind::Busy,
+            Self::InstanceLost { .. } => ErrorKind::InstanceLost,
             Self::ConfigureRejected { .. } => ErrorKind::ConfigureRejected,
             Self::Trap { .. } => ErrorKind::Trap,
             Self::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,
@@ -98,6 +125,14 @@ impl PluginError {
             Self::Exited { .. } => ErrorKind::Exited,
             Self::Usage { .. } => ErrorKind::Usage,
         }
+    }
+
+    /// True when no instance could be had for the request ([`ErrorKind::Exhausted`],
+    /// [`ErrorKind::Busy`]): the host is overloaded. Answer 503 whatever the
+    /// plugin's failure policy: an overloaded host must never let a request
+    /// skip a plugin (an auth plugin, say).
+    pub fn is_overload(&self) -> bool {
+        matches!(self.kind(), ErrorKind::Exhausted | ErrorKind::Busy)
     }
 
     /// True for failures of guest code at run time (trap, deadline, memory,

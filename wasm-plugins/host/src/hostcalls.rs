@@ -4,9 +4,21 @@
 //! Rules every hostcall follows: each guest pointer/length pair is checked
 //! against the current memory size before use (failure → `InvalidMemoryAccess`
 //! or WASI `FAULT`), return slots are checked *before* guest memory is
-//! allocated for a result, and nothing here panics on guest input. The only
-//! errors that unwind the guest are a trap inside the guest allocator and
-//! `proc_exit`.
+//! allocated for a result, and nothing here panics on guest input.
+//!
+//! Data returned to the guest is made (serialized, copied or held) *before*
+//! the guest's allocator runs, and exactly that is written afterwards: the
+//! allocator is guest code, and may call back into the host and change the
+//! very map or buffer being returned. The region it returns is checked; one
+//! outside the guest's memory is a guest error ([`GuestViolation`]), which
+//! traps the guest. The only errors that unwind the guest are that, a trap
+//! inside the guest allocator, and `proc_exit`.
+//!
+//! What a guest can make the host hold is bounded: header maps it grows
+//! ([`MAX_MAP_BYTES`]), bodies it grows and HTTP calls it queues
+//! ([`MAX_GUEST_BODY_BYTES`]), properties it sets ([`MAX_PROPERTY_BYTES`]),
+//! metric names, log lines ([`MAX_LOG_LINE_BYTES`]), and, per plugin, the
+//! shared data and the log rate (see [`crate::HostConfig`]).
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
@@ -23,6 +35,7 @@ use crate::abi::{
 };
 use crate::instance::{HostState, ProcExit, Signal};
 use crate::plugin::{HttpCallRequest, LocalResponse};
+use crate::ratelimit::Admit;
 
 type C<'a> = Caller<'a, HostState>;
 type HResult<T> = wasmtime::Result<T>;
@@ -33,6 +46,26 @@ const WASI: &str = "wasi_snapshot_preview1";
 const MAX_PENDING_HTTP_CALLS: usize = 64;
 const MAX_SET_PROPERTIES: usize = 256;
 const MAX_RANDOM_BYTES: u32 = 64 * 1024;
+/// A header map (or trailers) may not be grown by a guest past this
+/// serialized size (or past its size when the host handed it over, if larger).
+pub(crate) const MAX_MAP_BYTES: usize = 1 << 20;
+/// A body may not be grown by a guest past this (or past its size when the
+/// host handed it over, if larger); nor may its queued HTTP calls' bodies.
+pub(crate) const MAX_GUEST_BODY_BYTES: usize = 64 << 20;
+/// Properties a guest sets (`proxy_set_property`), names and values together.
+pub(crate) const MAX_PROPERTY_BYTES: usize = 1 << 20;
+/// A metric name.
+const MAX_METRIC_NAME_BYTES: usize = 1024;
+/// A log line is cut here.
+pub(crate) const MAX_LOG_LINE_BYTES: usize = 16 * 1024;
+/// The host's scratch buffer is kept between calls up to this capacity.
+const MAX_SCRATCH_BYTES: usize = 64 * 1024;
+
+/// A guest broke the ABI in a way that leaves no sane status to return
+/// (its allocator returned a region outside its memory): the guest traps.
+#[derive(Debug, thiserror::Error)]
+#[error("guest ABI violation: {0}")]
+pub(crate) struct GuestViolation(String);
 
 // ---- guest memory access -------------------------------------------------
 
@@ -81,17 +114,14 @@ fn with_mem<R>(
     f(mem, st)
 }
 
-/// Return `len` bytes to the guest: allocate them with the guest's allocator,
-/// let `fill` write them in place, and store pointer and size at
-/// `ret_ptr`/`ret_size`. The return slots are validated first so that a bad
-/// pointer does not leak guest memory.
-fn return_bytes(
-    c: &mut C<'_>,
-    ret_ptr: i32,
-    ret_size: i32,
-    len: usize,
-    fill: impl FnOnce(&HostState, &mut [u8]),
-) -> HResult<i32> {
+/// Return `data` to the guest: allocate `data.len()` bytes with the guest's
+/// allocator, copy `data` there, and store pointer and size at
+/// `ret_ptr`/`ret_size`. `data` is made before the allocator runs and is
+/// written as it is. The return slots are validated first so that a bad
+/// pointer does not leak guest memory. An allocator that changed a header
+/// map or a body meanwhile (so `data` no longer matches them), or returned a
+/// region outside the guest's memory, traps the guest.
+fn return_bytes(c: &mut C<'_>, ret_ptr: i32, ret_size: i32, data: &[u8]) -> HResult<i32> {
     let Some(memory) = c.data().memory else {
         return Ok(Status::InvalidMemoryAccess.code());
     };
@@ -101,29 +131,62 @@ fn return_bytes(
             return Ok(Status::InvalidMemoryAccess.code());
         }
     }
-    let Ok(len32) = i32::try_from(len) else {
+    let Ok(len32) = i32::try_from(data.len()) else {
         return Ok(Status::InternalFailure.code());
     };
     let Some(alloc) = c.data().alloc.clone() else {
         return Ok(Status::InternalFailure.code());
     };
+    let version = c.data().version;
     let ptr = alloc.call(&mut *c, len32)?;
-    if ptr == 0 && len > 0 {
+    if c.data().version != version {
+        return Err(GuestViolation(
+            "the allocator changed a header map or a body while the host was returning data".into(),
+        )
+        .into());
+    }
+    if ptr == 0 && !data.is_empty() {
         return Ok(Status::InternalFailure.code());
     }
-    let (mem, st) = memory.data_and_store_mut(&mut *c);
-    let r = (|| {
-        fill(st, slice_mut(mem, ptr, len32)?);
-        put_u32(mem, ret_ptr, ptr as u32)?;
-        put_u32(mem, ret_size, len32 as u32)
-    })();
+    // Memory never shrinks: the return slots are still in bounds.
+    let mem = memory.data_mut(&mut *c);
+    let Ok(dst) = slice_mut(mem, ptr, len32) else {
+        return Err(GuestViolation(format!(
+            "the allocator returned {} bytes at {:#x}, outside the {} bytes of memory",
+            data.len(),
+            ptr as u32,
+            mem.len()
+        ))
+        .into());
+    };
+    dst.copy_from_slice(data);
+    let r = put_u32(mem, ret_ptr, ptr as u32).and_then(|()| put_u32(mem, ret_size, len32 as u32));
     Ok(code(r))
 }
 
+/// Return what `fill` writes into the host's scratch buffer (reused between
+/// calls, so returning a map or a value allocates nothing on the host).
+fn return_scratch(
+    c: &mut C<'_>,
+    ret_ptr: i32,
+    ret_size: i32,
+    fill: impl FnOnce(&mut C<'_>, &mut Vec<u8>) -> Result<(), Status>,
+) -> HResult<i32> {
+    // Taken out: a re-entrant call (from the guest's allocator) gets its own.
+    let mut buf = std::mem::take(&mut c.data_mut().scratch);
+    buf.clear();
+    let r = match fill(c, &mut buf) {
+        Ok(()) => return_bytes(c, ret_ptr, ret_size, &buf),
+        Err(s) => Ok(s.code()),
+    };
+    if buf.capacity() <= MAX_SCRATCH_BYTES {
+        c.data_mut().scratch = buf;
+    }
+    r
+}
+
 fn return_slice(c: &mut C<'_>, ret_ptr: i32, ret_size: i32, data: &[u8]) -> HResult<i32> {
-    return_bytes(c, ret_ptr, ret_size, data.len(), |_, dst| {
-        dst.copy_from_slice(data)
-    })
+    return_bytes(c, ret_ptr, ret_size, data)
 }
 
 fn read_string(mem: &[u8], ptr: i32, len: i32) -> Result<String, Status> {
@@ -153,6 +216,61 @@ fn header_pos(map: &HeaderList, key: &[u8]) -> Option<usize> {
 
 fn map_type(t: i32) -> Result<MapType, Status> {
     MapType::from_i32(t).ok_or(Status::BadArgument)
+}
+
+/// Refuses a change that would grow `map` past [`MAX_MAP_BYTES`] (or past
+/// its size before the change, if that is larger).
+fn check_map_growth(before: usize, after: usize) -> Result<(), Status> {
+    if after > before.max(MAX_MAP_BYTES) {
+        return Err(Status::InternalFailure);
+    }
+    Ok(())
+}
+
+/// The size of one pair in a serialized map.
+fn pair_len(key: &str, value: &[u8]) -> usize {
+    key.len() + value.len() + 10
+}
+
+/// A guest log line, cut at [`MAX_LOG_LINE_BYTES`].
+fn log_text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    let cut = &bytes[..bytes.len().min(MAX_LOG_LINE_BYTES)];
+    let text = String::from_utf8_lossy(cut);
+    if cut.len() < bytes.len() {
+        format!("{text}... [{} bytes cut]", bytes.len() - cut.len()).into()
+    } else {
+        text
+    }
+}
+
+/// Whether a guest's log line at `level` may be emitted: it must pass the
+/// subscriber's level (a filtered line costs nothing) and the plugin's rate
+/// limit; lines over the limit are counted, and the next line emitted says
+/// how many were dropped.
+fn admit_log(st: &HostState, level: LogLevel) -> bool {
+    if level < current_log_level() {
+        return false;
+    }
+    let verdict = st.plugin.log_bucket.lock().admit(Instant::now());
+    match verdict {
+        Admit::Yes { suppressed } => {
+            if suppressed > 0 {
+                tracing::warn!(
+                    plugin = %st.plugin.name,
+                    suppressed,
+                    "plugin log lines dropped by the rate limit"
+                );
+            }
+            true
+        }
+        Admit::No => {
+            st.plugin
+                .stats
+                .logs_suppressed
+                .fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
 }
 
 // ---- registration ----------------------------------------------------------
@@ -303,7 +421,7 @@ fn fill_random(dst: &mut [u8]) {
 /// Built-in properties, then `proxy_set_property` values, then the
 /// request-scoped resolver, then the host-wide one.
 fn resolve_property(st: &HostState, raw: &[u8]) -> Option<Vec<u8>> {
-    if let Some((_, v)) = st.properties.iter().find(|(k, _)| k == raw) {
+    if let Some((_, v)) = st.ctx.properties.iter().find(|(k, _)| k == raw) {
         return Some(v.clone());
     }
     let path = abi::split_property_path(raw);
@@ -321,12 +439,13 @@ fn resolve_property(st: &HostState, raw: &[u8]) -> Option<Vec<u8>> {
         ["request", "headers", name] => header(name),
         ["request", "headers"] => st
             .map(MapType::RequestHeaders)
-            .map(|m| abi::encode_header_map(m)),
+            .and_then(|m| abi::encode_header_map(m).ok()),
         _ => None,
     };
     builtin
         .or_else(|| {
-            st.request_properties
+            st.ctx
+                .request_properties
                 .as_ref()
                 .and_then(|r| r.property(&path))
         })
@@ -348,8 +467,10 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                 return Status::BadArgument.code();
             };
             code(with_mem(&mut c, |mem, st| {
-                let msg = String::from_utf8_lossy(slice(mem, ptr, len)?);
-                emit_log(&st.plugin.name, level, &msg);
+                let msg = slice(mem, ptr, len)?;
+                if admit_log(st, level) {
+                    emit_log(&st.plugin.name, level, &log_text(msg));
+                }
                 Ok(())
             }))
         },
@@ -391,22 +512,21 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                 return Ok(Status::BadArgument.code());
             };
             let (start, max) = (start as u32 as usize, max as u32 as usize);
-            let total = match buffer(c.data(), bt) {
-                Some(b) => b.len(),
-                None => return Ok(Status::NotFound.code()),
+            // Held (not copied) while the guest's allocator runs.
+            let Some(held) = hold_buffer(c.data_mut(), bt) else {
+                return Ok(Status::NotFound.code());
             };
-            if start > total {
-                return Ok(Status::BadArgument.code());
-            }
-            let len = max.min(total - start);
-            if len == 0 {
-                return Ok(Status::Ok.code());
-            }
-            return_bytes(&mut c, ret_ptr, ret_size, len, |st, dst| {
-                if let Some(b) = buffer(st, bt) {
-                    dst.copy_from_slice(&b[start..start + len]);
+            let total = held.len();
+            let r = if start > total {
+                Ok(Status::BadArgument.code())
+            } else {
+                match max.min(total - start) {
+                    0 => Ok(Status::Ok.code()),
+                    len => return_bytes(&mut c, ret_ptr, ret_size, &held[start..start + len]),
                 }
-            })
+            };
+            restore_buffer(c.data_mut(), held);
+            r
         },
     )?;
     d.wrap(
@@ -419,8 +539,8 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
             code(with_mem(&mut c, |mem, st| {
                 let value = slice(mem, ptr, len)?;
                 let buf = match bt {
-                    BufferType::RequestBody => st.request_body.as_mut(),
-                    BufferType::ResponseBody => st.response_body.as_mut(),
+                    BufferType::RequestBody => st.ctx.request_body.as_mut(),
+                    BufferType::ResponseBody => st.ctx.response_body.as_mut(),
                     _ => return Err(Status::BadArgument),
                 }
                 .ok_or(Status::NotFound)?;
@@ -428,8 +548,12 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                 // prepend, append, inject and replace.
                 let start = (start as u32 as usize).min(buf.len());
                 let end = start.saturating_add(size as u32 as usize).min(buf.len());
-                let mut out =
-                    bytes::BytesMut::with_capacity(buf.len() - (end - start) + value.len());
+                let new_len = buf.len() - (end - start) + value.len();
+                if new_len > buf.len().max(MAX_GUEST_BODY_BYTES) {
+                    return Err(Status::InternalFailure);
+                }
+                let mut out = bytes::BytesMut::with_capacity(new_len);
+                st.version = st.version.wrapping_add(1);
                 out.extend_from_slice(&buf[..start]);
                 out.extend_from_slice(value);
                 out.extend_from_slice(&buf[end..]);
@@ -462,14 +586,11 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                 Ok(m) => m,
                 Err(s) => return Ok(s.code()),
             };
-            let Some(map) = c.data().map(mt) else {
-                return Ok(Status::NotFound.code());
-            };
-            let len = encoded_header_map_len(map);
-            return_bytes(&mut c, ret_ptr, ret_size, len, |st, dst| {
-                if let Some(map) = st.map(mt) {
-                    encode_header_map_into(map, dst);
-                }
+            // Serialized once, before the guest's allocator runs.
+            return_scratch(&mut c, ret_ptr, ret_size, |c, buf| {
+                let map = c.data().map(mt).ok_or(Status::NotFound)?;
+                buf.resize(encoded_header_map_len(map), 0);
+                encode_header_map_into(map, buf).map_err(|_| Status::SerializationFailure)
             })
         },
     )?;
@@ -494,7 +615,9 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                 for (k, _) in &mut pairs {
                     k.make_ascii_lowercase();
                 }
-                *st.map_mut(mt).ok_or(Status::NotFound)? = pairs;
+                let map = st.map_mut(mt).ok_or(Status::NotFound)?;
+                check_map_growth(encoded_header_map_len(map), len as u32 as usize)?;
+                *map = pairs;
                 st.log_edit(mt, HeaderEdit::ReplaceAll);
                 Ok(())
             }))
@@ -504,21 +627,16 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
         ENV,
         "proxy_get_header_map_value",
         |mut c: C<'_>, t: i32, kptr: i32, klen: i32, ret_ptr: i32, ret_size: i32| -> HResult<i32> {
-            let found = with_mem(&mut c, |mem, st| {
-                let mt = map_type(t)?;
-                let key = slice(mem, kptr, klen)?;
-                let map = st.map(mt).ok_or(Status::NotFound)?;
-                let i = header_pos(map, key).ok_or(Status::NotFound)?;
-                Ok((mt, i, map[i].1.len()))
-            });
-            let (mt, i, len) = match found {
-                Ok(v) => v,
-                Err(s) => return Ok(s.code()),
-            };
-            return_bytes(&mut c, ret_ptr, ret_size, len, |st, dst| {
-                if let Some(map) = st.map(mt) {
-                    dst.copy_from_slice(&map[i].1);
-                }
+            // Copied once, before the guest's allocator runs.
+            return_scratch(&mut c, ret_ptr, ret_size, |c, buf| {
+                with_mem(c, |mem, st| {
+                    let mt = map_type(t)?;
+                    let key = slice(mem, kptr, klen)?;
+                    let map = st.map(mt).ok_or(Status::NotFound)?;
+                    let i = header_pos(map, key).ok_or(Status::NotFound)?;
+                    buf.extend_from_slice(&map[i].1);
+                    Ok(())
+                })
             })
         },
     )?;
@@ -532,7 +650,14 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                 let edit =
                     HostState::tracks(mt).then(|| HeaderEdit::Replace(key.clone(), value.clone()));
                 let map = st.map_mut(mt).ok_or(Status::NotFound)?;
-                match header_pos(map, key.as_bytes()) {
+                let before = encoded_header_map_len(map);
+                let pos = header_pos(map, key.as_bytes());
+                let after = match pos {
+                    Some(i) => (before - map[i].1.len()).saturating_add(value.len()),
+                    None => before.saturating_add(pair_len(&key, &value)),
+                };
+                check_map_growth(before, after)?;
+                match pos {
                     Some(i) => {
                         map[i].1 = value;
                         let mut n = 0;
@@ -557,9 +682,12 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
             code(with_mem(&mut c, |mem, st| {
                 let mt = map_type(t)?;
                 let (key, value) = read_header(mem, kptr, klen, vptr, vlen)?;
+                let map = st.map_mut(mt).ok_or(Status::NotFound)?;
+                let before = encoded_header_map_len(map);
+                check_map_growth(before, before.saturating_add(pair_len(&key, &value)))?;
                 let edit =
                     HostState::tracks(mt).then(|| HeaderEdit::Add(key.clone(), value.clone()));
-                st.map_mut(mt).ok_or(Status::NotFound)?.push((key, value));
+                map.push((key, value));
                 if let Some(e) = edit {
                     st.log_edit(mt, e);
                 }
@@ -606,14 +734,24 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
         "proxy_set_property",
         |mut c: C<'_>, pptr: i32, plen: i32, vptr: i32, vlen: i32| -> i32 {
             code(with_mem(&mut c, |mem, st| {
-                let path = slice(mem, pptr, plen)?.to_vec();
-                let value = slice(mem, vptr, vlen)?.to_vec();
-                if let Some(e) = st.properties.iter_mut().find(|(k, _)| *k == path) {
-                    e.1 = value;
-                } else if st.properties.len() < MAX_SET_PROPERTIES {
-                    st.properties.push((path, value));
-                } else {
+                let path = slice(mem, pptr, plen)?;
+                let value = slice(mem, vptr, vlen)?;
+                let props = &mut st.ctx.properties;
+                let pos = props.iter().position(|(k, _)| k == path);
+                let held: usize = props.iter().map(|(k, v)| k.len() + v.len()).sum();
+                let after = match pos {
+                    Some(i) => held - props[i].1.len() + value.len(),
+                    None => held + path.len() + value.len(),
+                };
+                if after > MAX_PROPERTY_BYTES {
                     return Err(Status::InternalFailure);
+                }
+                match pos {
+                    Some(i) => props[i].1 = value.to_vec(),
+                    None if props.len() < MAX_SET_PROPERTIES => {
+                        props.push((path.to_vec(), value.to_vec()));
+                    }
+                    None => return Err(Status::InternalFailure),
                 }
                 Ok(())
             }))
@@ -643,7 +781,7 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                     .ok()
                     .filter(|s| (100..=999).contains(s))
                     .ok_or(Status::BadArgument)?;
-                st.local_response = Some(LocalResponse {
+                st.ctx.local_response = Some(LocalResponse {
                     status,
                     details,
                     headers,
@@ -661,7 +799,7 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
             2 | 3 => return Status::Unimplemented.code(),
             _ => return Status::BadArgument.code(),
         };
-        c.data_mut().signal = Some(sig);
+        c.data_mut().ctx.signal = Some(sig);
         Status::Ok.code()
     }
     d.wrap(
@@ -679,7 +817,7 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
     d.wrap(ENV, "proxy_close_stream", |mut c: C<'_>, t: i32| -> i32 {
         match t {
             0 | 1 => {
-                c.data_mut().signal = Some(Signal::Close);
+                c.data_mut().ctx.signal = Some(Signal::Close);
                 Status::Ok.code()
             }
             2 | 3 => Status::Unimplemented.code(),
@@ -761,12 +899,16 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                     }
                 }
                 // Only request contexts can receive the response for now.
-                if st.request_id.is_none() || st.http_calls.len() >= MAX_PENDING_HTTP_CALLS {
+                let queued: usize = st.ctx.http_calls.iter().map(|c| c.body.len()).sum();
+                if st.request_id.is_none()
+                    || st.ctx.http_calls.len() >= MAX_PENDING_HTTP_CALLS
+                    || queued + body.len() > MAX_GUEST_BODY_BYTES
+                {
                     return Err(Status::InternalFailure);
                 }
                 let token = st.next_http_token;
                 st.next_http_token = st.next_http_token.wrapping_add(1).max(1);
-                st.http_calls.push(HttpCallRequest {
+                st.ctx.http_calls.push(HttpCallRequest {
                     token,
                     upstream,
                     headers,
@@ -788,6 +930,9 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
                 let kind = MetricKind::from_i32(kind).ok_or(Status::BadArgument)?;
                 let name = std::str::from_utf8(slice(mem, nptr, nlen)?)
                     .map_err(|_| Status::BadArgument)?;
+                if name.len() > MAX_METRIC_NAME_BYTES {
+                    return Err(Status::BadArgument);
+                }
                 slice(mem, ret_id, 4)?;
                 let id = st.plugin.metrics.define(kind, name)?;
                 put_u32(mem, ret_id, id)
@@ -836,8 +981,8 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
     )?;
     d.wrap(ENV, "proxy_done", |mut c: C<'_>| -> i32 {
         let st = c.data_mut();
-        if st.done_pending {
-            st.done_pending = false;
+        if st.ctx.done_pending {
+            st.ctx.done_pending = false;
             Status::Ok.code()
         } else {
             Status::NotFound.code()
@@ -879,12 +1024,50 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
 
 fn buffer(st: &HostState, bt: BufferType) -> Option<&[u8]> {
     match bt {
-        BufferType::RequestBody => st.request_body.as_deref(),
-        BufferType::ResponseBody => st.response_body.as_deref(),
-        BufferType::HttpCallResponseBody => st.http_call_body.as_deref(),
+        BufferType::RequestBody => st.ctx.request_body.as_deref(),
+        BufferType::ResponseBody => st.ctx.response_body.as_deref(),
+        BufferType::HttpCallResponseBody => st.ctx.http_call_body.as_deref(),
         BufferType::VmConfiguration => Some(&st.plugin.vm_config),
         BufferType::PluginConfiguration => Some(&st.plugin.plugin_config),
         _ => None,
+    }
+}
+
+/// A buffer held outside the host state while the guest's allocator runs:
+/// a body is moved out (the guest sees none meanwhile), the others are
+/// shared `Bytes`. Nothing is copied.
+enum Held {
+    Body(BufferType, bytes::BytesMut),
+    Shared(Bytes),
+}
+
+impl std::ops::Deref for Held {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Body(_, b) => b,
+            Self::Shared(b) => b,
+        }
+    }
+}
+
+fn hold_buffer(st: &mut HostState, bt: BufferType) -> Option<Held> {
+    let ctx = &mut st.ctx;
+    Some(match bt {
+        BufferType::RequestBody => Held::Body(bt, ctx.request_body.take()?),
+        BufferType::ResponseBody => Held::Body(bt, ctx.response_body.take()?),
+        BufferType::HttpCallResponseBody => Held::Shared(ctx.http_call_body.clone()?),
+        BufferType::VmConfiguration => Held::Shared(st.plugin.vm_config.clone()),
+        BufferType::PluginConfiguration => Held::Shared(st.plugin.plugin_config.clone()),
+        _ => return None,
+    })
+}
+
+fn restore_buffer(st: &mut HostState, held: Held) {
+    match held {
+        Held::Body(BufferType::RequestBody, b) => st.ctx.request_body = Some(b),
+        Held::Body(_, b) => st.ctx.response_body = Some(b),
+        Held::Shared(_) => {}
     }
 }
 
@@ -912,15 +1095,24 @@ fn add_wasi(d: &mut Defs<'_>) -> HResult<()> {
                     i32::try_from(n.checked_mul(8).ok_or(Status::BadArgument)?)
                         .map_err(|_| Status::BadArgument)?,
                 )?;
+                // At most MAX_LOG_LINE_BYTES (and one more, to see a cut) are
+                // kept, however many iovecs point wherever.
                 let mut msg = Vec::new();
+                let mut written = 0u64;
                 for iov in table.chunks_exact(8) {
                     let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
                     let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
-                    msg.extend_from_slice(slice(mem, ptr, len)?);
+                    let data = slice(mem, ptr, len)?;
+                    written = written.saturating_add(data.len() as u64);
+                    let room = (MAX_LOG_LINE_BYTES + 1).saturating_sub(msg.len());
+                    msg.extend_from_slice(&data[..data.len().min(room)]);
                 }
-                let text = String::from_utf8_lossy(&msg);
-                emit_log(&st.plugin.name, level, text.trim_end_matches('\n'));
-                put_u32(mem, ret_written, msg.len() as u32)
+                slice(mem, ret_written, 4)?;
+                if admit_log(st, level) {
+                    let text = log_text(&msg);
+                    emit_log(&st.plugin.name, level, text.trim_end_matches('\n'));
+                }
+                put_u32(mem, ret_written, u32::try_from(written).unwrap_or(u32::MAX))
             }))
         },
     )?;

@@ -1,5 +1,12 @@
 //! One wasm instance of a plugin: its `Store`, the guest exports it offers,
-//! and the per-store host state the hostcalls read and write.
+//! the per-store host state the hostcalls read and write, and the host's
+//! instance slots.
+//!
+//! An instance hosts any number of request contexts (as an Envoy VM does).
+//! What the host keeps per request lives in a [`ContextState`] that the
+//! request owns; it is moved into the store for the duration of each of the
+//! request's callbacks and moved out again after, so the store only ever
+//! holds the state of the callback that is running.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -28,6 +35,8 @@ pub(crate) struct PluginShared {
     pub tick_period_ms: AtomicU32,
     pub memory_limit: usize,
     pub stats: Stats,
+    /// The rate limit on `proxy_log` and WASI `fd_write` lines.
+    pub log_bucket: parking_lot::Mutex<crate::ratelimit::LogBucket>,
 }
 
 /// Failure and lifecycle counters (see [`crate::PluginStats`]).
@@ -42,6 +51,10 @@ pub(crate) struct Stats {
     pub instances_created: AtomicU64,
     pub instances_discarded: AtomicU64,
     pub live_instances: AtomicU64,
+    pub live_contexts: AtomicU64,
+    pub lost_contexts: AtomicU64,
+    pub overloads: AtomicU64,
+    pub logs_suppressed: AtomicU64,
 }
 
 /// Why `memory.grow` trapped: the plugin's own limit, not an engine error.
@@ -93,18 +106,11 @@ pub(crate) enum Signal {
     Close,
 }
 
-/// The store data: what hostcalls see.
-pub(crate) struct HostState {
-    pub plugin: Arc<PluginShared>,
-    pub limiter: Limiter,
-    pub memory: Option<Memory>,
-    pub alloc: Option<TypedFunc<i32, i32>>,
-    pub root_id: u32,
-    /// The context of the running callback (root or request).
-    pub active_id: u32,
-    /// The live request context, if any.
-    pub request_id: Option<u32>,
-    pub effective_id: u32,
+/// What the host keeps for one context between its callbacks: the maps and
+/// buffers lent to the guest, what the guest changed or asked for. Owned by
+/// the request ([`crate::RequestContext`]); the root context has its own.
+#[derive(Default)]
+pub(crate) struct ContextState {
     /// Header maps, indexed by `MapType as usize`; `None` = not available now.
     pub maps: [Option<HeaderList>; 8],
     /// What the plugin changed in the request and the response header maps.
@@ -116,11 +122,33 @@ pub(crate) struct HostState {
     pub local_response: Option<LocalResponse>,
     pub signal: Option<Signal>,
     pub http_calls: Vec<HttpCallRequest>,
-    pub next_http_token: u32,
     pub properties: Vec<(Vec<u8>, Vec<u8>)>,
     pub request_properties: Option<Arc<dyn PropertyResolver>>,
     pub done_pending: bool,
-    pub done_called: bool,
+}
+
+/// The store data: what hostcalls see.
+pub(crate) struct HostState {
+    pub plugin: Arc<PluginShared>,
+    pub limiter: Limiter,
+    pub memory: Option<Memory>,
+    pub alloc: Option<TypedFunc<i32, i32>>,
+    pub root_id: u32,
+    /// The context of the running callback (root or request).
+    pub active_id: u32,
+    /// The request context whose callback is running, if any.
+    pub request_id: Option<u32>,
+    pub effective_id: u32,
+    /// `proxy_http_call` tokens: unique within the instance, as SDKs keep
+    /// one token table per VM.
+    pub next_http_token: u32,
+    /// The running callback's context state (the root's between callbacks).
+    pub ctx: Box<ContextState>,
+    /// A buffer for data on its way to the guest, reused between calls.
+    pub scratch: Vec<u8>,
+    /// Bumped whenever the guest changes a header map or a body: data being
+    /// returned to the guest must not change while its allocator runs.
+    pub version: u64,
 }
 
 impl HostState {
@@ -135,29 +163,21 @@ impl HostState {
             active_id: ROOT_CONTEXT_ID,
             request_id: None,
             effective_id: ROOT_CONTEXT_ID,
-            maps: Default::default(),
-            request_header_edits: Vec::new(),
-            response_header_edits: Vec::new(),
-            request_body: None,
-            response_body: None,
-            http_call_body: None,
-            local_response: None,
-            signal: None,
-            http_calls: Vec::new(),
             next_http_token: 1,
-            properties: Vec::new(),
-            request_properties: None,
-            done_pending: false,
-            done_called: false,
+            ctx: Box::default(),
+            scratch: Vec::new(),
+            version: 0,
         }
     }
 
     pub(crate) fn map(&self, t: MapType) -> Option<&HeaderList> {
-        self.maps[t as usize].as_ref()
+        self.ctx.maps[t as usize].as_ref()
     }
 
+    /// A map the guest is about to change (counted as a change).
     pub(crate) fn map_mut(&mut self, t: MapType) -> Option<&mut HeaderList> {
-        self.maps[t as usize].as_mut()
+        self.version = self.version.wrapping_add(1);
+        self.ctx.maps[t as usize].as_mut()
     }
 
     /// Whether changes to map `t` are recorded: only the request and the
@@ -169,40 +189,40 @@ impl HostState {
     /// Records a change to a tracked header map.
     pub(crate) fn log_edit(&mut self, t: MapType, edit: HeaderEdit) {
         let log = match t {
-            MapType::RequestHeaders => &mut self.request_header_edits,
-            MapType::ResponseHeaders => &mut self.response_header_edits,
+            MapType::RequestHeaders => &mut self.ctx.request_header_edits,
+            MapType::ResponseHeaders => &mut self.ctx.response_header_edits,
             _ => return,
         };
         // A whole-map replacement makes the earlier edits moot, and the later
-        // ones are in the list it leaves.
-        if edit == HeaderEdit::ReplaceAll {
+        // ones are in the list it leaves. A guest making edits without end
+        // gets one too: the list is the truth, and the log stays bounded.
+        if edit == HeaderEdit::ReplaceAll || log.len() >= MAX_HEADER_EDITS {
             log.clear();
-        } else if log.last() == Some(&HeaderEdit::ReplaceAll) {
-            return;
+            log.push(HeaderEdit::ReplaceAll);
+        } else if log.last() != Some(&HeaderEdit::ReplaceAll) {
+            log.push(edit);
         }
-        log.push(edit);
     }
 
-    /// Forget everything about the finished request context.
-    pub(crate) fn reset_request(&mut self) {
-        self.maps = Default::default();
-        self.request_header_edits.clear();
-        self.response_header_edits.clear();
-        self.request_body = None;
-        self.response_body = None;
-        self.http_call_body = None;
-        self.local_response = None;
-        self.signal = None;
-        self.http_calls.clear();
-        self.properties.clear();
-        self.request_properties = None;
+    /// Moves a request's context state in (for its callback) or back out.
+    pub(crate) fn enter(&mut self, state: &mut Box<ContextState>, id: u32) {
+        std::mem::swap(&mut self.ctx, state);
+        self.request_id = Some(id);
+        self.active_id = id;
+        self.effective_id = id;
+    }
+
+    /// The reverse of [`HostState::enter`]: the root's state is back.
+    pub(crate) fn leave(&mut self, state: &mut Box<ContextState>) {
+        std::mem::swap(&mut self.ctx, state);
         self.request_id = None;
         self.active_id = self.root_id;
         self.effective_id = self.root_id;
-        self.done_pending = false;
-        self.done_called = false;
     }
 }
+
+/// Edits logged per map before they collapse into a `ReplaceAll`.
+const MAX_HEADER_EDITS: usize = 1024;
 
 /// Root context id of every instance; request contexts count up from 2.
 pub(crate) const ROOT_CONTEXT_ID: u32 = 1;
@@ -257,9 +277,28 @@ pub(crate) const CALLBACK_SIGNATURES: &[(&str, usize, usize)] = &[
     ("proxy_on_http_call_response", 5, 0),
 ];
 
+/// Why an instance is wanted: it decides which slots it may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Need {
+    /// The first instance of a plugin that has none (a load, or a plugin
+    /// whose instances were all discarded or evicted): any free slot, then
+    /// any idle instance of another plugin, its last one included.
+    First,
+    /// One more instance for a plugin that has some (it could share them
+    /// instead): a free slot that no instance-less plugin needs, or one
+    /// freed by evicting a surplus idle instance of another plugin.
+    Growth,
+    /// A fresh instance for one request (`fresh_instance_per_request`):
+    /// as `Growth`.
+    Fresh,
+}
+
 /// The host's instance slots (`HostConfig::max_instances`, the pooling
 /// allocator's size), shared by all its plugins. Idle instances hold slots
-/// too: when none is free, one idle instance of any plugin is evicted.
+/// too: when none is free, an idle instance of another plugin is evicted.
+/// A plugin's last instance is evicted only for a plugin that has none, and
+/// a plugin growing never takes the free slots such plugins need, so that
+/// one plugin's requests (stalled clients, say) cannot starve another.
 pub(crate) struct Slots {
     live: AtomicU32,
     max: u32,
@@ -282,41 +321,61 @@ impl Slots {
         all.push(Arc::downgrade(plugin));
     }
 
-    fn try_take(self: &Arc<Self>) -> Option<SlotGuard> {
+    fn others(
+        &self,
+        me: *const crate::plugin::PluginInner,
+    ) -> Vec<Arc<crate::plugin::PluginInner>> {
+        self.plugins
+            .lock()
+            .iter()
+            .filter(|w| !std::ptr::eq(w.as_ptr(), me))
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
+    }
+
+    /// A free slot, if more than `reserve` are free.
+    fn try_take(self: &Arc<Self>, reserve: u32) -> Option<SlotGuard> {
         self.live
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (u64::from(n) + u64::from(reserve) < u64::from(self.max)).then_some(n + 1)
             })
             .ok()
             .map(|_| SlotGuard(self.clone()))
     }
 
-    /// A slot for a new instance of `plugin`: a free one, or one freed by
-    /// evicting another plugin's idle instance.
-    pub(crate) fn take(self: &Arc<Self>, plugin: &str) -> Result<SlotGuard> {
-        if let Some(g) = self.try_take() {
-            return Ok(g);
-        }
-        let others: Vec<_> = self
-            .plugins
-            .lock()
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .collect();
-        for p in others {
-            // Dropped outside the pool's lock: the store goes, then its slot.
-            let evicted = p.idle.lock().pop();
-            if evicted.is_some() {
-                drop(evicted);
-                if let Some(g) = self.try_take() {
-                    return Ok(g);
+    /// A slot for a new instance of the plugin at `me` (see [`Need`]).
+    pub(crate) fn take(
+        self: &Arc<Self>,
+        me: *const crate::plugin::PluginInner,
+        plugin: &str,
+        need: Need,
+    ) -> Result<SlotGuard> {
+        loop {
+            let others = self.others(me);
+            let reserve = match need {
+                Need::First => 0,
+                Need::Growth | Need::Fresh => {
+                    others.iter().filter(|p| p.instanceless()).count() as u32
                 }
+            };
+            if let Some(g) = self.try_take(reserve) {
+                return Ok(g);
             }
+            // Evict one idle instance (dropped outside the pools' locks: the
+            // store goes, then its slot), then try again.
+            let evicted = others.iter().find_map(|p| p.evict_idle(false)).or_else(|| {
+                (need == Need::First)
+                    .then(|| others.iter().find_map(|p| p.evict_idle(true)))
+                    .flatten()
+            });
+            if evicted.is_none() {
+                return Err(PluginError::Exhausted {
+                    plugin: plugin.to_owned(),
+                    limit: self.max,
+                });
+            }
+            drop(evicted);
         }
-        Err(PluginError::Exhausted {
-            plugin: plugin.to_owned(),
-            limit: self.max,
-        })
     }
 }
 
@@ -480,6 +539,9 @@ impl PluginInstance {
                 callback: "proxy_on_configure",
             });
         }
+        // Whatever the set-up callbacks left (a local response, queued
+        // calls...) means nothing for the root context.
+        *this.store.data_mut().ctx = ContextState::default();
         Ok(this)
     }
 

@@ -16,6 +16,23 @@
 //! linked once into an `InstancePre`; requests reuse pre-configured instances
 //! from a per-plugin pool, each request getting a new proxy-wasm context id.
 //!
+//! Instances host many request contexts at once, as Envoy's VMs do: a
+//! request is pinned to one instance but locks it only for the duration of
+//! each of its callbacks, so slow clients cannot exhaust the pool. A new
+//! request gets an idle instance of its plugin, else a new one while the host
+//! has a slot to spare, else a share of the plugin's least busy instance.
+//! When no instance can be had the host reports overload
+//! ([`PluginError::is_overload`]): answer 503, never skip the plugin. A guest
+//! failure discards its instance; the other contexts it hosted fail with
+//! [`ErrorKind::InstanceLost`], which the failure policy maps.
+//!
+//! Guests cannot panic the host: every pointer and length is checked, data
+//! returned to a guest is serialized before its allocator runs, and what the
+//! allocator returns is checked (a bad region traps the guest). A guest's
+//! appetite is bounded: header maps, bodies and properties it builds, its
+//! shared data ([`HostConfig::shared_data_max_bytes`]) and its log output
+//! ([`HostConfig::log_lines_per_second`]).
+//!
 //! [proxy-wasm ABI 0.2.1]: https://github.com/proxy-wasm/spec/tree/main/abi-versions/v0.2.1
 
 pub mod abi;
@@ -24,6 +41,7 @@ mod hostcalls;
 mod instance;
 mod metrics;
 mod plugin;
+mod ratelimit;
 mod shared;
 
 use std::sync::Arc;
@@ -72,6 +90,17 @@ pub struct HostConfig {
     pub epoch_tick: Duration,
     /// Idle instances kept per plugin.
     pub max_idle_instances_per_plugin: usize,
+    /// How long a callback waits for its instance while callbacks of other
+    /// requests pinned to it run (each is bounded by its deadline); past
+    /// it, the callback fails with [`PluginError::Busy`] (overload).
+    pub lock_wait: Duration,
+    /// Per plugin, the most log lines (`proxy_log`, and WASI `fd_write` to
+    /// stdout or stderr) per second, with a burst of as many; the excess is
+    /// dropped and counted ([`PluginStats::logs_suppressed`]). 0 drops all.
+    pub log_lines_per_second: u32,
+    /// Per plugin, the most bytes of keys and values in its shared data;
+    /// writes past it fail with `InternalFailure`.
+    pub shared_data_max_bytes: usize,
     /// Host-wide property resolver, consulted last.
     pub properties: Option<Arc<dyn PropertyResolver>>,
 }
@@ -83,6 +112,9 @@ impl Default for HostConfig {
             max_memory_bytes: 64 << 20,
             epoch_tick: Duration::from_millis(5),
             max_idle_instances_per_plugin: 32,
+            lock_wait: Duration::from_secs(1),
+            log_lines_per_second: 100,
+            shared_data_max_bytes: shared::DEFAULT_MAX_BYTES,
             properties: None,
         }
     }
@@ -98,6 +130,9 @@ impl std::fmt::Debug for HostConfig {
                 "max_idle_instances_per_plugin",
                 &self.max_idle_instances_per_plugin,
             )
+            .field("lock_wait", &self.lock_wait)
+            .field("log_lines_per_second", &self.log_lines_per_second)
+            .field("shared_data_max_bytes", &self.shared_data_max_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -203,7 +238,8 @@ impl PluginHost {
     /// Compile `wasm` (binary format) once, link it, create the first instance
     /// and run its root context through `proxy_on_vm_start` and
     /// `proxy_on_configure` (with `plugin_config` as `PLUGIN_CONFIGURATION`).
-    /// That instance becomes the first of the plugin's pool.
+    /// That instance becomes the first of the plugin's pool. It needs a free
+    /// instance slot, or an idle instance of another plugin to evict.
     pub fn load(
         &self,
         name: &str,
@@ -248,11 +284,12 @@ impl PluginHost {
             vm_config: Bytes::new(),
             plugin_config: Bytes::copy_from_slice(plugin_config),
             metrics: Default::default(),
-            shared_data: Default::default(),
+            shared_data: SharedData::new(self.config.shared_data_max_bytes),
             host_properties: self.config.properties.clone(),
             tick_period_ms: AtomicU32::new(0),
             memory_limit: limits.memory_bytes,
             stats: Default::default(),
+            log_bucket: Mutex::new(ratelimit::LogBucket::new(self.config.log_lines_per_second)),
         });
         let inner = Arc::new(plugin::PluginInner {
             shared,
@@ -261,14 +298,15 @@ impl PluginHost {
             policy,
             deadline_ticks,
             max_idle: self.config.max_idle_instances_per_plugin,
-            idle: Mutex::new(Vec::new()),
+            lock_wait: self.config.lock_wait,
+            pool: Mutex::new(Vec::new()),
             slots: self.slots.clone(),
             _ticker: self.ticker.clone(),
         });
-        let first = inner.instantiate()?;
+        let first = inner.instantiate(instance::Need::First)?;
         self.slots.register(&inner);
         if !limits.fresh_instance_per_request {
-            inner.idle.lock().push(first);
+            inner.pool_idle(first);
         }
         Ok(Plugin { inner })
     }

@@ -1,7 +1,28 @@
-//! Loaded plugins, their instance pool, and per-request contexts.
+//! Loaded plugins, their instance pools, and per-request contexts.
+//!
+//! **Instance model.** As in Envoy, one instance hosts many request
+//! contexts. A request is pinned to one instance (its context lives in the
+//! guest's memory there) but holds the instance only while one of its
+//! callbacks runs: each callback takes the instance's lock, moves the
+//! request's [`ContextState`] in, runs, and moves it out again. A slow or
+//! stalled client therefore holds no instance between callbacks, and cannot
+//! exhaust the pool.
+//!
+//! A new request gets, in this order: an idle instance of the plugin; a new
+//! instance, while the host has a slot for it (see [`Need`]); or a share of
+//! the plugin's least busy instance. Only a plugin that has no instance at
+//! all and cannot get a slot fails with [`PluginError::Exhausted`]; a
+//! callback that cannot lock its instance within [`crate::HostConfig::lock_wait`]
+//! fails with [`PluginError::Busy`]. Both are overload: the embedder answers
+//! 503 and never skips the plugin ([`FailurePolicy::action_for`]).
+//!
+//! When a callback fails (trap, deadline, memory limit, exit), its instance
+//! is discarded at once; the other contexts it hosted get
+//! [`PluginError::InstanceLost`] at their next callback, which their
+//! plugin's failure policy maps like any failure.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -9,8 +30,11 @@ use parking_lot::Mutex;
 use wasmtime::{InstancePre, TypedFunc, WasmParams, WasmResults};
 
 use crate::abi::{ACTION_PAUSE, HeaderEdit, HeaderList, MapType};
-use crate::error::{PluginError, Result};
-use crate::instance::{Exports, HostState, PluginInstance, PluginShared, Signal, Slots};
+use crate::error::{ErrorKind, PluginError, Result};
+use crate::instance::{
+    ContextState, Exports, HostState, Need, PluginInstance, PluginShared, ROOT_CONTEXT_ID, Signal,
+    Slots,
+};
 use crate::metrics::MetricSnapshot;
 use crate::shared::SharedData;
 use crate::{PropertyResolver, Ticker};
@@ -26,7 +50,10 @@ pub struct Limits {
     /// the host's tick granularity (a callback may run up to one tick longer).
     pub callback_deadline: Duration,
     /// Instantiate (and configure) a new instance for every request instead of
-    /// reusing pooled ones. Stronger isolation, much higher cost.
+    /// sharing pooled ones. Stronger isolation, much higher cost, and the one
+    /// case where a request holds an instance for its whole life: such
+    /// requests are bounded by [`crate::HostConfig::max_instances`] (past it:
+    /// [`PluginError::Exhausted`]).
     pub fresh_instance_per_request: bool,
 }
 
@@ -40,7 +67,11 @@ impl Default for Limits {
     }
 }
 
-/// What the embedder does with a request when the plugin fails.
+/// What the embedder does with a request when the plugin fails: traps, runs
+/// past its deadline or its memory limit, exits, or its instance was lost
+/// to another request's failure. Overload (no instance to be had:
+/// [`PluginError::is_overload`]) is not a plugin failure, and is answered 503
+/// under either policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FailurePolicy {
     /// Skip the plugin: the request proceeds as if it were not configured.
@@ -51,8 +82,18 @@ pub enum FailurePolicy {
 }
 
 impl FailurePolicy {
-    /// The action to take after `error`.
+    /// The action to take after `error`: 503 for overload whatever the
+    /// policy, else continue (open) or 500 (closed).
     pub fn action_for(self, error: &PluginError) -> Action {
+        if error.is_overload() {
+            return Action::LocalResponse(LocalResponse {
+                status: 503,
+                details: format!("plugin_overloaded: {:?}", error.kind()),
+                headers: vec![("retry-after".into(), b"1".to_vec())],
+                body: Bytes::from_static(b"plugin host overloaded\n"),
+                grpc_status: None,
+            });
+        }
         match self {
             Self::Open => Action::Continue,
             Self::Closed => Action::LocalResponse(LocalResponse {
@@ -137,9 +178,58 @@ pub struct PluginStats {
     pub exits: u64,
     pub instances_created: u64,
     pub instances_discarded: u64,
-    /// Instances currently alive (pooled or serving a request).
+    /// Instances currently alive (idle, hosting contexts, or fresh).
     pub live_instances: u64,
+    /// Instances hosting no context.
     pub idle_instances: usize,
+    /// Request contexts alive now (between `request_context` and their end).
+    pub live_contexts: u64,
+    /// Contexts that failed because another context's failure discarded
+    /// their instance ([`PluginError::InstanceLost`]).
+    pub lost_contexts: u64,
+    /// Requests that could not get an instance, or their instance's lock
+    /// ([`PluginError::is_overload`]).
+    pub overloads: u64,
+    /// Log lines (`proxy_log`, WASI `fd_write`) dropped by the rate limit.
+    pub logs_suppressed: u64,
+    /// Shared-data writes refused by its limits.
+    pub shared_data_rejected: u64,
+    /// Bytes of keys and values in the plugin's shared data.
+    pub shared_data_bytes: usize,
+}
+
+/// One pooled instance and the contexts it hosts.
+pub(crate) struct Cell {
+    /// `None` once discarded (after a failure) or evicted.
+    instance: Mutex<Option<PluginInstance>>,
+    /// Contexts pinned here. Changed under the plugin's pool lock only.
+    contexts: AtomicU32,
+    /// Set (under `instance`'s lock) when the instance is taken away.
+    dead: AtomicBool,
+}
+
+impl Cell {
+    fn new(instance: PluginInstance, contexts: u32) -> Arc<Self> {
+        Arc::new(Self {
+            instance: Mutex::new(Some(instance)),
+            contexts: AtomicU32::new(contexts),
+            dead: AtomicBool::new(false),
+        })
+    }
+
+    fn contexts(&self) -> u32 {
+        self.contexts.load(Ordering::Relaxed)
+    }
+
+    fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Takes the instance away (the caller holds its lock).
+    fn kill(&self, slot: &mut Option<PluginInstance>) -> Option<PluginInstance> {
+        self.dead.store(true, Ordering::Release);
+        slot.take()
+    }
 }
 
 pub(crate) struct PluginInner {
@@ -149,19 +239,21 @@ pub(crate) struct PluginInner {
     pub policy: FailurePolicy,
     pub deadline_ticks: u64,
     pub max_idle: usize,
-    /// Boxed: an instance moves between the pool and a request's context as
-    /// one pointer, not as its few hundred bytes of exports.
-    #[allow(clippy::vec_box)]
-    pub idle: Mutex<Vec<Box<PluginInstance>>>,
+    /// How long a callback waits for its instance's lock.
+    pub lock_wait: Duration,
+    /// The plugin's instances, idle or hosting contexts (fresh instances,
+    /// private to their request, are not here).
+    pub pool: Mutex<Vec<Arc<Cell>>>,
     pub slots: Arc<Slots>,
     pub _ticker: Arc<Ticker>,
 }
 
 impl PluginInner {
-    /// A new instance, boxed: it moves between the pool and the requests'
-    /// contexts as one pointer.
-    pub(crate) fn instantiate(&self) -> Result<Box<PluginInstance>> {
-        let slot = self.slots.take(&self.shared.name)?;
+    /// A new instance in a slot the host can spare for `need`.
+    pub(crate) fn instantiate(&self, need: Need) -> Result<PluginInstance> {
+        let slot = self
+            .slots
+            .take(std::ptr::from_ref(self), &self.shared.name, need)?;
         PluginInstance::new(
             &self.shared,
             &self.pre,
@@ -169,27 +261,117 @@ impl PluginInner {
             self.deadline_ticks,
             slot,
         )
-        .map(Box::new)
     }
 
-    fn discard(&self, instance: Box<PluginInstance>) {
+    /// Pools `instance` as idle (the first instance, made at load time).
+    pub(crate) fn pool_idle(&self, instance: PluginInstance) {
+        self.pool.lock().push(Cell::new(instance, 0));
+    }
+
+    /// Whether this pooled plugin has no instance at all (and would need a
+    /// slot for its next request).
+    pub(crate) fn instanceless(&self) -> bool {
+        !self.limits.fresh_instance_per_request
+            && self.shared.stats.live_instances.load(Ordering::Relaxed) == 0
+    }
+
+    /// Takes one idle instance away from the pool, for another plugin's new
+    /// instance; the plugin's last instance only if `allow_last`.
+    pub(crate) fn evict_idle(&self, allow_last: bool) -> Option<PluginInstance> {
+        let mut pool = self.pool.lock();
+        if !allow_last && pool.len() <= 1 {
+            return None;
+        }
+        let i = pool
+            .iter()
+            .position(|c| c.contexts() == 0 && !c.is_dead())?;
+        // An idle instance is locked only by a tick; skip it then.
+        let taken = {
+            let mut slot = pool[i].instance.try_lock()?;
+            pool[i].kill(&mut slot)
+        };
+        pool.swap_remove(i);
+        taken
+    }
+
+    /// Attaches a new context to a pooled instance: an idle one, else (with
+    /// `share`) the least busy.
+    fn attach(&self, share: bool) -> Option<Arc<Cell>> {
+        let pool = self.pool.lock();
+        let cell = pool
+            .iter()
+            .filter(|c| !c.is_dead())
+            .min_by_key(|c| c.contexts())
+            .filter(|c| share || c.contexts() == 0)?;
+        cell.contexts.fetch_add(1, Ordering::Relaxed);
+        Some(cell.clone())
+    }
+
+    /// The instance for a new context (see the module docs).
+    fn pick(&self) -> Result<Arc<Cell>> {
+        if self.limits.fresh_instance_per_request {
+            return self.instantiate(Need::Fresh).map(|i| Cell::new(i, 1));
+        }
+        if let Some(cell) = self.attach(false) {
+            return Ok(cell);
+        }
+        let need = if self.instanceless() {
+            Need::First
+        } else {
+            Need::Growth
+        };
+        match self.instantiate(need) {
+            Ok(instance) => {
+                let cell = Cell::new(instance, 1);
+                self.pool.lock().push(cell.clone());
+                Ok(cell)
+            }
+            // No slot to spare, or the new instance failed to set up: share.
+            Err(e) => self.attach(true).ok_or(e),
+        }
+    }
+
+    /// Forgets a discarded instance (`dead`, already taken from its cell).
+    fn discard(&self, cell: &Arc<Cell>, dead: Option<PluginInstance>) {
+        self.pool.lock().retain(|c| !Arc::ptr_eq(c, cell));
+        if dead.is_some() {
+            self.shared
+                .stats
+                .instances_discarded
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        drop(dead);
+    }
+
+    /// A context of `cell` ended: unpin it; trim the idle instances to
+    /// `max_idle`; a fresh instance goes with its only context.
+    fn context_ended(&self, cell: Arc<Cell>) {
         self.shared
             .stats
-            .instances_discarded
-            .fetch_add(1, Ordering::Relaxed);
-        drop(instance);
-    }
-
-    fn release(&self, mut instance: Box<PluginInstance>) {
+            .live_contexts
+            .fetch_sub(1, Ordering::Relaxed);
         if self.limits.fresh_instance_per_request {
-            drop(instance);
+            drop(cell);
             return;
         }
-        instance.store.data_mut().reset_request();
-        let mut idle = self.idle.lock();
-        if idle.len() < self.max_idle {
-            idle.push(instance);
-        }
+        let trimmed = {
+            let mut pool = self.pool.lock();
+            let left = cell.contexts.fetch_sub(1, Ordering::Relaxed) - 1;
+            let idle = pool.iter().filter(|c| c.contexts() == 0).count();
+            if left == 0 && idle > self.max_idle && !cell.is_dead() {
+                let taken = cell
+                    .instance
+                    .try_lock()
+                    .and_then(|mut slot| cell.kill(&mut slot));
+                if taken.is_some() {
+                    pool.retain(|c| !Arc::ptr_eq(c, &cell));
+                }
+                taken
+            } else {
+                None
+            }
+        };
+        drop(trimmed);
     }
 }
 
@@ -222,8 +404,8 @@ impl Plugin {
         self.inner.limits
     }
 
-    /// Start a request: take a pooled instance (or create one) and create a
-    /// stream context in it with `proxy_on_context_create(id, root)`.
+    /// Start a request: pin it to an instance (see the module docs) and
+    /// create its stream context there with `proxy_on_context_create(id, root)`.
     pub fn request_context(&self) -> Result<RequestContext> {
         self.start_context(None)
     }
@@ -242,41 +424,52 @@ impl Plugin {
         &self,
         properties: Option<Arc<dyn PropertyResolver>>,
     ) -> Result<RequestContext> {
-        let pooled = if self.inner.limits.fresh_instance_per_request {
-            None
-        } else {
-            self.inner.idle.lock().pop()
-        };
-        let mut instance = match pooled {
-            Some(i) => i,
-            None => self.inner.instantiate()?,
-        };
-        let id = instance.next_context_id();
-        {
-            let st = instance.store.data_mut();
-            st.request_id = Some(id);
-            st.active_id = id;
-            st.effective_id = id;
-            st.request_properties = properties;
+        let stats = &self.inner.shared.stats;
+        // An instance discarded between the pick and the context's creation
+        // is no reason to fail the request: pick again.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let cell = match self.inner.pick() {
+                Ok(c) => c,
+                Err(e) => {
+                    if e.is_overload() {
+                        stats.overloads.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
+            };
+            stats.live_contexts.fetch_add(1, Ordering::Relaxed);
+            let mut ctx = RequestContext {
+                plugin: self.inner.clone(),
+                cell: Some(cell),
+                state: Box::default(),
+                id: 0,
+                paused_map: None,
+                request_headers: None,
+                done: false,
+                deleted: false,
+            };
+            ctx.state.request_properties = properties.clone();
+            let created = ctx.run(
+                "proxy_on_context_create",
+                |e| e.on_context_create.as_ref(),
+                |id| (id, ROOT_CONTEXT_ID as i32),
+                |_, _| {},
+            );
+            match created {
+                Ok(_) => return Ok(ctx),
+                Err(e) => {
+                    // The guest never saw this context: nothing to end there.
+                    ctx.deleted = true;
+                    ctx.detach();
+                    if e.kind() != ErrorKind::InstanceLost || attempts >= 3 {
+                        return Err(e);
+                    }
+                    stats.lost_contexts.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
         }
-        let root = instance.store.data().root_id as i32;
-        if let Err(e) = instance.call_export(
-            "proxy_on_context_create",
-            |e| e.on_context_create.as_ref(),
-            (id as i32, root),
-        ) {
-            self.inner.discard(instance);
-            return Err(e);
-        }
-        Ok(RequestContext {
-            plugin: self.inner.clone(),
-            instance: Some(instance),
-            id,
-            paused_map: None,
-            request_headers: None,
-            done: false,
-            deleted: false,
-        })
     }
 
     /// Metrics the plugin defined, with their current values.
@@ -291,6 +484,7 @@ impl Plugin {
 
     pub fn stats(&self) -> PluginStats {
         let s = &self.inner.shared.stats;
+        let data = &self.inner.shared.shared_data;
         PluginStats {
             callbacks: s.callbacks.load(Ordering::Relaxed),
             failures: s.failures.load(Ordering::Relaxed),
@@ -301,7 +495,19 @@ impl Plugin {
             instances_created: s.instances_created.load(Ordering::Relaxed),
             instances_discarded: s.instances_discarded.load(Ordering::Relaxed),
             live_instances: s.live_instances.load(Ordering::Relaxed),
-            idle_instances: self.inner.idle.lock().len(),
+            idle_instances: self
+                .inner
+                .pool
+                .lock()
+                .iter()
+                .filter(|c| c.contexts() == 0 && !c.is_dead())
+                .count(),
+            live_contexts: s.live_contexts.load(Ordering::Relaxed),
+            lost_contexts: s.lost_contexts.load(Ordering::Relaxed),
+            overloads: s.overloads.load(Ordering::Relaxed),
+            logs_suppressed: s.logs_suppressed.load(Ordering::Relaxed),
+            shared_data_rejected: data.rejected(),
+            shared_data_bytes: data.bytes(),
         }
     }
 
@@ -313,25 +519,35 @@ impl Plugin {
         }
     }
 
-    /// Run `proxy_on_tick` on the root context of every idle instance. The
-    /// embedder calls this every [`Plugin::tick_period`]. Failed instances are
-    /// discarded; the first error is returned.
+    /// Run `proxy_on_tick` on the root context of every pooled instance,
+    /// between the callbacks of the requests it hosts (an instance kept busy
+    /// for a whole callback deadline misses this tick). The embedder calls
+    /// this every [`Plugin::tick_period`]. Failed instances are discarded
+    /// (their contexts are lost); the first error is returned.
     pub fn on_tick(&self) -> Result<()> {
-        let instances: Vec<_> = std::mem::take(&mut *self.inner.idle.lock());
+        let cells: Vec<_> = self.inner.pool.lock().clone();
         let mut first_err = None;
-        for mut inst in instances {
+        for cell in cells {
+            let Some(mut slot) = cell
+                .instance
+                .try_lock_for(self.inner.limits.callback_deadline)
+            else {
+                continue;
+            };
+            let Some(inst) = slot.as_mut() else {
+                continue;
+            };
             let root = inst.store.data().root_id as i32;
             let r = inst
                 .call_export("proxy_on_tick", |e| e.on_tick.as_ref(), root)
                 .map(|_| ());
             // Calls queued from the root context are not supported yet.
-            inst.store.data_mut().http_calls.clear();
-            match r {
-                Ok(()) => self.inner.release(inst),
-                Err(e) => {
-                    self.inner.discard(inst);
-                    first_err.get_or_insert(e);
-                }
+            *inst.store.data_mut().ctx = ContextState::default();
+            if let Err(e) = r {
+                let dead = cell.kill(&mut slot);
+                drop(slot);
+                self.inner.discard(&cell, dead);
+                first_err.get_or_insert(e);
             }
         }
         first_err.map_or(Ok(()), Err)
@@ -340,12 +556,17 @@ impl Plugin {
 
 /// One HTTP request/response pair going through a plugin. Call the phases in
 /// order; then [`RequestContext::on_done`], [`RequestContext::on_log`] and
-/// [`RequestContext::finish`] (dropping the context also finishes it). After a
-/// guest failure the instance is thrown away and every later call returns
+/// [`RequestContext::finish`] (dropping the context also finishes it). The
+/// context holds its instance only during each of these calls. After a guest
+/// failure the instance is thrown away and every later call returns
 /// [`PluginError::Usage`].
 pub struct RequestContext {
     plugin: Arc<PluginInner>,
-    instance: Option<Box<PluginInstance>>,
+    /// The instance the context lives in; `None` once it ended or failed.
+    cell: Option<Arc<Cell>>,
+    /// What the host keeps for the context between callbacks.
+    state: Box<ContextState>,
+    /// Assigned by the instance at the first callback.
     id: u32,
     paused_map: Option<MapType>,
     /// The request headers as the request phase left them: lent to later
@@ -365,7 +586,8 @@ impl std::fmt::Debug for RequestContext {
     }
 }
 
-/// Move the embedder's map into the store for a callback (`on`), or back out.
+/// Move the embedder's map into the context's state for a callback (`on`),
+/// or back out.
 fn swap_map(slot: &mut Option<HeaderList>, map: &mut HeaderList, on: bool) {
     if on {
         *slot = Some(std::mem::take(map));
@@ -375,54 +597,84 @@ fn swap_map(slot: &mut Option<HeaderList>, map: &mut HeaderList, on: bool) {
 }
 
 impl RequestContext {
-    /// The proxy-wasm context id (unique within the instance).
+    /// The proxy-wasm context id (unique within its instance).
     pub fn id(&self) -> u32 {
         self.id
     }
 
-    fn instance(&mut self) -> Result<&mut PluginInstance> {
-        self.instance
-            .as_deref_mut()
-            .ok_or_else(|| PluginError::Usage {
-                plugin: self.plugin.shared.name.clone(),
-                message: "the plugin instance failed earlier in this request".into(),
-            })
+    fn usage(&self) -> PluginError {
+        PluginError::Usage {
+            plugin: self.plugin.shared.name.clone(),
+            message: "the plugin context ended or failed earlier in this request".into(),
+        }
     }
 
-    /// Run a callback; on failure throw the instance away.
+    /// The context is over: unpin it from its instance.
+    fn detach(&mut self) {
+        if let Some(cell) = self.cell.take() {
+            self.plugin.context_ended(cell);
+        }
+    }
+
+    /// Run a callback: lock the context's instance (waiting at most
+    /// `lock_wait`), move the context's state in, call, move it out. On a
+    /// guest failure the instance is discarded. `args` gets the context id.
     fn run<P: WasmParams, R: WasmResults>(
         &mut self,
         name: &'static str,
         pick: fn(&Exports) -> Option<&TypedFunc<P, R>>,
-        args: P,
-        mut swap: impl FnMut(&mut HostState, bool),
+        args: impl FnOnce(i32) -> P,
+        mut swap: impl FnMut(&mut ContextState, bool),
     ) -> Result<Option<R>> {
-        let id = self.id;
-        let lent = self.request_headers.take();
-        let inst = self.instance()?;
+        let Some(cell) = self.cell.as_deref() else {
+            return Err(self.usage());
+        };
+        let Some(mut slot) = cell.instance.try_lock_for(self.plugin.lock_wait) else {
+            let stats = &self.plugin.shared.stats;
+            stats.overloads.fetch_add(1, Ordering::Relaxed);
+            return Err(PluginError::Busy {
+                plugin: self.plugin.shared.name.clone(),
+                callback: name,
+                waited: self.plugin.lock_wait,
+            });
+        };
+        let Some(inst) = slot.as_mut() else {
+            drop(slot);
+            self.detach();
+            let stats = &self.plugin.shared.stats;
+            stats.lost_contexts.fetch_add(1, Ordering::Relaxed);
+            return Err(PluginError::InstanceLost {
+                plugin: self.plugin.shared.name.clone(),
+            });
+        };
+        if self.id == 0 {
+            self.id = inst.next_context_id();
+        }
         if pick(&inst.exports).is_none() {
-            self.request_headers = lent;
             return Ok(None);
         }
-        let st = inst.store.data_mut();
-        st.active_id = id;
-        st.effective_id = id;
+        let id = self.id;
+        let lent = self.request_headers.take();
         let lending = lent.is_some();
         if let Some(h) = lent {
-            st.maps[MapType::RequestHeaders as usize] = Some(h);
+            self.state.maps[MapType::RequestHeaders as usize] = Some(h);
         }
-        swap(st, true);
-        let r = inst.call_export(name, pick, args);
-        let st = inst.store.data_mut();
-        swap(st, false);
+        swap(&mut self.state, true);
+        inst.store.data_mut().enter(&mut self.state, id);
+        let r = inst.call_export(name, pick, args(id as i32));
+        inst.store.data_mut().leave(&mut self.state);
+        swap(&mut self.state, false);
         if lending {
-            self.request_headers = st.maps[MapType::RequestHeaders as usize].take();
+            self.request_headers = self.state.maps[MapType::RequestHeaders as usize].take();
         }
         match r {
             Ok(v) => Ok(v),
             Err(e) => {
-                if let Some(inst) = self.instance.take() {
-                    self.plugin.discard(inst);
+                let dead = cell.kill(&mut slot);
+                drop(slot);
+                if let Some(cell) = self.cell.take() {
+                    self.plugin.discard(&cell, dead);
+                    self.plugin.context_ended(cell);
                 }
                 Err(e)
             }
@@ -431,12 +683,8 @@ impl RequestContext {
 
     /// Turn the callback's return value and the guest's side requests into an Action.
     fn action(&mut self, raw: Option<i32>, map: Option<MapType>) -> Action {
-        let Some(inst) = self.instance.as_mut() else {
-            return Action::Continue;
-        };
-        let st = inst.store.data_mut();
-        let signal = st.signal.take();
-        if let Some(resp) = st.local_response.take() {
+        let signal = self.state.signal.take();
+        if let Some(resp) = self.state.local_response.take() {
             return Action::LocalResponse(resp);
         }
         if signal == Some(Signal::Close) {
@@ -458,7 +706,7 @@ impl RequestContext {
         end_of_stream: bool,
         request: bool,
     ) -> Result<Action> {
-        let args = (self.id as i32, headers.len() as i32, end_of_stream as i32);
+        let (n, eos) = (headers.len() as i32, end_of_stream as i32);
         let idx = map_type as usize;
         let raw = self.run(
             name,
@@ -467,7 +715,7 @@ impl RequestContext {
             } else {
                 |e| e.on_response_headers.as_ref()
             },
-            args,
+            |id| (id, n, eos),
             |st, on| swap_map(&mut st.maps[idx], headers, on),
         )?;
         Ok(self.action(raw, Some(map_type)))
@@ -519,7 +767,7 @@ impl RequestContext {
         end_of_stream: bool,
         request: bool,
     ) -> Result<Action> {
-        let args = (self.id as i32, body.len() as i32, end_of_stream as i32);
+        let (n, eos) = (body.len() as i32, end_of_stream as i32);
         let raw = self.run(
             name,
             if request {
@@ -527,7 +775,7 @@ impl RequestContext {
             } else {
                 |e| e.on_response_body.as_ref()
             },
-            args,
+            |id| (id, n, eos),
             |st, on| {
                 let slot = if request {
                     &mut st.request_body
@@ -561,7 +809,7 @@ impl RequestContext {
         trailers: &mut HeaderList,
         request: bool,
     ) -> Result<Action> {
-        let args = (self.id as i32, trailers.len() as i32);
+        let n = trailers.len() as i32;
         let idx = map_type as usize;
         let raw = self.run(
             name,
@@ -570,7 +818,7 @@ impl RequestContext {
             } else {
                 |e| e.on_response_trailers.as_ref()
             },
-            args,
+            |id| (id, n),
             |st, on| swap_map(&mut st.maps[idx], trailers, on),
         )?;
         Ok(self.action(raw, Some(map_type)))
@@ -601,24 +849,20 @@ impl RequestContext {
     /// to the embedder's own map. A [`HeaderEdit::ReplaceAll`] means: rebuild
     /// it from the list.
     pub fn take_request_header_edits(&mut self) -> Vec<HeaderEdit> {
-        self.instance.as_mut().map_or_else(Vec::new, |i| {
-            std::mem::take(&mut i.store.data_mut().request_header_edits)
-        })
+        std::mem::take(&mut self.state.request_header_edits)
     }
 
     /// The changes the plugin made to the response headers since the last take.
     pub fn take_response_header_edits(&mut self) -> Vec<HeaderEdit> {
-        self.instance.as_mut().map_or_else(Vec::new, |i| {
-            std::mem::take(&mut i.store.data_mut().response_header_edits)
-        })
+        std::mem::take(&mut self.state.response_header_edits)
     }
 
     /// HTTP calls the plugin queued (with `proxy_http_call`) since the last take.
     pub fn take_http_calls(&mut self) -> Vec<HttpCallRequest> {
-        match self.instance.as_mut() {
-            Some(i) => std::mem::take(&mut i.store.data_mut().http_calls),
-            None => Vec::new(),
+        if self.cell.is_none() {
+            self.state.http_calls.clear();
         }
+        std::mem::take(&mut self.state.http_calls)
     }
 
     /// Deliver the result of an HTTP call (`None` = the call failed or timed
@@ -633,8 +877,7 @@ impl RequestContext {
         paused_headers: &mut HeaderList,
     ) -> Result<Action> {
         let resp = response.unwrap_or_default();
-        let args = (
-            self.id as i32,
+        let counts = (
             token as i32,
             resp.headers.len() as i32,
             resp.body.len() as i32,
@@ -645,7 +888,7 @@ impl RequestContext {
         let ran = self.run(
             "proxy_on_http_call_response",
             |e| e.on_http_call_response.as_ref(),
-            args,
+            |id| (id, counts.0, counts.1, counts.2, counts.3),
             |st, on| {
                 if let Some(i) = paused_idx {
                     swap_map(&mut st.maps[i], paused_headers, on);
@@ -661,12 +904,8 @@ impl RequestContext {
                 }
             },
         )?;
-        let Some(inst) = self.instance.as_mut() else {
-            return Ok(Action::Continue);
-        };
-        let st = inst.store.data_mut();
-        let signal = st.signal.take();
-        if let Some(r) = st.local_response.take() {
+        let signal = self.state.signal.take();
+        if let Some(r) = self.state.local_response.take() {
             return Ok(Action::LocalResponse(r));
         }
         Ok(match signal {
@@ -688,12 +927,11 @@ impl RequestContext {
         request_headers: &mut HeaderList,
         response_headers: &mut HeaderList,
     ) -> Result<()> {
-        let id = self.id as i32;
         let kept = request_headers.is_empty() && self.request_headers.is_some();
         self.run(
             "proxy_on_log",
             |e| e.on_log.as_ref(),
-            id,
+            |id| id,
             |st, on| {
                 if !kept {
                     swap_map(
@@ -719,38 +957,35 @@ impl RequestContext {
             return Ok(true);
         }
         self.done = true;
-        let id = self.id as i32;
-        let r = self.run(
-            "proxy_on_done",
-            |e| e.on_done.as_ref(),
-            id,
-            |st, _| st.done_called = true,
-        )?;
+        let r = self.run("proxy_on_done", |e| e.on_done.as_ref(), |id| id, |_, _| {})?;
         let completed = r.is_none_or(|v| v != 0);
-        if !completed && let Some(i) = self.instance.as_mut() {
-            i.store.data_mut().done_pending = true;
+        if !completed {
+            self.state.done_pending = true;
         }
         Ok(completed)
     }
 
     /// End the context: `proxy_on_done` (if not called yet) and
-    /// `proxy_on_delete`, then return the instance to the pool.
+    /// `proxy_on_delete`, then unpin it from its instance.
     pub fn finish(mut self) -> Result<()> {
         self.finish_inner()
     }
 
     fn finish_inner(&mut self) -> Result<()> {
-        if self.instance.is_none() || self.deleted {
+        if self.cell.is_none() || self.deleted {
             return Ok(());
         }
-        self.on_done()?;
-        self.deleted = true;
-        let id = self.id as i32;
-        self.run("proxy_on_delete", |e| e.on_delete.as_ref(), id, |_, _| {})?;
-        if let Some(inst) = self.instance.take() {
-            self.plugin.release(inst);
-        }
-        Ok(())
+        let r = self.on_done().and_then(|_| {
+            self.deleted = true;
+            self.run(
+                "proxy_on_delete",
+                |e| e.on_delete.as_ref(),
+                |id| id,
+                |_, _| {},
+            )
+        });
+        self.detach();
+        r.map(|_| ())
     }
 }
 

@@ -32,9 +32,10 @@ const PRELUDE: &str = r#"
   (import "env" "proxy_http_call" (func $http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_shared_data" (func $get_shared (param i32 i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)
   (global $heap (mut i32) (i32.const 32768))
-  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+  (func $bump (param $n i32) (result i32)
     (local $p i32)
     (if (i32.gt_u (i32.add (global.get $heap) (local.get $n)) (i32.const 65536))
       (then (global.set $heap (i32.const 32768))))
@@ -45,8 +46,19 @@ const PRELUDE: &str = r#"
   (func $check (param i32 i32) (if (i32.ne (local.get 0) (local.get 1)) (then unreachable)))
 "#;
 
+/// The usual allocator: the bump allocator above.
+const ALLOC: &str = r#"
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (call $bump (local.get $n)))
+"#;
+
 fn module(body: &str) -> Vec<u8> {
-    wat::parse_str(format!("(module {PRELUDE} {body})")).expect("valid WAT")
+    module_with_alloc(ALLOC, body)
+}
+
+/// A module with its own `proxy_on_memory_allocate`.
+fn module_with_alloc(alloc: &str, body: &str) -> Vec<u8> {
+    wat::parse_str(format!("(module {PRELUDE} {alloc} {body})")).expect("valid WAT")
 }
 
 fn host() -> PluginHost {
@@ -55,7 +67,7 @@ fn host() -> PluginHost {
         max_memory_bytes: 16 << 20,
         epoch_tick: Duration::from_millis(5),
         max_idle_instances_per_plugin: 4,
-        properties: None,
+        ..HostConfig::default()
     })
     .expect("host")
 }
@@ -170,41 +182,68 @@ fn header_edits_are_reported_in_order() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_full_host_evicts_idle_instances_then_reports_exhaustion() -> anyhow::Result<()> {
-    let host = PluginHost::new(HostConfig {
-        max_instances: 2,
+fn host_of(max_instances: u32) -> PluginHost {
+    PluginHost::new(HostConfig {
+        max_instances,
         max_memory_bytes: 16 << 20,
         epoch_tick: Duration::from_millis(5),
         max_idle_instances_per_plugin: 4,
-        properties: None,
-    })?;
+        ..HostConfig::default()
+    })
+    .expect("host")
+}
+
+#[test]
+fn a_full_host_shares_instances_evicts_idle_ones_and_reports_exhaustion() -> anyhow::Result<()> {
+    let host = host_of(2);
     // Each load leaves one idle instance: both slots are taken.
     let a = load(&host, ADD_HEADER);
     let b = load(&host, ADD_HEADER);
-    let a1 = a.request_context()?;
-    // A second context of `a` needs a slot: `b`'s idle instance is evicted.
-    let a2 = a.request_context()?;
-    assert_eq!(b.stats().idle_instances, 0);
-    // Every slot is in use by a request: a distinct, retryable error.
-    let err = b.request_context().expect_err("no slot left");
-    assert_eq!(err.kind(), ErrorKind::Exhausted, "{err}");
-    assert_eq!(
-        a.request_context().expect_err("none").kind(),
-        ErrorKind::Exhausted
-    );
-    // A request ends: its instance goes idle, and `b` gets its slot by eviction.
-    a1.finish()?;
+    let mut a_ctxs = vec![a.request_context()?];
+    // More contexts of `a` find no slot to spare (`b`'s last instance is not
+    // evicted for them): they share `a`'s instance, however many.
+    for _ in 0..20 {
+        a_ctxs.push(a.request_context()?);
+    }
+    assert_eq!(a.stats().live_instances, 1);
+    assert_eq!(a.stats().live_contexts, 21);
+    assert_eq!(b.stats().idle_instances, 1);
+    for ctx in &mut a_ctxs {
+        let mut h = headers(&[(":path", "/")]);
+        assert_eq!(ctx.on_request_headers(&mut h, true)?, Action::Continue);
+        assert_eq!(get(&h, "x-added"), Some(&b"yes"[..]));
+    }
     let mut b1 = b.request_context()?;
+    // A third plugin needs its first instance, and every instance hosts
+    // requests: none to be had, a distinct overload error.
+    let err = host
+        .load(
+            "c",
+            &module(ADD_HEADER),
+            b"",
+            Limits::default(),
+            FailurePolicy::Open,
+        )
+        .expect_err("no slot left");
+    assert_eq!(err.kind(), ErrorKind::Exhausted, "{err}");
+    assert!(err.is_overload());
+    // `b`'s requests end: its instance goes idle, and is evicted for the
+    // first instance of `c`; then `b` gets one back from `a`'s idle one.
     let mut h = headers(&[(":path", "/")]);
     assert_eq!(b1.on_request_headers(&mut h, true)?, Action::Continue);
-    assert_eq!(get(&h, "x-added"), Some(&b"yes"[..]));
-    drop(a2);
     drop(b1);
+    let c = load(&host, ADD_HEADER);
+    assert_eq!(b.stats().live_instances, 0);
+    drop(a_ctxs);
+    let mut b2 = b.request_context()?;
+    assert_eq!(b2.on_request_headers(&mut h, true)?, Action::Continue);
+    assert_eq!(a.stats().live_instances, 0, "{:?}", a.stats());
+    drop(b2);
     // Dropped plugins give their slots back.
-    drop(a);
-    let _b2 = b.request_context()?;
+    drop((a, c));
     let _b3 = b.request_context()?;
+    let _b4 = b.request_context()?;
+    assert_eq!(b.stats().live_instances, 2);
     Ok(())
 }
 
@@ -891,5 +930,287 @@ fn on_log_reads_both_header_maps() -> anyhow::Result<()> {
     ctx.on_log(&mut req, &mut resp)?;
     ctx.finish()?;
     assert_eq!(get(&req, "x-logged"), Some(&b"HIT"[..]));
+    Ok(())
+}
+
+#[test]
+fn stalled_requests_hold_no_instance_between_callbacks() -> anyhow::Result<()> {
+    let host = host_of(4);
+    let plugin = load(&host, AUTH);
+    // Fifty requests with credentials pass and then stall (their contexts stay
+    // open, as for clients that read nothing): they share the instances.
+    let mut stalled = Vec::new();
+    for _ in 0..50 {
+        let mut ctx = plugin.request_context()?;
+        let mut h = headers(&[(":path", "/big"), ("authorization", "Bearer x")]);
+        assert_eq!(ctx.on_request_headers(&mut h, true)?, Action::Continue);
+        stalled.push(ctx);
+    }
+    let stats = plugin.stats();
+    assert!(stats.live_instances <= 4, "{stats:?}");
+    assert_eq!(stats.live_contexts, 50);
+    // A request without credentials still meets the plugin.
+    let mut ctx = plugin.request_context()?;
+    let mut h = headers(&[(":path", "/big")]);
+    match ctx.on_request_headers(&mut h, true)? {
+        Action::LocalResponse(r) => assert_eq!(r.status, 401),
+        other => panic!("the plugin was skipped: {other:?}"),
+    }
+    drop(ctx);
+    // The stalled ones carry on, and end.
+    for mut ctx in stalled {
+        ctx.on_log(&mut Vec::new(), &mut headers(&[(":status", "200")]))?;
+        ctx.finish()?;
+    }
+    let stats = plugin.stats();
+    assert_eq!(stats.live_contexts, 0);
+    assert_eq!(stats.idle_instances as u64, stats.live_instances);
+    assert_eq!(stats.overloads, 0);
+    Ok(())
+}
+
+#[test]
+fn a_trap_discards_the_shared_instance_and_its_other_contexts_fail_by_policy() -> anyhow::Result<()>
+{
+    let host = host_of(1); // one slot: every context shares one instance
+    let plugin = host.load(
+        "trap",
+        &module(TRAP_ON_HEADER),
+        b"",
+        Limits::default(),
+        FailurePolicy::Closed,
+    )?;
+    let mut a = plugin.request_context()?;
+    let mut b = plugin.request_context()?;
+    assert_eq!(plugin.stats().live_instances, 1);
+    let mut h = headers(&[(":path", "/")]);
+    assert_eq!(b.on_request_headers(&mut h, true)?, Action::Continue);
+    let err = a
+        .on_request_headers(&mut headers(&[("x-trap", "1")]), true)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Trap, "{err}");
+    // `b` lived in the discarded instance: its next callback fails cleanly,
+    // and its policy decides.
+    let lost = b
+        .on_response_headers(&mut headers(&[(":status", "200")]), true)
+        .unwrap_err();
+    assert_eq!(lost.kind(), ErrorKind::InstanceLost, "{lost}");
+    assert!(!lost.is_overload());
+    match FailurePolicy::Closed.action_for(&lost) {
+        Action::LocalResponse(r) => assert_eq!(r.status, 500),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(FailurePolicy::Open.action_for(&lost), Action::Continue);
+    assert_eq!(
+        b.on_log(&mut Vec::new(), &mut Vec::new())
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Usage
+    );
+    drop((a, b));
+    let stats = plugin.stats();
+    assert_eq!(
+        (stats.traps, stats.instances_discarded, stats.lost_contexts),
+        (1, 1, 1),
+        "{stats:?}"
+    );
+    assert_eq!(stats.live_contexts, 0);
+    // New requests get a new instance.
+    let mut c = plugin.request_context()?;
+    assert_eq!(c.on_request_headers(&mut h, true)?, Action::Continue);
+    assert_eq!(plugin.stats().live_instances, 1);
+    Ok(())
+}
+
+/// Spins for 300 ms (by the host's clock) when the request has `x-spin`.
+const SPIN: &str = r#"
+  (data (i32.const 0) "x-spin")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $t0 i64)
+    (if (i32.ne (call $get_hdr (i32.const 0) (i32.const 0) (i32.const 6) (i32.const 16384) (i32.const 16388)) (i32.const 0))
+      (then (return (i32.const 0))))
+    (call $check (call $now (i32.const 16400)) (i32.const 0))
+    (local.set $t0 (i64.load (i32.const 16400)))
+    (loop $spin
+      (call $check (call $now (i32.const 16400)) (i32.const 0))
+      (br_if $spin (i64.lt_u (i64.sub (i64.load (i32.const 16400)) (local.get $t0)) (i64.const 300000000))))
+    (i32.const 0))
+"#;
+
+#[test]
+fn a_callback_that_cannot_lock_its_instance_is_overload_not_a_failure() -> anyhow::Result<()> {
+    let host = PluginHost::new(HostConfig {
+        max_instances: 1,
+        lock_wait: Duration::from_millis(20),
+        ..HostConfig::default()
+    })?;
+    let limits = Limits {
+        callback_deadline: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let plugin = host.load("spin", &module(SPIN), b"", limits, FailurePolicy::Open)?;
+    let mut a = plugin.request_context()?;
+    let mut b = plugin.request_context()?;
+    let spinner = std::thread::spawn(move || {
+        let r = a.on_request_headers(&mut headers(&[("x-spin", "1")]), true);
+        (a, r.map_err(|e| e.to_string()))
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let start = Instant::now();
+    let err = b
+        .on_request_headers(&mut headers(&[(":path", "/")]), true)
+        .unwrap_err();
+    assert!(start.elapsed() >= Duration::from_millis(20));
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    assert!(err.is_overload());
+    // Overload is 503 whatever the policy: an open policy must not skip.
+    for policy in [FailurePolicy::Open, FailurePolicy::Closed] {
+        match policy.action_for(&err) {
+            Action::LocalResponse(r) => assert_eq!(r.status, 503),
+            other => panic!("{policy:?}: {other:?}"),
+        }
+    }
+    let (a, r) = spinner.join().expect("spinner");
+    assert_eq!(r, Ok(Action::Continue));
+    // Nothing was lost: `b` goes on once the instance is free.
+    assert_eq!(
+        b.on_request_headers(&mut headers(&[(":path", "/")]), true)?,
+        Action::Continue
+    );
+    drop((a, b));
+    let stats = plugin.stats();
+    assert_eq!((stats.overloads, stats.failures), (1, 0), "{stats:?}");
+    Ok(())
+}
+
+/// An allocator that, while `$evil` is set, first does what `$evil` says:
+/// 1 adds a request header, 2 removes `x-a`, 3 rewrites the request body
+/// (its status goes to 16400), 4 returns a pointer far outside memory.
+const EVIL_ALLOC: &str = r#"
+  (global $evil (mut i32) (i32.const 0))
+  (data (i32.const 1000) "x-evil")
+  (data (i32.const 1016) "1")
+  (data (i32.const 1032) "x-a")
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (if (i32.eq (global.get $evil) (i32.const 1))
+      (then (drop (call $add_hdr (i32.const 0) (i32.const 1000) (i32.const 6) (i32.const 1016) (i32.const 1)))))
+    (if (i32.eq (global.get $evil) (i32.const 2))
+      (then (drop (call $rm_hdr (i32.const 0) (i32.const 1032) (i32.const 3)))))
+    (if (i32.eq (global.get $evil) (i32.const 3))
+      (then (i32.store (i32.const 16400)
+              (call $set_buf (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 6)))))
+    (if (i32.eq (global.get $evil) (i32.const 4))
+      (then (return (i32.const 0x7fff0000))))
+    (call $bump (local.get $n)))
+"#;
+
+/// Request headers: `:path` `/pairs` gets the map with the allocator in mode
+/// 1, `/value` gets the last header's value in mode 2, `/far` the map in
+/// mode 4. Request body: read in mode 3; the guest checks it got the body
+/// as it was (`hello`) and that the allocator's rewrite found no body.
+const EVIL: &str = r#"
+  (data (i32.const 0) ":path")
+  (data (i32.const 16) "/pairs")
+  (data (i32.const 32) "/value")
+  (data (i32.const 48) "/far")
+  (func $path_is (param $p i32) (param $len i32) (result i32)
+    (call $check (call $get_hdr (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 16384) (i32.const 16388)) (i32.const 0))
+    (if (i32.ne (i32.load (i32.const 16388)) (local.get $len)) (then (return (i32.const 0))))
+    (i32.eq (i32.load (i32.load (i32.const 16384))) (i32.load (local.get $p))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (call $path_is (i32.const 16) (i32.const 6)) (then
+      (global.set $evil (i32.const 1))
+      (drop (call $get_pairs (i32.const 0) (i32.const 16384) (i32.const 16388)))))
+    (if (call $path_is (i32.const 32) (i32.const 6)) (then
+      (global.set $evil (i32.const 2))
+      (drop (call $get_hdr (i32.const 0) (i32.const 1032) (i32.const 3) (i32.const 16384) (i32.const 16388)))))
+    (if (call $path_is (i32.const 48) (i32.const 4)) (then
+      (global.set $evil (i32.const 4))
+      (drop (call $get_pairs (i32.const 0) (i32.const 16384) (i32.const 16388)))))
+    (global.set $evil (i32.const 0))
+    (i32.const 0))
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32)
+    (global.set $evil (i32.const 3))
+    (call $check (call $get_buf (i32.const 0) (i32.const 0) (local.get 1) (i32.const 16384) (i32.const 16388)) (i32.const 0))
+    (global.set $evil (i32.const 0))
+    (call $check (i32.load (i32.const 16400)) (i32.const 1))
+    (call $check (i32.load (i32.const 16388)) (i32.const 5))
+    (call $check (i32.load8_u (i32.load (i32.const 16384))) (i32.const 104))
+    (i32.const 0))
+"#;
+
+#[test]
+fn an_allocator_that_changes_what_the_host_returns_is_a_guest_error_not_a_panic()
+-> anyhow::Result<()> {
+    let host = host();
+    let wasm = module_with_alloc(EVIL_ALLOC, EVIL);
+    for policy in [FailurePolicy::Closed, FailurePolicy::Open] {
+        let plugin = host.load("evil", &wasm, b"", Limits::default(), policy)?;
+        for path in ["/pairs", "/value", "/far"] {
+            let mut ctx = plugin.request_context()?;
+            let mut h = headers(&[(":path", path), ("x-a", "1")]);
+            let err = ctx.on_request_headers(&mut h, true).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Trap, "{path}: {err}");
+            assert!(err.to_string().contains("guest ABI violation"), "{err}");
+            // The embedder gets its headers back, and the policy decides.
+            assert_eq!(get(&h, ":path"), Some(path.as_bytes()));
+            match (policy, policy.action_for(&err)) {
+                (FailurePolicy::Closed, Action::LocalResponse(r)) => assert_eq!(r.status, 500),
+                (FailurePolicy::Open, Action::Continue) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        // The body is held while the allocator runs: its rewrite finds none,
+        // and the guest gets the body as it was.
+        let mut ctx = plugin.request_context()?;
+        let mut body = BytesMut::from(&b"hello"[..]);
+        assert_eq!(ctx.on_request_body(&mut body, true)?, Action::Continue);
+        assert_eq!(&body[..], b"hello");
+        // Healthy: a plain request goes through.
+        let mut ctx = plugin.request_context()?;
+        let mut h = headers(&[(":path", "/")]);
+        assert_eq!(ctx.on_request_headers(&mut h, true)?, Action::Continue);
+        assert_eq!(plugin.stats().traps, 3);
+    }
+    Ok(())
+}
+
+#[test]
+fn shared_data_and_log_lines_are_bounded() -> anyhow::Result<()> {
+    let host = PluginHost::new(HostConfig {
+        max_instances: 4,
+        log_lines_per_second: 5,
+        shared_data_max_bytes: 64,
+        ..HostConfig::default()
+    })?;
+    // 50 critical log lines (critical passes any level filter), then two
+    // 40-byte values under different keys: the second is past the limit.
+    let body = r#"
+      (data (i32.const 0) "hello")
+      (data (i32.const 16) "k1")
+      (data (i32.const 32) "k2")
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (local $i i32)
+        (loop $l
+          (call $check (call $log (i32.const 5) (i32.const 0) (i32.const 5)) (i32.const 0))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $l (i32.lt_u (local.get $i) (i32.const 50))))
+        (call $check (call $set_shared (i32.const 16) (i32.const 2) (i32.const 100) (i32.const 40) (i32.const 0)) (i32.const 0))
+        (call $check (call $set_shared (i32.const 32) (i32.const 2) (i32.const 100) (i32.const 40) (i32.const 0)) (i32.const 10))
+        ;; overwriting the first key with as much still fits
+        (call $check (call $set_shared (i32.const 16) (i32.const 2) (i32.const 200) (i32.const 40) (i32.const 0)) (i32.const 0))
+        (i32.const 0))
+    "#;
+    let plugin = load(&host, body);
+    let mut ctx = plugin.request_context()?;
+    assert_eq!(
+        ctx.on_request_headers(&mut HeaderList::new(), true)?,
+        Action::Continue
+    );
+    let stats = plugin.stats();
+    assert_eq!(stats.logs_suppressed, 45, "{stats:?}");
+    assert_eq!(stats.shared_data_rejected, 1);
+    assert_eq!(stats.shared_data_bytes, 42);
+    assert_eq!(plugin.shared_data().max_bytes(), 64);
     Ok(())
 }
