@@ -14,9 +14,16 @@
 //! - **Request bodies:** [`request_body_phase`] runs a request's body (and
 //!   its trailers) through `on_request_body` in chain order before the cache
 //!   and the origin, with the same buffering rules as response bodies.
-//! - **Instances:** when every instance of the host is in use, a request
-//!   waits for one (bounded by `[plugins] instance_wait`), then fails by
-//!   policy.
+//! - **Instances:** a plugin instance hosts many requests' contexts (as an
+//!   Envoy VM does). A request is pinned to one instance but holds it only
+//!   while one of its callbacks runs, so slow or stalled clients hold no
+//!   instance and cannot exhaust them. A plugin with no instance at all, and
+//!   no slot to make one, makes the request wait (bounded by `[plugins]
+//!   instance_wait`, which also bounds the wait for an instance busy with
+//!   other requests' callbacks). When no instance can be had the answer is
+//!   **503** (counted as `overloaded`), whatever the plugin's `failure`
+//!   policy: `failure = "open"` covers a plugin that traps or runs out of
+//!   time or memory, never a busy host, so an auth plugin is never skipped.
 //! - **Bodies:** chunks go through `on_response_body` as they arrive. A plugin
 //!   that pauses makes the edge buffer (up to its `body_buffer`) and call it
 //!   again with everything so far. The response head is held until the chain
@@ -28,7 +35,9 @@
 //!
 //! Callbacks run synchronously on the worker thread. Each is bounded by the
 //! plugin's deadline (epoch interruption), and a failure (trap, deadline,
-//! memory limit) is mapped by the plugin's failure policy.
+//! memory limit) is mapped by the plugin's failure policy. A failure
+//! discards its instance; the other requests pinned to it fail by their
+//! policy at their next callback.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -40,7 +49,7 @@ use http::{HeaderName, HeaderValue, Response, StatusCode, Uri, header, request};
 use http_body_util::BodyExt;
 use meridian_wasm_host::{
     Action, ErrorKind, FailurePolicy, HeaderEdit, HeaderList, HostConfig, HttpCallRequest,
-    HttpCallResponse, LocalResponse, MetricKind, Plugin, PluginHost, PropertyResolver,
+    HttpCallResponse, LocalResponse, MetricKind, Plugin, PluginError, PluginHost, PropertyResolver,
     RequestContext,
 };
 use parking_lot::Mutex;
@@ -77,6 +86,8 @@ pub fn new_host(cfg: &PluginsConfig) -> Result<Arc<PluginHost>, String> {
         // Every instance a burst needed stays pooled: re-instantiating copies
         // the module's data segments, which costs far more than the memory.
         max_idle_instances_per_plugin: cfg.max_instances as usize,
+        // A callback waits this long for an instance busy with others'.
+        lock_wait: cfg.instance_wait.get(),
         ..HostConfig::default()
     })
     .map(Arc::new)
@@ -352,6 +363,63 @@ fn request_header_list(parts: &request::Parts, scheme: &str) -> HeaderList {
     headers
 }
 
+/// No plugin instance to be had: overload, whatever the plugin's policy.
+fn overloaded_response() -> Response<ResponseBody> {
+    let mut resp = failure_response(StatusCode::SERVICE_UNAVAILABLE, b"plugin host overloaded\n");
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+/// What a plugin's error does to the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// A failure under an open policy: go on without the plugin.
+    Skip,
+    /// A failure under a closed policy: 500.
+    Fail,
+    /// No instance to be had: 503, whatever the policy.
+    Overloaded,
+}
+
+impl Verdict {
+    /// Decides (and counts) what `e` does; `what` says where, for the log.
+    fn of(metrics: &Metrics, lp: &LoadedPlugin, e: &PluginError, what: &'static str) -> Self {
+        if e.is_overload() {
+            tracing::warn!(plugin = %lp.name, error = %e, "no plugin instance {what}: 503");
+            count(metrics, "overloaded");
+            return Self::Overloaded;
+        }
+        tracing::warn!(plugin = %lp.name, error = %e, "plugin failed {what}");
+        count(metrics, "failed");
+        match lp.plugin.policy() {
+            FailurePolicy::Open => Self::Skip,
+            FailurePolicy::Closed => Self::Fail,
+        }
+    }
+
+    /// The response that ends the request, if any.
+    fn response(self) -> Option<Response<ResponseBody>> {
+        match self {
+            Self::Skip => None,
+            Self::Fail => Some(failure_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                b"plugin failure\n",
+            )),
+            Self::Overloaded => Some(overloaded_response()),
+        }
+    }
+
+    /// What stops a body, if anything.
+    fn body_failure(self) -> Option<BodyFailure> {
+        match self {
+            Self::Skip => None,
+            Self::Fail => Some(BodyFailure::Failed),
+            Self::Overloaded => Some(BodyFailure::Overloaded),
+        }
+    }
+}
+
 /// A plugin's failure under a closed policy, or a stream it closed.
 fn failure_response(status: StatusCode, body: &'static [u8]) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::full(Bytes::from_static(body)));
@@ -407,28 +475,18 @@ where
     };
     for lp in chain.iter() {
         let policy = lp.plugin.policy();
-        // The failure policy: `Some` is the response that ends the request.
-        let fail = |ex: &mut Exchange| -> Option<Response<ResponseBody>> {
-            count(metrics, "failed");
-            match policy {
-                FailurePolicy::Open => {
-                    ex.ctxs.push(None);
-                    None
-                }
-                FailurePolicy::Closed => Some(failure_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    b"plugin failure\n",
-                )),
+        // `Some` is the response that ends the request; `None` skips the plugin.
+        let fail = |ex: &mut Exchange, e: &PluginError| -> Option<Response<ResponseBody>> {
+            let r = Verdict::of(metrics, lp, e, "in the request phase").response();
+            if r.is_none() {
+                ex.ctxs.push(None);
             }
+            r
         };
         let mut ctx = match context_waiting(lp, &props, instance_wait, metrics).await {
             Ok(c) => c,
             Err(e) => {
-                if e.kind() == ErrorKind::Exhausted {
-                    count(metrics, "instances-exhausted");
-                }
-                tracing::warn!(plugin = %lp.name, error = %e, "plugin context failed");
-                if let Some(r) = fail(&mut ex) {
+                if let Some(r) = fail(&mut ex, &e) {
                     return Err(r);
                 }
                 continue;
@@ -440,8 +498,7 @@ where
         loop {
             match action {
                 Err(e) => {
-                    tracing::warn!(plugin = %lp.name, error = %e, "plugin failed in the request phase");
-                    if let Some(r) = fail(&mut ex) {
+                    if let Some(r) = fail(&mut ex, &e) {
                         return Err(r);
                     }
                     break;
@@ -509,9 +566,9 @@ where
     Ok(Arc::new(Mutex::new(ex)))
 }
 
-/// A request context for `lp`. When every instance of the host is in use
-/// (and none idle to evict), waits for one to be released, polling with a
-/// backoff of 1 to 20 ms, for up to `wait`.
+/// A request context for `lp`. When the plugin has no instance and the host
+/// no slot for one (every instance hosts requests), waits for one, polling
+/// with a backoff of 1 to 20 ms, for up to `wait`.
 async fn context_waiting(
     lp: &LoadedPlugin,
     props: &Arc<dyn PropertyResolver>,
@@ -647,6 +704,8 @@ struct Stage {
 enum BodyFailure {
     /// A plugin failed under a closed policy, or closed the stream.
     Failed,
+    /// No instance to be had for a plugin (503, whatever its policy).
+    Overloaded,
     /// A plugin with a closed policy held back more than its `body_buffer`.
     TooLarge,
     /// A plugin answered with a local response mid-body.
@@ -707,11 +766,10 @@ fn push_chunk(
             Ok(Action::LocalResponse(lr)) => return Err(BodyFailure::Local(lr)),
             Ok(_) => return Err(BodyFailure::Failed),
             Err(e) => {
-                tracing::warn!(plugin = %lp.name, error = %e, ?dir, "plugin failed on a body");
-                count(&ex.metrics, "failed");
+                let stop = body_error(&ex.metrics, &lp, &e, dir);
                 ex.ctxs[st.idx] = None;
-                if lp.plugin.policy() == FailurePolicy::Closed {
-                    return Err(BodyFailure::Failed);
+                if let Some(f) = stop {
+                    return Err(f);
                 }
                 st.active = false;
                 data = st.buf.split().freeze();
@@ -719,6 +777,22 @@ fn push_chunk(
         }
     }
     Ok(data)
+}
+
+/// What a plugin's error on a body (or its trailers) does: `Some` stops the
+/// body (overload, or a failure under a closed policy); `None` skips the
+/// plugin for the rest of it.
+fn body_error(
+    metrics: &Metrics,
+    lp: &LoadedPlugin,
+    e: &PluginError,
+    dir: Dir,
+) -> Option<BodyFailure> {
+    let what = match dir {
+        Dir::Request => "on a request body",
+        Dir::Response => "on a response body",
+    };
+    Verdict::of(metrics, lp, e, what).body_failure()
 }
 
 fn response_header_list(resp: &Response<ResponseBody>) -> HeaderList {
@@ -798,14 +872,11 @@ pub async fn response_phase(
                     return failure_response(StatusCode::BAD_GATEWAY, b"closed by plugin\n");
                 }
                 Err(e) => {
-                    tracing::warn!(plugin = %lp.name, error = %e, "plugin failed on response headers");
-                    count(&ex_ref.metrics, "failed");
                     ex_ref.ctxs[idx] = None;
-                    if lp.plugin.policy() == FailurePolicy::Closed {
-                        return failure_response(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            b"plugin failure\n",
-                        );
+                    if let Some(r) =
+                        Verdict::of(&ex_ref.metrics, &lp, &e, "on response headers").response()
+                    {
+                        return r;
                     }
                 }
             }
@@ -894,11 +965,10 @@ fn push_trailers(
         };
         edited |= list != before;
         if let Err(e) = r {
-            tracing::warn!(plugin = %lp.name, error = %e, ?dir, "plugin failed on trailers");
-            count(&ex.metrics, "failed");
+            let stop = body_error(&ex.metrics, &lp, &e, dir);
             ex.ctxs[st.idx] = None;
-            if lp.plugin.policy() == FailurePolicy::Closed {
-                return Err(BodyFailure::Failed);
+            if let Some(f) = stop {
+                return Err(f);
             }
         }
     }
@@ -924,7 +994,8 @@ pub fn has_request_body_phase(ex: &SharedExchange) -> bool {
 ///
 /// `Err` is the response that ends the request: a plugin's local response,
 /// its failure under a closed policy (500; 413 for a body over its
-/// `body_buffer`), or a client body that failed (400) or stalled for `idle` (408).
+/// `body_buffer`), no instance for it (503), or a client body that failed
+/// (400) or stalled for `idle` (408).
 pub async fn request_body_phase(
     ex: &SharedExchange,
     parts: &mut request::Parts,
@@ -948,6 +1019,7 @@ pub async fn request_body_phase(
     }
     let fail = |f: BodyFailure| match f {
         BodyFailure::Local(lr) => local_response(lr),
+        BodyFailure::Overloaded => overloaded_response(),
         BodyFailure::TooLarge => failure_response(
             StatusCode::PAYLOAD_TOO_LARGE,
             b"request body over a plugin's buffer\n",
@@ -1014,6 +1086,7 @@ async fn transform_body(
     let p = match until_release(&ex, &mut stages, &mut body, Dir::Response, None).await {
         Ok(p) => p,
         Err(BodyStop::Plugin(BodyFailure::Local(lr))) => return local_response(lr),
+        Err(BodyStop::Plugin(BodyFailure::Overloaded)) => return overloaded_response(),
         Err(BodyStop::Plugin(_)) => {
             return failure_response(StatusCode::INTERNAL_SERVER_ERROR, b"plugin failure\n");
         }
@@ -1260,11 +1333,19 @@ pub fn update_metrics(metrics: &Metrics, sites: &[crate::proxy::Site]) {
                     kind: "callbacks",
                 })
                 .set(g(s.callbacks));
+            // Besides the guest failures: contexts lost with an instance
+            // another request's failure discarded, requests that found no
+            // instance (overload: 503), log lines over the rate limit, and
+            // shared-data writes over its limit.
             for (kind, v) in [
                 ("trap", s.traps),
                 ("deadline", s.deadline_exceeded),
                 ("memory", s.memory_limit),
                 ("exit", s.exits),
+                ("instance-lost", s.lost_contexts),
+                ("overload", s.overloads),
+                ("log-suppressed", s.logs_suppressed),
+                ("shared-data-full", s.shared_data_rejected),
             ] {
                 metrics
                     .plugin_failures
@@ -1277,6 +1358,7 @@ pub fn update_metrics(metrics: &Metrics, sites: &[crate::proxy::Site]) {
             for (kind, v) in [
                 ("live", s.live_instances),
                 ("idle", s.idle_instances as u64),
+                ("contexts", s.live_contexts),
             ] {
                 metrics
                     .plugin_instances

@@ -1,6 +1,9 @@
 //! Wasm plugins (proxy-wasm) in the edge's request phase, through real
-//! sockets. The plugins are small WAT modules compiled here.
+//! sockets. The plugins are small WAT modules compiled here, and the
+//! example `jwt-auth` built by `wasm-plugins/build` (into `wasm-plugins/dist`).
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -10,6 +13,8 @@ use meridian_e2e::client::{Conn, get, get_plain};
 use meridian_e2e::harness::eventually;
 use meridian_e2e::origin::TestOrigin;
 use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::{Edge, basic_config, metric};
 
@@ -248,5 +253,257 @@ fn one_line_mode_takes_plugins_with_their_config() -> anyhow::Result<()> {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
+    Ok(())
+}
+
+/// A built example plugin; missing means `wasm-plugins/build` has not run.
+fn dist(name: &str) -> anyhow::Result<String> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../wasm-plugins/dist")
+        .join(format!("{name}.wasm"));
+    anyhow::ensure!(
+        p.is_file(),
+        "{} is missing: run wasm-plugins/build first",
+        p.display()
+    );
+    Ok(p.canonicalize()?.display().to_string())
+}
+
+fn b64url(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..=c.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// An HS256 JWT for `secret` with `claims`, signed with the `openssl` command.
+fn hs256_token(secret: &str, claims: &serde_json::Value) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let input = format!(
+        "{}.{}",
+        b64url(br#"{"alg":"HS256","typ":"JWT"}"#),
+        b64url(&serde_json::to_vec(claims)?)
+    );
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-hmac", secret, "-binary"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("openssl is needed: {e}"))?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("stdin"))?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "openssl failed");
+    Ok(format!("{input}.{}", b64url(&out.stdout)))
+}
+
+/// A client that asks for `path` (with these extra header lines), reads
+/// the response head and then nothing more: its request stays open with its
+/// body stalled, as long as the connection is kept. Returns the status.
+async fn stalled_reader(
+    addr: SocketAddr,
+    path: &str,
+    headers: &str,
+) -> anyhow::Result<(TcpStream, u16)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: t\r\n{headers}\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        anyhow::ensure!(head.len() < 16 * 1024, "no end to the response head");
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut byte)).await??;
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("bad response head: {text}"))?;
+    Ok((s, status))
+}
+
+/// Issue #12, item 7: slow clients must not exhaust plugin instances. Six
+/// clients with valid tokens each fetch a 32 MiB object and read nothing
+/// (four instances at most). Before the fix each held an instance until its
+/// body ended, so with `failure = "open"` a request without a token skipped
+/// `jwt-auth` (200 from the origin), and with `failure = "closed"` valid
+/// requests got 500s. Now the stalled requests hold no instance between
+/// callbacks: the plugin still refuses (401) and admits (200).
+#[tokio::test]
+async fn stalled_readers_never_exhaust_the_instances_of_an_auth_plugin() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let jwt = dist("jwt-auth")?;
+    let secret = "s3cret";
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 600;
+    let token = hs256_token(secret, &serde_json::json!({"sub": "alice", "exp": exp}))?;
+    let auth = format!("authorization: Bearer {token}\r\n");
+    for failure in ["open", "closed"] {
+        let site = format!(
+            "pool = \"main\"\n[[sites.plugins]]\npath = \"{jwt}\"\nfailure = \"{failure}\"\nconfig = {{ alg = \"HS256\", secret = \"{secret}\" }}\n"
+        );
+        let cfg = basic_config(
+            &[origin.url()],
+            "[plugins]\nmax_instances = 4\ninstance_wait = \"300ms\"\n",
+        )
+        .replace("pool = \"main\"\n", &site);
+        let edge = Edge::start(&cfg)?;
+        let mut stalled = Vec::new();
+        for _ in 0..6 {
+            let (conn, status) = stalled_reader(edge.http(), "/large?mb=32", &auth).await?;
+            assert_eq!(status, 200, "failure = {failure}");
+            stalled.push(conn);
+        }
+        // No token: the plugin runs, and refuses.
+        let r = get_plain(edge.http(), "t", "/hello").await?;
+        assert_eq!(r.status, 401, "failure = {failure}: {}", r.text());
+        // A valid token: the plugin runs, and admits.
+        let mut req = get("t", "/hello");
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+        let r = Conn::plain(edge.http(), false).await?.send(req).await?;
+        assert_eq!(r.status, 200, "failure = {failure}: {}", r.text());
+        let m = edge.metrics().await?;
+        assert!(
+            metric(&m, "meridian_plugin_instances", &["kind=\"live\""]) <= 4.0,
+            "{m}"
+        );
+        assert!(
+            metric(&m, "meridian_plugin_instances", &["kind=\"contexts\""]) >= 6.0,
+            "{m}"
+        );
+        assert_eq!(
+            metric(&m, "meridian_plugin_results_total", &["\"overloaded\""]),
+            0.0
+        );
+        drop(stalled);
+    }
+    Ok(())
+}
+
+/// When no instance can be had at all (here: a `fresh_instance` plugin, the
+/// one kind whose requests hold their instance for life), the answer is 503,
+/// whatever the policy: `failure = "open"` never lets a request skip the
+/// plugin because the host is busy. Counted as `overloaded`.
+#[tokio::test]
+async fn no_instance_to_be_had_is_503_even_for_an_open_plugin() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let dir = TempDir::new("plugins")?;
+    let auth = write_plugin(&dir, "auth", AUTH)?;
+    let site = format!(
+        "pool = \"main\"\n[[sites.plugins]]\npath = \"{auth}\"\nfailure = \"open\"\nfresh_instance = true\n"
+    );
+    let cfg = basic_config(
+        &[origin.url()],
+        "[plugins]\nmax_instances = 2\ninstance_wait = \"100ms\"\n",
+    )
+    .replace("pool = \"main\"\n", &site);
+    let edge = Edge::start(&cfg)?;
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let (conn, status) =
+            stalled_reader(edge.http(), "/large?mb=32", "authorization: x\r\n").await?;
+        assert_eq!(status, 200);
+        stalled.push(conn);
+    }
+    let r = get_plain(edge.http(), "t", "/hello").await?;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let m = edge.metrics().await?;
+    assert!(
+        metric(&m, "meridian_plugin_results_total", &["\"overloaded\""]) >= 1.0,
+        "{m}"
+    );
+    // Once the stalled requests go, the plugin runs again.
+    drop(stalled);
+    let refused = eventually(Duration::from_secs(10), || async {
+        get_plain(edge.http(), "t", "/hello")
+            .await
+            .is_ok_and(|r| r.status == 401)
+    })
+    .await;
+    assert!(refused);
+    Ok(())
+}
+
+/// A guest whose allocator adds a request header while the host is
+/// returning the header map to it (`proxy_get_header_map_pairs`), on
+/// requests with `x-evil`.
+const EVIL_ALLOCATOR: &str = r#"
+  (import "env" "proxy_get_header_map_value" (func $get_hdr (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_pairs" (func $get_pairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add_hdr (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 32768))
+  (global $evil (mut i32) (i32.const 0))
+  (data (i32.const 0) "x-evil")
+  (data (i32.const 16) "x-sneaked-in")
+  (data (i32.const 32) "1")
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (if (global.get $evil)
+      (then (drop (call $add_hdr (i32.const 0) (i32.const 16) (i32.const 12) (i32.const 32) (i32.const 1)))))
+    (if (i32.gt_u (i32.add (global.get $heap) (local.get $n)) (i32.const 65536))
+      (then (global.set $heap (i32.const 32768))))
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eq (call $get_hdr (i32.const 0) (i32.const 0) (i32.const 6) (i32.const 16384) (i32.const 16388)) (i32.const 0))
+      (then
+        (global.set $evil (i32.const 1))
+        (drop (call $get_pairs (i32.const 0) (i32.const 16384) (i32.const 16388)))
+        (global.set $evil (i32.const 0))))
+    (i32.const 0))
+"#;
+
+/// Issue #12, item 9: a guest whose allocator changes the header map while
+/// the host returns it tripped an assertion in the host: the request task
+/// panicked and the client got an empty reply. Now it is a guest error: the
+/// request fails by policy (500 closed, on to the origin open), and the
+/// process serves the next requests.
+#[tokio::test]
+async fn an_allocator_changing_the_header_map_fails_the_request_by_policy() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let dir = TempDir::new("plugins")?;
+    let path = dir.path().join("evil.wasm");
+    std::fs::write(&path, wat::parse_str(format!("(module {EVIL_ALLOCATOR})"))?)?;
+    let evil = path.display().to_string();
+    for (failure, expect) in [("closed", 500), ("open", 200)] {
+        let edge = Edge::start(&with_plugins(&origin, &[(&evil, failure)]))?;
+        for _ in 0..3 {
+            let mut req = get("t", "/hello");
+            req.headers_mut().insert("x-evil", "1".parse()?);
+            let r = Conn::plain(edge.http(), false).await?.send(req).await?;
+            assert_eq!(r.status, expect, "failure = {failure}: {}", r.text());
+            // Healthy: the next request goes through the plugin and on.
+            assert_eq!(get_plain(edge.http(), "t", "/hello").await?.status, 200);
+        }
+        let m = edge.metrics().await?;
+        assert!(
+            metric(&m, "meridian_plugin_failures", &["kind=\"trap\""]) >= 3.0,
+            "{m}"
+        );
+        assert_eq!(
+            get_plain(edge.admin(), "admin", "/healthz").await?.status,
+            200
+        );
+    }
     Ok(())
 }
