@@ -39,6 +39,9 @@ pub struct Stats {
     pub last_headers: Mutex<Vec<(String, String)>>,
     /// The Range header of the last `/cc/` request.
     pub last_range: Mutex<Option<String>>,
+    /// Body bytes the `/cc/` route has answered with (whole bodies, or the
+    /// range it honoured).
+    pub cc_body_bytes: AtomicU64,
 }
 
 pub struct TestOrigin {
@@ -375,6 +378,9 @@ async fn cacheable(req: &Request<Incoming>, stats: &Stats) -> Response<Body> {
         }
         _ => (body, None),
     };
+    stats
+        .cc_body_bytes
+        .fetch_add(body.len() as u64, Ordering::SeqCst);
     let mut r = Response::new(full(body));
     if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
         *r.status_mut() = StatusCode::PARTIAL_CONTENT;

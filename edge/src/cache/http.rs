@@ -24,9 +24,10 @@ use super::policy::{
     StoredResponse,
 };
 use super::range::{self, RangeRequest};
-use super::storage::{Hit, HitBody, ObjectMeta, Storage};
+use super::spool::{Backing, Spool};
+use super::storage::{Hit, HitBody, ObjectMeta, ObjectWriter, Storage};
 use crate::accesslog::LogRecord;
-use crate::config::{CacheConfig, SiteCache};
+use crate::config::{CacheConfig, SetCookie, SiteCache};
 use crate::error::{ErrorKind, ProxyError};
 use crate::http::body::{RequestBody, ResponseBody};
 use crate::metrics::{CacheResult, Metrics, Reason};
@@ -38,8 +39,9 @@ const CACHE_NAME: &str = "meridian";
 const VARIANT_SEP: char = '\u{1}';
 /// Stored header marking a soft purge: the object's age (seconds) at the purge.
 const SOFT_PURGE: &str = "meridian-soft-purge";
-/// Frames in flight between a fill task and its client.
-const FILL_QUEUE: usize = 32;
+/// The least memory a fill keeps for its client before it lets go of
+/// bytes that storage holds (see [`super::spool`]).
+const SPOOL_MEMORY: u64 = 4 << 20;
 
 /// A site's cache settings, built once per config generation.
 #[derive(Debug)]
@@ -53,6 +55,9 @@ pub struct SitePolicy {
     pub purge_allow: Vec<Cidr>,
     /// Slice mode's slice size; 0 when off.
     pub slice_size: u64,
+    pub set_cookie: SetCookie,
+    /// The largest object fetched whole for no client (see the config).
+    pub background_fill_max: u64,
 }
 
 impl SitePolicy {
@@ -63,6 +68,7 @@ impl SitePolicy {
                 default_ttl: nonzero(site.default_ttl.get()),
                 default_stale_while_revalidate: nonzero(site.stale_while_revalidate.get()),
                 default_stale_if_error: nonzero(site.stale_if_error.get()),
+                stale_if_unreachable: nonzero(site.stale_if_unreachable.get()),
                 s_maxage_allows_origin_stale: site.s_maxage_allows_stale,
                 strip_surrogate_keys: site.strip_tags,
                 ..PolicyConfig::default()
@@ -81,6 +87,8 @@ impl SitePolicy {
                 .filter_map(|n| Cidr::parse(n).ok())
                 .collect(),
             slice_size: site.slice_size.get(),
+            set_cookie: site.set_cookie,
+            background_fill_max: global.background_fill_max.get(),
         }
     }
 }
@@ -141,6 +149,14 @@ pub(crate) struct FlightGuard {
     cache: Arc<HttpCache>,
     key: String,
     tx: watch::Sender<bool>,
+}
+
+impl FlightGuard {
+    /// How many requests wait for this flight.
+    fn waiters(&self) -> usize {
+        // The flights map holds one receiver itself.
+        self.tx.receiver_count().saturating_sub(1)
+    }
 }
 
 impl Drop for FlightGuard {
@@ -498,12 +514,27 @@ pub async fn handle(
     rec: &mut LogRecord,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let method = up.parts.method.clone();
+    // The key's scheme is the connection's, never the request target's: a
+    // plaintext client naming `https://` must not reach HTTPS entries. The
+    // host is the target's authority if absolute-form, else Host (the
+    // pipeline made them agree, RFC 9112 §3.2.2).
     let scheme = if up.tls { "https" } else { "http" };
-    let key = policy::cache_key_for_uri(&up.parts.uri, up.host.as_deref(), scheme, &sp.key)
-        .map_err(|e| {
-            ProxyError::downstream(ErrorKind::BadRequest("bad-cache-key"), "cache key")
-                .with_cause(e)
-        })?;
+    let bad_key = |e: Option<policy::PolicyError>| {
+        let err = ProxyError::downstream(ErrorKind::BadRequest("bad-cache-key"), "cache key");
+        match e {
+            Some(e) => err.with_cause(e),
+            None => err,
+        }
+    };
+    let host = up.host.as_deref().ok_or_else(|| bad_key(None))?;
+    let key = policy::normalize_cache_key(
+        scheme,
+        host,
+        up.parts.uri.path(),
+        up.parts.uri.query(),
+        &sp.key,
+    )
+    .map_err(|e| bad_key(Some(e)))?;
 
     if method.as_str() == "PURGE" {
         return purge_method(cache, sp, rt, ds, &key).await;
@@ -585,17 +616,23 @@ pub async fn handle(
     } else {
         FwdReason::UriMiss
     };
-    if method == Method::HEAD || cache.is_pass(&key) {
-        cache.count(if method == Method::HEAD {
-            "miss-head"
+    // A range on a miss goes to the origin as a range, so the origin never
+    // sends more than was asked; a small object is then filled whole behind it.
+    if method == Method::GET && req_headers.contains_key(header::RANGE) && !cache.is_pass(&key) {
+        return range_miss(proxy, cache, sp, site, up, rec, key, variant, fwd).await;
+    }
+    // A request that may not store (its own `no-store`) fetches for itself
+    // alone: it neither leads a fill others would wait on nor marks the URL.
+    let request_no_store = policy::RequestDirectives::from_headers(&req_headers).no_store;
+    if method == Method::HEAD || request_no_store || cache.is_pass(&key) {
+        let (result, detail) = if method == Method::HEAD {
+            ("miss-head", "head")
+        } else if request_no_store {
+            ("pass", "request-no-store")
         } else {
-            "pass"
-        });
-        let detail = if method == Method::HEAD {
-            "head"
-        } else {
-            "hit-for-pass"
+            ("pass", "hit-for-pass")
         };
+        cache.count(result);
         return pass(
             proxy,
             site,
@@ -669,6 +706,153 @@ pub async fn handle(
     }
 }
 
+/// A range request on a miss: forwarded with its `Range`. A 206 goes to the
+/// client as is, and if the whole object is at most `background_fill_max`
+/// a background fill stores it for the next requests; a 200 (an origin that
+/// ignores ranges) is stored like any miss while the client's range is cut
+/// from it, and its fill stops once the client has its bytes, unless the
+/// object is small. Anything else is passed on, and marks nothing.
+#[allow(clippy::too_many_arguments)]
+async fn range_miss(
+    proxy: &Arc<Proxy>,
+    cache: &Arc<HttpCache>,
+    sp: &Arc<SitePolicy>,
+    site: &Site,
+    up: UpstreamRequest,
+    rec: &mut LogRecord,
+    key: String,
+    variant: Option<String>,
+    fwd: FwdReason,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let request_time = SystemTime::now();
+    let no_flag = AtomicBool::new(false);
+    let fetched = proxy
+        .fetch(&site.pool, &up, RequestBody::empty(), &no_flag, rec)
+        .await?;
+    let response_time = SystemTime::now();
+    let status = fetched.resp.status();
+    let cs = CacheStatus::forward(CACHE_NAME, fwd).fwd_status(status);
+    if status == StatusCode::OK {
+        cache.count("miss");
+        let guard = match cache.join(&key) {
+            Join::Leader(g) => Some(g),
+            Join::Follower(_) => None,
+        };
+        let client_headers = up.parts.headers.clone();
+        return store_and_respond(
+            proxy,
+            cache,
+            sp,
+            site,
+            &up,
+            &client_headers,
+            key,
+            variant,
+            fetched,
+            request_time,
+            response_time,
+            guard,
+            cs,
+        )
+        .await;
+    }
+    cache.count("miss-range");
+    if status == StatusCode::PARTIAL_CONTENT
+        && super::slice::content_range(fetched.resp.headers())
+            .is_some_and(|(_, _, total)| total <= sp.background_fill_max)
+        // The request's plugin contexts answer for one response only.
+        && up.plugins.is_none()
+    {
+        spawn_background_fill(proxy, cache, site, &up, key, variant);
+    }
+    let mut resp = proxy
+        .finish_response(fetched, &site.pool, false, None)
+        .await?;
+    downstream_headers(resp.headers_mut(), sp);
+    if sp.cache_status {
+        cs.detail("range").append_to(resp.headers_mut());
+    }
+    Ok(resp)
+}
+
+/// Fetches the whole object behind a range request, for no client, and
+/// stores it; one per key at a time (it leads the key's flight).
+fn spawn_background_fill(
+    proxy: &Arc<Proxy>,
+    cache: &Arc<HttpCache>,
+    site: &Site,
+    up: &UpstreamRequest,
+    key: String,
+    variant: Option<String>,
+) {
+    let Join::Leader(guard) = cache.join(&key) else {
+        return; // a fill is already running
+    };
+    let Some(sp) = site.cache.clone() else { return };
+    let (proxy, cache) = (proxy.clone(), cache.clone());
+    let site = detached(site);
+    let mut up = up.clone();
+    for n in [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+        header::RANGE,
+    ] {
+        up.parts.headers.remove(n);
+    }
+    tokio::spawn(async move {
+        let rec = &mut LogRecord::background();
+        let request_time = SystemTime::now();
+        let no_flag = AtomicBool::new(false);
+        let Ok(fetched) = proxy
+            .fetch(&site.pool, &up, RequestBody::empty(), &no_flag, rec)
+            .await
+        else {
+            cache.count("background-fill-failed");
+            return;
+        };
+        cache.count("background-fill");
+        let response_time = SystemTime::now();
+        let client_headers = up.parts.headers.clone();
+        let cs = CacheStatus::forward(CACHE_NAME, FwdReason::UriMiss);
+        if let Ok(resp) = store_and_respond(
+            &proxy,
+            &cache,
+            &sp,
+            &site,
+            &up,
+            &client_headers,
+            key,
+            variant,
+            fetched,
+            request_time,
+            response_time,
+            Some(guard),
+            cs,
+        )
+        .await
+        {
+            // Nobody reads this response: drive it to the end so the fill completes.
+            let _ = resp.into_body().collect().await;
+        }
+    });
+}
+
+/// A copy of `site` for work that outlives the request (a background fill
+/// or revalidation): its name, pool and cache policy. Plugin contexts travel
+/// with the upstream request, not the site.
+fn detached(site: &Site) -> Site {
+    Site {
+        name: site.name.clone(),
+        pool: site.pool.clone(),
+        preserve_host: site.preserve_host,
+        cache: site.cache.clone(),
+        plugins: Arc::from(Vec::new()),
+    }
+}
+
 /// Forwards without storing; the response still gets the cache's headers.
 #[allow(clippy::too_many_arguments)]
 async fn pass(
@@ -728,11 +912,7 @@ async fn unsafe_method(
             };
             if let Some(k) = k {
                 let ks = cache.keys_of_url(&k);
-                for k in ks {
-                    if cache.storage.remove(&k).await.unwrap_or(false) {
-                        n += 1;
-                    }
-                }
+                n += cache.storage.remove_lazy(ks).await.unwrap_or(0) as u64;
             }
         }
         cache
@@ -951,12 +1131,16 @@ fn spawn_chunk_reader(
             let chunk = match storage.get_chunk(&key, generation, index as u32).await {
                 Ok(Some(c)) => c,
                 Ok(None) => {
+                    // A lost chunk: the whole version goes at once, so it is
+                    // never again served as a 200 that is cut short.
+                    let _ = storage.remove_version(&key, generation).await;
                     let _ = tx
                         .send(Err("cached chunk is gone (evicted or corrupt)".into()))
                         .await;
                     return;
                 }
                 Err(e) => {
+                    let _ = storage.remove_version(&key, generation).await;
                     let _ = tx.send(Err(e.into())).await;
                     return;
                 }
@@ -1075,21 +1259,28 @@ pub(crate) async fn store_and_respond(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let vary = policy::vary_spec(&parts.headers);
-    let store = storable.is_storable()
-        && worth_storing(parts.status, &parts.headers, response_time, sp)
-        && declared.is_none_or(|l| l <= max)
-        && !matches!(vary, policy::VarySpec::Star);
-    if !store {
-        // Remember, so later requests for it are not serialized behind a fetch.
-        cache.mark_pass(&key, sp.hit_for_pass);
+    let sets_cookie = parts.headers.contains_key(header::SET_COOKIE);
+    // Why it is not stored, if it is not; the response's reasons come last.
+    let not_stored = match storable {
+        policy::Storability::NotStorable(r) => Some((r.as_str(), !r.from_request())),
+        _ if sets_cookie && sp.set_cookie == SetCookie::Pass => Some(("set-cookie", true)),
+        _ if !worth_storing(parts.status, &parts.headers, response_time, sp) => {
+            Some(("not-worth-storing", true))
+        }
+        _ if declared.is_some_and(|l| l > max) => Some(("too-large", true)),
+        _ if matches!(vary, policy::VarySpec::Star) => Some(("vary-star", true)),
+        _ => None,
+    };
+    if let Some((reason, by_response)) = not_stored {
+        // Remember, so later requests for it are not serialized behind a
+        // fetch; but only what the response says applies to other clients.
+        if by_response {
+            cache.mark_pass(&key, sp.hit_for_pass);
+        }
         cache.count("uncacheable");
         drop(guard);
         downstream_headers(&mut parts.headers, sp);
         if sp.cache_status {
-            let reason = match storable {
-                policy::Storability::NotStorable(r) => r.as_str(),
-                _ => "not-worth-storing",
-            };
             cs.detail(reason).append_to(&mut parts.headers);
         }
         return Ok(Response::from_parts(parts, body));
@@ -1098,6 +1289,9 @@ pub(crate) async fn store_and_respond(
     let mut stored_headers = parts.headers.clone();
     policy::prepare_headers_for_storage(&mut stored_headers);
     stored_headers.remove(header::TRANSFER_ENCODING);
+    if sp.set_cookie != SetCookie::Store {
+        stored_headers.remove(header::SET_COOKIE);
+    }
     let tags = policy::surrogate_keys(&stored_headers, policy::SurrogateKeyLimits::default());
     let obj_key = match (&vary, variant) {
         (policy::VarySpec::Fields(_), _) => {
@@ -1121,11 +1315,33 @@ pub(crate) async fn store_and_respond(
             .map(|v| (key.clone(), v.as_bytes().to_vec())),
         _ => None,
     };
-    let (tx, rx) = mpsc::channel(FILL_QUEUE);
-    let storage = cache.storage.clone();
-    let metrics = cache.metrics.clone();
+    let writer = cache.storage.writer(&obj_key);
+    let chunk_size = cache.storage.chunk_size();
+    let spool = Spool::new(
+        Backing {
+            storage: cache.storage.clone(),
+            key: obj_key.clone(),
+            generation: writer.generation(),
+            chunk_size,
+        },
+        usize::try_from((2 * chunk_size).max(SPOOL_MEMORY)).unwrap_or(usize::MAX),
+    );
+    let client_body = spool.reader(declared);
     tokio::spawn(fill(
-        storage, metrics, obj_key, meta, vary_index, body, tx, guard, max,
+        Fill {
+            storage: cache.storage.clone(),
+            metrics: cache.metrics.clone(),
+            key: obj_key,
+            meta,
+            vary_index,
+            guard,
+            max,
+            background_max: sp.background_fill_max,
+            declared,
+        },
+        writer,
+        body,
+        spool,
     ));
 
     // The client's answer, from the response now known.
@@ -1152,7 +1368,7 @@ pub(crate) async fn store_and_respond(
         *resp.headers_mut() = h;
         return Ok(resp);
     }
-    let mut body = ResponseBody::channel(rx, declared);
+    let mut body = client_body;
     if let (Some(r), Some(len)) = (client_headers.get(header::RANGE), declared)
         && parts.status == StatusCode::OK
         && policy::if_range_matches(client_headers, &stored)
@@ -1188,73 +1404,101 @@ pub(crate) async fn store_and_respond(
     Ok(Response::from_parts(parts, body))
 }
 
-/// Reads the origin's body: every frame goes to storage and to the client.
-/// The client going away does not stop the fill; a storage fault stops only
-/// the storing. The flight guard is released when the object is committed.
-#[allow(clippy::too_many_arguments)]
-async fn fill(
+/// What a fill task needs besides the body, its writer and its spool.
+struct Fill {
     storage: Storage,
     metrics: Arc<Metrics>,
     key: String,
-    mut meta: ObjectMeta,
+    meta: ObjectMeta,
     vary_index: Option<(String, Vec<u8>)>,
-    mut body: ResponseBody,
-    tx: mpsc::Sender<Result<Bytes, crate::error::BoxError>>,
     guard: Option<FlightGuard>,
     max: u64,
-) {
-    let mut writer = Some(storage.writer(&key));
-    let mut client = Some(tx);
+    /// The largest object fetched on when no client wants it any more.
+    background_max: u64,
+    declared: Option<u64>,
+}
+
+/// Reads the origin's body at the origin's pace into storage and the spool,
+/// from which the client reads at its own (see [`super::spool`]). A slow
+/// client therefore never slows the fill, nor the requests coalesced behind
+/// it: they are released when the object is committed, or as soon as it will
+/// not be. When no client reads and none waits, a large fill stops.
+async fn fill(mut f: Fill, writer: ObjectWriter, mut body: ResponseBody, spool: Arc<Spool>) {
+    let chunk_size = f.storage.chunk_size();
+    let mut writer = Some(writer);
     let mut len: u64 = 0;
-    let mut complete = false;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(f) => {
-                let Ok(data) = f.into_data() else { continue };
-                len += data.len() as u64;
-                if let Some(w) = &mut writer
-                    && let Err(e) = w.write(data.clone()).await
-                {
-                    tracing::debug!(error = %e, key, "not storing");
-                    writer = None;
-                }
-                if len > max {
-                    writer = None;
-                }
-                if let Some(c) = &client
-                    && c.send(Ok(data)).await.is_err()
-                {
-                    client = None;
-                    if writer.is_none() {
-                        return;
+    let mut backed: u64 = 0;
+    let count = |result: &'static str| {
+        f.metrics
+            .cache_requests
+            .get_or_create(&CacheResult { result })
+            .inc();
+    };
+    let end = loop {
+        let Some(frame) = body.frame().await else {
+            break None;
+        };
+        let data = match frame {
+            Ok(fr) => match fr.into_data() {
+                Ok(d) => d,
+                Err(_) => continue,
+            },
+            Err(e) => break Some(Arc::<str>::from(e.to_string())),
+        };
+        len += data.len() as u64;
+        if let Some(w) = &mut writer {
+            let stored = if len > f.max {
+                Err(None)
+            } else {
+                w.write(data.clone()).await.map_err(Some)
+            };
+            match stored {
+                Ok(()) => backed = u64::from(w.chunks_written()) * chunk_size,
+                Err(e) => {
+                    if let Some(e) = e {
+                        tracing::debug!(error = %e, key = f.key, "not storing");
                     }
+                    writer = None;
+                    // It will not be stored: the coalesced requests go to
+                    // the origin themselves instead of waiting for it.
+                    f.guard = None;
                 }
-            }
-            Err(e) => {
-                if let Some(c) = &client {
-                    let _ = c.send(Err(Box::new(e))).await;
-                }
-                metrics
-                    .cache_requests
-                    .get_or_create(&CacheResult {
-                        result: "fill-error",
-                    })
-                    .inc();
-                return;
             }
         }
-    }
-    if body_is_complete(&meta, len) {
-        complete = true;
-    }
-    metrics
+        spool.push(data, backed);
+        if spool.reader_gone()
+            && (writer.is_none()
+                || (f.guard.as_ref().is_none_or(|g| g.waiters() == 0)
+                    && f.declared.unwrap_or(len) > f.background_max))
+        {
+            // Nobody reads or waits, and the object is large (or is not
+            // being stored): stop fetching it.
+            count("fill-abandoned");
+            break Some(Arc::from("fill abandoned"));
+        }
+        spool.room().await;
+    };
+    f.metrics
         .cache_bytes
         .get_or_create(&Reason { reason: "origin" })
         .inc_by(len);
-    drop(client);
+    if let Some(why) = end {
+        if &*why != "fill abandoned" {
+            count("fill-error");
+        }
+        spool.end(Err(why));
+        return;
+    }
+    let complete = body_is_complete(&f.meta, len);
+    spool.end(if complete {
+        Ok(())
+    } else {
+        Err(Arc::from("origin body shorter than its Content-Length"))
+    });
     if let (Some(w), true) = (writer, complete) {
+        let mut meta = f.meta;
         meta.body_len = len;
-        if let Some((primary, vary)) = vary_index {
+        if let Some((primary, vary)) = f.vary_index {
             let idx = ObjectMeta {
                 status: 0,
                 headers: vec![("vary".to_string(), vary)],
@@ -1263,21 +1507,16 @@ async fn fill(
                 tags: Vec::new(),
                 body_len: 0,
             };
-            if let Err(e) = storage.writer(&primary).finish(idx).await {
+            if let Err(e) = f.storage.writer(&primary).finish(idx).await {
                 tracing::debug!(error = %e, "vary index not stored");
             }
         }
         match w.finish(meta).await {
-            Ok(()) => {
-                metrics
-                    .cache_requests
-                    .get_or_create(&CacheResult { result: "stored" })
-                    .inc();
-            }
-            Err(e) => tracing::debug!(error = %e, key, "object not stored"),
+            Ok(()) => count("stored"),
+            Err(e) => tracing::debug!(error = %e, key = f.key, "object not stored"),
         }
     }
-    drop(guard);
+    drop(f.guard);
 }
 
 /// A body is complete if it has the length the origin declared (or it
@@ -1307,6 +1546,37 @@ async fn revalidate(
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let client_headers = up.parts.headers.clone();
     let method = up.parts.method.clone();
+    // Revalidations coalesce like misses: one conditional request per stale
+    // object, whatever the number of clients (and with a background one).
+    let guard = match cache.join(&revalidation_flight(&obj_key)) {
+        Join::Leader(g) => Some(g),
+        Join::Follower(mut rx) => {
+            cache.metrics.cache_coalesced.inc();
+            let waited = tokio::time::timeout(sp.lock_timeout, async move {
+                rx.wait_for(|done| *done).await.is_ok()
+            })
+            .await;
+            let (url_key, _) = split_variant(&obj_key);
+            if waited.is_ok()
+                && let Found::Hit { key: k, hit: h } = cache.find(&url_key, &client_headers).await
+            {
+                let now = SystemTime::now();
+                let fresh = for_policy(stored_response(&h.meta));
+                if let Lookup::Fresh { ttl_left, .. } =
+                    policy::lookup(&fresh, &client_headers, now, &sp.policy)
+                {
+                    cache.count("revalidated-collapsed");
+                    let cs = CacheStatus::hit(CACHE_NAME)
+                        .ttl(ttl_left.as_secs() as i64)
+                        .collapsed();
+                    return serve_hit(cache, sp, &k, &method, &client_headers, &fresh, h, cs, now);
+                }
+            }
+            // Still stale (the origin failed, or the wait timed out): ask
+            // the origin ourselves.
+            None
+        }
+    };
     up.parts.headers = policy::revalidation_request_headers(&client_headers, &stored.headers);
     if method == Method::HEAD {
         up.parts.method = Method::GET;
@@ -1407,10 +1677,15 @@ async fn revalidate(
         fetched,
         request_time,
         response_time,
-        None,
+        guard,
         cs,
     )
     .await
+}
+
+/// The flight key under which one stale object's revalidations coalesce.
+fn revalidation_flight(obj_key: &str) -> String {
+    format!("revalidate\u{0}{obj_key}")
 }
 
 /// The URL key and, for a Vary variant, the variant key of a stored object.
@@ -1466,8 +1741,7 @@ fn spawn_revalidation(
     obj_key: &str,
     stored: &StoredResponse,
 ) {
-    let flight_key = format!("revalidate\u{0}{obj_key}");
-    let Join::Leader(guard) = cache.join(&flight_key) else {
+    let Join::Leader(guard) = cache.join(&revalidation_flight(obj_key)) else {
         return; // one is already running
     };
     let (proxy, cache) = (proxy.clone(), cache.clone());
@@ -1486,6 +1760,7 @@ fn spawn_revalidation(
     };
     let obj_key = obj_key.to_string();
     let sp = site.cache.clone();
+    let site = detached(site);
     tokio::spawn(async move {
         let _guard = guard;
         let Some(sp) = sp else { return };
@@ -1521,13 +1796,6 @@ fn spawn_revalidation(
             return; // keep serving what we have
         }
         let (key, variant) = split_variant(&obj_key);
-        let site = Site {
-            name: Arc::from("-"),
-            pool: pool.clone(),
-            preserve_host: up.preserve_host,
-            cache: Some(sp.clone()),
-            plugins: Arc::from(Vec::new()),
-        };
         let client_headers = up.parts.headers.clone();
         let cs = CacheStatus::forward(CACHE_NAME, FwdReason::Stale);
         if let Ok(resp) = store_and_respond(

@@ -6,4 +6,5 @@ pub mod http;
 pub mod policy;
 pub mod range;
 pub mod slice;
+pub(crate) mod spool;
 pub mod storage;

@@ -165,6 +165,12 @@ pub struct PolicyConfig {
     pub default_stale_while_revalidate: Option<Duration>,
     /// `stale-if-error` window used when the origin sends none.
     pub default_stale_if_error: Option<Duration>,
+    /// How stale a response may be served when the origin cannot be reached
+    /// at all (refused, reset, timed out), with no directive needed: RFC 9111
+    /// §4.2.4 allows it while disconnected, unless `must-revalidate`,
+    /// `proxy-revalidate`, `no-cache` or `s-maxage` forbid stale responses.
+    /// An origin that answers (even 5xx) is not unreachable.
+    pub stale_if_unreachable: Option<Duration>,
     /// Honour request `Cache-Control: no-cache` (force revalidation).
     /// Many CDNs ignore it to protect origins; the RFC default is `true`.
     pub honor_request_no_cache: bool,
@@ -186,6 +192,7 @@ impl Default for PolicyConfig {
             heuristic_max: Duration::from_secs(86_400),
             default_stale_while_revalidate: None,
             default_stale_if_error: None,
+            stale_if_unreachable: None,
             honor_request_no_cache: true,
             s_maxage_allows_origin_stale: false,
             strip_cdn_cache_control: false,

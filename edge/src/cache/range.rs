@@ -165,12 +165,8 @@ pub fn skip_take(mut body: ResponseBody, skip: u64, take: u64) -> ResponseBody {
                 break;
             }
         }
-        // Keep reading so the fill behind it completes; the client has its bytes.
-        while let Some(f) = body.frame().await {
-            if f.is_err() {
-                break;
-            }
-        }
+        // The client has its bytes. A fill behind this body goes on without
+        // it (at the origin's pace) only if the object is worth finishing.
     });
     ResponseBody::channel(rx, Some(take))
 }

@@ -57,7 +57,7 @@ fn etag(h: &HeaderMap) -> Option<&HeaderValue> {
 }
 
 /// Parses `bytes a-b/total`.
-fn content_range(h: &HeaderMap) -> Option<(u64, u64, u64)> {
+pub(crate) fn content_range(h: &HeaderMap) -> Option<(u64, u64, u64)> {
     let v = h
         .get(header::CONTENT_RANGE)?
         .to_str()

@@ -174,6 +174,9 @@ pub struct Limits {
     pub header_read_timeout: Dur,
     /// A client connection with no traffic in either direction for this long is closed.
     pub idle_timeout: Dur,
+    /// nginx's `send_timeout`: a client that accepts no response bytes for
+    /// this long is closed, so a stalled reader holds nothing for longer.
+    pub send_timeout: Dur,
     /// Time a TLS handshake may take.
     pub tls_handshake_timeout: Dur,
 }
@@ -186,6 +189,7 @@ impl Default for Limits {
             max_body_bytes: ByteSize(100 * 1024 * 1024),
             header_read_timeout: Dur::secs(10),
             idle_timeout: Dur::secs(75),
+            send_timeout: Dur::secs(60),
             tls_handshake_timeout: Dur::secs(10),
         }
     }
@@ -468,6 +472,11 @@ pub struct CacheConfig {
     pub hit_for_pass: Dur,
     /// Client networks allowed to send the HTTP PURGE method.
     pub purge_allow: Vec<String>,
+    /// The largest object the cache fetches whole for no client: the
+    /// background fill behind a range request on a miss, and a fill that
+    /// goes on after its clients left. Larger objects are never pulled whole
+    /// for a range: the range goes to the origin as a range.
+    pub background_fill_max: ByteSize,
 }
 
 impl Default for CacheConfig {
@@ -481,6 +490,7 @@ impl Default for CacheConfig {
             lock_timeout: Dur::secs(10),
             hit_for_pass: Dur::secs(120),
             purge_allow: vec!["127.0.0.1/32".into(), "::1/128".into()],
+            background_fill_max: ByteSize(8 * 1024 * 1024),
         }
     }
 }
@@ -500,6 +510,12 @@ pub struct SiteCache {
     /// Serve stale when the origin fails, when the origin sends no
     /// stale-if-error (like nginx proxy_cache_use_stale). 0 disables.
     pub stale_if_error: Dur,
+    /// Serve a stale object, up to this stale, when the origin cannot be
+    /// reached at all (refused, reset, timed out), as RFC 9111 §4.2.4 allows
+    /// without a directive and nginx's `proxy_cache_use_stale error timeout`
+    /// does; never when `must-revalidate`, `proxy-revalidate`, `no-cache` or
+    /// `s-maxage` forbid stale. Default 1 day. 0 disables.
+    pub stale_if_unreachable: Dur,
     /// Sort query parameters in the cache key.
     pub sort_query: bool,
     /// Query parameters left out of the cache key: names, or prefixes ending
@@ -515,6 +531,22 @@ pub struct SiteCache {
     /// Let origin stale-while-revalidate/stale-if-error apply with s-maxage
     /// (RFC 9111 reads s-maxage as proxy-revalidate, which forbids them).
     pub s_maxage_allows_stale: bool,
+    /// Responses that carry `Set-Cookie`: "pass" (not stored, as nginx and
+    /// Varnish do by default), "strip" (stored without `Set-Cookie`; the
+    /// client whose request filled the entry still gets its cookie), or
+    /// "store" (stored whole and replayed to every client: opt in only for
+    /// cookies that are not per user).
+    pub set_cookie: SetCookie,
+}
+
+/// What the cache does with a response that sets a cookie.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SetCookie {
+    #[default]
+    Pass,
+    Strip,
+    Store,
 }
 
 impl Default for SiteCache {
@@ -524,12 +556,14 @@ impl Default for SiteCache {
             default_ttl: Dur::secs(0),
             stale_while_revalidate: Dur::secs(0),
             stale_if_error: Dur::secs(0),
+            stale_if_unreachable: Dur::secs(86_400),
             sort_query: false,
             ignore_params: Vec::new(),
             strip_tags: true,
             cache_status: true,
             s_maxage_allows_stale: false,
             slice_size: ByteSize(0),
+            set_cookie: SetCookie::Pass,
         }
     }
 }
@@ -559,6 +593,16 @@ pub struct PoolConfig {
     /// After an origin comes back, its weight ramps from 10% to 100% over this time.
     #[serde(default)]
     pub slow_start: Option<Dur>,
+    /// Envoy's `healthy_panic_threshold`, in percent: when fewer of the
+    /// pool's origins than this are healthy, health is ignored and requests go
+    /// to every origin (counted in `meridian_pool_panic_total`). So a pool
+    /// never ejects its last origins. 0 disables.
+    #[serde(default = "default_panic_threshold")]
+    pub healthy_panic_threshold: u32,
+}
+
+fn default_panic_threshold() -> u32 {
+    50
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -1008,6 +1052,12 @@ impl Config {
                 bad(
                     path!["pools", name.as_str(), "retry", "attempts"],
                     "attempts must be 1 to 10".into(),
+                );
+            }
+            if p.healthy_panic_threshold > 100 {
+                bad(
+                    path!["pools", name.as_str(), "healthy_panic_threshold"],
+                    "healthy_panic_threshold is a percentage: 0 to 100".into(),
                 );
             }
             if !(0.0..=10.0).contains(&p.retry.budget_ratio) {

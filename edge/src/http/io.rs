@@ -77,6 +77,8 @@ pub struct IoSettings {
     pub idle: Duration,
     /// Answer 408 when a started request head takes longer than this.
     pub head_timeout: Duration,
+    /// Close when the client accepts no bytes for this long while a write waits.
+    pub send_timeout: Duration,
 }
 
 pub struct ClientIo<S> {
@@ -92,6 +94,9 @@ pub struct ClientIo<S> {
     armed: Option<(Instant, Timer)>,
     metrics: Arc<Metrics>,
     timed_out: bool,
+    send_timeout: Duration,
+    /// Armed while a write waits for the client to make room.
+    write_sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S> ClientIo<S> {
@@ -118,6 +123,8 @@ impl<S> ClientIo<S> {
             armed: None,
             metrics,
             timed_out: false,
+            send_timeout: settings.send_timeout,
+            write_sleep: None,
         }
     }
 
@@ -201,6 +208,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
     }
 }
 
+impl<S> ClientIo<S> {
+    /// Watches a write: Ready resets the send timer; Pending arms it, and
+    /// when the client has taken nothing for `send_timeout` the write fails.
+    fn watch_write<T>(
+        &mut self,
+        r: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.write_sleep = None;
+            return r;
+        }
+        let timeout = self.send_timeout;
+        let sleep = self
+            .write_sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.write_sleep = None;
+        self.timed_out = true;
+        self.metrics
+            .client_timeouts
+            .get_or_create(&crate::metrics::Reason { reason: "send" })
+            .inc();
+        tracing::info!("client accepted no response bytes within send_timeout: closing");
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client send timeout",
+        )))
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -243,13 +283,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.timed_out {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
+        }
         let r = Pin::new(&mut this.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = r
             && n > 0
         {
             this.last_activity = Instant::now();
         }
-        r
+        this.watch_write(r, cx)
     }
 
     fn poll_write_vectored(
@@ -258,13 +301,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.timed_out {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
+        }
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r
             && n > 0
         {
             this.last_activity = Instant::now();
         }
-        r
+        this.watch_write(r, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -272,7 +318,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch_write(r, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

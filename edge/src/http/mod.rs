@@ -32,6 +32,7 @@ pub struct ConnLimits {
     pub max_headers: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub send_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub h2: crate::config::Http2Config,
 }
@@ -43,6 +44,7 @@ impl ConnLimits {
             max_headers: c.limits.max_headers,
             header_read_timeout: c.limits.header_read_timeout.get(),
             idle_timeout: c.limits.idle_timeout.get(),
+            send_timeout: c.limits.send_timeout.get(),
             tls_handshake_timeout: c.limits.tls_handshake_timeout.get(),
             h2: c.http2.clone(),
         }
@@ -179,6 +181,7 @@ pub async fn serve_io<S>(
         max_headers: limits.max_headers,
         idle: limits.idle_timeout,
         head_timeout: limits.header_read_timeout,
+        send_timeout: limits.send_timeout,
     };
     let io = ClientIo::new(
         stream,

@@ -95,6 +95,7 @@ pub struct Metrics {
     pub upstream_connects: Family<Outcome, Counter>,
     pub upstream_errors: Family<UpstreamError, Counter>,
     pub upstream_retries: Family<PoolLabels, Counter>,
+    pub pool_panic: Family<PoolLabels, Counter>,
     pub upstream_connect_duration: Histogram,
     pub origin_healthy: Family<OriginLabels, Gauge>,
     pub origin_health_transitions: Family<OriginTransition, Counter>,
@@ -161,6 +162,7 @@ impl Metrics {
             upstream_connects: Family::default(),
             upstream_errors: Family::default(),
             upstream_retries: Family::default(),
+            pool_panic: Family::default(),
             upstream_connect_duration: latency_histogram(),
             origin_healthy: Family::default(),
             origin_health_transitions: Family::default(),
@@ -250,6 +252,11 @@ impl Metrics {
             "upstream_retries",
             "Requests retried on another attempt",
             m.upstream_retries.clone(),
+        );
+        registry.register(
+            "pool_panic",
+            "Origin picks made in panic mode (too few healthy origins: health ignored)",
+            m.pool_panic.clone(),
         );
         registry.register(
             "upstream_connect_duration_seconds",

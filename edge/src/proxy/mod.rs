@@ -390,6 +390,23 @@ impl Proxy {
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_string)
             });
+        // An absolute-form target replaces Host (RFC 9112 §3.2.2), so the
+        // router, the plugins, the cache key and the origin all see one host.
+        if ds.proto == Proto::H1
+            && let Some(a) = parts.uri.authority()
+        {
+            match HeaderValue::from_str(a.as_str()) {
+                Ok(v) => {
+                    parts.headers.insert(header::HOST, v);
+                }
+                Err(_) => {
+                    return Err(ProxyError::downstream(
+                        ErrorKind::BadRequest("bad-host"),
+                        "host",
+                    ));
+                }
+            }
+        }
         if host.is_none() && parts.version == Version::HTTP_11 {
             return Err(ProxyError::downstream(
                 ErrorKind::BadRequest("missing-host"),
@@ -565,9 +582,19 @@ impl Proxy {
                 .config
                 .slow_start
                 .map_or(0, |d| d.get().as_millis() as u64);
+            let panic =
+                upstream::select::in_panic(&pool.origins, now, pool.config.healthy_panic_threshold);
+            if panic {
+                self.metrics
+                    .pool_panic
+                    .get_or_create(&PoolLabels {
+                        pool: pool.name.clone(),
+                    })
+                    .inc();
+            }
             let idx = pool
                 .selector
-                .pick(&pool.origins, hash_key, now, slow, &tried)
+                .pick(&pool.origins, hash_key, now, slow, &tried, panic)
                 .ok_or_else(|| ProxyError::upstream(ErrorKind::NoHealthyOrigin, "select"))?;
             let origin = pool.origins[idx].clone();
             tried.push(idx);

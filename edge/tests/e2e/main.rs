@@ -5,6 +5,7 @@ mod anycast;
 mod bad_input;
 mod cache;
 mod examples;
+mod hostile;
 mod http3;
 mod interop;
 mod ops;

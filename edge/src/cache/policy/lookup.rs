@@ -263,6 +263,11 @@ pub fn may_serve_stale_on_error(
     if stale_prohibited(&d, false, config) {
         return false;
     }
+    if matches!(failure, UpstreamFailure::Connect | UpstreamFailure::Timeout)
+        && config.stale_if_unreachable.is_some_and(|w| staleness < w)
+    {
+        return true;
+    }
     let rd = RequestDirectives::from_headers(req_headers);
     if let Some(w) = rd.stale_if_error
         && staleness < Duration::from_secs(u64::from(w))
@@ -705,6 +710,43 @@ mod tests {
             );
         }
         assert!(!sie("max-age=10, stale-if-error=60", &[], E503, 70, &cfg));
+    }
+
+    #[test]
+    fn rfc9111_4_2_4_stale_when_unreachable_without_a_directive() {
+        let cfg = PolicyConfig {
+            stale_if_unreachable: Some(secs(3600)),
+            ..PolicyConfig::default()
+        };
+        for f in [UpstreamFailure::Connect, UpstreamFailure::Timeout] {
+            assert!(sie("max-age=10", &[], f, 30, &cfg), "{f:?}");
+            assert!(
+                !sie("max-age=10", &[], f, 30 + 3600, &cfg),
+                "{f:?} past the window"
+            );
+            for forbids in [
+                "max-age=10, must-revalidate",
+                "max-age=10, proxy-revalidate",
+                "max-age=10, no-cache",
+                "s-maxage=10",
+            ] {
+                assert!(!sie(forbids, &[], f, 30, &cfg), "{forbids}");
+            }
+        }
+        assert!(
+            !sie("max-age=10", &[], E503, 30, &cfg),
+            "an origin that answers is reachable"
+        );
+        assert!(
+            !sie(
+                "max-age=10",
+                &[],
+                UpstreamFailure::Connect,
+                30,
+                &PolicyConfig::default()
+            ),
+            "off unless configured"
+        );
     }
 
     #[test]

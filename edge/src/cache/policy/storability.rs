@@ -59,6 +59,19 @@ pub enum UncacheableReason {
 }
 
 impl UncacheableReason {
+    /// Whether the reason lies in the request (its method, `no-store`,
+    /// `Authorization`) rather than the response. Only the response's reasons
+    /// say anything about what other clients' requests would get, so only
+    /// they may set hit-for-pass.
+    pub const fn from_request(self) -> bool {
+        matches!(
+            self,
+            UncacheableReason::Method
+                | UncacheableReason::NoStoreRequest
+                | UncacheableReason::Authorization
+        )
+    }
+
     /// Stable label for metrics.
     pub const fn as_str(self) -> &'static str {
         match self {

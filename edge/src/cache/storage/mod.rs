@@ -293,6 +293,8 @@ struct Inner {
     backpressure_bytes: u64,
     closed: AtomicBool,
     flusher: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// A batched sync of lazy removals is scheduled.
+    sync_scheduled: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -313,6 +315,11 @@ impl Storage {
     /// The largest object stored; larger ones stream through uncached.
     pub fn max_object_size(&self) -> u64 {
         self.inner.max_object_size
+    }
+
+    /// The size of the chunks large objects are stored in.
+    pub fn chunk_size(&self) -> u64 {
+        u64::from(self.inner.chunk_size)
     }
 
     /// Whether the disk tier is configured.
@@ -460,6 +467,7 @@ impl Storage {
             backpressure_bytes: submit_queue / 2,
             closed: AtomicBool::new(false),
             flusher: parking_lot::Mutex::new(flusher),
+            sync_scheduled: AtomicBool::new(false),
         };
         Ok(Storage {
             inner: Arc::new(inner),
@@ -743,6 +751,56 @@ impl Storage {
             self.remove_chunks(key, old.generation, old.chunks);
         }
         Ok(old.is_some() || present)
+    }
+
+    /// Removes objects at once (they are misses when this returns) without
+    /// a sync of their own: one sync, shortly after, makes every removal of
+    /// that moment durable together. For invalidations (RFC 9111 §4.4), which
+    /// are many and small, and need not survive a crash of the next 50 ms.
+    pub async fn remove_lazy<I, S>(&self, keys: I) -> Result<usize, StorageError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut n = 0;
+        for k in keys {
+            if self.remove_no_sync(k.as_ref()).await? {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.schedule_sync();
+        }
+        Ok(n)
+    }
+
+    /// Removes `key` if its stored version is still `generation` (a version
+    /// found broken: a lost or torn chunk), so it is never served again.
+    pub async fn remove_version(&self, key: &str, generation: u64) -> Result<bool, StorageError> {
+        if self.inner.index.generation_of(key) != Some(generation) {
+            return Ok(false);
+        }
+        let removed = self.remove_no_sync(key).await?;
+        if removed {
+            self.schedule_sync();
+        }
+        Ok(removed)
+    }
+
+    fn schedule_sync(&self) {
+        if self.inner.sync_scheduled.swap(true, Ordering::AcqRel) {
+            return; // one is already on its way
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            this.inner.sync_scheduled.store(false, Ordering::Release);
+            if this.check_open().is_ok()
+                && let Err(e) = this.sync_removals().await
+            {
+                tracing::warn!(error = %e, "syncing removals failed");
+            }
+        });
     }
 
     async fn sync_removals(&self) -> Result<(), StorageError> {

@@ -69,6 +69,12 @@ impl ObjectWriter {
         self.generation
     }
 
+    /// Chunks already in storage: bytes `[0, chunks * chunk_size)` can be
+    /// read back with `get_chunk` before the object is committed.
+    pub fn chunks_written(&self) -> u32 {
+        self.chunks
+    }
+
     /// Bytes accepted so far.
     pub fn written(&self) -> u64 {
         self.total

@@ -40,6 +40,19 @@ pub fn hash64(parts: &[&[u8]]) -> u64 {
     h ^ (h >> 31)
 }
 
+/// Envoy's panic mode: when fewer than `threshold_percent` of a pool's
+/// origins are healthy, health is not to be trusted (a bad deploy, a
+/// too-eager check, an origin that 503s a few URLs), and traffic goes to all
+/// of them rather than piling onto the few left or failing outright. A pool
+/// therefore never ejects its last origins. 0 disables panic mode.
+pub fn in_panic(origins: &[Arc<Origin>], now: u64, threshold_percent: u32) -> bool {
+    if threshold_percent == 0 || origins.is_empty() {
+        return false;
+    }
+    let healthy = origins.iter().filter(|o| o.health.is_up(now)).count() as u64;
+    healthy * 100 < u64::from(threshold_percent) * origins.len() as u64
+}
+
 impl Selector {
     pub fn new(kind: Selection, origins: &[Arc<Origin>]) -> Self {
         match kind {
@@ -60,7 +73,8 @@ impl Selector {
     }
 
     /// Picks an origin that is up and not in `tried`. Returns its index.
-    /// `key` is the request's hash (used by consistent hashing only).
+    /// `key` is the request's hash (used by consistent hashing only). In
+    /// `panic` (see [`in_panic`]) health is ignored: every origin is usable.
     pub fn pick(
         &self,
         origins: &[Arc<Origin>],
@@ -68,14 +82,16 @@ impl Selector {
         now: u64,
         slow_start_ms: u64,
         tried: &[usize],
+        panic: bool,
     ) -> Option<usize> {
-        let usable = |o: &Origin| o.health.is_up(now) && !tried.contains(&o.index);
+        let up = |o: &Origin| panic || o.health.is_up(now);
+        let usable = |o: &Origin| up(o) && !tried.contains(&o.index);
         if !origins.iter().any(|o| usable(o)) {
             // Retry on an origin already tried rather than fail, if it is up.
-            if tried.is_empty() || !origins.iter().any(|o| o.health.is_up(now)) {
+            if tried.is_empty() || !origins.iter().any(|o| up(o)) {
                 return None;
             }
-            return self.pick(origins, key, now, slow_start_ms, &[]);
+            return self.pick(origins, key, now, slow_start_ms, &[], panic);
         }
         let weight = |o: &Origin| f64::from(o.weight) * o.health.weight_factor(now, slow_start_ms);
         match self {
@@ -158,7 +174,11 @@ mod tests {
     fn smooth_round_robin_follows_weights() {
         let p = pool(Selection::RoundRobin, &[5, 1, 1]);
         let picks: Vec<usize> = (0..7)
-            .map(|_| p.selector.pick(&p.origins, 0, 1, 0, &[]).expect("up"))
+            .map(|_| {
+                p.selector
+                    .pick(&p.origins, 0, 1, 0, &[], false)
+                    .expect("up")
+            })
             .collect();
         assert_eq!(
             picks,
@@ -172,15 +192,40 @@ mod tests {
         let p = pool(Selection::RoundRobin, &[1, 1]);
         p.origins[0].health.record_probe(false, 1, 1, 1);
         for _ in 0..5 {
-            assert_eq!(p.selector.pick(&p.origins, 0, 2, 0, &[]), Some(1));
+            assert_eq!(p.selector.pick(&p.origins, 0, 2, 0, &[], false), Some(1));
         }
         assert_eq!(
-            p.selector.pick(&p.origins, 0, 2, 0, &[1]),
+            p.selector.pick(&p.origins, 0, 2, 0, &[1], false),
             Some(1),
             "only one up: reuse it"
         );
         p.origins[1].health.record_probe(false, 1, 1, 1);
-        assert_eq!(p.selector.pick(&p.origins, 0, 2, 0, &[]), None);
+        assert_eq!(p.selector.pick(&p.origins, 0, 2, 0, &[], false), None);
+    }
+
+    #[test]
+    fn panic_mode_routes_to_every_origin_below_the_threshold() {
+        let p = pool(Selection::RoundRobin, &[1, 1, 1, 1]);
+        assert!(!in_panic(&p.origins, 2, 50));
+        p.origins[0].health.record_probe(false, 1, 1, 1);
+        p.origins[1].health.record_probe(false, 1, 1, 1);
+        assert!(
+            !in_panic(&p.origins, 2, 50),
+            "2 of 4 healthy is 50%: not below"
+        );
+        p.origins[2].health.record_probe(false, 1, 1, 1);
+        assert!(in_panic(&p.origins, 2, 50), "1 of 4 is below 50%");
+        assert!(!in_panic(&p.origins, 2, 0), "0 disables panic mode");
+        let picks: std::collections::HashSet<usize> = (0..8)
+            .filter_map(|_| p.selector.pick(&p.origins, 0, 2, 0, &[], true))
+            .collect();
+        assert_eq!(picks.len(), 4, "in panic every origin takes traffic");
+        // A single origin, ejected, is still used.
+        let one = pool(Selection::RoundRobin, &[1]);
+        one.origins[0].health.record_request(false, 1, 30_000, 1);
+        assert!(in_panic(&one.origins, 2, 50));
+        assert_eq!(one.selector.pick(&one.origins, 0, 2, 0, &[], true), Some(0));
+        assert_eq!(one.selector.pick(&one.origins, 0, 2, 0, &[], false), None);
     }
 
     #[test]
@@ -188,7 +233,7 @@ mod tests {
         let p = pool(Selection::LeastConnections, &[1, 1, 1]);
         p.origins[0].inflight.store(5, Ordering::Relaxed);
         p.origins[2].inflight.store(1, Ordering::Relaxed);
-        assert_eq!(p.selector.pick(&p.origins, 0, 1, 0, &[]), Some(1));
+        assert_eq!(p.selector.pick(&p.origins, 0, 1, 0, &[], false), Some(1));
     }
 
     #[test]
@@ -199,11 +244,19 @@ mod tests {
             .collect();
         let before: Vec<usize> = keys
             .iter()
-            .map(|&k| p.selector.pick(&p.origins, k, 1, 0, &[]).expect("up"))
+            .map(|&k| {
+                p.selector
+                    .pick(&p.origins, k, 1, 0, &[], false)
+                    .expect("up")
+            })
             .collect();
         let again: Vec<usize> = keys
             .iter()
-            .map(|&k| p.selector.pick(&p.origins, k, 1, 0, &[]).expect("up"))
+            .map(|&k| {
+                p.selector
+                    .pick(&p.origins, k, 1, 0, &[], false)
+                    .expect("up")
+            })
             .collect();
         assert_eq!(before, again);
         // Every origin gets a fair share.
@@ -215,7 +268,11 @@ mod tests {
         p.origins[2].health.record_probe(false, 1, 1, 1);
         let after: Vec<usize> = keys
             .iter()
-            .map(|&k| p.selector.pick(&p.origins, k, 2, 0, &[]).expect("up"))
+            .map(|&k| {
+                p.selector
+                    .pick(&p.origins, k, 2, 0, &[], false)
+                    .expect("up")
+            })
             .collect();
         for (b, a) in before.iter().zip(&after) {
             if *b != 2 {

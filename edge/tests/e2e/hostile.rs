@@ -1,0 +1,376 @@
+//! The edge under traffic no one here wrote: origins that 503 or vanish,
+//! clients that stall, lie about ranges, send absolute-form targets or ask
+//! for no-store. Each test is the regression test of a defect found by an
+//! independent review (issue "meridian-edge under real and hostile traffic").
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use meridian_e2e::client::{Conn, get, get_plain, raw};
+use meridian_e2e::harness::{Proc, eventually};
+use meridian_e2e::origin::TestOrigin;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::{Edge, Pki, basic_config, bin, metric};
+
+async fn get_with(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<meridian_e2e::client::Resp> {
+    let mut r = get("h.test", path);
+    for (k, v) in headers {
+        r.headers_mut()
+            .insert(http::HeaderName::from_bytes(k.as_bytes())?, v.parse()?);
+    }
+    Conn::plain(addr, false).await?.send(r).await
+}
+
+fn cache_status(r: &meridian_e2e::client::Resp) -> String {
+    r.header("cache-status").unwrap_or("").to_string()
+}
+
+fn is_hit(r: &meridian_e2e::client::Resp) -> bool {
+    cache_status(r).starts_with("meridian; hit")
+}
+
+/// Opens a connection, sends a GET and reads nothing: a stalled client.
+async fn stalled_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: h.test\r\n\r\n").as_bytes())
+        .await?;
+    Ok(s)
+}
+
+/// Reads a whole HTTP/1.1 response off a raw socket; returns the body length.
+async fn read_body_len(s: &mut TcpStream, wait: Duration) -> anyhow::Result<usize> {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut head = Vec::new();
+    let deadline = Instant::now() + wait;
+    let (mut body, len) = loop {
+        let n = tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await??;
+        anyhow::ensure!(n > 0, "closed in the head");
+        head.extend_from_slice(&buf[..n]);
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            let text = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
+            let len: usize = text
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .ok_or_else(|| anyhow::anyhow!("no content-length in {text}"))?
+                .trim()
+                .parse()?;
+            break (head.len() - end - 4, len);
+        }
+    };
+    while body < len {
+        let n = match tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await {
+            Ok(r) => r?,
+            Err(_) => anyhow::bail!("timed out after {body} of {len} body bytes"),
+        };
+        if n == 0 {
+            break;
+        }
+        body += n;
+    }
+    Ok(body)
+}
+
+/// 1. The defaults never turn an origin's errors into an outage: a pool
+///    keeps its last origin (panic mode), so URLs that do not fail still work.
+#[tokio::test]
+async fn defaults_keep_serving_other_urls_when_the_origin_503s_some() -> anyhow::Result<()> {
+    meridian_e2e::init();
+    let origin = TestOrigin::start("o").await?;
+    let url = origin.url();
+    let p = Proc::start(
+        bin(),
+        &[
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--origin",
+            &url,
+            "--admin",
+            "127.0.0.1:0",
+            "--access-log",
+            "off",
+        ],
+        "meridian-edge",
+    )?;
+    for _ in 0..12 {
+        let r = get_plain(p.http(), "h.test", "/status/503").await?;
+        assert_eq!(r.status, 503, "the origin's own 503 is passed on");
+    }
+    for i in 0..10 {
+        let r = get_plain(p.http(), "h.test", "/hello").await?;
+        assert_eq!(r.status, 200, "request {i} to a healthy URL");
+        assert_eq!(r.text(), "hello");
+    }
+    let m = meridian_e2e::client::get_plain(p.admin(), "admin", "/metrics")
+        .await?
+        .text();
+    assert!(
+        metric(&m, "meridian_pool_panic_total", &["pool=\"origin\""]) >= 1.0,
+        "panic mode is counted"
+    );
+    Ok(())
+}
+
+/// 2. A response that sets a cookie is never replayed to another client.
+#[tokio::test]
+async fn set_cookie_is_never_replayed_by_default() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let edge = Edge::start(&basic_config(&[origin.url()], ""))?;
+    let path = "/cc/sid?cc=max-age%3D300&hdr=set-cookie:sid%3Dsecret-of-user-1";
+    let first = get_with(edge.http(), path, &[]).await?;
+    assert_eq!(first.header("set-cookie"), Some("sid=secret-of-user-1"));
+    let second = get_with(edge.http(), path, &[]).await?;
+    assert_eq!(second.status, 200);
+    assert!(!is_hit(&second), "not stored: {}", cache_status(&second));
+    assert_eq!(origin.count("/cc/sid").await, 2);
+
+    // `strip` stores it without the cookie; a client's own Cookie does not stop a hit.
+    let edge = Edge::start(&basic_config(
+        &[origin.url()],
+        "[sites.cache]\nset_cookie = \"strip\"\n",
+    ))?;
+    let path = "/cc/strip?cc=max-age%3D300&hdr=set-cookie:sid%3Duser-2";
+    let first = get_with(edge.http(), path, &[]).await?;
+    assert_eq!(
+        first.header("set-cookie"),
+        Some("sid=user-2"),
+        "the filling client gets its cookie"
+    );
+    let hit = get_with(edge.http(), path, &[("cookie", "sid=someone-else")]).await?;
+    assert!(is_hit(&hit), "{}", cache_status(&hit));
+    assert_eq!(
+        hit.header("set-cookie"),
+        None,
+        "the stored copy has no cookie"
+    );
+    assert_eq!(origin.count("/cc/strip").await, 1);
+    Ok(())
+}
+
+/// 3. The key's scheme is the connection's: a plaintext client naming
+///    `https://` in an absolute-form target cannot fill HTTPS entries.
+#[tokio::test]
+async fn plaintext_absolute_form_cannot_poison_https_entries() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let dir = meridian_e2e::certs::TempDir::new("scheme")?;
+    let pki = Pki::new(dir.path())?;
+    let cfg = format!("{}\n{}", basic_config(&[origin.url()], ""), pki.config());
+    let edge = Edge::start_in(dir, &cfg)?;
+    let path = "/cc/poison?cc=max-age%3D300&text=from-plaintext";
+    let reply = raw(
+        edge.http(),
+        format!("GET https://a.test{path} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await?;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let mut tls = Conn::tls(edge.https(), &pki.tls("a.test", &["http/1.1"])?).await?;
+    let r = tls.send(get("a.test", path)).await?;
+    assert_eq!(r.status, 200);
+    assert!(
+        cache_status(&r).contains("fwd=uri-miss"),
+        "the HTTPS client must not get the plaintext client's entry: {}",
+        cache_status(&r)
+    );
+    assert_eq!(origin.count("/cc/poison").await, 2);
+
+    // An absolute-form target replaces Host: routing, key and origin agree.
+    let reply = raw(
+        edge.http(),
+        b"GET http://a.test/echo HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await?;
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("");
+    assert!(
+        body.contains("\"x-forwarded-host\",\"a.test\"") && !body.contains("other.test"),
+        "{reply}"
+    );
+    Ok(())
+}
+
+/// 4. One-byte ranges never pull whole objects from the origin.
+#[tokio::test]
+async fn one_byte_ranges_do_not_pull_whole_objects() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let edge = Edge::start(&basic_config(&[origin.url()], ""))?;
+    const SIZE: u64 = 16 << 20;
+    for i in 0..5 {
+        let path = format!("/cc/big?size={SIZE}&cc=max-age%3D300&ranges=1&junk={i}");
+        let r = get_with(edge.http(), &path, &[("range", "bytes=0-0")]).await?;
+        assert_eq!(r.status, 206);
+        assert_eq!(r.body.len(), 1);
+        assert_eq!(
+            r.header("content-range"),
+            Some(&*format!("bytes 0-0/{SIZE}"))
+        );
+    }
+    let sent = origin.stats.cc_body_bytes.load(Ordering::SeqCst);
+    assert!(
+        sent <= 5,
+        "the origin sent {sent} bytes for five 1-byte ranges"
+    );
+
+    // An origin that ignores Range: its body is cut off once the client has its byte.
+    for i in 0..5 {
+        let path = format!("/cc/big2?size={SIZE}&cc=max-age%3D300&junk={i}");
+        let r = get_with(edge.http(), &path, &[("range", "bytes=0-0")]).await?;
+        assert_eq!(r.status, 206);
+        assert_eq!(r.body.len(), 1);
+    }
+    let m = edge.metrics().await?;
+    let from_origin = metric(
+        &m,
+        "meridian_cache_served_bytes_total",
+        &["reason=\"origin\""],
+    );
+    assert!(
+        from_origin < (SIZE * 2) as f64,
+        "read {from_origin} bytes from the origin for five 1-byte ranges"
+    );
+
+    // A small object behind a range is filled whole in the background.
+    let small = "/cc/small?size=100000&cc=max-age%3D300&ranges=1";
+    let r = get_with(edge.http(), small, &[("range", "bytes=10-19")]).await?;
+    assert_eq!(r.status, 206);
+    let hit = eventually(Duration::from_secs(5), || async {
+        get_with(edge.http(), small, &[("range", "bytes=20-29")])
+            .await
+            .map(|r| r.status == 206 && is_hit(&r))
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(hit, "the small object was stored by its background fill");
+    Ok(())
+}
+
+/// 5. Hit-for-pass comes from responses only: one client's `no-store` or
+///    `Authorization` never switches caching off for the others.
+#[tokio::test]
+async fn one_client_cannot_switch_caching_off() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let edge = Edge::start(&basic_config(&[origin.url()], ""))?;
+    for (n, header) in [
+        ("ns", ("cache-control", "no-store")),
+        ("auth", ("authorization", "Bearer x")),
+    ] {
+        let path = format!("/cc/{n}?cc=max-age%3D300");
+        let r = get_with(edge.http(), &path, &[header]).await?;
+        assert_eq!(r.status, 200);
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            statuses.push(cache_status(&get_with(edge.http(), &path, &[]).await?));
+        }
+        assert!(
+            statuses[1].starts_with("meridian; hit") && statuses[2].starts_with("meridian; hit"),
+            "after a {header:?} request: {statuses:?}"
+        );
+        assert_eq!(origin.count(&format!("/cc/{n}")).await, 2, "{header:?}");
+    }
+    Ok(())
+}
+
+/// 6. A stalled client does not split a fill: the second client is served
+///    from the first fill, and the stalled one still gets every byte later.
+#[tokio::test]
+async fn a_stalled_client_does_not_split_a_fill() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let edge = Edge::start(&basic_config(&[origin.url()], ""))?;
+    const SIZE: usize = 32 << 20;
+    let path = format!("/cc/huge?size={SIZE}&cc=max-age%3D300");
+    let mut stalled = stalled_get(edge.http(), &path).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = get_with(edge.http(), &path, &[]).await?;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.body.len(), SIZE);
+    assert!(
+        is_hit(&second),
+        "served from the first fill: {}",
+        cache_status(&second)
+    );
+    assert_eq!(origin.count("/cc/huge").await, 1, "one origin fetch");
+    // The stalled client now reads, and gets the whole object intact in length.
+    let got = read_body_len(&mut stalled, Duration::from_secs(30)).await?;
+    assert_eq!(got, SIZE);
+    Ok(())
+}
+
+/// A client that accepts nothing for `send_timeout` is closed.
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_closed_after_send_timeout() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let edge = Edge::start(&basic_config(
+        &[origin.url()],
+        "[limits]\nsend_timeout = \"1s\"\n",
+    ))?;
+    let path = "/cc/st?size=8388608&cc=max-age%3D300";
+    let mut stalled = stalled_get(edge.http(), path).await?;
+    let closed = eventually(Duration::from_secs(10), || async {
+        edge.metrics()
+            .await
+            .map(|m| metric(&m, "meridian_client_timeouts_total", &["reason=\"send\""]) >= 1.0)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(closed, "send timeout counted");
+    let got = read_body_len(&mut stalled, Duration::from_secs(10)).await;
+    assert!(
+        got.map_or(true, |n| n < 8388608),
+        "the connection was cut before the whole body"
+    );
+    Ok(())
+}
+
+/// 8. Revalidations coalesce: 50 clients of one stale object make one
+///    conditional request.
+#[tokio::test]
+async fn revalidations_coalesce() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let edge = Edge::start(&basic_config(&[origin.url()], ""))?;
+    let path = "/cc/herd?cc=max-age%3D1&etag=%22v1%22&delay=300";
+    assert_eq!(get_with(edge.http(), path, &[]).await?.status, 200);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let addr = edge.http();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| tokio::spawn(async move { get_with(addr, path, &[]).await }))
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await??.status, 200);
+    }
+    assert_eq!(
+        origin.count("/cc/herd").await,
+        2,
+        "one fill and one conditional request"
+    );
+    Ok(())
+}
+
+/// RFC 9111 §4.2.4 by default: an origin that cannot be reached gets its
+/// stale objects served; `must-revalidate` still forbids it.
+#[tokio::test]
+async fn stale_is_served_by_default_when_the_origin_is_unreachable() -> anyhow::Result<()> {
+    let mut origin = TestOrigin::start("o").await?;
+    let edge = Edge::start(&basic_config(&[origin.url()], ""))?;
+    let ok = "/cc/gone?cc=max-age%3D1&text=kept";
+    let strict = "/cc/strict?cc=max-age%3D1%2C%20must-revalidate&text=strict";
+    assert_eq!(get_with(edge.http(), ok, &[]).await?.text(), "kept");
+    assert_eq!(get_with(edge.http(), strict, &[]).await?.status, 200);
+    origin.stop();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = get_with(edge.http(), ok, &[]).await?;
+    assert_eq!((r.status, r.text()), (200, "kept".to_string()));
+    let r = get_with(edge.http(), strict, &[]).await?;
+    assert!(
+        r.status >= 500,
+        "must-revalidate forbids stale: {}",
+        r.status
+    );
+    Ok(())
+}
