@@ -449,16 +449,11 @@ fn start_listener(
                 acceptor.clone(),
                 accept_shared.proxy.clone(),
                 accept_shared.conn_stop.clone(),
+                // Held for the connection's life, a tunnel's after an upgrade included.
+                Arc::new((permit, token)),
             );
             let span = tracing::debug_span!("conn", %peer);
-            tokio::spawn(
-                async move {
-                    fut.await;
-                    drop(permit);
-                    drop(token);
-                }
-                .instrument(span),
-            );
+            tokio::spawn(fut.instrument(span));
         }
         tracing::info!(%bound, "listener closed");
     });
@@ -480,11 +475,16 @@ fn start_listener(
         };
         for ep in endpoints {
             let conns = shared.conns.clone();
+            let slots = shared.slots.clone();
             h3_tasks.push(tokio::spawn(crate::http3::serve(
                 ep,
                 ctx.clone(),
                 stop.subscribe(),
-                move || ConnToken::new(&conns),
+                // QUIC connections take a `max_connections` slot like TCP ones.
+                move || {
+                    let permit = slots.clone().try_acquire_owned().ok()?;
+                    Some((permit, ConnToken::new(&conns)))
+                },
             )));
         }
     }

@@ -26,6 +26,31 @@ pub struct ConnShared {
     pub requests: AtomicU64,
     any_flagged: AtomicBool,
     flagged: Mutex<Vec<(u64, Flag)>>,
+    /// What keeps the connection counted (its `max_connections` slot, its
+    /// drain token, its `connections_active` gauge). An upgraded connection
+    /// (a WebSocket tunnel) outlives the HTTP session that accepted it, so
+    /// the tunnel takes a clone and the connection stays counted.
+    pub hold: std::sync::OnceLock<ConnHold>,
+}
+
+/// See [`ConnShared::hold`].
+pub type ConnHold = Arc<dyn std::any::Any + Send + Sync>;
+
+/// Counts a connection in a gauge while it lives.
+#[derive(Debug)]
+pub struct Active(pub prometheus_client::metrics::gauge::Gauge);
+
+impl Active {
+    pub fn new(g: prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Active(g)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl ConnShared {

@@ -59,6 +59,7 @@ pub async fn serve_tcp(
     tls: Option<tokio_rustls::TlsAcceptor>,
     proxy: Arc<Proxy>,
     shutdown: watch::Receiver<bool>,
+    hold: io::ConnHold,
 ) {
     let limits = ConnLimits::from_config(&proxy.runtime().config);
     let transport = if tls.is_some() { "tls" } else { "tcp" };
@@ -66,11 +67,13 @@ pub async fn serve_tcp(
     m.connections_total
         .get_or_create(&Transport { transport })
         .inc();
-    let active = m
-        .connections_active
-        .get_or_create(&Transport { transport })
-        .clone();
-    active.inc();
+    let active = io::Active::new(
+        m.connections_active
+            .get_or_create(&Transport { transport })
+            .clone(),
+    );
+    let shared = Arc::new(ConnShared::default());
+    let _ = shared.hold.set(Arc::new((hold, active)));
     match tls {
         Some(acceptor) => {
             let hs =
@@ -87,14 +90,12 @@ pub async fn serve_tcp(
                         .get_or_create(&Outcome { result: "error" })
                         .inc();
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    active.dec();
                     return;
                 }
                 Err(_) => {
                     m.tls_handshakes
                         .get_or_create(&Outcome { result: "timeout" })
                         .inc();
-                    active.dec();
                     return;
                 }
             };
@@ -109,6 +110,7 @@ pub async fn serve_tcp(
                 proxy,
                 limits,
                 shutdown,
+                shared,
             )
             .await;
         }
@@ -125,6 +127,7 @@ pub async fn serve_tcp(
                         proxy,
                         limits,
                         shutdown,
+                        shared,
                     )
                     .await
                 }
@@ -132,7 +135,6 @@ pub async fn serve_tcp(
             }
         }
     }
-    active.dec();
 }
 
 /// Peeks at the first bytes to tell an HTTP/2 prior-knowledge preface from
@@ -171,10 +173,10 @@ pub async fn serve_io<S>(
     proxy: Arc<Proxy>,
     limits: ConnLimits,
     shutdown: watch::Receiver<bool>,
+    shared: Arc<ConnShared>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let shared = Arc::new(ConnShared::default());
     let settings = IoSettings {
         http1: !h2,
         max_head: limits.max_header_bytes,

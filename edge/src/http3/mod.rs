@@ -196,12 +196,14 @@ pub struct H3Ctx {
 
 /// Accepts QUIC connections until `stop`, then stops accepting; each open
 /// connection gets GOAWAY and finishes its requests in flight. `track`
-/// returns a token held for the life of each connection (for the drain).
+/// returns a token held for the life of each connection (its
+/// `max_connections` slot and drain token), or `None` when every slot is
+/// taken, and the connection is refused.
 pub async fn serve<T: Send + 'static>(
     ep: quinn::Endpoint,
     ctx: H3Ctx,
     mut stop: watch::Receiver<bool>,
-    track: impl Fn() -> T,
+    track: impl Fn() -> Option<T>,
 ) {
     let local = ep
         .local_addr()
@@ -224,6 +226,12 @@ pub async fn serve<T: Send + 'static>(
             let _ = incoming.retry();
             continue;
         }
+        let Some(token) = track() else {
+            // Every `max_connections` slot is taken.
+            ctx.proxy.metrics.connections_rejected.inc();
+            incoming.refuse();
+            continue;
+        };
         let connecting = match incoming.accept() {
             Ok(c) => c,
             Err(e) => {
@@ -231,7 +239,7 @@ pub async fn serve<T: Send + 'static>(
                 continue;
             }
         };
-        let (ctx2, stop2, token) = (ctx.clone(), stop.clone(), track());
+        let (ctx2, stop2) = (ctx.clone(), stop.clone());
         tokio::spawn(async move {
             serve_conn(connecting, local, ctx2, stop2).await;
             drop(token);

@@ -35,7 +35,7 @@ use crate::accesslog::{AccessLog, LogRecord};
 use crate::config::Config;
 use crate::error::{ErrorKind, ProxyError};
 use crate::http::body::{ClientBody, OnBodyEnd, RequestBody, ResponseBody};
-use crate::http::io::{ConnShared, InflightGuard};
+use crate::http::io::{ConnHold, ConnShared, InflightGuard};
 use crate::metrics::{
     Metrics, OriginTransition, PoolLabels, Protocol, Reason, RequestLabels, UpstreamError,
 };
@@ -545,6 +545,8 @@ impl Proxy {
 
         // 5. upstream_peer + send, with retries.
         let fetched = self.fetch(&pool, &up, body, &too_large, rec).await?;
+        // An upgraded connection stays counted while its tunnel lives.
+        let client_upgrade = client_upgrade.map(|u| (u, ds.conn.hold.get().cloned()));
         self.finish_response(fetched, &pool, upgrade, client_upgrade)
             .await
     }
@@ -874,7 +876,7 @@ impl Proxy {
         fetched: Fetched,
         pool: &Pool,
         upgrade: bool,
-        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        client_upgrade: Option<(hyper::upgrade::OnUpgrade, Option<ConnHold>)>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let Fetched {
             resp,
@@ -883,7 +885,7 @@ impl Proxy {
         } = fetched;
         let (mut parts, body) = resp.into_parts();
         if upgrade && parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
+            let Some((client_upgrade, hold)) = client_upgrade else {
                 return Err(ProxyError::upstream(ErrorKind::Internal, "upgrade"));
             };
             let Some(origin_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
@@ -894,7 +896,11 @@ impl Proxy {
                 ));
             };
             let idle = pool.config.timeouts.idle.get();
-            tokio::spawn(tunnel(client_upgrade, origin_upgrade, idle));
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                tunnel(client_upgrade, origin_upgrade, idle, &metrics).await;
+                drop(hold);
+            });
             headers::strip_hop_by_hop(&mut parts.headers, true);
             // The connection now belongs to the tunnel: never back to the pool.
             drop(pool_return);
@@ -921,21 +927,99 @@ impl Proxy {
     }
 }
 
-/// Copies bytes both ways between an upgraded client and origin connection.
+/// Copies bytes both ways between an upgraded client and origin connection,
+/// until either side closes or nothing moves either way for `idle` (the
+/// pool's idle timeout, as nginx's `proxy_read_timeout` bounds WebSockets).
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     origin: hyper::upgrade::OnUpgrade,
     idle: Duration,
+    metrics: &Metrics,
 ) {
     let (Ok(c), Ok(o)) = tokio::join!(client, origin) else {
         tracing::debug!("upgrade did not complete");
         return;
     };
-    let mut c = hyper_util::rt::TokioIo::new(c);
-    let mut o = hyper_util::rt::TokioIo::new(o);
-    let _ = idle;
-    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut o).await {
-        tracing::debug!(error = %e, "tunnel ended");
+    let last = Arc::new(parking_lot::Mutex::new(Instant::now()));
+    let mut c = Watched {
+        io: hyper_util::rt::TokioIo::new(c),
+        last: last.clone(),
+    };
+    let mut o = Watched {
+        io: hyper_util::rt::TokioIo::new(o),
+        last: last.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional(&mut c, &mut o);
+    tokio::pin!(copy);
+    loop {
+        let deadline = *last.lock() + idle;
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "tunnel ended");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                if *last.lock() + idle <= Instant::now() {
+                    tracing::debug!("tunnel idle: closing");
+                    metrics
+                        .client_timeouts
+                        .get_or_create(&Reason { reason: "tunnel-idle" })
+                        .inc();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// An upgraded stream that records when bytes last moved.
+struct Watched<T> {
+    io: T,
+    last: Arc<parking_lot::Mutex<Instant>>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            *self.last.lock() = Instant::now();
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, data);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            *self.last.lock() = Instant::now();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

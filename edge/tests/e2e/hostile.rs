@@ -374,3 +374,106 @@ async fn stale_is_served_by_default_when_the_origin_is_unreachable() -> anyhow::
     );
     Ok(())
 }
+
+async fn open_tunnel(addr: std::net::SocketAddr) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    anyhow::ensure!(head.starts_with("HTTP/1.1 101"), "{head}");
+    Ok(s)
+}
+
+/// Upgrade tunnels (WebSocket) count in `max_connections` and
+/// `meridian_connections_active`, and close after the idle timeout.
+#[tokio::test]
+async fn websocket_tunnels_are_counted_and_time_out_when_idle() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let edge = Edge::start(&format!(
+        "{}\n[server]\nmax_connections = 1\n",
+        basic_config(&[origin.url()], "[pools.main.timeouts]\nidle = \"1s\"\n")
+    ))?;
+    let mut tunnel = open_tunnel(edge.http()).await?;
+    // The tunnel is alive and counted.
+    tunnel.write_all(b"ping").await?;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), tunnel.read(&mut buf)).await??;
+    assert_eq!(&buf[..n], b"ping");
+    let m = edge.metrics().await?;
+    assert_eq!(
+        metric(&m, "meridian_connections_active", &["transport=\"tcp\""]),
+        1.0,
+        "the tunnel is an active connection"
+    );
+    let other = get_plain(edge.http(), "t", "/hello").await;
+    assert!(
+        other.is_err(),
+        "max_connections = 1 is taken by the tunnel: {:?}",
+        other.map(|r| r.status)
+    );
+    // Idle for longer than the timeout: the edge closes it.
+    let start = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(10), tunnel.read(&mut buf)).await?;
+    assert!(matches!(n, Ok(0) | Err(_)), "closed, not data: {n:?}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // Its slot is free again.
+    let ok = eventually(Duration::from_secs(5), || async {
+        get_plain(edge.http(), "t", "/hello")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    assert!(ok, "the slot came back");
+    let m = edge.metrics().await?;
+    assert!(
+        metric(
+            &m,
+            "meridian_client_timeouts_total",
+            &["reason=\"tunnel-idle\""]
+        ) >= 1.0
+    );
+    Ok(())
+}
+
+/// HTTP/3 connections count in `max_connections`.
+#[tokio::test]
+async fn quic_connections_count_in_max_connections() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let dir = meridian_e2e::certs::TempDir::new("h3max")?;
+    let pki = Pki::new(dir.path())?;
+    let edge = Edge::start(&format!(
+        "{}\n[server]\nmax_connections = 1\n",
+        basic_config(&[origin.url()], &pki.config())
+    ))?;
+    let tls = pki.tls("a.test", &[])?;
+    let mut first = meridian_e2e::client::H3Conn::connect(edge.https(), &tls).await?;
+    let r = first
+        .send("GET", "a.test", "/hello", bytes::Bytes::new())
+        .await?;
+    assert_eq!(r.status, 200);
+    let second = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut c = meridian_e2e::client::H3Conn::connect(edge.https(), &tls).await?;
+        c.send("GET", "a.test", "/hello", bytes::Bytes::new()).await
+    })
+    .await;
+    assert!(
+        !matches!(second, Ok(Ok(_))),
+        "a second QUIC connection is refused while the only slot is taken"
+    );
+    let m = edge.metrics().await?;
+    assert!(metric(&m, "meridian_connections_rejected_total", &[]) >= 1.0);
+    drop(first);
+    let ok = eventually(Duration::from_secs(10), || async {
+        match meridian_e2e::client::H3Conn::connect(edge.https(), &tls).await {
+            Ok(mut c) => c
+                .send("GET", "a.test", "/hello", bytes::Bytes::new())
+                .await
+                .is_ok_and(|r| r.status == 200),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(ok, "the slot came back when the first connection closed");
+    Ok(())
+}
