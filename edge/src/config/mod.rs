@@ -416,15 +416,19 @@ pub struct PluginsConfig {
     /// `meridian-dns geo build`): plugins read the client's country as the
     /// property `meridian.client.country`.
     pub geoip: Option<PathBuf>,
-    /// The most plugin instances alive at once, all plugins together. A
-    /// request holds one instance of each plugin of its site until its
-    /// response ends.
+    /// The most plugin instances alive at once, all plugins together. An
+    /// instance hosts many requests' contexts; a request holds its instance
+    /// only while one of its callbacks runs, so slow clients cannot exhaust
+    /// them (a `fresh_instance` plugin's request holds its own instance for
+    /// its whole life, though).
     pub max_instances: u32,
     /// The largest response body an `http_call` may return to a plugin.
     pub http_call_max_body: ByteSize,
-    /// How long a request waits for a plugin instance when all
-    /// `max_instances` are in use (idle ones of other plugins are evicted
-    /// first); after that, the plugin fails by its policy.
+    /// How long a request waits for a plugin instance: when its plugin has
+    /// none and all `max_instances` host requests (idle ones of other
+    /// plugins are evicted first), or while its instance runs other
+    /// requests' callbacks. After that the answer is 503, whatever the
+    /// plugin's failure policy.
     pub instance_wait: Dur,
 }
 
