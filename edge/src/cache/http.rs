@@ -1750,6 +1750,7 @@ fn spawn_revalidation(
     parts.method = Method::GET;
     parts.headers = policy::revalidation_request_headers(&up.parts.headers, &stored.headers);
     let up = UpstreamRequest {
+        site: up.site.clone(),
         parts,
         host: up.host.clone(),
         path: up.path.clone(),

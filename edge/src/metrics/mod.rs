@@ -76,6 +76,13 @@ pub struct UpstreamError {
     pub kind: &'static str,
 }
 
+/// Bytes per site, by direction: read from origins, or sent to clients.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteBytes {
+    pub site: Arc<str>,
+    pub direction: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub pool: Arc<str>,
@@ -96,6 +103,7 @@ pub struct Metrics {
     pub upstream_errors: Family<UpstreamError, Counter>,
     pub upstream_retries: Family<PoolLabels, Counter>,
     pub pool_panic: Family<PoolLabels, Counter>,
+    pub site_bytes: Family<SiteBytes, Counter>,
     pub upstream_connect_duration: Histogram,
     pub origin_healthy: Family<OriginLabels, Gauge>,
     pub origin_health_transitions: Family<OriginTransition, Counter>,
@@ -163,6 +171,7 @@ impl Metrics {
             upstream_errors: Family::default(),
             upstream_retries: Family::default(),
             pool_panic: Family::default(),
+            site_bytes: Family::default(),
             upstream_connect_duration: latency_histogram(),
             origin_healthy: Family::default(),
             origin_health_transitions: Family::default(),
@@ -252,6 +261,11 @@ impl Metrics {
             "upstream_retries",
             "Requests retried on another attempt",
             m.upstream_retries.clone(),
+        );
+        registry.register(
+            "site_bytes",
+            "Body bytes per site: read from origins (direction=origin) against sent to clients (direction=client)",
+            m.site_bytes.clone(),
         );
         registry.register(
             "pool_panic",

@@ -37,7 +37,8 @@ use crate::error::{ErrorKind, ProxyError};
 use crate::http::body::{ClientBody, OnBodyEnd, RequestBody, ResponseBody};
 use crate::http::io::{ConnHold, ConnShared, InflightGuard};
 use crate::metrics::{
-    Metrics, OriginTransition, PoolLabels, Protocol, Reason, RequestLabels, UpstreamError,
+    Metrics, OriginTransition, PoolLabels, Protocol, Reason, RequestLabels, SiteBytes,
+    UpstreamError,
 };
 use router::{HostPattern, Router};
 use upstream::conn::{Checkout, Sender};
@@ -526,6 +527,7 @@ impl Proxy {
         let body = RequestBody::new(body, max_body, too_large.clone())
             .with_idle_timeout(pool.config.timeouts.idle.get());
         let up = UpstreamRequest {
+            site: site.name.clone(),
             parts,
             host,
             path,
@@ -577,6 +579,14 @@ impl Proxy {
         let mut tried: Vec<usize> = Vec::with_capacity(2);
         let mut attempt = 0u32;
         let mut pending: Option<Request<RequestBody>> = None;
+        let origin_bytes = self
+            .metrics
+            .site_bytes
+            .get_or_create(&SiteBytes {
+                site: up.site.clone(),
+                direction: "origin",
+            })
+            .clone();
         loop {
             attempt += 1;
             let now = now_ms();
@@ -620,7 +630,10 @@ impl Proxy {
                     )?
                 }
             };
-            let err = match self.send(pool, &origin, req, up.upgrade).await {
+            let err = match self
+                .send(pool, &origin, req, up.upgrade, origin_bytes.clone())
+                .await
+            {
                 Ok((resp, pool_return)) => {
                     let status = resp.status();
                     self.record_outcome(pool, &origin, !matches!(status.as_u16(), 502..=504));
@@ -701,6 +714,7 @@ impl Proxy {
             RequestBody::new(ClientBody::Full(Some(call.body.clone())), 0, Arc::default())
         };
         let up = UpstreamRequest {
+            site: Arc::from(format!("plugin-call:{}", call.upstream)),
             parts,
             host,
             path,
@@ -764,6 +778,7 @@ impl Proxy {
         origin: &Arc<Origin>,
         req: Request<RequestBody>,
         upgrade: bool,
+        origin_bytes: prometheus_client::metrics::counter::Counter,
     ) -> Result<(Response<Incoming>, PoolReturn), (ProxyError, Option<Request<RequestBody>>)> {
         self.metrics
             .upstream_requests
@@ -865,6 +880,7 @@ impl Proxy {
                     origin: origin.clone(),
                     sender: Some(sender),
                     permit,
+                    origin_bytes,
                     _guard: guard,
                 },
             )),
@@ -1090,6 +1106,8 @@ pub struct Fetched {
 /// The request that goes to the origin, prepared once per client request.
 #[derive(Debug, Clone)]
 pub struct UpstreamRequest {
+    /// The site the request was routed to (for per-site metrics).
+    pub site: Arc<str>,
     /// Method, URI, version and headers after the request filters.
     pub parts: http::request::Parts,
     pub host: Option<String>,
@@ -1107,6 +1125,7 @@ pub struct PoolReturn {
     origin: Arc<Origin>,
     sender: Option<Sender>,
     permit: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    origin_bytes: prometheus_client::metrics::counter::Counter,
     _guard: OriginInflight,
 }
 
@@ -1125,7 +1144,8 @@ struct ExchangeEnd {
 }
 
 impl OnBodyEnd for PoolReturn {
-    fn finish(&mut self, complete: bool, _bytes: u64) {
+    fn finish(&mut self, complete: bool, bytes: u64) {
+        self.origin_bytes.inc_by(bytes);
         if complete && let Some(Sender::H1(s)) = self.sender.take() {
             self.origin.conns.checkin(s, self.permit.take());
         }
@@ -1138,6 +1158,14 @@ impl OnBodyEnd for ExchangeEnd {
             rec.bytes_out = bytes;
             rec.complete = complete;
             rec.duration = self.start.elapsed();
+            self.proxy
+                .metrics
+                .site_bytes
+                .get_or_create(&SiteBytes {
+                    site: self.site.clone(),
+                    direction: "client",
+                })
+                .inc_by(bytes);
             self.proxy
                 .metrics
                 .requests

@@ -235,6 +235,19 @@ async fn one_byte_ranges_do_not_pull_whole_objects() -> anyhow::Result<()> {
         from_origin < (SIZE * 2) as f64,
         "read {from_origin} bytes from the origin for five 1-byte ranges"
     );
+    // Per site: what the origins sent against what the clients got.
+    let site_origin = metric(
+        &m,
+        "meridian_site_bytes_total",
+        &["site=\"*\"", "direction=\"origin\""],
+    );
+    let site_client = metric(
+        &m,
+        "meridian_site_bytes_total",
+        &["site=\"*\"", "direction=\"client\""],
+    );
+    assert!(site_client >= 10.0, "{site_client}");
+    assert!(site_origin < (SIZE * 2) as f64, "{site_origin}");
 
     // A small object behind a range is filled whole in the background.
     let small = "/cc/small?size=100000&cc=max-age%3D300&ranges=1";
