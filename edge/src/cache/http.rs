@@ -1821,3 +1821,65 @@ fn spawn_revalidation(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::storage::StorageConfig;
+
+    #[tokio::test]
+    async fn a_lost_chunk_removes_the_whole_object() {
+        let storage = Storage::open(StorageConfig {
+            chunk_size: 4096,
+            ..StorageConfig::default()
+        })
+        .await
+        .expect("storage");
+        let key = "http://a.test/obj";
+        let mut w = storage.writer(key);
+        let generation = w.generation();
+        w.write(Bytes::from(vec![1u8; 3 * 4096]))
+            .await
+            .expect("write");
+        w.finish(ObjectMeta {
+            status: 200,
+            headers: Vec::new(),
+            request_time: SystemTime::now(),
+            response_time: SystemTime::now(),
+            tags: Vec::new(),
+            body_len: 0,
+        })
+        .await
+        .expect("finish");
+        let Some(Hit {
+            body: HitBody::Chunked { chunks, .. },
+            ..
+        }) = storage.get(key).await.expect("get")
+        else {
+            panic!("a chunked object");
+        };
+        storage.lose_chunk(key, generation, 1);
+        let (tx, mut rx) = mpsc::channel(4);
+        spawn_chunk_reader(
+            storage.clone(),
+            key.to_string(),
+            generation,
+            4096,
+            chunks,
+            (0, 3 * 4096),
+            tx,
+        );
+        let mut saw_error = false;
+        while let Some(item) = rx.recv().await {
+            saw_error |= item.is_err();
+        }
+        assert!(
+            saw_error,
+            "the cut body ends in an error, never a short 200"
+        );
+        assert!(
+            storage.get(key).await.expect("get").is_none(),
+            "the whole object is gone at once"
+        );
+    }
+}

@@ -528,6 +528,16 @@ impl Storage {
         self.inner.cache.remove(what);
     }
 
+    /// Drops one chunk, as an eviction or a failed write would (tests only).
+    #[cfg(test)]
+    pub(crate) fn lose_chunk(&self, key: &str, generation: u64, index: u32) {
+        self.inner.cache.remove(&StoreKey::Chunk {
+            key: key.to_owned(),
+            generation,
+            index,
+        });
+    }
+
     fn remove_chunks(&self, key: &str, generation: u64, chunks: u32) {
         for index in 0..chunks {
             self.inner.cache.remove(&StoreKey::Chunk {
