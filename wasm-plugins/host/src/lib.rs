@@ -299,7 +299,7 @@ impl PluginHost {
             deadline_ticks,
             max_idle: self.config.max_idle_instances_per_plugin,
             lock_wait: self.config.lock_wait,
-            pool: Mutex::new(Vec::new()),
+            pool: Mutex::default(),
             slots: self.slots.clone(),
             _ticker: self.ticker.clone(),
         });

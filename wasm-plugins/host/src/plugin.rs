@@ -22,7 +22,7 @@
 //! plugin's failure policy maps like any failure.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -202,10 +202,13 @@ pub struct PluginStats {
 pub(crate) struct Cell {
     /// `None` once discarded (after a failure) or evicted.
     instance: Mutex<Option<PluginInstance>>,
-    /// Contexts pinned here. Changed under the plugin's pool lock only.
+    /// Contexts pinned here. Changed under the plugin's pool lock only
+    /// (fresh instances, in no pool, have their one context).
     contexts: AtomicU32,
     /// Set (under `instance`'s lock) when the instance is taken away.
     dead: AtomicBool,
+    /// Its place in the pool's `cells`, kept under the pool lock.
+    index: AtomicUsize,
 }
 
 impl Cell {
@@ -214,6 +217,7 @@ impl Cell {
             instance: Mutex::new(Some(instance)),
             contexts: AtomicU32::new(contexts),
             dead: AtomicBool::new(false),
+            index: AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -232,6 +236,122 @@ impl Cell {
     }
 }
 
+/// A plugin's pooled instances, those hosting contexts first:
+/// `cells[..busy]` host contexts, `cells[busy..]` are idle. Everything is
+/// O(1) but [`Pool::attach_least_busy`], which runs only when the plugin
+/// cannot have one more instance.
+#[derive(Default)]
+pub(crate) struct Pool {
+    cells: Vec<Arc<Cell>>,
+    busy: usize,
+}
+
+impl Pool {
+    fn swap(&mut self, i: usize, j: usize) {
+        self.cells.swap(i, j);
+        self.cells[i].index.store(i, Ordering::Relaxed);
+        self.cells[j].index.store(j, Ordering::Relaxed);
+    }
+
+    fn index_of(&self, cell: &Arc<Cell>) -> Option<usize> {
+        let i = cell.index.load(Ordering::Relaxed);
+        self.cells
+            .get(i)
+            .filter(|c| Arc::ptr_eq(c, cell))
+            .map(|_| i)
+    }
+
+    /// Adds an instance, idle or hosting its first context.
+    fn push(&mut self, cell: Arc<Cell>) {
+        let i = self.cells.len();
+        cell.index.store(i, Ordering::Relaxed);
+        let busy = cell.contexts() > 0;
+        self.cells.push(cell);
+        if busy {
+            self.swap(i, self.busy);
+            self.busy += 1;
+        }
+    }
+
+    /// Removes an instance (no-op if it is not here).
+    fn remove(&mut self, cell: &Arc<Cell>) {
+        let Some(mut i) = self.index_of(cell) else {
+            return;
+        };
+        if i < self.busy {
+            self.busy -= 1;
+            self.swap(i, self.busy);
+            i = self.busy;
+        }
+        let last = self.cells.len() - 1;
+        self.swap(i, last);
+        self.cells.pop();
+    }
+
+    /// A new context on an idle instance.
+    fn attach_idle(&mut self) -> Option<Arc<Cell>> {
+        loop {
+            let cell = self.cells.get(self.busy)?.clone();
+            if cell.is_dead() {
+                self.remove(&cell);
+                continue;
+            }
+            cell.contexts.fetch_add(1, Ordering::Relaxed);
+            self.busy += 1;
+            return Some(cell);
+        }
+    }
+
+    /// A new context on the instance hosting the fewest.
+    fn attach_least_busy(&mut self) -> Option<Arc<Cell>> {
+        if let Some(cell) = self.attach_idle() {
+            return Some(cell);
+        }
+        let cell = self.cells[..self.busy]
+            .iter()
+            .filter(|c| !c.is_dead())
+            .min_by_key(|c| c.contexts())?
+            .clone();
+        cell.contexts.fetch_add(1, Ordering::Relaxed);
+        Some(cell)
+    }
+
+    /// One context of `cell` ended; true if that left it idle (in the pool).
+    fn detach(&mut self, cell: &Arc<Cell>) -> bool {
+        if cell.contexts.fetch_sub(1, Ordering::Relaxed) != 1 {
+            return false;
+        }
+        match self.index_of(cell) {
+            Some(i) => {
+                if i < self.busy {
+                    self.busy -= 1;
+                    self.swap(i, self.busy);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.cells.len()
+    }
+
+    fn idle(&self) -> usize {
+        self.cells.len() - self.busy
+    }
+
+    /// Takes an idle instance away, if its lock is free (only a tick takes it).
+    fn take_idle(&mut self, cell: &Arc<Cell>) -> Option<PluginInstance> {
+        let taken = {
+            let mut slot = cell.instance.try_lock()?;
+            cell.kill(&mut slot)
+        };
+        self.remove(cell);
+        taken
+    }
+}
+
 pub(crate) struct PluginInner {
     pub shared: Arc<PluginShared>,
     pub pre: InstancePre<HostState>,
@@ -243,7 +363,7 @@ pub(crate) struct PluginInner {
     pub lock_wait: Duration,
     /// The plugin's instances, idle or hosting contexts (fresh instances,
     /// private to their request, are not here).
-    pub pool: Mutex<Vec<Arc<Cell>>>,
+    pub pool: Mutex<Pool>,
     pub slots: Arc<Slots>,
     pub _ticker: Arc<Ticker>,
 }
@@ -279,32 +399,11 @@ impl PluginInner {
     /// instance; the plugin's last instance only if `allow_last`.
     pub(crate) fn evict_idle(&self, allow_last: bool) -> Option<PluginInstance> {
         let mut pool = self.pool.lock();
-        if !allow_last && pool.len() <= 1 {
+        if pool.idle() == 0 || (!allow_last && pool.len() <= 1) {
             return None;
         }
-        let i = pool
-            .iter()
-            .position(|c| c.contexts() == 0 && !c.is_dead())?;
-        // An idle instance is locked only by a tick; skip it then.
-        let taken = {
-            let mut slot = pool[i].instance.try_lock()?;
-            pool[i].kill(&mut slot)
-        };
-        pool.swap_remove(i);
-        taken
-    }
-
-    /// Attaches a new context to a pooled instance: an idle one, else (with
-    /// `share`) the least busy.
-    fn attach(&self, share: bool) -> Option<Arc<Cell>> {
-        let pool = self.pool.lock();
-        let cell = pool
-            .iter()
-            .filter(|c| !c.is_dead())
-            .min_by_key(|c| c.contexts())
-            .filter(|c| share || c.contexts() == 0)?;
-        cell.contexts.fetch_add(1, Ordering::Relaxed);
-        Some(cell.clone())
+        let cell = pool.cells.last()?.clone();
+        pool.take_idle(&cell)
     }
 
     /// The instance for a new context (see the module docs).
@@ -312,7 +411,7 @@ impl PluginInner {
         if self.limits.fresh_instance_per_request {
             return self.instantiate(Need::Fresh).map(|i| Cell::new(i, 1));
         }
-        if let Some(cell) = self.attach(false) {
+        if let Some(cell) = self.pool.lock().attach_idle() {
             return Ok(cell);
         }
         let need = if self.instanceless() {
@@ -327,13 +426,13 @@ impl PluginInner {
                 Ok(cell)
             }
             // No slot to spare, or the new instance failed to set up: share.
-            Err(e) => self.attach(true).ok_or(e),
+            Err(e) => self.pool.lock().attach_least_busy().ok_or(e),
         }
     }
 
     /// Forgets a discarded instance (`dead`, already taken from its cell).
     fn discard(&self, cell: &Arc<Cell>, dead: Option<PluginInstance>) {
-        self.pool.lock().retain(|c| !Arc::ptr_eq(c, cell));
+        self.pool.lock().remove(cell);
         if dead.is_some() {
             self.shared
                 .stats
@@ -356,17 +455,8 @@ impl PluginInner {
         }
         let trimmed = {
             let mut pool = self.pool.lock();
-            let left = cell.contexts.fetch_sub(1, Ordering::Relaxed) - 1;
-            let idle = pool.iter().filter(|c| c.contexts() == 0).count();
-            if left == 0 && idle > self.max_idle && !cell.is_dead() {
-                let taken = cell
-                    .instance
-                    .try_lock()
-                    .and_then(|mut slot| cell.kill(&mut slot));
-                if taken.is_some() {
-                    pool.retain(|c| !Arc::ptr_eq(c, &cell));
-                }
-                taken
+            if pool.detach(&cell) && pool.idle() > self.max_idle {
+                pool.take_idle(&cell)
             } else {
                 None
             }
@@ -495,13 +585,7 @@ impl Plugin {
             instances_created: s.instances_created.load(Ordering::Relaxed),
             instances_discarded: s.instances_discarded.load(Ordering::Relaxed),
             live_instances: s.live_instances.load(Ordering::Relaxed),
-            idle_instances: self
-                .inner
-                .pool
-                .lock()
-                .iter()
-                .filter(|c| c.contexts() == 0 && !c.is_dead())
-                .count(),
+            idle_instances: self.inner.pool.lock().idle(),
             live_contexts: s.live_contexts.load(Ordering::Relaxed),
             lost_contexts: s.lost_contexts.load(Ordering::Relaxed),
             overloads: s.overloads.load(Ordering::Relaxed),
@@ -520,18 +604,15 @@ impl Plugin {
     }
 
     /// Run `proxy_on_tick` on the root context of every pooled instance,
-    /// between the callbacks of the requests it hosts (an instance kept busy
-    /// for a whole callback deadline misses this tick). The embedder calls
-    /// this every [`Plugin::tick_period`]. Failed instances are discarded
-    /// (their contexts are lost); the first error is returned.
+    /// between the callbacks of the requests it hosts; an instance in a
+    /// callback at that moment misses this tick (this never waits). The
+    /// embedder calls this every [`Plugin::tick_period`]. Failed instances
+    /// are discarded (their contexts are lost); the first error is returned.
     pub fn on_tick(&self) -> Result<()> {
-        let cells: Vec<_> = self.inner.pool.lock().clone();
+        let cells: Vec<_> = self.inner.pool.lock().cells.clone();
         let mut first_err = None;
         for cell in cells {
-            let Some(mut slot) = cell
-                .instance
-                .try_lock_for(self.inner.limits.callback_deadline)
-            else {
+            let Some(mut slot) = cell.instance.try_lock() else {
                 continue;
             };
             let Some(inst) = slot.as_mut() else {
@@ -676,6 +757,8 @@ impl RequestContext {
                     self.plugin.discard(&cell, dead);
                     self.plugin.context_ended(cell);
                 }
+                // Nothing the failed callback asked for stands.
+                *self.state = ContextState::default();
                 Err(e)
             }
         }
@@ -859,9 +942,6 @@ impl RequestContext {
 
     /// HTTP calls the plugin queued (with `proxy_http_call`) since the last take.
     pub fn take_http_calls(&mut self) -> Vec<HttpCallRequest> {
-        if self.cell.is_none() {
-            self.state.http_calls.clear();
-        }
         std::mem::take(&mut self.state.http_calls)
     }
 
@@ -994,5 +1074,72 @@ impl Drop for RequestContext {
         if let Err(e) = self.finish_inner() {
             tracing::warn!(error = %e, "wasm plugin failed while finishing a request context");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn empty_cell() -> Arc<Cell> {
+        Arc::new(Cell {
+            instance: Mutex::new(None),
+            contexts: AtomicU32::new(0),
+            dead: AtomicBool::new(false),
+            index: AtomicUsize::new(usize::MAX),
+        })
+    }
+
+    /// Busy cells first, every index right, and the counts agree.
+    fn check(pool: &Pool) {
+        for (i, c) in pool.cells.iter().enumerate() {
+            assert_eq!(c.index.load(Ordering::Relaxed), i);
+            assert_eq!(c.contexts() > 0, i < pool.busy, "cell {i} of {}", pool.busy);
+        }
+    }
+
+    #[test]
+    fn the_pool_keeps_busy_instances_first_through_any_sequence() {
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut rng = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut pool = Pool::default();
+        let mut attached: Vec<Arc<Cell>> = Vec::new();
+        for _ in 0..20_000 {
+            match rng() % 6 {
+                0 => pool.push(empty_cell()),
+                1 => attached.extend(pool.attach_idle()),
+                2 => attached.extend(pool.attach_least_busy()),
+                3 | 4 if !attached.is_empty() => {
+                    let c = attached.swap_remove(rng() as usize % attached.len());
+                    pool.detach(&c);
+                }
+                5 if pool.len() > 0 => {
+                    let c = pool.cells[rng() as usize % pool.len()].clone();
+                    pool.remove(&c);
+                    pool.remove(&c); // twice: a no-op
+                }
+                _ => {}
+            }
+            check(&pool);
+        }
+        // Idle cells are taken before busy ones are shared.
+        let mut pool = Pool::default();
+        pool.push(empty_cell());
+        pool.push(empty_cell());
+        let a = pool.attach_least_busy().unwrap();
+        let b = pool.attach_least_busy().unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert_eq!(pool.idle(), 0);
+        let c = pool.attach_least_busy().unwrap();
+        assert_eq!(c.contexts(), 2);
+        assert!(!pool.detach(&c));
+        assert!(pool.detach(&c));
+        assert_eq!(pool.idle(), 1);
+        check(&pool);
     }
 }
