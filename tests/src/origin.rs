@@ -404,6 +404,15 @@ async fn cacheable(req: &Request<Incoming>, stats: &Stats) -> Response<Body> {
             h.insert(name, v);
         }
     }
+    // `cl=self`: a Content-Location naming the request's own target.
+    if param(req, "cl").as_deref() == Some("self")
+        && let Some(v) = req
+            .uri()
+            .path_and_query()
+            .and_then(|pq| HeaderValue::from_str(pq.as_str()).ok())
+    {
+        h.insert(header::CONTENT_LOCATION, v);
+    }
     if let Some(v) = param(req, "cdncc").and_then(|v| HeaderValue::from_str(&v).ok()) {
         h.insert("cdn-cache-control", v);
     }

@@ -896,16 +896,18 @@ async fn unsafe_method(
         format!("{scheme}://{}{}", up.host.as_deref().unwrap_or(""), up.path)
             .parse()
             .ok();
+    let request_time = SystemTime::now();
     let fetched = proxy.fetch(&site.pool, &up, body, too_large, rec).await?;
+    let response_time = SystemTime::now();
     let status = fetched.resp.status();
-    if let Some(target) = target
+    if let Some(target) = &target
         && let Ok(targets) =
-            policy::invalidation_targets(&method, status, &target, fetched.resp.headers())
+            policy::invalidation_targets(&method, status, target, fetched.resp.headers())
         && !targets.is_empty()
     {
         let mut n = 0;
         for t in targets {
-            let k = if t == target {
+            let k = if t == *target {
                 Some(key.to_string())
             } else {
                 policy::cache_key_for_uri(&t, None, scheme, &KeyOptions::default()).ok()
@@ -922,6 +924,39 @@ async fn unsafe_method(
                 reason: "invalidation",
             })
             .inc_by(n);
+    }
+    // A POST answer that names itself in Content-Location, with explicit
+    // freshness, may answer later GETs (RFC 9110 §9.3.3).
+    if method == Method::POST
+        && let (Some(target), Some(sp)) = (&target, &site.cache)
+        && policy::post_response_reusable(
+            status,
+            target,
+            fetched.resp.headers(),
+            response_time,
+            &sp.policy,
+        )
+    {
+        let mut as_get = up.clone();
+        as_get.parts.method = Method::GET;
+        let client_headers = up.parts.headers.clone();
+        let cs = CacheStatus::forward(CACHE_NAME, FwdReason::Method).fwd_status(status);
+        return store_and_respond(
+            proxy,
+            cache,
+            sp,
+            site,
+            &as_get,
+            &client_headers,
+            key.to_string(),
+            None,
+            fetched,
+            request_time,
+            response_time,
+            None,
+            cs,
+        )
+        .await;
     }
     proxy
         .finish_response(fetched, &site.pool, false, None)

@@ -132,7 +132,9 @@ pub use directives::{
     DELTA_SECONDS_CAP, FieldScope, MaxStale, RequestDirectives, ResponseDirectives,
 };
 pub use freshness::{Freshness, FreshnessSource, freshness_lifetime};
-pub use invalidation::{invalidation_targets, is_safe_method, resolve_reference};
+pub use invalidation::{
+    invalidation_targets, is_safe_method, post_response_reusable, resolve_reference,
+};
 pub use key::{KeyOptions, cache_key_for_uri, normalize_cache_key};
 pub use lookup::{
     Lookup, MissAction, RevalidateReason, UpstreamFailure, headers_to_omit_on_reuse, lookup,

@@ -490,3 +490,32 @@ async fn quic_connections_count_in_max_connections() -> anyhow::Result<()> {
     assert!(ok, "the slot came back when the first connection closed");
     Ok(())
 }
+
+/// RFC 9110 §9.3.3: a POST answer with explicit freshness and a
+/// Content-Location naming its own target answers later GETs.
+#[tokio::test]
+async fn a_post_answer_that_names_itself_is_reused_for_gets() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let edge = Edge::start(&basic_config(&[origin.url()], ""))?;
+    let path = "/cc/post?cc=max-age%3D60&cl=self&text=posted";
+    let mut c = Conn::plain(edge.http(), false).await?;
+    let r = c
+        .send(meridian_e2e::client::req("POST", "h.test", path, "form=1"))
+        .await?;
+    assert_eq!((r.status, r.text()), (200, "posted".to_string()));
+    let hit = eventually(Duration::from_secs(5), || async {
+        get_with(edge.http(), path, &[])
+            .await
+            .is_ok_and(|r| is_hit(&r) && r.text() == "posted")
+    })
+    .await;
+    assert!(hit, "the GET is answered from the POST's response");
+    assert_eq!(origin.count("/cc/post").await, 1);
+    // Without Content-Location naming the target, nothing is stored.
+    let other = "/cc/post2?cc=max-age%3D60&text=posted";
+    c.send(meridian_e2e::client::req("POST", "h.test", other, "form=1"))
+        .await?;
+    let r = get_with(edge.http(), other, &[]).await?;
+    assert!(!is_hit(&r), "{}", cache_status(&r));
+    Ok(())
+}

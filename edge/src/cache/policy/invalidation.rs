@@ -22,6 +22,35 @@ pub fn is_safe_method(method: &Method) -> bool {
     )
 }
 
+/// Whether a response to a POST may be stored and reused for later GETs of
+/// `target` (RFC 9110 §9.3.3): it has explicit freshness (`max-age`,
+/// `s-maxage` or `Expires`) and a `Content-Location` that names the target
+/// itself. The usual storability rules apply on top.
+pub fn post_response_reusable(
+    status: StatusCode,
+    target: &Uri,
+    resp_headers: &HeaderMap,
+    response_time: std::time::SystemTime,
+    config: &super::PolicyConfig,
+) -> bool {
+    use super::FreshnessSource as S;
+    if !matches!(status.as_u16(), 200 | 203) {
+        return false;
+    }
+    let Some(cl) = resp_headers
+        .get(CONTENT_LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|r| resolve_reference(target, r))
+    else {
+        return false;
+    };
+    let same = same_origin(target, &cl)
+        && cl.path_and_query().map(PathAndQuery::as_str)
+            == target.path_and_query().map(PathAndQuery::as_str);
+    let f = super::freshness_lifetime(status, resp_headers, response_time, config);
+    same && matches!(f.source, S::SMaxAge | S::MaxAge | S::Expires) && !f.lifetime.is_zero()
+}
+
 /// URIs to invalidate after `method` on absolute `target` got `status`.
 /// The target comes first; results are deduplicated. Errors if `target`
 /// is not absolute.
