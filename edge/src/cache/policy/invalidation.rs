@@ -209,6 +209,60 @@ mod tests {
     use super::super::test_support::headers;
     use super::*;
 
+    #[test]
+    fn rfc9110_9_3_3_post_reusable_only_with_freshness_and_own_content_location() {
+        let target: Uri = "https://a.test/form?x=1".parse().expect("uri");
+        let now = std::time::SystemTime::now();
+        let cfg = super::super::PolicyConfig::default();
+        let ok = StatusCode::OK;
+        let fresh_self = headers(&[
+            ("cache-control", "max-age=60"),
+            ("content-location", "/form?x=1"),
+        ]);
+        assert!(post_response_reusable(ok, &target, &fresh_self, now, &cfg));
+        assert!(post_response_reusable(
+            ok,
+            &target,
+            &headers(&[
+                ("cache-control", "max-age=60"),
+                ("content-location", "https://a.test/form?x=1")
+            ]),
+            now,
+            &cfg
+        ));
+        for bad in [
+            headers(&[("cache-control", "max-age=60")]),
+            headers(&[
+                ("cache-control", "max-age=60"),
+                ("content-location", "/other"),
+            ]),
+            headers(&[
+                ("cache-control", "max-age=60"),
+                ("content-location", "https://b.test/form?x=1"),
+            ]),
+            headers(&[
+                ("content-location", "/form?x=1"),
+                ("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+            ]),
+            headers(&[
+                ("cache-control", "max-age=0"),
+                ("content-location", "/form?x=1"),
+            ]),
+        ] {
+            assert!(
+                !post_response_reusable(ok, &target, &bad, now, &cfg),
+                "{bad:?}"
+            );
+        }
+        assert!(!post_response_reusable(
+            StatusCode::CREATED,
+            &target,
+            &fresh_self,
+            now,
+            &cfg
+        ));
+    }
+
     fn uri(s: &str) -> Uri {
         s.parse().expect("uri")
     }
