@@ -3,6 +3,7 @@
 //! for no-store. Each test is the regression test of a defect found by an
 //! independent review (issue "meridian-edge under real and hostile traffic").
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -517,5 +518,58 @@ async fn a_post_answer_that_names_itself_is_reused_for_gets() -> anyhow::Result<
         .await?;
     let r = get_with(edge.http(), other, &[]).await?;
     assert!(!is_hit(&r), "{}", cache_status(&r));
+    Ok(())
+}
+
+/// 1xx interim responses (103 Early Hints, 102 Processing) from an origin
+/// are never stored, nor taken for the final response's headers.
+#[tokio::test]
+async fn interim_responses_are_never_stored_as_final() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let reply = b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </hint.css>; rel=preload\r\nCache-Control: no-store\r\n\r\nHTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nfinal";
+                        if s.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let edge = Edge::start(&basic_config(&[format!("http://{addr}")], ""))?;
+    let first = get_with(edge.http(), "/x", &[]).await?;
+    assert_eq!((first.status, first.text()), (200, "final".to_string()));
+    assert!(
+        first.header("link").is_none(),
+        "no interim field in the final head"
+    );
+    let second = get_with(edge.http(), "/x", &[]).await?;
+    assert_eq!((second.status, second.text()), (200, "final".to_string()));
+    assert!(
+        is_hit(&second),
+        "the final 200 was stored: {}",
+        cache_status(&second)
+    );
+    assert!(second.header("link").is_none());
+    assert_eq!(served.load(Ordering::SeqCst), 1);
     Ok(())
 }
