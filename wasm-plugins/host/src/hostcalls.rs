@@ -232,14 +232,14 @@ fn pair_len(key: &str, value: &[u8]) -> usize {
     key.len() + value.len() + 10
 }
 
-/// A guest log line, cut at [`MAX_LOG_LINE_BYTES`].
-fn log_text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
-    let cut = &bytes[..bytes.len().min(MAX_LOG_LINE_BYTES)];
-    let text = String::from_utf8_lossy(cut);
-    if cut.len() < bytes.len() {
-        format!("{text}... [{} bytes cut]", bytes.len() - cut.len()).into()
-    } else {
-        text
+/// A guest log line of `total` bytes, of which `bytes` are at hand, cut at
+/// [`MAX_LOG_LINE_BYTES`].
+fn log_text(bytes: &[u8], total: u64) -> std::borrow::Cow<'_, str> {
+    let kept = &bytes[..bytes.len().min(MAX_LOG_LINE_BYTES)];
+    let text = String::from_utf8_lossy(kept);
+    match total.saturating_sub(kept.len() as u64) {
+        0 => text,
+        cut => format!("{text}... [{cut} bytes cut]").into(),
     }
 }
 
@@ -469,7 +469,7 @@ fn add_proxy(d: &mut Defs<'_>) -> HResult<()> {
             code(with_mem(&mut c, |mem, st| {
                 let msg = slice(mem, ptr, len)?;
                 if admit_log(st, level) {
-                    emit_log(&st.plugin.name, level, &log_text(msg));
+                    emit_log(&st.plugin.name, level, &log_text(msg, msg.len() as u64));
                 }
                 Ok(())
             }))
@@ -1095,8 +1095,8 @@ fn add_wasi(d: &mut Defs<'_>) -> HResult<()> {
                     i32::try_from(n.checked_mul(8).ok_or(Status::BadArgument)?)
                         .map_err(|_| Status::BadArgument)?,
                 )?;
-                // At most MAX_LOG_LINE_BYTES (and one more, to see a cut) are
-                // kept, however many iovecs point wherever.
+                // At most MAX_LOG_LINE_BYTES are kept, however many iovecs
+                // point wherever.
                 let mut msg = Vec::new();
                 let mut written = 0u64;
                 for iov in table.chunks_exact(8) {
@@ -1104,12 +1104,12 @@ fn add_wasi(d: &mut Defs<'_>) -> HResult<()> {
                     let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
                     let data = slice(mem, ptr, len)?;
                     written = written.saturating_add(data.len() as u64);
-                    let room = (MAX_LOG_LINE_BYTES + 1).saturating_sub(msg.len());
+                    let room = MAX_LOG_LINE_BYTES.saturating_sub(msg.len());
                     msg.extend_from_slice(&data[..data.len().min(room)]);
                 }
                 slice(mem, ret_written, 4)?;
                 if admit_log(st, level) {
-                    let text = log_text(&msg);
+                    let text = log_text(&msg, written);
                     emit_log(&st.plugin.name, level, text.trim_end_matches('\n'));
                 }
                 put_u32(mem, ret_written, u32::try_from(written).unwrap_or(u32::MAX))
@@ -1184,4 +1184,33 @@ fn add_wasi(d: &mut Defs<'_>) -> HResult<()> {
         |_c: C<'_>, _fd: i32, _p: i32, _l: i32| -> i32 { errno::BADF },
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_are_cut_and_say_by_how_much() {
+        assert_eq!(log_text(b"hello", 5), "hello");
+        let long = vec![b'a'; MAX_LOG_LINE_BYTES + 10];
+        let t = log_text(&long, long.len() as u64);
+        assert!(t.ends_with("... [10 bytes cut]"), "{}", &t[t.len() - 30..]);
+        // Only part of a line at hand (fd_write keeps what it logs).
+        let t = log_text(b"abc", 1_000_003);
+        assert_eq!(t, "abc... [1000000 bytes cut]");
+    }
+
+    #[test]
+    fn guests_grow_maps_up_to_the_limit_or_what_they_were_given() {
+        assert_eq!(check_map_growth(10, MAX_MAP_BYTES), Ok(()));
+        assert_eq!(
+            check_map_growth(10, MAX_MAP_BYTES + 1),
+            Err(Status::InternalFailure)
+        );
+        // A map handed over larger than the limit may shrink or stay.
+        let big = MAX_MAP_BYTES * 2;
+        assert_eq!(check_map_growth(big, big), Ok(()));
+        assert_eq!(check_map_growth(big, big + 1), Err(Status::InternalFailure));
+    }
 }
