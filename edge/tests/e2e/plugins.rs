@@ -507,3 +507,50 @@ async fn an_allocator_changing_the_header_map_fails_the_request_by_policy() -> a
     }
     Ok(())
 }
+
+/// A request that finds no instance waits for one, up to `instance_wait`,
+/// then gets 503. Only `fresh_instance` plugins make requests hold an
+/// instance for their life (shared ones never run out: see above), so
+/// that is the case here: one instance slot, held by a slow request.
+#[tokio::test]
+async fn requests_wait_for_a_fresh_instance_up_to_instance_wait() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let dir = TempDir::new("plugins")?;
+    let add = write_plugin(&dir, "add", ADD_HEADER)?;
+    for (wait, expect) in [("5s", 200), ("50ms", 503)] {
+        let site = format!(
+            "pool = \"main\"\n[[sites.plugins]]\npath = \"{add}\"\nfailure = \"open\"\nfresh_instance = true\n"
+        );
+        let cfg = basic_config(
+            &[origin.url()],
+            &format!("[plugins]\nmax_instances = 1\ninstance_wait = \"{wait}\"\n"),
+        )
+        .replace("pool = \"main\"\n", &site);
+        let edge = Edge::start(&cfg)?;
+        let addr = edge.http();
+        let slow = tokio::spawn(async move { get_plain(addr, "t", "/slow?ms=700").await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t0 = std::time::Instant::now();
+        let r = get_plain(edge.http(), "t", "/hello").await?;
+        let waited = t0.elapsed();
+        assert_eq!(slow.await??.status, 200);
+        assert_eq!(r.status, expect, "instance_wait {wait}: {}", r.text());
+        let m = edge.metrics().await?;
+        if expect == 200 {
+            // It waited for the slow request to give the instance back.
+            assert!(waited >= Duration::from_millis(300), "{waited:?}");
+            assert!(
+                metric(
+                    &m,
+                    "meridian_plugin_results_total",
+                    &["\"waited-for-instance\""]
+                ) >= 1.0
+            );
+        } else {
+            assert!(metric(&m, "meridian_plugin_results_total", &["\"overloaded\""]) >= 1.0);
+        }
+        // Once the instance is free again, requests go through.
+        assert_eq!(get_plain(edge.http(), "t", "/hello").await?.status, 200);
+    }
+    Ok(())
+}
