@@ -77,8 +77,36 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # ratio A B : A/B with two decimals.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 
+# tree_pids PID : PID and all its descendants.
+tree_pids() {
+  echo "$1"
+  local c
+  for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do tree_pids "$c"; done
+}
+
+# tree_ticks PID : user+system clock ticks used by PID and its descendants
+# (nginx and Varnish serve from child processes).
+tree_ticks() {
+  local total=0 p t
+  for p in $(tree_pids "$1"); do
+    t=$(cpu_ticks "$p" 2>/dev/null || echo 0)
+    total=$((total + t))
+  done
+  echo "$total"
+}
+
+# us_per_req TICKS REQUESTS : server CPU microseconds per request.
+us_per_req() {
+  awk -v t="$1" -v n="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN { if (n > 0) printf "%.1f", t / hz * 1e6 / n; else print "-" }'
+}
+
 # edge_bin : builds the release binaries if missing; prints the edge's path.
+# EDGE_BIN=PATH uses that binary instead (an older build, to compare).
 edge_bin() {
+  if [ -n "${EDGE_BIN:-}" ]; then
+    echo "$EDGE_BIN"
+    return
+  fi
   (cd "$BENCH_DIR/.." && { [ -x target/release/meridian-edge ] && [ -x target/release/h3load ]; } \
     || cargo build --release -p meridian-edge -p meridian-bench >&2)
   echo "$BENCH_DIR/../target/release/meridian-edge"

@@ -72,6 +72,7 @@ http {
 CONF
 taskset -c 0 nginx -p "$WORK/ngx" -c "$WORK/ngx/nginx.conf" -g 'daemon off;' &
 BENCH_PIDS+=($!)
+PID_OF[$NGX]=$!
 
 # Varnish: memory (malloc) and disk (file) storage, one thread pool.
 for v in mem file; do
@@ -80,6 +81,7 @@ for v in mem file; do
   taskset -c 0 varnishd -F -n "$WORK/varnish-$v" -a "127.0.0.1:$port" -b "127.0.0.1:$ORIGIN" -s "$storage" \
     -p thread_pools=1 -p thread_pool_min=50 >/dev/null 2>&1 &
   BENCH_PIDS+=($!)
+  PID_OF[$port]=$!
 done
 
 # meridian-edge: one worker; memory tier, and a 1 MiB memory tier over disk.
@@ -108,6 +110,7 @@ origins = [{ url = "http://127.0.0.1:$ORIGIN" }]
 CONF
   taskset -c 0 "$EDGE" run --config "$WORK/edge-$m.toml" > "$WORK/edge-$m.out" 2>&1 &
   BENCH_PIDS+=($!)
+  PID_OF[$port]=$!
 done
 
 for port in $ORIGIN $NGX $VMEM $VFILE $MMEM $MDISK; do wait_http "http://127.0.0.1:$port/obj-1024-0"; done
@@ -125,33 +128,36 @@ LUA
 
 origin_requests() { wc -l < "$WORK/origin/access.log"; }
 
-# run PORT SIZE -> "rps p99ms origin_requests_during_run"
+# run PORT SIZE -> "rps p99ms origin_requests_during_run server_cpu_us_per_request"
 run() {
-  local port=$1 size=$2 before after out rps p99
+  local port=$1 size=$2 before after out rps p99 t0 t1 n
   OBJ_SIZE=$size OBJ_COUNT=${COUNT[$size]} taskset -c 1 wrk -t1 -c"$CONNS" -d3s -s "$WORK/rotate.lua" "http://127.0.0.1:$port" >/dev/null
   before=$(origin_requests)
+  t0=$(tree_ticks "${PID_OF[$port]}")
   out=$(OBJ_SIZE=$size OBJ_COUNT=${COUNT[$size]} taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$WORK/rotate.lua" "http://127.0.0.1:$port")
+  t1=$(tree_ticks "${PID_OF[$port]}")
+  n=$(echo "$out" | awk '/requests in/ {print $1}')
   after=$(origin_requests)
   if echo "$out" | grep -q "Non-2xx"; then echo "non-2xx responses from port $port" >&2; exit 1; fi
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p99=$(echo "$out" | awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub("us","",v); v=v/1000} else if (v ~ /ms$/) {sub("ms","",v)} else if (v ~ /s$/) {sub("s","",v); v=v*1000}; print v}')
-  echo "$rps $p99 $((after - before))"
+  echo "$rps $p99 $((after - before)) $(us_per_req $((t1 - t0)) "$n")"
 }
 
 echo
 echo "cache hits; one worker per proxy pinned to CPU 0, wrk and origin on CPU 1; $CONNS connections; ${DURATION}s per run; objects requested in rotation (1 KiB: ${COUNT[1024]} objects, 100 KiB: ${COUNT[102400]})"
 echo
-echo "| object | tier | meridian req/s | nginx req/s | varnish req/s | m/nginx | m/varnish | p99 ms m / n / v | origin requests during runs m / n / v |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| object | tier | meridian req/s | nginx req/s | varnish req/s | m/nginx | m/varnish | p99 ms m / n / v | server CPU µs/req m / n / v | origin requests during runs m / n / v |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for size in 1024 102400; do
   label=$([ $size = 1024 ] && echo "1 KiB" || echo "100 KiB")
-  read -r n_rps n_p99 n_o < <(run $NGX $size)
-  read -r mm_rps mm_p99 mm_o < <(run $MMEM $size)
-  read -r vm_rps vm_p99 vm_o < <(run $VMEM $size)
-  echo "| $label | memory | $mm_rps | $n_rps | $vm_rps | $(ratio "$mm_rps" "$n_rps") | $(ratio "$mm_rps" "$vm_rps") | $mm_p99 / $n_p99 / $vm_p99 | $mm_o / $n_o / $vm_o |"
-  read -r md_rps md_p99 md_o < <(run $MDISK $size)
-  read -r vf_rps vf_p99 vf_o < <(run $VFILE $size)
-  echo "| $label | disk | $md_rps | $n_rps | $vf_rps | $(ratio "$md_rps" "$n_rps") | $(ratio "$md_rps" "$vf_rps") | $md_p99 / $n_p99 / $vf_p99 | $md_o / $n_o / $vf_o |"
+  read -r n_rps n_p99 n_o n_cpu < <(run $NGX $size)
+  read -r mm_rps mm_p99 mm_o mm_cpu < <(run $MMEM $size)
+  read -r vm_rps vm_p99 vm_o vm_cpu < <(run $VMEM $size)
+  echo "| $label | memory | $mm_rps | $n_rps | $vm_rps | $(ratio "$mm_rps" "$n_rps") | $(ratio "$mm_rps" "$vm_rps") | $mm_p99 / $n_p99 / $vm_p99 | $mm_cpu / $n_cpu / $vm_cpu | $mm_o / $n_o / $vm_o |"
+  read -r md_rps md_p99 md_o md_cpu < <(run $MDISK $size)
+  read -r vf_rps vf_p99 vf_o vf_cpu < <(run $VFILE $size)
+  echo "| $label | disk | $md_rps | $n_rps | $vf_rps | $(ratio "$md_rps" "$n_rps") | $(ratio "$md_rps" "$vf_rps") | $md_p99 / $n_p99 / $vf_p99 | $md_cpu / $n_cpu / $vf_cpu | $md_o / $n_o / $vf_o |"
 done
 echo
 echo "meridian disk-tier hits during the runs: $(curl -s "http://127.0.0.1:$ADMIN2/cache" | tr -d ' \n' | sed -E 's/.*"disk":\{[^}]*"hits":([0-9]+).*/\1/')"

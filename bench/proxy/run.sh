@@ -55,6 +55,7 @@ http {
 CONF
 nginx -p "$WORK/proxy" -c "$WORK/proxy/nginx.conf" -g 'daemon off;' &
 BENCH_PIDS+=($!)
+NGINX_PID=$!
 
 cat > "$WORK/edge.toml" <<CONF
 [server]
@@ -83,6 +84,8 @@ origins = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
 CONF
 "$EDGE" run --config "$WORK/edge.toml" > "$WORK/edge.out" 2>&1 &
 BENCH_PIDS+=($!)
+EDGE_PID=$!
+declare -A PID_OF=([$NGINX_HTTP]=$NGINX_PID [$NGINX_TLS]=$NGINX_PID [$EDGE_HTTP]=$EDGE_PID [$EDGE_TLS]=$EDGE_PID)
 
 for port in $ORIGIN_PORT $NGINX_HTTP $EDGE_HTTP; do wait_http "http://127.0.0.1:$port/obj"; done
 for url in "http://127.0.0.1:$ORIGIN_PORT/obj" "http://127.0.0.1:$NGINX_HTTP/obj" "http://127.0.0.1:$EDGE_HTTP/obj" \
@@ -92,38 +95,44 @@ done
 
 # wrk: requests/s and p99 (ms).
 run_wrk() {
-  local out
+  local out t0 t1 n
+  t0=$(tree_ticks "${PID_OF[$1]}")
   out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/obj")
+  t1=$(tree_ticks "${PID_OF[$1]}")
+  n=$(echo "$out" | awk '/requests in/ {print $1}')
   if echo "$out" | grep -q "Non-2xx"; then echo "wrk saw non-2xx responses from port $1" >&2; exit 1; fi
   local rps p99
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p99=$(echo "$out" | awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub("us","",v); v=v/1000} else if (v ~ /ms$/) {sub("ms","",v)} else if (v ~ /s$/) {sub("s","",v); v=v*1000}; print v}')
-  echo "$rps $p99"
+  echo "$rps $p99 $(us_per_req $((t1 - t0)) "$n")"
 }
 # h2load: requests/s; p99 from the per-request latency log.
 run_h2() {
   local log="$WORK/h2load-$1.log"
-  local out
+  local out t0 t1 n
+  t0=$(tree_ticks "${PID_OF[$1]}")
   out=$(h2load -c"$CONNS" -m10 -t1 -D"$DURATION" --log-file="$log" "https://localhost:$1/obj" 2>&1)
+  t1=$(tree_ticks "${PID_OF[$1]}")
+  n=$(echo "$out" | awk '/^requests:/ {print $2}')
   echo "$out" | grep -q " 0 failed, 0 errored" || { echo "h2load saw failed requests: $(echo "$out" | grep '^requests:')" >&2; exit 1; }
   local rps p99
   rps=$(echo "$out" | awk '/^finished in/ {for (i=1;i<=NF;i++) if ($i ~ /req\/s,?$/) {v=$(i-1); sub(",","",v); print v}}')
   p99=$(awk '{print $3}' "$log" | sort -n | awk '{a[NR]=$1} END {i=int(NR*0.99); if (i<1) i=1; printf "%.2f", a[i]/1000}')
-  echo "$rps $p99"
+  echo "$rps $p99 $(us_per_req $((t1 - t0)) "$n")"
 }
 
 # Warm up both, then measure, alternating.
 wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$NGINX_HTTP/obj" >/dev/null
 wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$EDGE_HTTP/obj" >/dev/null
-read -r n_h1 n_h1_p99 < <(run_wrk $NGINX_HTTP)
-read -r m_h1 m_h1_p99 < <(run_wrk $EDGE_HTTP)
-read -r n_h2 n_h2_p99 < <(run_h2 $NGINX_TLS)
-read -r m_h2 m_h2_p99 < <(run_h2 $EDGE_TLS)
+read -r n_h1 n_h1_p99 n_h1_cpu < <(run_wrk $NGINX_HTTP)
+read -r m_h1 m_h1_p99 m_h1_cpu < <(run_wrk $EDGE_HTTP)
+read -r n_h2 n_h2_p99 n_h2_cpu < <(run_h2 $NGINX_TLS)
+read -r m_h2 m_h2_p99 m_h2_cpu < <(run_h2 $EDGE_TLS)
 
 echo
 echo "proxy, no cache; ${SIZE}-byte object; $WORKERS worker(s) each; $CONNS connections; ${DURATION}s per run; $(nproc) cores shared by origin, proxy and load generator"
 echo
-echo "| protocol (tool) | nginx req/s | meridian req/s | ratio m/n | nginx p99 ms | meridian p99 ms | ratio m/n |"
-echo "|---|---|---|---|---|---|---|"
-echo "| HTTP/1.1 (wrk) | $n_h1 | $m_h1 | $(ratio "$m_h1" "$n_h1") | $n_h1_p99 | $m_h1_p99 | $(ratio "$m_h1_p99" "$n_h1_p99") |"
-echo "| HTTP/2 TLS (h2load -m10) | $n_h2 | $m_h2 | $(ratio "$m_h2" "$n_h2") | $n_h2_p99 | $m_h2_p99 | $(ratio "$m_h2_p99" "$n_h2_p99") |"
+echo "| protocol (tool) | nginx req/s | meridian req/s | ratio m/n | nginx p99 ms | meridian p99 ms | ratio m/n | server CPU µs/req n / m |"
+echo "|---|---|---|---|---|---|---|---|"
+echo "| HTTP/1.1 (wrk) | $n_h1 | $m_h1 | $(ratio "$m_h1" "$n_h1") | $n_h1_p99 | $m_h1_p99 | $(ratio "$m_h1_p99" "$n_h1_p99") | $n_h1_cpu / $m_h1_cpu |"
+echo "| HTTP/2 TLS (h2load -m10) | $n_h2 | $m_h2 | $(ratio "$m_h2" "$n_h2") | $n_h2_p99 | $m_h2_p99 | $(ratio "$m_h2_p99" "$n_h2_p99") | $n_h2_cpu / $m_h2_cpu |"
