@@ -6,7 +6,7 @@ use http::{HeaderMap, HeaderValue, header::AGE};
 
 use super::directives::{DELTA_SECONDS_CAP, parse_delta_seconds};
 use super::freshness::date_value;
-use super::{StoredResponse, secs_between, split_list, unix_secs};
+use super::{StoredResponse, list_elements, secs_between, unix_secs};
 
 /// The intermediate values of RFC 9111 §4.2.3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,17 +23,20 @@ pub struct AgeCalculation {
     pub current_age: Duration,
 }
 
-/// The `Age` field value: invalid counts as absent (0), several values take
-/// the largest, overflow saturates at 2^31.
+/// The `Age` field value (RFC 9111 §5.1). `Age` is a singleton, but "a
+/// cache encountering a message with a list-based Age field value SHOULD use
+/// the first member of the field value, discarding subsequent ones"; several
+/// field lines form one list (RFC 9110 §5.3), so the first member of the
+/// first line is used. If that member is invalid (not `1*DIGIT`) "a cache
+/// SHOULD ignore the field": it counts as absent (0). Values beyond 2^31
+/// saturate (§1.2.2).
 pub fn age_value(headers: &HeaderMap) -> Duration {
-    let max = headers
-        .get_all(AGE)
-        .iter()
-        .flat_map(|v| split_list(v.as_bytes()))
-        .filter_map(|e| std::str::from_utf8(e).ok().and_then(parse_delta_seconds))
-        .max()
+    let first = list_elements(headers, &AGE)
+        .first()
+        .and_then(|e| std::str::from_utf8(e).ok())
+        .and_then(parse_delta_seconds)
         .unwrap_or(0);
-    Duration::from_secs(u64::from(max))
+    Duration::from_secs(u64::from(first))
 }
 
 /// Runs the §4.2.3 calculation for `stored` at `now`.
@@ -135,13 +138,49 @@ mod tests {
     }
 
     #[test]
-    fn rfc9111_5_1_age_value_invalid_is_zero_multiple_takes_max_overflow_saturates() {
-        assert_eq!(age_value(&headers(&[("age", "abc")])), Duration::ZERO);
+    fn rfc9111_5_1_list_age_uses_the_first_member() {
+        // "SHOULD use the first member of the field value, discarding
+        // subsequent ones" (§5.1).
+        assert_eq!(age_value(&headers(&[("age", "5, 7")])), secs(5));
+        assert_eq!(age_value(&headers(&[("age", "7200, 0")])), secs(7200));
+        assert_eq!(age_value(&headers(&[("age", "0,7200")])), Duration::ZERO);
+        // Empty list elements are not members (RFC 9110 §5.6.1).
+        assert_eq!(age_value(&headers(&[("age", " , 9")])), secs(9));
+    }
+
+    #[test]
+    fn rfc9111_5_1_several_age_lines_use_the_first() {
+        // Several lines are one list (RFC 9110 §5.3): the first line's value.
+        assert_eq!(age_value(&headers(&[("age", "5"), ("age", "50")])), secs(5));
         assert_eq!(
-            age_value(&headers(&[("age", "5"), ("age", "50")])),
-            secs(50)
+            age_value(&headers(&[("age", "0"), ("age", "7200")])),
+            Duration::ZERO
         );
-        assert_eq!(age_value(&headers(&[("age", "5, 7")])), secs(7));
+    }
+
+    #[test]
+    fn rfc9111_5_1_invalid_age_is_ignored() {
+        // "If the field value (after discarding additional members ...) is
+        // invalid ..., a cache SHOULD ignore the field" (§5.1).
+        for bad in ["abc", "-7200", "7200.0", "+5", "5s", "abc, 7200", "\"5\""] {
+            assert_eq!(
+                age_value(&headers(&[("age", bad)])),
+                Duration::ZERO,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            age_value(&headers(&[("age", "x"), ("age", "7200")])),
+            Duration::ZERO
+        );
+        // An ignored Age leaves the age to Date and the response delay.
+        let d = date(-30);
+        let s = stored(&[("date", d.as_str()), ("age", "abc, 7200")], -2, 0);
+        assert_eq!(calculate_age(&s, at(0)).current_age, secs(30));
+    }
+
+    #[test]
+    fn rfc9111_1_2_2_age_overflow_saturates_at_2_pow_31() {
         assert_eq!(
             age_value(&headers(&[("age", "99999999999999999999")])),
             secs(u64::from(DELTA_SECONDS_CAP))

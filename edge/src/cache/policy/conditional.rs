@@ -288,22 +288,55 @@ pub fn select_stored_for_update(
     }
 }
 
-/// Fields a 304 must not update (RFC 9111 §3.2): `Content-Length`, fields
-/// the stored body depends on (`Content-Encoding`, `Content-Range`), and
-/// fields excluded from storage (hop-by-hop, `Connection`-listed, qualified
-/// `private`).
-fn excluded_from_update(not_modified: &HeaderMap) -> Vec<HeaderName> {
+/// Fields a 304 does not update (RFC 9111 §3.2). The cache "MUST add each
+/// header field in the provided response to the stored response, replacing
+/// field values that are already present", except:
+///
+/// * fields excepted from storage (§3.1): hop-by-hop, `Connection`-listed,
+///   proxy-specific (`Proxy-Authenticate`, `Proxy-Authentication-Info`,
+///   `Proxy-Authorization`) and qualified-`private` fields;
+/// * `Content-Length` (the stored body keeps its length);
+/// * `Content-Range`, a field "automatically processed and removed" that
+///   implementations "MAY automatically omit ... from updates" (a stored
+///   response is always a complete 200);
+/// * `Content-Encoding` only when it would name another coding than the
+///   stored one: the stored bytes are in the stored coding (and store-phase
+///   plugins may have processed them because of it), so relabelling them
+///   would break "integrity of the stored response", the one ground §3.2
+///   gives for omitting a field. The same coding (`identity` being none) is
+///   updated like any other field.
+///
+/// Everything else is updated, `Content-*` fields included ("the Content-*
+/// prefix is not a signal that a header field is omitted from update").
+fn excluded_from_update(stored: &HeaderMap, not_modified: &HeaderMap) -> Vec<HeaderName> {
     let mut out = fields_excluded_from_storage(not_modified);
-    out.extend([CONTENT_LENGTH, CONTENT_ENCODING, CONTENT_RANGE]);
+    out.extend([CONTENT_LENGTH, CONTENT_RANGE]);
+    if not_modified.contains_key(CONTENT_ENCODING)
+        && content_codings(stored) != content_codings(not_modified)
+    {
+        out.push(CONTENT_ENCODING);
+    }
     out
 }
 
+/// The content codings a header section applies, in order, lowercased and
+/// without `identity` (RFC 9110 §8.4: codings are case-insensitive and
+/// `identity` is no coding).
+fn content_codings(headers: &HeaderMap) -> Vec<Vec<u8>> {
+    list_elements(headers, &CONTENT_ENCODING)
+        .into_iter()
+        .map(<[u8]>::to_ascii_lowercase)
+        .filter(|c| c != b"identity")
+        .collect()
+}
+
 /// Replaces stored fields with those present in the 304, field by field
-/// (all lines of a field are replaced together), except `Content-Length`,
-/// `Content-Encoding`, `Content-Range` and fields excluded from storage
-/// (hop-by-hop, `Connection`-listed, qualified `private`).
+/// (all lines of a field are replaced together), except the fields
+/// [`excluded_from_update`] lists: those excepted from storage,
+/// `Content-Length`, `Content-Range`, and a `Content-Encoding` naming
+/// another coding than the stored one (RFC 9111 §3.2).
 pub fn merge_not_modified_headers(stored: &mut HeaderMap, not_modified: &HeaderMap) {
-    let excluded = excluded_from_update(not_modified);
+    let excluded = excluded_from_update(stored, not_modified);
     for name in not_modified.keys() {
         if excluded.contains(name) {
             continue;
@@ -627,7 +660,89 @@ mod tests {
     }
 
     #[test]
-    fn rfc9111_3_2_merge_replaces_fields_except_content_length_and_encoding() {
+    fn rfc9111_3_2_merge_updates_every_field_but_the_excepted_ones() {
+        // As the update tests of a conformance suite do: each field the 304
+        // carries replaces the stored one, Content-* fields included.
+        let mut s = headers(&[
+            ("cache-control", "max-age=1"),
+            ("content-type", "text/plain"),
+            ("content-location", "/foo"),
+            ("content-md5", "rL0Y20zC+Fzt72VPzMSk2A=="),
+            ("content-language", "en"),
+            ("content-disposition", "inline"),
+            ("content-security-policy", "default-src 'self'"),
+            ("x-frame-options", "deny"),
+            ("expires", &date(1)),
+            ("content-length", "100"),
+            ("x-kept", "k"),
+        ]);
+        let nm = headers(&[
+            ("cache-control", "max-age=3600"),
+            ("content-type", "text/plain;charset=utf-8"),
+            ("content-location", "/bar"),
+            ("content-md5", "N7UdGUp1E+RbVvZSTy1R8g=="),
+            ("content-language", "fr"),
+            ("content-disposition", "attachment"),
+            (
+                "content-security-policy",
+                "default-src 'self' cdn.example.com",
+            ),
+            ("x-frame-options", "sameorigin"),
+            ("expires", &date(3600)),
+            ("content-length", "0"),
+            ("content-range", "bytes 0-1/100"),
+            ("proxy-authenticate", "Basic"),
+            ("proxy-authentication-info", "nextnonce=\"x\""),
+            ("keep-alive", "timeout=5"),
+        ]);
+        merge_not_modified_headers(&mut s, &nm);
+        for name in [
+            "cache-control",
+            "content-type",
+            "content-location",
+            "content-md5",
+            "content-language",
+            "content-disposition",
+            "content-security-policy",
+            "x-frame-options",
+            "expires",
+        ] {
+            assert_eq!(s.get(name), nm.get(name), "{name} updated");
+        }
+        assert_eq!(s.get(CONTENT_LENGTH).expect("cl"), "100");
+        assert_eq!(s.get("x-kept").expect("kept"), "k");
+        // Excepted from storage (§3.1), and Content-Range (MAY omit).
+        for name in [
+            "content-range",
+            "proxy-authenticate",
+            "proxy-authentication-info",
+            "keep-alive",
+        ] {
+            assert!(!s.contains_key(name), "{name} not stored");
+        }
+    }
+
+    #[test]
+    fn rfc9111_3_2_content_encoding_updates_unless_it_relabels_the_stored_bytes() {
+        // Same coding, written differently: updated.
+        let mut s = headers(&[("content-encoding", "gzip")]);
+        merge_not_modified_headers(&mut s, &headers(&[("content-encoding", "GZIP")]));
+        assert_eq!(s.get(CONTENT_ENCODING).expect("ce"), "GZIP");
+        // `identity` is no coding: the same as none.
+        let mut s = headers(&[("content-type", "text/plain")]);
+        merge_not_modified_headers(&mut s, &headers(&[("content-encoding", "identity")]));
+        assert_eq!(s.get(CONTENT_ENCODING).expect("ce"), "identity");
+        // Another coding would mislabel the stored bytes: kept as stored.
+        let mut s = headers(&[("content-encoding", "gzip")]);
+        merge_not_modified_headers(&mut s, &headers(&[("content-encoding", "br")]));
+        assert_eq!(s.get(CONTENT_ENCODING).expect("ce"), "gzip");
+        let mut s = headers(&[("content-type", "text/plain")]);
+        merge_not_modified_headers(&mut s, &headers(&[("content-encoding", "gzip")]));
+        assert!(!s.contains_key(CONTENT_ENCODING));
+    }
+
+    #[test]
+    fn rfc9111_3_2_merge_replaces_whole_fields_and_drops_connection_listed_ones() {
         let mut s = headers(&[
             ("cache-control", "max-age=10"),
             ("content-length", "100"),

@@ -3,10 +3,15 @@
 //! All three formats are accepted: IMF-fixdate
 //! (`Sun, 06 Nov 1994 08:49:37 GMT`), the obsolete rfc850 form
 //! (`Sunday, 06-Nov-94 08:49:37 GMT`) and asctime
-//! (`Sun Nov  6 08:49:37 1994`). Parsing is case-sensitive as the grammar
-//! requires. Weekday names must be valid but are not cross-checked against
-//! the date (senders get this wrong and it carries no information). A
-//! leap second (`:60`) is accepted and folded into the next second.
+//! (`Sun Nov  6 08:49:37 1994`). Day names, month names and the zone match
+//! case-insensitively: HTTP-date is case-sensitive, but "a cache recipient
+//! SHOULD match the field value case-insensitively" (RFC 9111 §4.2, to
+//! which RFC 9110 §5.6.7 points), and every recipient of a date here is the
+//! cache. A zone other than `GMT` stays invalid ("SHOULD consider a date
+//! with a zone abbreviation other than "GMT" to be invalid for calculating
+//! expiration", §4.2). Weekday names must be valid but are not cross-checked
+//! against the date (senders get this wrong and it carries no information).
+//! A leap second (`:60`) is accepted and folded into the next second.
 
 use std::time::SystemTime;
 
@@ -61,7 +66,7 @@ pub fn fmt_http_date(t: SystemTime) -> String {
 
 fn parse_imf_fixdate(s: &[u8]) -> Option<i64> {
     // Sun, 06 Nov 1994 08:49:37 GMT
-    if s.len() != 29 || s.get(3..5)? != b", " || &s[25..] != b" GMT" {
+    if s.len() != 29 || s.get(3..5)? != b", " || !s[25..].eq_ignore_ascii_case(b" GMT") {
         return None;
     }
     short_day(&s[0..3])?;
@@ -78,7 +83,10 @@ fn parse_imf_fixdate(s: &[u8]) -> Option<i64> {
 fn parse_rfc850(s: &[u8], reference: SystemTime) -> Option<i64> {
     // Sunday, 06-Nov-94 08:49:37 GMT
     let comma = s.iter().position(|&b| b == b',')?;
-    if !DAY_NAMES_LONG.contains(&&s[..comma]) {
+    if !DAY_NAMES_LONG
+        .iter()
+        .any(|d| d.eq_ignore_ascii_case(&s[..comma]))
+    {
         return None;
     }
     let rest = s.get(comma + 1..)?;
@@ -86,7 +94,7 @@ fn parse_rfc850(s: &[u8], reference: SystemTime) -> Option<i64> {
     if rest.len() != 22 || rest[2] != b'-' || rest[6] != b'-' || rest[9] != b' ' {
         return None;
     }
-    if &rest[18..] != b" GMT" {
+    if !rest[18..].eq_ignore_ascii_case(b" GMT") {
         return None;
     }
     let day = digits(&rest[0..2])?;
@@ -121,11 +129,14 @@ fn parse_asctime(s: &[u8]) -> Option<i64> {
 }
 
 fn short_day(s: &[u8]) -> Option<()> {
-    DAY_NAMES.iter().any(|d| &d[..] == s).then_some(())
+    DAY_NAMES
+        .iter()
+        .any(|d| d.eq_ignore_ascii_case(s))
+        .then_some(())
 }
 
 fn month(s: &[u8]) -> Option<i64> {
-    let idx = MONTHS.iter().position(|m| &m[..] == s)?;
+    let idx = MONTHS.iter().position(|m| m.eq_ignore_ascii_case(s))?;
     i64::try_from(idx + 1).ok()
 }
 
@@ -244,15 +255,51 @@ mod tests {
             "-1",
             "",
             "Sun, 06 Nov 1994 08:49:37 UTC",
-            "sun, 06 Nov 1994 08:49:37 GMT",
             "Sun, 31 Nov 1994 08:49:37 GMT",
             "Sun, 29 Feb 1995 08:49:37 GMT",
             "Sun, 06 Nov 1994 24:00:00 GMT",
             "Sun, 06 Nov 94 08:49:37 GMT",
             "Xyz, 06 Nov 1994 08:49:37 GMT",
             "Sun, 06 Nov 1994 08:49:37 GMT junk",
+            "Sun, 06 Nov 1994 08:49:37 gmt+1",
+            "Sunday, 06-Nov-94 08:49:37 utc",
+            "Sux, 06 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nox 1994 08:49:37 GMT",
         ] {
             assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn rfc9111_4_2_names_and_zone_match_case_insensitively() {
+        // "Although all date formats are specified to be case-sensitive, a
+        // cache recipient SHOULD match the field value case-insensitively."
+        for s in [
+            "sun, 06 nov 1994 08:49:37 gmt",
+            "SUN, 06 NOV 1994 08:49:37 GMT",
+            "sUn, 06 NoV 1994 08:49:37 Gmt",
+            "SUNDAY, 06-NOV-94 08:49:37 GMT",
+            "sunday, 06-nov-94 08:49:37 gmt",
+            "sun nov  6 08:49:37 1994",
+            "SUN NOV  6 08:49:37 1994",
+        ] {
+            assert_eq!(parse(s), Some(RFC_EXAMPLE), "{s:?}");
+        }
+        assert_eq!(
+            parse("thu, 01 jan 2099 00:00:00 gmt"),
+            parse("Thu, 01 Jan 2099 00:00:00 GMT")
+        );
+    }
+
+    #[test]
+    fn rfc9111_4_2_zone_other_than_gmt_is_invalid() {
+        for s in [
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "sun, 06 nov 1994 08:49:37 utc",
+            "Sun, 06 Nov 1994 08:49:37 EST",
+            "Sunday, 06-Nov-94 08:49:37 UT",
+        ] {
+            assert_eq!(parse(s), None, "{s:?}");
         }
     }
 

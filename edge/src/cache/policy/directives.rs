@@ -7,14 +7,25 @@
 //! * directive names are matched case-insensitively;
 //! * both token and quoted-string arguments are accepted for every directive
 //!   (§5.2: "recipients ought to accept both forms");
-//! * OWS around `=` is tolerated; empty list elements are skipped;
+//! * the grammar has no whitespace around `=`: `max-age =5` or `max-age= 5`
+//!   is a malformed element, handled like any other invalid value (for
+//!   `max-age` / `s-maxage`: stale, §4.2.1); empty list elements are skipped;
 //! * multiple field lines are processed as one list (RFC 9110 §5.3);
 //! * unknown extensions are ignored;
 //! * `delta-seconds` (§1.2.2) must be `1*DIGIT`; values above 2^31 saturate
 //!   at 2^31 ([`DELTA_SECONDS_CAP`]).
 //!
 //! Duplicate and invalid directives are resolved as documented in the parent
-//! module (stale for freshness directives, otherwise most restrictive).
+//! module, after RFC 9111 §4.2.1: a freshness directive (`max-age`,
+//! `s-maxage`) repeated with different values or with an invalid value makes
+//! the response stale ("either the first occurrence should be used or the
+//! response should be considered stale"; "Caches are encouraged to consider
+//! responses that have invalid freshness information ... to be stale");
+//! identical repeats are the first occurrence. Other repeated directives take
+//! the most restrictive value; for the stale-serving allowances
+//! `stale-while-revalidate` / `stale-if-error` an invalid occurrence drops
+//! the allowance, the most restrictive reading of a self-contradicting
+//! field.
 
 use http::{HeaderMap, HeaderName, header::CACHE_CONTROL};
 
@@ -168,7 +179,8 @@ fn parse_element(elem: &[u8]) -> Option<RawDirective> {
         return None;
     }
     let name = String::from_utf8_lossy(&elem[..name_len]).to_ascii_lowercase();
-    let rest = trim_ows(&elem[name_len..]);
+    // `token [ "=" ( token / quoted-string ) ]`: no whitespace around `=`.
+    let rest = &elem[name_len..];
     if rest.is_empty() {
         return Some(RawDirective {
             name,
@@ -183,7 +195,6 @@ fn parse_element(elem: &[u8]) -> Option<RawDirective> {
             malformed: true,
         });
     };
-    let arg = trim_ows(arg);
     let (value, malformed) = if let Some(q) = arg.strip_prefix(b"\"") {
         unquote(q)
     } else {
@@ -292,6 +303,28 @@ impl FreshnessAcc {
     }
 }
 
+/// Accumulates occurrences of a stale-serving allowance
+/// (`stale-while-revalidate`, `stale-if-error`): repeats take the minimum,
+/// and an invalid occurrence drops the allowance (most restrictive, §4.2.1).
+#[derive(Default)]
+struct AllowanceAcc {
+    value: Option<u32>,
+    invalid: bool,
+}
+
+impl AllowanceAcc {
+    fn add(&mut self, d: &RawDirective) {
+        match delta_of(d) {
+            Some(v) => self.value = min_opt(self.value, Some(v)),
+            None => self.invalid = true,
+        }
+    }
+
+    fn finish(self) -> Option<u32> {
+        if self.invalid { None } else { self.value }
+    }
+}
+
 fn min_opt(a: Option<u32>, b: Option<u32>) -> Option<u32> {
     match (a, b) {
         (Some(x), Some(y)) => Some(x.min(y)),
@@ -323,6 +356,8 @@ impl ResponseDirectives {
         let mut out = Self::default();
         let mut max_age = FreshnessAcc::default();
         let mut s_maxage = FreshnessAcc::default();
+        let mut swr = AllowanceAcc::default();
+        let mut sie = AllowanceAcc::default();
         for d in raw_directives(lines) {
             match d.name.as_str() {
                 "max-age" => max_age.add(&d),
@@ -336,15 +371,13 @@ impl ResponseDirectives {
                 "must-understand" => out.must_understand |= !d.malformed,
                 "public" => out.public |= !d.malformed,
                 "immutable" => out.immutable |= !d.malformed,
-                "stale-while-revalidate" => {
-                    out.stale_while_revalidate = min_opt(out.stale_while_revalidate, delta_of(&d));
-                }
-                "stale-if-error" => {
-                    out.stale_if_error = min_opt(out.stale_if_error, delta_of(&d));
-                }
+                "stale-while-revalidate" => swr.add(&d),
+                "stale-if-error" => sie.add(&d),
                 _ => {}
             }
         }
+        out.stale_while_revalidate = swr.finish();
+        out.stale_if_error = sie.finish();
         out.max_age = max_age.finish(&mut out.freshness_conflict);
         out.s_maxage = s_maxage.finish(&mut out.freshness_conflict);
         out
@@ -432,10 +465,66 @@ mod tests {
 
     #[test]
     fn rfc9111_5_2_quoted_string_arguments_accepted_for_delta_seconds() {
-        let d = ResponseDirectives::parse(r#"max-age="120", s-maxage = 30"#);
+        // "recipients ought to accept both forms, even if a specific form is
+        // required for a given directive" (§5.2).
+        let d = ResponseDirectives::parse(r#"max-age="120", s-maxage=30"#);
         assert_eq!(d.max_age, Some(120));
         assert_eq!(d.s_maxage, Some(30));
         assert!(!d.freshness_conflict);
+        let d = ResponseDirectives::parse(r#"s-maxage="30", stale-if-error="9""#);
+        assert_eq!(d.s_maxage, Some(30));
+        assert_eq!(d.stale_if_error, Some(9));
+    }
+
+    #[test]
+    fn rfc9111_5_2_whitespace_around_equals_is_invalid() {
+        // `cache-directive = token [ "=" ( token / quoted-string ) ]` has no
+        // OWS around "=": the value is invalid, so the response is stale
+        // (§4.2.1) rather than fresh for an hour.
+        for cc in [
+            "max-age =3600",
+            "max-age= 3600",
+            "max-age = 3600",
+            "max-age\t=3600",
+            r#"max-age= "3600""#,
+        ] {
+            let d = ResponseDirectives::parse(cc);
+            assert_eq!(d.max_age, Some(0), "{cc:?}");
+            assert!(d.freshness_conflict, "{cc:?}");
+        }
+        assert_eq!(ResponseDirectives::parse("s-maxage =60").s_maxage, Some(0));
+        // A broken allowance is not granted; a broken restriction still is.
+        let d = ResponseDirectives::parse("stale-while-revalidate =60, no-store =x");
+        assert_eq!(d.stale_while_revalidate, None);
+        assert!(d.no_store);
+        // Request side: an invalid max-age is the most restrictive (0).
+        assert_eq!(RequestDirectives::parse("max-age =60").max_age, Some(0));
+        assert_eq!(RequestDirectives::parse("max-stale= 60").max_stale, None);
+    }
+
+    #[test]
+    fn rfc9111_1_2_2_delta_seconds_is_digits_only() {
+        // `delta-seconds = 1*DIGIT`: leading zeros are digits; a sign, a
+        // fraction, letters or single quotes are not. Invalid means stale.
+        assert_eq!(
+            ResponseDirectives::parse("max-age=003600").max_age,
+            Some(3600)
+        );
+        for cc in [
+            "max-age=3600a",
+            "max-age=a3600",
+            "max-age=3600.0",
+            "max-age=3600.5",
+            "max-age='3600'",
+            "max-age=-1",
+            r#"max-age="""#,
+            r#"max-age="3600"#,
+            r#"max-age="36 00""#,
+        ] {
+            let d = ResponseDirectives::parse(cc);
+            assert_eq!(d.max_age, Some(0), "{cc:?}");
+            assert!(d.freshness_conflict, "{cc:?}");
+        }
     }
 
     #[test]
@@ -481,6 +570,24 @@ mod tests {
         let d = ResponseDirectives::from_headers(&h);
         assert_eq!(d.max_age, Some(0));
         assert!(d.freshness_conflict);
+    }
+
+    #[test]
+    fn rfc9111_4_2_1_repeated_max_age_with_different_values_means_stale() {
+        // "either the first occurrence should be used or the response should
+        // be considered stale": Meridian considers it stale, whichever value
+        // comes first and whether on one line or several.
+        for lines in [
+            &["max-age=3600, max-age=1"][..],
+            &["max-age=1, max-age=3600"],
+            &["max-age=3600", "max-age=1"],
+            &["max-age=1", "max-age=3600"],
+            &["max-age=3600", "max-age=abc"],
+        ] {
+            let d = ResponseDirectives::parse_lines(lines.iter().map(|l| l.as_bytes()));
+            assert_eq!(d.max_age, Some(0), "{lines:?}");
+            assert!(d.freshness_conflict, "{lines:?}");
+        }
     }
 
     #[test]
@@ -585,6 +692,29 @@ mod tests {
         assert_eq!(d.stale_if_error, Some(600));
         let d = ResponseDirectives::parse("stale-while-revalidate=abc");
         assert_eq!(d.stale_while_revalidate, None);
+    }
+
+    #[test]
+    fn rfc9111_4_2_1_an_invalid_repeat_drops_a_stale_allowance() {
+        // Most restrictive of {invalid (no allowance), 30}: no allowance.
+        for cc in [
+            "stale-while-revalidate=abc, stale-while-revalidate=30",
+            "stale-while-revalidate=30, stale-while-revalidate",
+            "stale-while-revalidate=30, stale-while-revalidate= 30",
+        ] {
+            assert_eq!(
+                ResponseDirectives::parse(cc).stale_while_revalidate,
+                None,
+                "{cc:?}"
+            );
+        }
+        let h = headers(&[
+            ("cache-control", "max-age=1, stale-if-error=600"),
+            ("cache-control", "stale-if-error=10s"),
+        ]);
+        assert_eq!(ResponseDirectives::from_headers(&h).stale_if_error, None);
+        let d = ResponseDirectives::parse("stale-if-error=600, stale-if-error=\"60\"");
+        assert_eq!(d.stale_if_error, Some(60));
     }
 
     #[test]

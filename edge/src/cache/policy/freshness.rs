@@ -245,6 +245,35 @@ mod tests {
     }
 
     #[test]
+    fn rfc9111_4_2_expires_names_match_case_insensitively() {
+        // "a cache recipient SHOULD match the field value case-insensitively"
+        // (§4.2): `Expires - Date` is the same whatever the case of the day,
+        // month and zone names.
+        let (exp, d) = (date(1000), date(0));
+        for e in [exp.to_ascii_lowercase(), exp.to_ascii_uppercase()] {
+            let f = ok(&[("expires", e.as_str()), ("date", d.as_str())]);
+            assert_eq!(
+                f,
+                Freshness {
+                    lifetime: secs(1000),
+                    source: FreshnessSource::Expires
+                },
+                "{e:?}"
+            );
+        }
+        // So is Date (and Last-Modified for the heuristic).
+        let (lm, d) = (
+            date(-10_000).to_ascii_lowercase(),
+            date(0).to_ascii_uppercase(),
+        );
+        let f = ok(&[("last-modified", lm.as_str()), ("date", d.as_str())]);
+        assert_eq!(f.lifetime, secs(1_000));
+        // A zone other than GMT stays invalid: already expired (§4.2, §5.3).
+        let utc = exp.replace("GMT", "UTC");
+        assert_eq!(ok(&[("expires", utc.as_str())]).lifetime, Duration::ZERO);
+    }
+
+    #[test]
     fn rfc9111_4_2_1_conflicting_expires_lines_mean_stale() {
         let (a, b) = (date(100), date(200));
         assert_eq!(

@@ -183,13 +183,17 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Field names that must be removed before storing a response: hop-by-hop
-/// fields, fields named in `Connection`, and fields listed in a qualified
-/// `private` (RFC 9111 §5.2.2.7). `Trailer` is kept (it describes the body).
+/// fields, the proxy-specific fields RFC 9111 §3.1 names
+/// (`Proxy-Authenticate`, `Proxy-Authentication-Info`,
+/// `Proxy-Authorization`), fields named in `Connection`, and fields listed in
+/// a qualified `private` (RFC 9111 §5.2.2.7). `Trailer` is kept (it
+/// describes the body).
 pub fn fields_excluded_from_storage(headers: &HeaderMap) -> Vec<HeaderName> {
     let mut out: Vec<HeaderName> = HOP_BY_HOP
         .iter()
         .map(|n| HeaderName::from_static(n))
         .collect();
+    out.push(HeaderName::from_static("proxy-authentication-info"));
     for elem in list_elements(headers, &CONNECTION) {
         if let Ok(name) = HeaderName::from_bytes(trim_ows(elem))
             && !out.contains(&name)
@@ -353,6 +357,21 @@ mod tests {
         prepare_headers_for_storage(&mut h);
         assert!(!h.contains_key("x-user"));
         assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn rfc9111_3_1_proxy_specific_fields_are_not_stored() {
+        // "Effectively, this is limited to Proxy-Authenticate ...,
+        // Proxy-Authentication-Info ..., and Proxy-Authorization".
+        let mut h = headers(&[
+            ("proxy-authenticate", "Basic"),
+            ("proxy-authentication-info", "nextnonce=\"x\""),
+            ("proxy-authorization", "Basic eA=="),
+            ("authentication-info", "nextnonce=\"y\""),
+        ]);
+        prepare_headers_for_storage(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("authentication-info"));
     }
 
     #[test]

@@ -12,11 +12,17 @@
 //!   in parameters (`gzip ; q=0.5`) is removed;
 //! * `Accept-Encoding`, `Accept-Language` and `Accept-Charset` are
 //!   lowercased (content-codings, language tags and charsets are
-//!   case-insensitive). `Accept` is not lowercased (parameter values may be
-//!   case-sensitive).
+//!   case-insensitive: RFC 9110 §8.4.1, §8.5.1, RFC 4647 §2, and ABNF
+//!   strings such as `q=` are case-insensitive). In `Accept` only the media
+//!   range and parameter names are lowercased (RFC 9110 §8.3.1, §5.6.6);
+//!   parameter values may be case-sensitive and are kept;
+//! * a weight (`;q=`, RFC 9110 §12.4.2) is written canonically: `q=0.50`
+//!   and `q=0.500` are `q=0.5`, `q=0.` is `q=0`, and a final `q=1` (or
+//!   `q=1.000`) is dropped, 1 being the default weight. An invalid qvalue
+//!   is kept verbatim.
 //!
-//! Not done: reordering list members (order can carry preference) and any
-//! q-value canonicalisation. A field absent from the request is distinct
+//! Not done: reordering list members (order can carry preference). A field
+//! absent from the request is distinct
 //! from a field present with an empty value. `Vary` field names are
 //! lowercased, deduplicated and sorted; an invalid name in `Vary` is
 //! treated like `*` (never matches) rather than guessing.
@@ -78,7 +84,7 @@ pub fn normalized_field_value(name: &HeaderName, req_headers: &HeaderMap) -> Opt
     let mut out = if LIST_FIELDS.contains(&name.as_str()) {
         let elems: Vec<Vec<u8>> = split_list(&combined)
             .into_iter()
-            .map(|e| collapse_ws(e, true))
+            .map(|e| normalize_element(&collapse_ws(e, true)))
             .filter(|e| !e.is_empty())
             .collect();
         elems.join(&b", "[..])
@@ -89,6 +95,96 @@ pub fn normalized_field_value(name: &HeaderName, req_headers: &HeaderMap) -> Opt
         out.make_ascii_lowercase();
     }
     Some(out)
+}
+
+/// Normalises one element of an `Accept*` list (whitespace already
+/// collapsed): lowercases the value before the first `;` and the parameter
+/// names, and writes the weight canonically (see the module docs).
+fn normalize_element(elem: &[u8]) -> Vec<u8> {
+    let segments = split_params(elem);
+    let last = segments.len() - 1;
+    let mut out = Vec::with_capacity(elem.len());
+    for (i, seg) in segments.iter().enumerate() {
+        if i == 0 {
+            out.extend(seg.iter().map(u8::to_ascii_lowercase));
+            continue;
+        }
+        let (pname, value) = match seg.iter().position(|&b| b == b'=') {
+            Some(eq) => (&seg[..eq], Some(&seg[eq + 1..])),
+            None => (*seg, None),
+        };
+        if pname.eq_ignore_ascii_case(b"q")
+            && let Some(millis) = value.and_then(qvalue_millis)
+        {
+            if millis == 1000 && i == last {
+                continue;
+            }
+            out.extend_from_slice(b";q=");
+            out.extend_from_slice(fmt_qvalue(millis).as_bytes());
+            continue;
+        }
+        out.push(b';');
+        out.extend(pname.iter().map(u8::to_ascii_lowercase));
+        if let Some(v) = value {
+            out.push(b'=');
+            out.extend_from_slice(v);
+        }
+    }
+    out
+}
+
+/// Splits at `;` outside quoted strings.
+fn split_params(elem: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let (mut start, mut in_quote, mut escaped) = (0, false, false);
+    for (i, &b) in elem.iter().enumerate() {
+        if in_quote {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_quote = false;
+            }
+        } else if b == b'"' {
+            in_quote = true;
+        } else if b == b';' {
+            out.push(&elem[start..i]);
+            start = i + 1;
+        }
+    }
+    out.push(&elem[start..]);
+    out
+}
+
+/// A `qvalue` (RFC 9110 §12.4.2) in thousandths:
+/// `( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )`.
+fn qvalue_millis(v: &[u8]) -> Option<u16> {
+    let (int, frac): (&[u8], &[u8]) = match v.iter().position(|&b| b == b'.') {
+        Some(dot) => (&v[..dot], &v[dot + 1..]),
+        None => (v, b""),
+    };
+    if frac.len() > 3 || !frac.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let frac_millis = frac
+        .iter()
+        .zip([100_u16, 10, 1])
+        .map(|(&d, w)| u16::from(d - b'0') * w)
+        .sum::<u16>();
+    match int {
+        b"0" => Some(frac_millis),
+        b"1" if frac_millis == 0 => Some(1000),
+        _ => None,
+    }
+}
+
+fn fmt_qvalue(millis: u16) -> String {
+    match millis {
+        0 => "0".to_owned(),
+        1000.. => "1".to_owned(),
+        m => format!("0.{m:03}").trim_end_matches('0').to_owned(),
+    }
 }
 
 fn collapse_ws(s: &[u8], params: bool) -> Vec<u8> {
@@ -260,6 +356,75 @@ mod tests {
         let b = key("accept-language", &[("accept-language", "en-us;q=0.5,fr")]);
         assert_eq!(a, b);
         assert_eq!(a, Some("accept-language=en-us;q=0.5, fr".to_owned()));
+    }
+
+    #[test]
+    fn rfc9111_4_1_language_tags_match_case_and_whitespace_insensitively() {
+        // Language tags are case-insensitive (RFC 4647 §2, RFC 5646 §2.1.1);
+        // OWS around list commas carries nothing (RFC 9110 §5.6.1).
+        let resp = headers(&[("vary", "Accept-Language")]);
+        let stored_req = headers(&[("accept-language", "en-US, fr")]);
+        for same in [
+            &[("accept-language", "en-us,fr")][..],
+            &[("accept-language", "EN-US ,\tFR")],
+            &[("accept-language", "en-US"), ("accept-language", "fr")],
+        ] {
+            assert!(vary_matches(&resp, &stored_req, &headers(same)), "{same:?}");
+            assert_eq!(
+                secondary_key(&resp, &headers(same)),
+                Some("accept-language=en-us, fr".to_owned())
+            );
+        }
+        assert!(!vary_matches(
+            &resp,
+            &stored_req,
+            &headers(&[("accept-language", "fr, en-US")])
+        ));
+    }
+
+    #[test]
+    fn rfc9110_12_4_2_weights_are_compared_by_value() {
+        let k = |v: &str| key("accept-language", &[("accept-language", v)]);
+        // One weight, written several ways.
+        for same in ["fr;Q=0.50", "fr;q=0.500", "fr ; q=0.5", "FR;q=0.5"] {
+            assert_eq!(k(same), k("fr;q=0.5"), "{same:?}");
+        }
+        assert_eq!(k("fr;q=0.5"), Some("accept-language=fr;q=0.5".to_owned()));
+        assert_eq!(k("fr;q=0."), k("fr;q=0"));
+        assert_eq!(k("fr;q=0.000"), Some("accept-language=fr;q=0".to_owned()));
+        // No weight means 1 (§12.4.2): an explicit q=1 is the same.
+        let e = |v: &str| key("accept-encoding", &[("accept-encoding", v)]);
+        assert_eq!(e("gzip;q=1, br;q=1.000"), e("gzip, br"));
+        assert_eq!(e("gzip;q=1.0"), Some("accept-encoding=gzip".to_owned()));
+        // Different weights, and invalid qvalues, stay apart (kept verbatim).
+        assert_ne!(k("fr;q=0.5"), k("fr;q=0.05"));
+        assert_ne!(e("gzip;q=0.9, br"), e("gzip, br"));
+        assert_eq!(
+            e("gzip;q=1.5"),
+            Some("accept-encoding=gzip;q=1.5".to_owned())
+        );
+        assert_eq!(
+            e("gzip;q=0.1234"),
+            Some("accept-encoding=gzip;q=0.1234".to_owned())
+        );
+        assert_ne!(e("gzip;q=1.01"), e("gzip"));
+    }
+
+    #[test]
+    fn rfc9110_8_3_1_accept_media_range_and_parameter_names_are_case_insensitive() {
+        let a = |v: &str| key("accept", &[("accept", v)]);
+        assert_eq!(
+            a("Text/HTML;Level=1;Q=0.80, */*;q=0.1"),
+            Some("accept=text/html;level=1;q=0.8, */*;q=0.1".to_owned())
+        );
+        assert_eq!(a("text/html;q=1"), a("TEXT/html"));
+        // Parameter values may be case-sensitive: kept.
+        assert_ne!(a("text/x;foo=Bar"), a("text/x;foo=bar"));
+        // A `;` or `q=` inside a quoted value is not a parameter.
+        assert_eq!(
+            a(r#"text/x;a="B;q=1""#),
+            Some(r#"accept=text/x;a="B;q=1""#.to_owned())
+        );
     }
 
     #[test]
