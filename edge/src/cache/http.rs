@@ -843,13 +843,14 @@ fn spawn_background_fill(
 /// A copy of `site` for work that outlives the request (a background fill
 /// or revalidation): its name, pool and cache policy. Plugin contexts travel
 /// with the upstream request, not the site.
-fn detached(site: &Site) -> Site {
+pub(crate) fn detached(site: &Site) -> Site {
     Site {
         name: site.name.clone(),
         pool: site.pool.clone(),
         preserve_host: site.preserve_host,
         cache: site.cache.clone(),
         plugins: Arc::from(Vec::new()),
+        bytes: site.bytes.clone(),
     }
 }
 
@@ -1657,7 +1658,13 @@ async fn revalidate(
         // Freshen the stored object with the 304's headers (RFC 9111 §4.3.4).
         let not_modified = fetched.resp.headers().clone();
         drain(fetched).await;
-        let (fresh, meta) = freshened(&hit.meta, &not_modified, request_time, response_time);
+        let (fresh, meta) = freshened(
+            &hit.meta,
+            &not_modified,
+            sp.set_cookie,
+            request_time,
+            response_time,
+        );
         let _ = cache.storage.update_meta(&obj_key, meta.clone()).await;
         cache.count("revalidated");
         let cs = CacheStatus::forward(CACHE_NAME, FwdReason::Stale).fwd_status(status);
@@ -1737,16 +1744,22 @@ fn split_variant(obj_key: &str) -> (String, Option<String>) {
 }
 
 /// A stored object freshened by a 304 (RFC 9111 §4.3.4): the merged
-/// response, and the metadata to store. A soft purge ends here.
+/// response, and the metadata to store. A soft purge ends here. A 304's
+/// `Set-Cookie` is stored only where a 200's would be.
 fn freshened(
     meta: &ObjectMeta,
     not_modified: &HeaderMap,
+    set_cookie: SetCookie,
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> (StoredResponse, ObjectMeta) {
     let mut fresh = stored_response(meta);
     fresh.headers.remove(SOFT_PURGE);
-    policy::freshen_stored_response(&mut fresh, not_modified, request_time, response_time);
+    let mut update = not_modified.clone();
+    if set_cookie != SetCookie::Store {
+        update.remove(header::SET_COOKIE);
+    }
+    policy::freshen_stored_response(&mut fresh, &update, request_time, response_time);
     let mut meta = meta.clone();
     meta.headers = meta_headers(&fresh.headers);
     meta.request_time = request_time;
@@ -1785,7 +1798,7 @@ fn spawn_revalidation(
     parts.method = Method::GET;
     parts.headers = policy::revalidation_request_headers(&up.parts.headers, &stored.headers);
     let up = UpstreamRequest {
-        site: up.site.clone(),
+        bytes: up.bytes.clone(),
         parts,
         host: up.host.clone(),
         path: up.path.clone(),
@@ -1823,7 +1836,13 @@ fn spawn_revalidation(
             let not_modified = fetched.resp.headers().clone();
             drain(fetched).await;
             if let Ok(Some(hit)) = cache.storage.get(&obj_key).await {
-                let (_, meta) = freshened(&hit.meta, &not_modified, request_time, response_time);
+                let (_, meta) = freshened(
+                    &hit.meta,
+                    &not_modified,
+                    sp.set_cookie,
+                    request_time,
+                    response_time,
+                );
                 let _ = cache.storage.update_meta(&obj_key, meta).await;
             }
             return;

@@ -29,14 +29,16 @@
 //! * **Duplicate / invalid freshness directives** (RFC 9111 §4.2.1 "either
 //!   the first occurrence should be used or the response should be considered
 //!   stale"): Meridian considers the response **stale**. A `max-age` or
-//!   `s-maxage` that is repeated with different values, has no value or a
-//!   non-integer value is recorded as `0` with
+//!   `s-maxage` that is repeated with different values, has no value, a
+//!   non-integer value, or whitespace around `=` (not in the §5.2 grammar) is
+//!   recorded as `0` with
 //!   [`ResponseDirectives::freshness_conflict`] set. This also suppresses
 //!   heuristic freshness and the per-site default TTL (the origin *did* try to
 //!   say something). Repeated `Expires` lines with different values, or an
 //!   unparseable `Expires` (e.g. `0`), likewise mean "already expired".
 //! * Other duplicated directives take the most restrictive value: the minimum
-//!   of `stale-while-revalidate` / `stale-if-error` / request `max-age` /
+//!   of `stale-while-revalidate` / `stale-if-error` (an invalid occurrence
+//!   drops the allowance) / request `max-age` /
 //!   `max-stale`, the maximum of `min-fresh`, and the union of the field names
 //!   of qualified `no-cache` / `private` (an unqualified occurrence wins).
 //! * A restrictive directive that is syntactically broken (`no-store junk`,
@@ -91,9 +93,12 @@
 //!   (default 1 day). The per-site default TTL is applied only when none of
 //!   explicit or Last-Modified heuristics apply but heuristics are allowed.
 //! * `Pragma` is ignored (deprecated by RFC 9111 §5.4).
-//! * `Age` (§5.1): an invalid value counts as absent (0); of several values
-//!   the largest is used; overflow saturates at 2^31.
-//! * HTTP dates: the three RFC 9110 formats are accepted; weekday names must
+//! * `Age` (§5.1): of a list value or several field lines the first member is
+//!   used; if that member is invalid the field is ignored (as if absent, 0);
+//!   overflow saturates at 2^31.
+//! * HTTP dates: the three RFC 9110 formats are accepted; day, month and zone
+//!   names match case-insensitively (RFC 9111 §4.2), and a zone other than
+//!   GMT is invalid; weekday names must
 //!   be valid but are not checked against the date; two-digit rfc850 years
 //!   follow the RFC's "more than 50 years in the future" rule relative to the
 //!   supplied reference instant.

@@ -349,13 +349,7 @@ pub(crate) async fn serve(
     // The bytes [a, b], slice by slice, fetching what is missing as it goes.
     let (tx, rx) = mpsc::channel::<Result<Bytes, crate::error::BoxError>>(2);
     let (proxy, cache, sp) = (proxy.clone(), cache.clone(), sp.clone());
-    let site = Site {
-        name: site.name.clone(),
-        pool: site.pool.clone(),
-        preserve_host: site.preserve_host,
-        cache: site.cache.clone(),
-        plugins: Arc::from(Vec::new()),
-    };
+    let site = super::http::detached(site);
     let up = up.clone();
     let key = key.to_string();
     let want_etag = etag(&head.headers).cloned();

@@ -382,6 +382,7 @@ pub struct PluginConfig {
     pub config: Option<toml::Value>,
     /// What a failure (trap, deadline, memory limit) does to the request:
     /// "closed" answers 500 (the default: safe for auth plugins), "open" skips the plugin.
+    /// Overload (no instance to be had) is always 503, whatever this says.
     #[serde(default = "default_plugin_policy")]
     pub failure: String,
     /// The plugin's memory limit.

@@ -324,7 +324,7 @@ impl Metrics {
         );
         registry.register(
             "plugin_results",
-            "Wasm plugin outcomes (continue, local-response, failed, close, stalled, http-call, http-call-failed, response-continue, body-buffer-exceeded, body-skipped-encoded, unsupported)",
+            "Wasm plugin outcomes (continue, local-response, failed, close, stalled, http-call, http-call-failed, response-continue, body-buffer-exceeded, body-skipped-encoded, unsupported, overloaded: answered 503 for want of an instance, waited-for-instance)",
             m.plugin_results.clone(),
         );
         registry.register(
@@ -344,12 +344,12 @@ impl Metrics {
         );
         registry.register(
             "plugin_failures",
-            "Wasm plugin failures by kind (trap, deadline, memory, exit)",
+            "Wasm plugin failures and guest limits by kind (trap, deadline, memory, exit; instance-lost, overload, log-suppressed, shared-data-full)",
             m.plugin_failures.clone(),
         );
         registry.register(
             "plugin_instances",
-            "Wasm plugin instances, live (pooled or serving) and idle",
+            "Wasm plugin instances, live (pooled or serving) and idle, and the request contexts they host (contexts)",
             m.plugin_instances.clone(),
         );
         registry.register("cache_requests", "Cache lookups and their results (hit, miss, stale-while-revalidate, stale-if-error, revalidated, pass, uncacheable, stored...)", m.cache_requests.clone());

@@ -29,6 +29,7 @@ use arc_swap::ArcSwap;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
 use crate::accesslog::{AccessLog, LogRecord};
@@ -85,6 +86,33 @@ pub struct Site {
     pub cache: Option<Arc<crate::cache::http::SitePolicy>>,
     /// The site's Wasm plugins, run in order in the request phase.
     pub plugins: crate::plugins::Chain,
+    /// `meridian_site_bytes_total` for this site, resolved once per generation.
+    pub bytes: SiteCounters,
+}
+
+/// A site's byte counters: read from origins, sent to clients.
+#[derive(Clone, Debug, Default)]
+pub struct SiteCounters {
+    pub origin: Counter,
+    pub client: Counter,
+}
+
+impl SiteCounters {
+    pub fn new(metrics: &Metrics, site: &Arc<str>) -> Self {
+        let get = |direction| {
+            metrics
+                .site_bytes
+                .get_or_create(&SiteBytes {
+                    site: site.clone(),
+                    direction,
+                })
+                .clone()
+        };
+        SiteCounters {
+            origin: get("origin"),
+            client: get("client"),
+        }
+    }
 }
 
 /// Everything built from one config generation. Swapped whole on reload;
@@ -152,8 +180,10 @@ impl Runtime {
                     .map(|h| HostPattern::parse(h))
                     .collect::<Result<Vec<_>, _>>()?,
             );
+            let name: Arc<str> = Arc::from(sc.hosts.first().map_or("*", String::as_str));
             sites.push(Site {
-                name: Arc::from(sc.hosts.first().map_or("*", String::as_str)),
+                bytes: SiteCounters::new(metrics, &name),
+                name,
                 pool,
                 preserve_host: sc.preserve_host,
                 cache: sc.cache.enabled.then(|| {
@@ -278,6 +308,7 @@ impl Proxy {
             start,
             proto: ds.proto,
             site: Arc::from("-"),
+            client_bytes: None,
             origin: None,
             plugins: None,
             _inflight: inflight,
@@ -444,6 +475,7 @@ impl Proxy {
             .ok_or_else(|| ProxyError::downstream(ErrorKind::UnknownHost, "route"))?;
         let site = &rt.sites[site_idx];
         end.site = site.name.clone();
+        end.client_bytes = Some(site.bytes.client.clone());
         rec.site = Some(site.name.clone());
         let pool = site.pool.clone();
         end.origin = Some((pool.name.clone(), None));
@@ -527,7 +559,7 @@ impl Proxy {
         let body = RequestBody::new(body, max_body, too_large.clone())
             .with_idle_timeout(pool.config.timeouts.idle.get());
         let up = UpstreamRequest {
-            site: site.name.clone(),
+            bytes: site.bytes.clone(),
             parts,
             host,
             path,
@@ -579,14 +611,7 @@ impl Proxy {
         let mut tried: Vec<usize> = Vec::with_capacity(2);
         let mut attempt = 0u32;
         let mut pending: Option<Request<RequestBody>> = None;
-        let origin_bytes = self
-            .metrics
-            .site_bytes
-            .get_or_create(&SiteBytes {
-                site: up.site.clone(),
-                direction: "origin",
-            })
-            .clone();
+        let origin_bytes = &up.bytes.origin;
         loop {
             attempt += 1;
             let now = now_ms();
@@ -714,7 +739,8 @@ impl Proxy {
             RequestBody::new(ClientBody::Full(Some(call.body.clone())), 0, Arc::default())
         };
         let up = UpstreamRequest {
-            site: Arc::from(format!("plugin-call:{}", call.upstream)),
+            // A plugin's call is not a site's traffic: counted nowhere.
+            bytes: SiteCounters::default(),
             parts,
             host,
             path,
@@ -1106,8 +1132,8 @@ pub struct Fetched {
 /// The request that goes to the origin, prepared once per client request.
 #[derive(Debug, Clone)]
 pub struct UpstreamRequest {
-    /// The site the request was routed to (for per-site metrics).
-    pub site: Arc<str>,
+    /// The byte counters of the site the request was routed to.
+    pub bytes: SiteCounters,
     /// Method, URI, version and headers after the request filters.
     pub parts: http::request::Parts,
     pub host: Option<String>,
@@ -1137,6 +1163,8 @@ struct ExchangeEnd {
     start: Instant,
     proto: Proto,
     site: Arc<str>,
+    /// The routed site's client byte counter.
+    client_bytes: Option<Counter>,
     origin: Option<(Arc<str>, Option<Arc<str>>)>,
     /// Plugin contexts live until the response body ends (then `on_log`).
     plugins: Option<crate::plugins::SharedExchange>,
@@ -1158,14 +1186,9 @@ impl OnBodyEnd for ExchangeEnd {
             rec.bytes_out = bytes;
             rec.complete = complete;
             rec.duration = self.start.elapsed();
-            self.proxy
-                .metrics
-                .site_bytes
-                .get_or_create(&SiteBytes {
-                    site: self.site.clone(),
-                    direction: "client",
-                })
-                .inc_by(bytes);
+            if let Some(c) = &self.client_bytes {
+                c.inc_by(bytes);
+            }
             self.proxy
                 .metrics
                 .requests

@@ -478,3 +478,47 @@ async fn rfc9111_3_2_a_304_updates_the_stored_fields_it_carries() -> anyhow::Res
     }
     Ok(())
 }
+
+/// A `Set-Cookie` on a 304 is no more stored than one on a 200: the client
+/// after a revalidation never gets the revalidating request's cookie.
+#[tokio::test]
+async fn a_304_set_cookie_is_never_stored() -> anyhow::Result<()> {
+    let origin = Scripted::start(|req| {
+        let etag = "\"v1\"";
+        if req.header("if-none-match") == Some(etag) {
+            return Reply::new(
+                304,
+                &[
+                    ("cache-control", "max-age=3600"),
+                    ("etag", etag),
+                    ("set-cookie", "sess=alice"),
+                ],
+                "",
+            );
+        }
+        Reply::new(
+            200,
+            &[("cache-control", "max-age=1"), ("etag", etag)],
+            "body",
+        )
+    })
+    .await?;
+    let edge = Edge::start(&config(&origin.url()))?;
+    let path = "/cookie304";
+    fetch(&edge, path, &[]).await?;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let revalidated = fetch(&edge, path, &[]).await?;
+    assert!(
+        cache_status(&revalidated).contains("fwd-status=304"),
+        "{}",
+        cache_status(&revalidated)
+    );
+    let later = fetch(&edge, path, &[]).await?;
+    assert!(is_hit(&later), "{}", cache_status(&later));
+    assert_eq!(
+        later.header("set-cookie"),
+        None,
+        "alice's cookie is not replayed"
+    );
+    Ok(())
+}

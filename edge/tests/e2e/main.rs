@@ -4,6 +4,7 @@
 mod anycast;
 mod bad_input;
 mod cache;
+mod conformance;
 mod examples;
 mod hostile;
 mod http3;

@@ -321,6 +321,38 @@ async fn restart_serves_from_disk_and_purge_survives() {
     s.close().await.unwrap();
 }
 
+#[tokio::test]
+async fn lazy_removals_are_misses_at_once_and_durable_after_their_shared_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<String> = (0..20)
+        .map(|i| format!("https://example.com/i{i}"))
+        .collect();
+    {
+        let s = Storage::open(config(Some(dir.path()), 256 * KIB as u32))
+            .await
+            .unwrap();
+        for k in &keys {
+            put(&s, k, &pattern(k, 1, 1000), meta(&[], &[])).await;
+        }
+        s.flush().await.unwrap();
+        // Twenty invalidations in a burst: each a miss as soon as it returns.
+        for k in &keys {
+            assert_eq!(s.remove_lazy([k.as_str()]).await.unwrap(), 1);
+            assert!(s.get(k).await.unwrap().is_none());
+        }
+        // One sync, scheduled by the first, covers the burst.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.close().await.unwrap();
+    }
+    let s = Storage::open(config(Some(dir.path()), 256 * KIB as u32))
+        .await
+        .unwrap();
+    for k in &keys {
+        assert!(s.get(k).await.unwrap().is_none(), "{k} stayed removed");
+    }
+    s.close().await.unwrap();
+}
+
 const CRASH_ENV: &str = "MERIDIAN_STORAGE_CRASH_DIR";
 
 /// Child half of `crash_persistence`: does nothing unless run by it.
