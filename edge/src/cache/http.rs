@@ -792,16 +792,7 @@ fn spawn_background_fill(
     let (proxy, cache) = (proxy.clone(), cache.clone());
     let site = detached(site);
     let mut up = up.clone();
-    for n in [
-        header::IF_NONE_MATCH,
-        header::IF_MODIFIED_SINCE,
-        header::IF_MATCH,
-        header::IF_UNMODIFIED_SINCE,
-        header::IF_RANGE,
-        header::RANGE,
-    ] {
-        up.parts.headers.remove(n);
-    }
+    whole_representation(&mut up.parts.headers, true);
     tokio::spawn(async move {
         let rec = &mut LogRecord::background();
         let request_time = SystemTime::now();
@@ -1230,16 +1221,7 @@ async fn fetch_and_store(
     let client_headers = up.parts.headers.clone();
     // Fetch the whole representation, unconditionally: the cache stores it and
     // answers the client's own conditionals and ranges from it.
-    for n in [
-        header::IF_NONE_MATCH,
-        header::IF_MODIFIED_SINCE,
-        header::IF_MATCH,
-        header::IF_UNMODIFIED_SINCE,
-        header::IF_RANGE,
-        header::RANGE,
-    ] {
-        up.parts.headers.remove(n);
-    }
+    whole_representation(&mut up.parts.headers, true);
     let request_time = SystemTime::now();
     let no_flag = AtomicBool::new(false);
     let fetched = proxy
@@ -1723,6 +1705,24 @@ async fn revalidate(
         cs,
     )
     .await
+}
+
+/// Removes what makes a request conditional (and, with `range`, partial):
+/// the cache fetches whole representations for itself, and answers the
+/// client's own conditionals and ranges from them.
+pub(crate) fn whole_representation(h: &mut HeaderMap, range: bool) {
+    for n in [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+    ] {
+        h.remove(n);
+    }
+    if range {
+        h.remove(header::RANGE);
+    }
 }
 
 /// The flight key under which one stale object's revalidations coalesce.

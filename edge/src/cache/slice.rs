@@ -153,15 +153,7 @@ async fn get_slice(
         };
     let s = sp.slice_size;
     let mut slice_up = up.clone();
-    for n in [
-        header::IF_NONE_MATCH,
-        header::IF_MODIFIED_SINCE,
-        header::IF_MATCH,
-        header::IF_UNMODIFIED_SINCE,
-        header::IF_RANGE,
-    ] {
-        slice_up.parts.headers.remove(n);
-    }
+    super::http::whole_representation(&mut slice_up.parts.headers, false);
     let range = format!("bytes={}-{}", i * s, i * s + s - 1);
     if let Ok(v) = HeaderValue::from_str(&range) {
         slice_up.parts.headers.insert(header::RANGE, v);

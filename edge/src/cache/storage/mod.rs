@@ -740,13 +740,22 @@ impl Storage {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
+        let n = self.remove_all_no_sync(keys).await?;
+        self.sync_removals().await?;
+        Ok(n)
+    }
+
+    async fn remove_all_no_sync<I, S>(&self, keys: I) -> Result<usize, StorageError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
         let mut n = 0;
         for k in keys {
             if self.remove_no_sync(k.as_ref()).await? {
                 n += 1;
             }
         }
-        self.sync_removals().await?;
         Ok(n)
     }
 
@@ -772,12 +781,7 @@ impl Storage {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let mut n = 0;
-        for k in keys {
-            if self.remove_no_sync(k.as_ref()).await? {
-                n += 1;
-            }
-        }
+        let n = self.remove_all_no_sync(keys).await?;
         if n > 0 {
             self.schedule_sync();
         }
