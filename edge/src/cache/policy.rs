@@ -271,13 +271,11 @@ fn secs_between(later: i64, earlier: i64) -> Duration {
     Duration::from_secs(u64::try_from(diff).unwrap_or(0))
 }
 
-/// Splits a comma-separated list field value into trimmed, non-empty
-/// elements, ignoring commas inside quoted strings (RFC 9110 §5.6.1).
-fn split_list(value: &[u8]) -> Vec<&[u8]> {
+/// Splits a field value at `sep` where it stands outside quoted strings
+/// (RFC 9110 §5.6.4); the pieces are neither trimmed nor filtered.
+fn split_unquoted(value: &[u8], sep: u8) -> Vec<&[u8]> {
     let mut out = Vec::new();
-    let mut start = 0;
-    let mut in_quote = false;
-    let mut escaped = false;
+    let (mut start, mut in_quote, mut escaped) = (0, false, false);
     for (i, &b) in value.iter().enumerate() {
         if in_quote {
             if escaped {
@@ -287,25 +285,25 @@ fn split_list(value: &[u8]) -> Vec<&[u8]> {
             } else if b == b'"' {
                 in_quote = false;
             }
-            continue;
-        }
-        match b {
-            b'"' => in_quote = true,
-            b',' => {
-                let elem = trim_ows(&value[start..i]);
-                if !elem.is_empty() {
-                    out.push(elem);
-                }
-                start = i + 1;
-            }
-            _ => {}
+        } else if b == b'"' {
+            in_quote = true;
+        } else if b == sep {
+            out.push(&value[start..i]);
+            start = i + 1;
         }
     }
-    let elem = trim_ows(&value[start..]);
-    if !elem.is_empty() {
-        out.push(elem);
-    }
+    out.push(&value[start..]);
     out
+}
+
+/// Splits a comma-separated list field value into trimmed, non-empty
+/// elements, ignoring commas inside quoted strings (RFC 9110 §5.6.1).
+fn split_list(value: &[u8]) -> Vec<&[u8]> {
+    split_unquoted(value, b',')
+        .into_iter()
+        .map(trim_ows)
+        .filter(|e| !e.is_empty())
+        .collect()
 }
 
 /// All list elements of every field line named `name`.

@@ -135,26 +135,7 @@ fn normalize_element(elem: &[u8]) -> Vec<u8> {
 
 /// Splits at `;` outside quoted strings.
 fn split_params(elem: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let (mut start, mut in_quote, mut escaped) = (0, false, false);
-    for (i, &b) in elem.iter().enumerate() {
-        if in_quote {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_quote = false;
-            }
-        } else if b == b'"' {
-            in_quote = true;
-        } else if b == b';' {
-            out.push(&elem[start..i]);
-            start = i + 1;
-        }
-    }
-    out.push(&elem[start..]);
-    out
+    super::split_unquoted(elem, b';')
 }
 
 /// A `qvalue` (RFC 9110 §12.4.2) in thousandths:
