@@ -482,8 +482,16 @@ e = yaml.safe_load((k8s / "edge-configmap.yaml").read_text())["data"]["edge.toml
 e = e.replace("/etc/meridian/tls/", f"{tmp}/k8s-edge/tls/").replace("/etc/meridian/admin/", f"{tmp}/k8s-edge/admin/")
 (tmp / "k8s-edge/edge.toml").write_text(e)
 for k, v in yaml.safe_load((k8s / "dns-configmap.yaml").read_text())["data"].items():
-    (tmp / "k8s-dns" / k).write_text(v)
+    (tmp / "k8s-dns" / k).write_text(v.replace("/etc/meridian/admin/", f"{tmp}/k8s-dns/admin/"))
 PY
+# meridian-dns's admin tokens (Secret meridian-dns-admin-token; compose secrets).
+mkdir -p "$TMP/k8s-dns/admin" "$TMP/compose-dns"
+echo "throwaway-dns-token" >"$TMP/k8s-dns/admin/token"
+echo "throwaway-dns-read-token" >"$TMP/k8s-dns/admin/read-token"
+echo "throwaway-dns-token" >"$TMP/compose-dns/dns_admin_token"
+echo "throwaway-dns-read-token" >"$TMP/compose-dns/dns_read_token"
+sed "s#/run/secrets/#$TMP/compose-dns/#" "$INFRA/containers/dns.toml" >"$INFRA/containers/.dns.validate.toml"
+trap 'rm -rf "$TMP" "$INFRA/containers/.dns.validate.toml"' EXIT
 echo "throwaway-admin-token" >"$TMP/k8s-edge/admin/token"
 if command -v openssl >/dev/null; then
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=www.example.com \
@@ -501,7 +509,7 @@ else
     fail "meridian-edge check not run: no binary in target/ and no cargo"
 fi
 if [[ -n $DNS ]]; then
-    run "meridian-dns check --config infra/containers/dns.toml" bash -c "cd '$ROOT' && $DNS check --config infra/containers/dns.toml"
+    run "meridian-dns check --config infra/containers/dns.toml (secrets: throwaway files)" bash -c "cd '$ROOT' && $DNS check --config infra/containers/.dns.validate.toml"
     run "meridian-dns check: infra/k8s/dns-configmap.yaml (dns.toml + zone + csv)" bash -c "$DNS check --config '$TMP/k8s-dns/dns.toml'"
 else
     fail "meridian-dns check not run: no binary in target/ and no cargo"

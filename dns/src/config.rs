@@ -32,6 +32,33 @@ pub struct Config {
     /// Names answered by the steering policy.
     #[serde(default)]
     pub steered: Vec<SteeredConfig>,
+    /// The admin API: where it listens and who may use it.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the same contract as the edge's admin.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin HTTP listener. Default `127.0.0.1:9953` (or `server.admin`,
+    /// the older spelling; set one of the two).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Bearer token with full access.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Read the full-access token from this file (trailing whitespace
+    /// trimmed), relative to the config file's directory.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Bearer token for the read-only GET endpoints (`/metrics`,
+    /// `/regions`). Absent: reads need the full token.
+    #[serde(default)]
+    pub read_token: Option<String>,
+    /// Read the read-only token from this file.
+    #[serde(default)]
+    pub read_token_file: Option<PathBuf>,
 }
 
 /// `[server]`
@@ -41,12 +68,22 @@ pub struct ServerConfig {
     /// DNS listen addresses; each gets UDP and TCP. Default `127.0.0.1:5353`.
     #[serde(default = "default_listen")]
     pub listen: Vec<SocketAddr>,
-    /// Admin HTTP listener. Default `127.0.0.1:9953`.
-    #[serde(default = "default_admin")]
+    /// Admin HTTP listener (older spelling of `admin.listen`).
+    #[serde(default)]
     pub admin: Option<SocketAddr>,
-    /// Idle timeout of TCP connections in seconds. Default 10.
+    /// Idle timeout of TCP connections in seconds (Knot's
+    /// `tcp-idle-timeout`): a connection that completes no query within it
+    /// is closed. Default 10.
     #[serde(default = "default_tcp_timeout")]
     pub tcp_timeout_secs: u64,
+    /// Most TCP connections open at once (Knot's `tcp-max-clients`); more
+    /// are closed as soon as accepted. Default 1000.
+    #[serde(default = "default_tcp_max_clients")]
+    pub tcp_max_clients: usize,
+    /// Most TCP connections open at once from one client address. Default
+    /// 64.
+    #[serde(default = "default_tcp_max_clients_per_ip")]
+    pub tcp_max_clients_per_ip: usize,
     /// Largest UDP response we send, whatever the client advertises
     /// (clamped to at least 512). Default 1232.
     #[serde(default = "default_udp_payload")]
@@ -59,11 +96,18 @@ pub struct ServerConfig {
 fn default_listen() -> Vec<SocketAddr> {
     vec![SocketAddr::from(([127, 0, 0, 1], 5353))]
 }
-fn default_admin() -> Option<SocketAddr> {
-    Some(SocketAddr::from(([127, 0, 0, 1], 9953)))
+/// The admin address when neither `admin.listen` nor `server.admin` is set.
+pub fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9953))
 }
 fn default_tcp_timeout() -> u64 {
     10
+}
+fn default_tcp_max_clients() -> usize {
+    1000
+}
+fn default_tcp_max_clients_per_ip() -> usize {
+    64
 }
 fn default_udp_payload() -> u16 {
     1232
@@ -76,8 +120,10 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
-            admin: default_admin(),
+            admin: None,
             tcp_timeout_secs: default_tcp_timeout(),
+            tcp_max_clients: default_tcp_max_clients(),
+            tcp_max_clients_per_ip: default_tcp_max_clients_per_ip(),
             udp_max_payload: default_udp_payload(),
             steered_ttl: default_steered_ttl(),
         }
@@ -530,6 +576,15 @@ pub fn locate(src: &str, path: &[Seg<'_>]) -> (usize, usize) {
 }
 
 impl Config {
+    /// The admin address in effect: `admin.listen`, else `server.admin`,
+    /// else `127.0.0.1:9953`.
+    pub fn admin_listen(&self) -> SocketAddr {
+        self.admin
+            .listen
+            .or(self.server.admin)
+            .unwrap_or_else(default_admin)
+    }
+
     /// Parse TOML text; `file` is used in error messages.
     pub fn parse(src: &str, file: &Path) -> Result<Self, ConfigErrors> {
         toml::from_str(src).map_err(|e| {

@@ -26,4 +26,5 @@ pub mod model;
 pub mod rrl;
 pub mod server;
 pub mod steering;
+pub mod tcp;
 pub mod zone;

@@ -67,7 +67,8 @@ enum Command {
         #[arg(long, value_name = "IP")]
         client: IpAddr,
         /// Take region health from a running server's admin API
-        /// (`GET /regions`) instead of assuming every region is up.
+        /// (`GET /regions`) instead of assuming every region is up. Sends
+        /// the config's `admin.read_token` (else `admin.token`) if set.
         #[arg(long, value_name = "ADDR")]
         admin: Option<SocketAddr>,
         /// Steered name.
@@ -205,6 +206,7 @@ fn check(path: &Path) -> ExitCode {
 /// `GET /regions` from a running server: name -> state.
 fn fetch_health(
     admin: SocketAddr,
+    token: Option<&str>,
 ) -> Result<std::collections::HashMap<String, meridian_dns::steering::RegionState>> {
     use std::io::Read as _;
     let timeout = std::time::Duration::from_secs(3);
@@ -212,13 +214,22 @@ fn fetch_health(
         .with_context(|| format!("connecting to the admin API at {admin}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET /regions HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+        "GET /regions HTTP/1.1\r\nHost: {admin}\r\n{auth}Connection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     s.take(4 << 20).read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
+    let status = text.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        bail!(
+            "the admin API at {admin} answered {status} to GET /regions (a token is read from the config's [admin] section)"
+        );
+    }
     let body = text
         .split_once("\r\n\r\n")
         .map(|x| x.1)
@@ -255,7 +266,9 @@ fn explain(
         let names: Vec<String> = m.steered.values().map(|s| s.name.to_string()).collect();
         bail!("{n} is not a steered name (steered: {})", names.join(", "));
     };
-    let live = admin.map(fetch_health).transpose()?;
+    let live = admin
+        .map(|a| fetch_health(a, m.admin.read_bearer()))
+        .transpose()?;
     let up = meridian_dns::steering::RegionState {
         healthy: true,
         drained: false,

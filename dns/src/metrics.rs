@@ -86,6 +86,8 @@ pub struct Metrics {
     pub reloads: Family<ReloadLabels, Counter>,
     /// Time to build a response, seconds.
     pub latency: Histogram,
+    /// TCP limits, admin refusals, transfers and NOTIFY.
+    pub ops: OpsMetrics,
 }
 
 impl Default for Metrics {
@@ -138,7 +140,9 @@ impl Metrics {
             "Time to build a response",
             latency.clone(),
         );
+        let ops = OpsMetrics::register(&mut registry);
         Self {
+            ops,
             registry,
             queries,
             ecs,
@@ -158,6 +162,78 @@ impl Metrics {
             s.clear();
         }
         s
+    }
+}
+
+/// Labels with one static `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// Labels of `zone_transfers_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransferLabels {
+    /// `AXFR` or `IXFR`.
+    pub qtype: &'static str,
+    /// `ok`, `refused`, `notauth` or `error`.
+    pub result: &'static str,
+}
+
+/// Labels of `notify_sent_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotifyLabels {
+    /// `acked`, `retry` or `failed`.
+    pub result: &'static str,
+}
+
+/// The operational metrics: TCP connection limits, admin refusals, zone
+/// transfers and NOTIFY.
+#[derive(Debug, Default)]
+pub struct OpsMetrics {
+    /// TCP connections open now.
+    pub tcp_open: Gauge,
+    /// TCP connections closed at accept (`max_clients`, `per_client`) or
+    /// later (`idle`).
+    pub tcp_closed: Family<ReasonLabels, Counter>,
+    /// Admin requests refused (`unauthenticated`, `read_only`, `cross_site`).
+    pub admin_refused: Family<ReasonLabels, Counter>,
+    /// Zone transfer requests.
+    pub transfers: Family<TransferLabels, Counter>,
+    /// NOTIFY messages sent.
+    pub notify: Family<NotifyLabels, Counter>,
+}
+
+impl OpsMetrics {
+    fn register(r: &mut Registry) -> Self {
+        let m = Self::default();
+        r.register(
+            "tcp_connections",
+            "DNS TCP connections open",
+            m.tcp_open.clone(),
+        );
+        r.register(
+            "tcp_closed",
+            "DNS TCP connections closed by a limit (max_clients, per_client at accept; idle)",
+            m.tcp_closed.clone(),
+        );
+        r.register(
+            "admin_refused",
+            "Admin API requests refused",
+            m.admin_refused.clone(),
+        );
+        r.register(
+            "zone_transfers",
+            "Zone transfer (AXFR/IXFR) requests by result",
+            m.transfers.clone(),
+        );
+        r.register(
+            "notify_sent",
+            "NOTIFY messages sent by result",
+            m.notify.clone(),
+        );
+        m
     }
 }
 

@@ -37,6 +37,8 @@ pub struct Model {
     pub regions: Vec<Region>,
     /// Steered names.
     pub steered: HashMap<LowerName, Steered>,
+    /// Admin API tokens.
+    pub admin: crate::admin::AdminAuth,
 }
 
 /// Reads files referenced by a config (zones, GeoIP); swapped out for the
@@ -462,6 +464,12 @@ pub fn load(
         );
     }
 
+    // [admin]
+    let (admin, problems) = crate::admin::resolve_auth(&config, &base, files);
+    for (path, reason) in problems {
+        e.at(&path, reason);
+    }
+
     if !e.list.is_empty() {
         return Err(ConfigErrors(e.list));
     }
@@ -472,6 +480,7 @@ pub fn load(
             zones,
             regions,
             steered,
+            admin,
         },
         geo,
     ))

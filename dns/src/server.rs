@@ -44,7 +44,7 @@ pub struct RunOptions {
     pub config: Option<PathBuf>,
     /// Override `server.listen`.
     pub listen: Vec<SocketAddr>,
-    /// Override `server.admin`.
+    /// Override `admin.listen` (and `server.admin`).
     pub admin: Option<SocketAddr>,
     /// Disable the admin listener.
     pub no_admin: bool,
@@ -83,11 +83,23 @@ fn load(opts: &RunOptions) -> Result<(Model, crate::geo::GeoDb), ConfigErrors> {
     if !opts.listen.is_empty() {
         m.config.server.listen = opts.listen.clone();
     }
-    if opts.admin.is_some() {
-        m.config.server.admin = opts.admin;
-    }
-    if opts.no_admin {
-        m.config.server.admin = None;
+    // From here on `admin.listen` is the one address in effect (None: off).
+    let addr = if opts.no_admin {
+        None
+    } else {
+        Some(opts.admin.unwrap_or_else(|| m.config.admin_listen()))
+    };
+    m.config.admin.listen = addr;
+    m.config.server.admin = None;
+    if let (Some(a), Some(flag)) = (addr, opts.admin)
+        && let Some(reason) = crate::admin::exposure(a, m.admin.has_token())
+    {
+        return Err(ConfigErrors(vec![crate::config::ConfigError {
+            file: PathBuf::from("<command line>"),
+            line: 1,
+            col: 1,
+            reason: format!("--admin {flag}: {reason}"),
+        }]));
     }
     Ok((m, g))
 }
@@ -142,6 +154,7 @@ pub struct Running {
     probes: Vec<JoinHandle<()>>,
     admin_stop: watch::Sender<bool>,
     admin_task: Option<JoinHandle<()>>,
+    tcp_tasks: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Running {
@@ -171,6 +184,11 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
         shared: shared.clone(),
     });
     let mut dns = Vec::new();
+    // One stop signal for the admin API and the TCP listeners (hickory's
+    // server, which runs UDP, has its own).
+    let (admin_stop, admin_rx) = watch::channel(false);
+    let mut tcp_tasks = Vec::new();
+    let tcp_table = Arc::new(crate::tcp::Table::default());
     for addr in &cfg.server.listen {
         let (udp, tcp) = bind_pair(*addr).await?;
         let ua = udp.local_addr().map_err(|source| ServerError::Bind {
@@ -182,17 +200,19 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
             source,
         })?;
         server.register_socket(udp);
-        server.register_listener(
+        tcp_tasks.push(tokio::spawn(crate::tcp::serve(
             tcp,
-            Duration::from_secs(cfg.server.tcp_timeout_secs.max(1)),
-            64,
-        );
+            DnsHandler {
+                shared: shared.clone(),
+            },
+            tcp_table.clone(),
+            admin_rx.clone(),
+        )));
         dns.push((ua, ta));
     }
-    let (admin_stop, admin_rx) = watch::channel(false);
     let mut admin = None;
     let mut admin_task = None;
-    if let Some(addr) = cfg.server.admin {
+    if let Some(addr) = cfg.admin.listen {
         let l = TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
@@ -215,6 +235,7 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
         probes,
         admin_stop,
         admin_task,
+        tcp_tasks,
     })
 }
 
@@ -379,6 +400,11 @@ impl Running {
         }
         if let Some(t) = self.admin_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        for t in self.tcp_tasks.drain(..) {
+            // Each stops accepting at once and closes its connections
+            // within 2 s.
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
         }
         info!("stopped");
     }

@@ -2,6 +2,7 @@
 //! 127.0.0.1/::1 port 0, reads the bound addresses back from stdout, and
 //! queries it with hickory (raw messages and hickory's client) and kdig.
 
+mod admin_auth;
 mod cli;
 mod correctness;
 mod failover;
@@ -11,3 +12,4 @@ mod reload;
 mod rrl;
 mod steering;
 mod support;
+mod tcp_limits;
