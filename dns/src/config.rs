@@ -249,6 +249,9 @@ pub struct ZoneConfig {
     pub origin: String,
     /// RFC 1035 zone file, relative to the config file's directory.
     pub file: PathBuf,
+    /// Sign the zone online (DNSSEC). Default: unsigned.
+    #[serde(default)]
+    pub dnssec: Option<crate::dnssec::DnssecConfig>,
 }
 
 /// One answer address, optionally weighted.

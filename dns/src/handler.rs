@@ -279,6 +279,10 @@ impl Runtime {
                 return res;
             }
 
+            if let Some(rs) = self.model.dnssec.apex_records(&lname, qtype) {
+                res.answers.extend(renamed(rs, &name));
+                return res;
+            }
             match zone.lookup(&lname, qtype) {
                 Lookup::Records(rs) => {
                     res.answers.extend(renamed(rs, &name));
@@ -357,7 +361,8 @@ impl Runtime {
             let mut resp = Edns::new();
             resp.set_max_payload(cfg.server.udp_max_payload.max(512));
             resp.set_version(0);
-            resp.set_dnssec_ok(false);
+            // RFC 3225: the DO bit is copied into the response.
+            resp.set_dnssec_ok(e.flags().dnssec_ok);
             udp_limit = e
                 .max_payload()
                 .max(512)
@@ -461,6 +466,12 @@ impl Runtime {
         p.authorities = res.authorities;
         p.additionals = res.additionals;
         p.region = res.steered_region.unwrap_or("none");
+        let mut rcode = res.rcode;
+        if req.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok)
+            && matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain)
+        {
+            rcode = self.sign(&qname, qtype, rcode, &mut p);
+        }
         if let (Some(mut cs), Some(edns)) = (ecs_in, p.edns.as_mut()) {
             // Scope: the GeoIP network's prefix for steered answers (capped),
             // 0 for answers that do not depend on the client.
@@ -474,8 +485,57 @@ impl Runtime {
             }
             edns.options_mut().insert(EdnsOption::Subnet(cs));
         }
-        let p = p.rcode(res.rcode);
+        let p = p.rcode(rcode);
         self.finish(p, req, src, protocol, now, udp_limit)
+    }
+
+    /// DNSSEC for a DO query: RRSIGs and compact denial (`dnssec.rs`).
+    /// Returns the response code (NXDOMAIN becomes NOERROR, RFC 9824).
+    fn sign(
+        &self,
+        qname: &Name,
+        qtype: RecordType,
+        rcode: ResponseCode,
+        p: &mut Prepared,
+    ) -> ResponseCode {
+        let signers = &self.model.dnssec;
+        if signers.is_empty() {
+            return rcode;
+        }
+        // What exists at a name: zone data, the steered families, the keys.
+        let types_at = |zone: &crate::zone::Zone, name: &LowerName| {
+            let mut t = crate::dnssec::zone_types(zone, name);
+            if let Some(st) = self.model.steered.get(name) {
+                let regions = || {
+                    st.policy
+                        .regions
+                        .iter()
+                        .filter_map(|r| self.model.regions.get(*r))
+                };
+                if regions().any(|r| !r.a.is_empty()) {
+                    t.push(RecordType::A);
+                }
+                if regions().any(|r| !r.aaaa.is_empty()) {
+                    t.push(RecordType::AAAA);
+                }
+            }
+            if let Some(s) = signers.get(name) {
+                t.extend(s.apex_types());
+            }
+            t
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+        let mut s = crate::dnssec::Sections {
+            qname,
+            qtype,
+            rcode,
+            answers: &mut p.answers,
+            authorities: &mut p.authorities,
+        };
+        signers.sign_response(&self.model.zones, &mut s, &types_at, now);
+        s.rcode
     }
 
     /// Apply RRL and UDP truncation.

@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dnssec;
 pub mod geo;
 pub mod handler;
 pub mod health;

@@ -79,6 +79,31 @@ enum Command {
         #[command(subcommand)]
         command: GeoCommand,
     },
+    /// DNSSEC key tools.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Generate a zone key: writes a PKCS#8 PEM private key (mode 0600) and
+    /// prints its DNSKEY, and for a KSK or CSK its DS and a trust anchor.
+    Generate {
+        /// The zone apex, e.g. `example.com.`
+        #[arg(long, value_name = "NAME")]
+        zone: String,
+        /// `ksk`, `zsk` or `csk`.
+        #[arg(long, default_value = "csk")]
+        role: String,
+        /// `ecdsap256sha256` (13, the default) or `ed25519` (15).
+        #[arg(long, default_value = "ecdsap256sha256")]
+        algorithm: String,
+        /// Where to write the private key; refuses to overwrite.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,6 +187,15 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Some(Command::Keys {
+            command:
+                KeysCommand::Generate {
+                    zone,
+                    role,
+                    algorithm,
+                    out,
+                },
+        }) => keys_generate(&zone, &role, &algorithm, &out),
         Some(Command::Geo {
             command: GeoCommand::Lookup { db, ip },
         }) => {
@@ -344,4 +378,60 @@ fn serve(config: Option<PathBuf>, listen: Listen, demo: bool) -> Result<ExitCode
         running.run_until_signal().await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn keys_generate(zone: &str, role: &str, algorithm: &str, out: &Path) -> Result<ExitCode> {
+    use hickory_proto::dnssec::rdata::DNSSECRData;
+    use hickory_proto::rr::{RData, Record};
+    use meridian_dns::dnssec::keys::{self, KeyAlgorithm, KeyRole, ZoneKey};
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    let mut apex = Name::from_ascii(zone).with_context(|| format!("invalid zone {zone:?}"))?;
+    apex.set_fqdn(true);
+    let role = match role.to_ascii_lowercase().as_str() {
+        "ksk" => KeyRole::Ksk,
+        "zsk" => KeyRole::Zsk,
+        "csk" => KeyRole::Csk,
+        other => bail!("unknown role {other:?} (ksk, zsk or csk)"),
+    };
+    let alg: KeyAlgorithm = algorithm.parse().map_err(anyhow::Error::msg)?;
+    let der = keys::generate(alg)?;
+    let key = ZoneKey::from_pkcs8(&der, role, true).map_err(anyhow::Error::msg)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("creating {} (it must not exist)", out.display()))?;
+    f.write_all(keys::to_pem(&der).as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", out.display()))?;
+    let mut o = std::io::stdout().lock();
+    let alg_no = u8::from(alg.dnssec());
+    writeln!(
+        o,
+        "; wrote {} ({role}, algorithm {alg_no}, key tag {})",
+        out.display(),
+        key.tag
+    )?;
+    let dnskey = Record::from_rdata(
+        apex.clone(),
+        3600,
+        RData::DNSSEC(DNSSECRData::DNSKEY(key.dnskey.clone())),
+    );
+    writeln!(o, "{dnskey}")?;
+    if role.signs_keys() {
+        let ds = RData::DNSSEC(DNSSECRData::DS(key.ds(&apex)?));
+        let ds = Record::from_rdata(apex.clone(), 3600, ds);
+        writeln!(o, "; DS for the parent zone:")?;
+        writeln!(o, "{ds}")?;
+        writeln!(o, "; trust anchor (BIND, delv -a):")?;
+        writeln!(
+            o,
+            "trust-anchors {{ \"{apex}\" static-key {} 3 {alg_no} \"{}\"; }};",
+            key.dnskey.flags(),
+            keys::public_base64(&key)
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
 }

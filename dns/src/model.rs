@@ -39,6 +39,8 @@ pub struct Model {
     pub steered: HashMap<LowerName, Steered>,
     /// Admin API tokens.
     pub admin: crate::admin::AdminAuth,
+    /// Signed zones (DNSSEC), by apex.
+    pub dnssec: crate::dnssec::Signers,
 }
 
 /// Reads files referenced by a config (zones, GeoIP); swapped out for the
@@ -195,6 +197,7 @@ pub fn load(
 
     // Zones.
     let mut zones = Zones::default();
+    let mut dnssec = crate::dnssec::Signers::default();
     for (i, z) in config.zones.iter().enumerate() {
         let Some(origin) = fqdn(&z.origin) else {
             e.at(
@@ -224,6 +227,9 @@ pub fn load(
         match Zone::parse(&text, &path, &origin) {
             Ok(zone) => zones.push(zone),
             Err(err) => e.raw(err.to_string()),
+        }
+        if let Some(d) = &z.dnssec {
+            load_signer(&mut e, &mut dnssec, i, &origin, d, &base);
         }
     }
 
@@ -481,9 +487,48 @@ pub fn load(
             regions,
             steered,
             admin,
+            dnssec,
         },
         geo,
     ))
+}
+
+/// Load a zone's DNSSEC keys and build its signer; errors point at the
+/// key's `file` (or at `dnssec`).
+fn load_signer(
+    e: &mut Errs<'_>,
+    signers: &mut crate::dnssec::Signers,
+    i: usize,
+    origin: &Name,
+    d: &crate::dnssec::DnssecConfig,
+    base: &Path,
+) {
+    use Seg::{Idx, Key};
+    let mut keys = Vec::new();
+    for (j, k) in d.keys.iter().enumerate() {
+        let path = resolve(base, &k.file);
+        match crate::dnssec::keys::ZoneKey::load(&path, k.role, k.active) {
+            Ok(key) => keys.push(key),
+            Err(err) => e.at(
+                &[
+                    Key("zones"),
+                    Idx(i),
+                    Key("dnssec"),
+                    Key("keys"),
+                    Idx(j),
+                    Key("file"),
+                ],
+                err.to_string(),
+            ),
+        }
+    }
+    if keys.len() != d.keys.len() {
+        return;
+    }
+    match crate::dnssec::ZoneSigner::new(origin, d, keys) {
+        Ok(s) => signers.insert(s),
+        Err(reason) => e.at(&[Key("zones"), Idx(i), Key("dnssec")], reason),
+    }
 }
 
 /// Load the GeoIP databases a config names.

@@ -5,6 +5,7 @@
 mod admin_auth;
 mod cli;
 mod correctness;
+mod dnssec;
 mod failover;
 mod hickory_client;
 mod kdig;
