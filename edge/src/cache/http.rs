@@ -127,7 +127,7 @@ pub struct HttpCache {
     pub storage: Storage,
     flights: Mutex<HashMap<String, watch::Receiver<bool>>>,
     pass: Mutex<HashMap<String, Instant>>,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for HttpCache {
@@ -220,7 +220,8 @@ impl HttpCache {
         p.insert(key.to_string(), Instant::now() + for_);
     }
 
-    /// Every stored key of one URL: its own, its Vary variants', its slices'.
+    /// Every stored key of one URL: its own, its Vary variants', its slices',
+    /// its stored part's.
     pub(crate) fn keys_of_url(&self, key: &str) -> Vec<String> {
         let mut ks: Vec<String> = self
             .storage
@@ -231,7 +232,7 @@ impl HttpCache {
                 k.len() == key.len()
                     || matches!(
                         k[key.len()..].chars().next(),
-                        Some(VARIANT_SEP | super::slice::SLICE_SEP)
+                        Some(VARIANT_SEP | super::slice::SLICE_SEP | super::partial::PART_SEP)
                     )
             })
             .collect();
@@ -297,7 +298,7 @@ impl HttpCache {
         })
     }
 
-    fn count(&self, result: &'static str) {
+    pub(crate) fn count(&self, result: &'static str) {
         self.metrics
             .cache_requests
             .get_or_create(&CacheResult { result })
@@ -619,6 +620,13 @@ pub async fn handle(
     // A range on a miss goes to the origin as a range, so the origin never
     // sends more than was asked; a small object is then filled whole behind it.
     if method == Method::GET && req_headers.contains_key(header::RANGE) && !cache.is_pass(&key) {
+        // A stored part of the representation may hold the bytes (RFC 9111 §3.4).
+        if variant.is_none()
+            && let Some(resp) =
+                super::partial::serve(cache, sp, &key, &method, &req_headers).await
+        {
+            return Ok(resp);
+        }
         return range_miss(proxy, cache, sp, site, up, rec, key, variant, fwd).await;
     }
     // A request that may not store (its own `no-store`) fetches for itself
@@ -763,11 +771,24 @@ async fn range_miss(
         // The request's plugin contexts answer for one response only.
         && up.plugins.is_none()
     {
-        spawn_background_fill(proxy, cache, site, &up, key, variant);
+        spawn_background_fill(proxy, cache, site, &up, key.clone(), variant.clone());
     }
     let mut resp = proxy
         .finish_response(fetched, &site.pool, false, None)
         .await?;
+    // A 206 with a strong validator is kept, combined with the stored part.
+    if status == StatusCode::PARTIAL_CONTENT && variant.is_none() {
+        resp = super::partial::store_behind(
+            cache,
+            sp,
+            &key,
+            &up.parts.method,
+            &up.parts.headers,
+            request_time,
+            response_time,
+            resp,
+        );
+    }
     downstream_headers(resp.headers_mut(), sp);
     if sp.cache_status {
         cs.detail("range").append_to(resp.headers_mut());

@@ -3,6 +3,7 @@
 
 pub mod acl;
 pub mod http;
+pub(crate) mod partial;
 pub mod policy;
 pub mod range;
 pub mod slice;

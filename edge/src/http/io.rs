@@ -31,6 +31,11 @@ pub struct ConnShared {
     /// (a WebSocket tunnel) outlives the HTTP session that accepted it, so
     /// the tunnel takes a clone and the connection stays counted.
     pub hold: std::sync::OnceLock<ConnHold>,
+    /// Interim (1xx) heads waiting to be written before the final response
+    /// (HTTP/1.1 only; see [`super::interim`]).
+    pub(crate) interim: Mutex<super::interim::InterimQueue>,
+    /// Whether `interim` holds bytes: checked without the lock on every write.
+    pub(crate) interim_pending: AtomicBool,
 }
 
 /// See [`ConnShared::hold`].
@@ -122,6 +127,9 @@ pub struct ClientIo<S> {
     send_timeout: Duration,
     /// Armed while a write waits for the client to make room.
     write_sleep: Option<Pin<Box<Sleep>>>,
+    /// No write since hyper's last flush: hyper's own buffer was empty then,
+    /// so the next write starts a new response (interim heads may go first).
+    clean: bool,
 }
 
 impl<S> ClientIo<S> {
@@ -150,6 +158,7 @@ impl<S> ClientIo<S> {
             timed_out: false,
             send_timeout: settings.send_timeout,
             write_sleep: None,
+            clean: true,
         }
     }
 
@@ -233,6 +242,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> ClientIo<S> {
+    /// Writes queued interim heads; Ready once none are left.
+    fn poll_interim(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut q = self.shared.interim.lock();
+        while !q.buf.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, &q.buf) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => {
+                    bytes::Buf::advance(&mut q.buf, n);
+                    self.last_activity = Instant::now();
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.shared.interim_pending.store(false, Ordering::Release);
+        Poll::Ready(Ok(()))
+    }
+
+    /// Before hyper writes: interim heads go first when this write starts
+    /// a new response; they wait while their request has no final response
+    /// yet; otherwise (the final head may be in this write, behind bytes of
+    /// an earlier response) they are dropped.
+    fn poll_interim_before_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.shared.interim_pending.load(Ordering::Acquire) {
+            self.clean = false;
+            return Poll::Ready(Ok(()));
+        }
+        if self.clean {
+            let r = self.poll_interim(cx);
+            if !matches!(r, Poll::Ready(Ok(()))) {
+                return self.watch_write(r, cx);
+            }
+        } else {
+            let mut q = self.shared.interim.lock();
+            if !q.is_open() {
+                q.buf.clear();
+                self.shared.interim_pending.store(false, Ordering::Release);
+                tracing::debug!("interim response dropped: the final response was already queued");
+            }
+        }
+        self.clean = false;
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<S> ClientIo<S> {
     /// Watches a write: Ready resets the send timer; Pending arms it, and
     /// when the client has taken nothing for `send_timeout` the write fails.
@@ -311,6 +368,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         if this.timed_out {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
         }
+        std::task::ready!(this.poll_interim_before_write(cx))?;
         let r = Pin::new(&mut this.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = r
             && n > 0
@@ -329,6 +387,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         if this.timed_out {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
         }
+        std::task::ready!(this.poll_interim_before_write(cx))?;
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r
             && n > 0
@@ -344,7 +403,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // hyper flushes the socket only once its own buffer is written out,
+        // and before the final head is written the queue is either drained
+        // or dropped (see `poll_interim_before_write`): interim heads queued
+        // now precede the final response.
+        if this.shared.interim_pending.load(Ordering::Acquire) {
+            let r = this.poll_interim(cx);
+            if !matches!(r, Poll::Ready(Ok(()))) {
+                return this.watch_write(r, cx);
+            }
+        }
         let r = Pin::new(&mut this.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = r {
+            this.clean = true;
+        }
         this.watch_write(r, cx)
     }
 

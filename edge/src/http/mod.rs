@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod h1guard;
+pub mod interim;
 pub mod io;
 
 use std::convert::Infallible;
@@ -201,10 +202,28 @@ pub async fn serve_io<S>(
         conn: shared,
         early: false,
     };
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let ds = ds.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req.map(body::ClientBody::Hyper), &ds).await) }
+        async move {
+            if h2 {
+                return Ok::<_, Infallible>(
+                    proxy.handle(req.map(body::ClientBody::Hyper), &ds).await,
+                );
+            }
+            // HTTP/1.1: the origin's 1xx interim responses reach the client
+            // through the connection's I/O (see `interim`).
+            let sink = interim::InterimSink::open(&ds.conn);
+            req.extensions_mut().insert(sink.clone());
+            let mut handled = std::pin::pin!(proxy.handle(req.map(body::ClientBody::Hyper), &ds));
+            let resp = std::future::poll_fn(|cx| {
+                sink.register(cx.waker());
+                handled.as_mut().poll(cx)
+            })
+            .await;
+            sink.close();
+            Ok(resp)
+        }
     });
     let io = TokioIo::new(io);
     if h2 {

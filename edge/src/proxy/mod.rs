@@ -867,6 +867,15 @@ impl Proxy {
                 if let Ok(u) = http::Uri::from_parts(up) {
                     *req.uri_mut() = u;
                 }
+                // The origin's 1xx interim responses go on to an HTTP/1.1 client.
+                if let Some(sink) = req
+                    .extensions_mut()
+                    .remove::<crate::http::interim::InterimSink>()
+                {
+                    hyper::ext::on_informational(&mut req, move |r| {
+                        sink.push(r.status(), r.headers());
+                    });
+                }
                 let f = s.try_send_request(req);
                 (Sender::H1(s), futures_util::future::Either::Left(f))
             }
@@ -1091,6 +1100,9 @@ fn build_upstream_request(
         ProxyError::downstream(ErrorKind::BadRequest("bad-uri"), "uri").with_cause(e)
     })?;
     *req.headers_mut() = headers;
+    if let Some(sink) = parts.extensions.get::<crate::http::interim::InterimSink>() {
+        req.extensions_mut().insert(sink.clone());
+    }
     Ok(req)
 }
 

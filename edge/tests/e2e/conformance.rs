@@ -40,7 +40,8 @@ impl Seen {
 }
 
 /// A response the scripted origin writes as given (it adds only
-/// `Content-Length`, and no body for a 304).
+/// `Content-Length`, and no body for a 304). Status 0 closes the connection
+/// without an answer.
 struct Reply {
     status: u16,
     headers: Vec<(String, String)>,
@@ -156,6 +157,9 @@ async fn serve(
             req
         };
         let reply = handler(&req);
+        if reply.status == 0 {
+            return Ok(()); // status 0: close without an answer
+        }
         let mut out = format!("HTTP/1.1 {} X\r\n", reply.status);
         for (k, v) in &reply.headers {
             out.push_str(&format!("{k}: {v}\r\n"));
@@ -520,5 +524,119 @@ async fn a_304_set_cookie_is_never_stored() -> anyhow::Result<()> {
         None,
         "alice's cookie is not replayed"
     );
+    Ok(())
+}
+
+/// RFC 9111 §3.3 and §3.4: a 206 is stored; a range inside it is served
+/// from it; parts of one representation (same strong validator, touching
+/// ranges) combine; once they cover the representation, a plain GET is
+/// served from the combination. A part with another validator replaces,
+/// and never combines with, the stored one.
+#[tokio::test]
+async fn rfc9111_3_4_partial_responses_are_stored_and_combined() -> anyhow::Result<()> {
+    const BODY: &str = "0123456789abcdefghij";
+    let origin = Scripted::start(|req| {
+        let etag = if req.path == "/changed" && req.n >= 1 {
+            "\"v2\""
+        } else {
+            "\"v1\""
+        };
+        let range = req
+            .header("range")
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
+        match range {
+            Some((a, b)) if a <= b && b < BODY.len() => {
+                let cr = format!("bytes {a}-{b}/{}", BODY.len());
+                Reply::new(
+                    206,
+                    &[
+                        ("cache-control", "max-age=300"),
+                        ("etag", etag),
+                        ("content-range", cr.as_str()),
+                    ],
+                    &BODY[a..=b],
+                )
+            }
+            // This origin serves ranges only: the edge's background fill of
+            // the whole fails, so only stored parts can make a hit.
+            _ => Reply::new(0, &[], ""),
+        }
+    })
+    .await?;
+    let edge = Edge::start(&config(&origin.url()))?;
+    let path = "/part";
+    let ranges = |path: &'static str| {
+        let origin = &origin;
+        move || {
+            origin
+                .requests(path)
+                .iter()
+                .filter(|s| s.header("range").is_some())
+                .count()
+        }
+    };
+    let part_requests = ranges(path);
+
+    let r = fetch(&edge, path, &[("range", "bytes=0-4")]).await?;
+    assert_eq!((r.status, r.text()), (206, "01234".to_string()));
+    // A range inside the stored part is a hit.
+    let hit = eventually(Duration::from_secs(5), || async {
+        fetch(&edge, path, &[("range", "bytes=1-3")])
+            .await
+            .is_ok_and(|r| r.status == 206 && r.text() == "123" && is_hit(&r))
+    })
+    .await;
+    assert!(hit, "a range inside the stored 206 is served from it");
+    let r = fetch(&edge, path, &[("range", "bytes=1-3")]).await?;
+    assert_eq!(r.header("content-range"), Some("bytes 1-3/20"));
+    assert!(cache_status(&r).contains("partial"), "{}", cache_status(&r));
+    assert_eq!(part_requests(), 1);
+
+    // A range beyond it goes to the origin; the two parts combine.
+    let r = fetch(&edge, path, &[("range", "bytes=5-9")]).await?;
+    assert_eq!((r.status, r.text()), (206, "56789".to_string()));
+    let hit = eventually(Duration::from_secs(5), || async {
+        fetch(&edge, path, &[("range", "bytes=3-7")])
+            .await
+            .is_ok_and(|r| r.status == 206 && r.text() == "34567" && is_hit(&r))
+    })
+    .await;
+    assert!(
+        hit,
+        "a range across both parts is served from their combination"
+    );
+    assert_eq!(part_requests(), 2);
+
+    // The last part completes the representation: a plain GET is a hit.
+    let r = fetch(&edge, path, &[("range", "bytes=10-19")]).await?;
+    assert_eq!((r.status, r.text()), (206, "abcdefghij".to_string()));
+    assert!(
+        becomes_hit(&edge, path, &[]).await,
+        "the combined parts answer a GET of the whole"
+    );
+    let r = fetch(&edge, path, &[]).await?;
+    assert_eq!((r.status, r.text()), (200, BODY.to_string()));
+    assert_eq!(r.header("content-length"), Some("20"));
+    assert!(r.header("content-range").is_none());
+    assert_eq!(part_requests(), 3);
+
+    // Another validator: the new part replaces the old, never combines.
+    let path = "/changed";
+    let changed_parts = ranges(path);
+    fetch(&edge, path, &[("range", "bytes=0-4")]).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = fetch(&edge, path, &[("range", "bytes=5-9")]).await?;
+    assert_eq!(r.header("etag"), Some("\"v2\""));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = fetch(&edge, path, &[("range", "bytes=3-7")]).await?;
+    assert!(
+        !is_hit(&r),
+        "parts of two representations: {}",
+        cache_status(&r)
+    );
+    assert_eq!(r.text(), "34567");
+    assert_eq!(changed_parts(), 3);
     Ok(())
 }

@@ -575,3 +575,165 @@ async fn interim_responses_are_never_stored_as_final() -> anyhow::Result<()> {
     assert_eq!(served.load(Ordering::SeqCst), 1);
     Ok(())
 }
+
+/// An origin that answers every request with a 103 Early Hints, then,
+/// after `delay`, the final 200 (`max-age=60`) whose body is the path.
+async fn early_hints_origin(delay: Duration) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                        seen.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                        let hints = format!(
+                            "HTTP/1.1 103 Early Hints\r\nLink: <{path}.css>; rel=preload\r\nConnection: keep-alive\r\n\r\n"
+                        );
+                        if s.write_all(hints.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(delay).await;
+                        let fin = format!(
+                            "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: {}\r\n\r\n{path}",
+                            path.len()
+                        );
+                        if s.write_all(fin.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Reads from `s` until `buf` holds `needle`, for at most `limit`.
+async fn read_until(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    needle: &[u8],
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(needle.len()).any(|w| w == needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, s.read(&mut chunk))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "no {:?} within {limit:?}; got {:?}",
+                    String::from_utf8_lossy(needle),
+                    String::from_utf8_lossy(buf)
+                )
+            })??;
+        anyhow::ensure!(
+            n > 0,
+            "connection closed; got {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(())
+}
+
+/// An origin's 103 Early Hints reaches an HTTP/1.1 client before the final
+/// response, while the origin is still working on it (RFC 9110 §15.2), and
+/// is never part of what the cache stores.
+#[tokio::test]
+async fn early_hints_reach_http1_clients_before_the_final_response() -> anyhow::Result<()> {
+    let origin = early_hints_origin(Duration::from_millis(800)).await?;
+    let edge = Edge::start(&basic_config(&[format!("http://{origin}")], ""))?;
+    let mut s = TcpStream::connect(edge.http()).await?;
+    let start = Instant::now();
+    s.write_all(b"GET /page HTTP/1.1\r\nHost: h.test\r\n\r\n")
+        .await?;
+    let mut buf = Vec::new();
+    read_until(&mut s, &mut buf, b"\r\n\r\n", Duration::from_secs(5)).await?;
+    let early = start.elapsed();
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert!(
+        text.starts_with("http/1.1 103 early hints\r\n"),
+        "the interim head comes first: {text:?}"
+    );
+    assert!(
+        text.contains("link: </page.css>; rel=preload\r\n"),
+        "{text:?}"
+    );
+    assert!(
+        !text.contains("connection:"),
+        "hop-by-hop fields stay behind: {text:?}"
+    );
+    assert!(
+        !text.contains("200 ok"),
+        "before the final response: {text:?}"
+    );
+    assert!(
+        early < Duration::from_millis(700),
+        "the hints arrive while the origin works ({early:?})"
+    );
+    read_until(&mut s, &mut buf, b"\r\n\r\n/page", Duration::from_secs(5)).await?;
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let fin = &text[text.find("http/1.1 200").expect("a final 200")..];
+    assert!(
+        !fin.contains("link:"),
+        "no interim field in the final head: {fin:?}"
+    );
+
+    // The hit on the same connection has no interim head: only the final
+    // response was stored.
+    buf.clear();
+    s.write_all(b"GET /page HTTP/1.1\r\nHost: h.test\r\n\r\n")
+        .await?;
+    read_until(&mut s, &mut buf, b"\r\n\r\n/page", Duration::from_secs(5)).await?;
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200 ok\r\n"), "{text:?}");
+    assert!(text.contains("cache-status: meridian; hit"), "{text:?}");
+    assert!(!text.contains("link:"), "{text:?}");
+
+    // Pipelined requests: each interim head comes right before its own
+    // final response, and the stream stays in order.
+    let mut s = TcpStream::connect(edge.http()).await?;
+    s.write_all(
+        b"GET /p1 HTTP/1.1\r\nHost: h.test\r\n\r\nGET /p2 HTTP/1.1\r\nHost: h.test\r\n\r\n",
+    )
+    .await?;
+    let mut buf = Vec::new();
+    read_until(&mut s, &mut buf, b"\r\n\r\n/p2", Duration::from_secs(10)).await?;
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let order: Vec<usize> = [
+        "http/1.1 103 early hints\r\nlink: </p1.css>",
+        "\r\n\r\n/p1",
+        "http/1.1 103 early hints\r\nlink: </p2.css>",
+        "\r\n\r\n/p2",
+    ]
+    .iter()
+    .map(|n| text.find(n).unwrap_or(usize::MAX))
+    .collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]) && order[3] != usize::MAX,
+        "in order: {text:?}"
+    );
+
+    // HTTP/2 clients get the final response (hyper's HTTP/2 server cannot
+    // send interim responses).
+    let r = Conn::plain(edge.http(), true)
+        .await?
+        .send(get("h.test", "/h2"))
+        .await?;
+    assert_eq!((r.status, r.text()), (200, "/h2".to_string()));
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! 1xx interim responses (102 Processing, 103 Early Hints, …) from the
+//! origin, forwarded to an HTTP/1.1 client before the final response
+//! (RFC 9110 §15.2: a proxy forwards 1xx responses it did not ask for).
+//!
+//! hyper's server has no API to send an interim response, so the bytes go
+//! through the connection's I/O wrapper ([`super::io::ClientIo`]) instead:
+//! - the origin connection's callback encodes the interim head into the
+//!   client connection's queue and wakes the task serving the request;
+//! - the wrapper writes the queue out when hyper flushes (hyper's own write
+//!   buffer is empty then), or, at the latest, right before the first byte
+//!   of the final response, and never after it: the request closes the
+//!   queue before hyper sees its response.
+//!
+//! If the final response races ahead of a queued interim while hyper still
+//! holds bytes of the previous response (pipelining to a slow reader), the
+//! interim is dropped: an interim response is advisory, a torn stream is not.
+//!
+//! HTTP/2 and HTTP/3 clients get no interim responses: hyper's HTTP/2 server
+//! and h3 have no way to send one. Origins reached over HTTP/2 deliver none.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::task::Waker;
+
+use bytes::{BufMut, BytesMut};
+use http::{HeaderMap, StatusCode, header};
+
+use super::io::ConnShared;
+
+/// At most this many bytes of interim heads wait for one request.
+const MAX_QUEUED: usize = 16 * 1024;
+/// At most this many interim responses are forwarded for one request.
+const MAX_PER_REQUEST: u32 = 8;
+
+/// A connection's queue of encoded interim heads (in [`ConnShared`]).
+#[derive(Debug, Default)]
+pub struct InterimQueue {
+    /// Encoded heads not yet written to the client.
+    pub(super) buf: BytesMut,
+    /// Whether the current request still accepts interim responses.
+    open: bool,
+    /// How many were queued for the current request.
+    count: u32,
+    /// The task serving the current request.
+    waker: Option<Waker>,
+}
+
+impl InterimQueue {
+    /// Whether the current request still accepts interim responses.
+    pub(super) fn is_open(&self) -> bool {
+        self.open
+    }
+}
+
+/// Handed to a request (as an extension) by an HTTP/1.1 connection, so the
+/// origin connection can forward interim responses to it. It does not keep
+/// the connection alive: a background fill may outlive the client.
+#[derive(Clone, Debug)]
+pub struct InterimSink(Weak<ConnShared>);
+
+impl InterimSink {
+    /// Opens the connection's queue for a new request.
+    pub fn open(conn: &Arc<ConnShared>) -> Self {
+        let mut q = conn.interim.lock();
+        q.buf.clear();
+        q.open = true;
+        q.count = 0;
+        q.waker = None;
+        conn.interim_pending.store(false, Ordering::Release);
+        InterimSink(Arc::downgrade(conn))
+    }
+
+    /// Remembers the task to wake when an interim response arrives.
+    pub fn register(&self, waker: &Waker) {
+        let Some(conn) = self.0.upgrade() else { return };
+        let mut q = conn.interim.lock();
+        match &q.waker {
+            Some(w) if w.will_wake(waker) => {}
+            _ => q.waker = Some(waker.clone()),
+        }
+    }
+
+    /// The request has its final response: nothing more is queued for it.
+    pub fn close(&self) {
+        let Some(conn) = self.0.upgrade() else { return };
+        let mut q = conn.interim.lock();
+        q.open = false;
+        q.waker = None;
+    }
+
+    /// Queues an interim response from the origin. Only 102 and 103-199 are
+    /// forwarded: 100 Continue answers the edge's own request, and 101 is
+    /// the final response of an upgrade.
+    pub fn push(&self, status: StatusCode, headers: &HeaderMap) {
+        let code = status.as_u16();
+        if !(102..200).contains(&code) {
+            return;
+        }
+        let mut head = BytesMut::with_capacity(64 + headers.len() * 48);
+        head.put_slice(b"HTTP/1.1 ");
+        head.put_slice(status.as_str().as_bytes());
+        head.put_u8(b' ');
+        head.put_slice(status.canonical_reason().unwrap_or("Interim").as_bytes());
+        head.put_slice(b"\r\n");
+        for (name, value) in headers {
+            if is_hop_by_hop(name) {
+                continue;
+            }
+            head.put_slice(name.as_str().as_bytes());
+            head.put_slice(b": ");
+            head.put_slice(value.as_bytes());
+            head.put_slice(b"\r\n");
+        }
+        head.put_slice(b"\r\n");
+        let Some(conn) = self.0.upgrade() else { return };
+        let waker = {
+            let mut q = conn.interim.lock();
+            if !q.open || q.count >= MAX_PER_REQUEST || q.buf.len() + head.len() > MAX_QUEUED {
+                tracing::debug!(status = code, "interim response dropped");
+                return;
+            }
+            q.count += 1;
+            q.buf.put_slice(&head);
+            conn.interim_pending.store(true, Ordering::Release);
+            q.waker.clone()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// Fields that belong to one connection, not to the message (RFC 9110 §7.6.1).
+fn is_hop_by_hop(name: &header::HeaderName) -> bool {
+    matches!(
+        *name,
+        header::CONNECTION
+            | header::TRANSFER_ENCODING
+            | header::UPGRADE
+            | header::TE
+            | header::TRAILER
+            | header::CONTENT_LENGTH
+    ) || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn hints() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::LINK,
+            HeaderValue::from_static("</a.css>; rel=preload"),
+        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h
+    }
+
+    #[test]
+    fn encodes_forwardable_interims_while_open() {
+        let conn = Arc::new(ConnShared::default());
+        let sink = InterimSink::open(&conn);
+        sink.push(StatusCode::CONTINUE, &hints());
+        sink.push(StatusCode::SWITCHING_PROTOCOLS, &hints());
+        assert!(
+            conn.interim.lock().buf.is_empty(),
+            "100 and 101 are not forwarded"
+        );
+        sink.push(StatusCode::EARLY_HINTS, &hints());
+        assert_eq!(
+            &conn.interim.lock().buf[..],
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n"
+        );
+        assert!(conn.interim_pending.load(Ordering::Acquire));
+        sink.close();
+        sink.push(StatusCode::PROCESSING, &HeaderMap::new());
+        assert_eq!(
+            conn.interim.lock().buf.len(),
+            57,
+            "nothing is queued after the final response"
+        );
+        // The next request starts with an empty queue.
+        let _next = InterimSink::open(&conn);
+        assert!(conn.interim.lock().buf.is_empty());
+    }
+
+    #[test]
+    fn bounded_per_request() {
+        let conn = Arc::new(ConnShared::default());
+        let sink = InterimSink::open(&conn);
+        for _ in 0..20 {
+            sink.push(StatusCode::PROCESSING, &HeaderMap::new());
+        }
+        let expected = b"HTTP/1.1 102 Processing\r\n\r\n".len() * MAX_PER_REQUEST as usize;
+        assert_eq!(conn.interim.lock().buf.len(), expected);
+    }
+}
