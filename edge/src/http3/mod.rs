@@ -192,6 +192,8 @@ pub struct H3Ctx {
     pub handshake_timeout: Duration,
     pub max_header_bytes: u64,
     pub handshaking: Arc<AtomicUsize>,
+    /// Connections accepted on this endpoint (`meridian_quic_endpoint_connections_total`).
+    pub accepted: prometheus_client::metrics::counter::Counter,
 }
 
 /// Accepts QUIC connections until `stop`, then stops accepting; each open
@@ -239,6 +241,7 @@ pub async fn serve<T: Send + 'static>(
                 continue;
             }
         };
+        ctx.accepted.inc();
         let (ctx2, stop2) = (ctx.clone(), stop.clone());
         tokio::spawn(async move {
             serve_conn(connecting, local, ctx2, stop2).await;

@@ -58,6 +58,12 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuicEndpoint {
+    pub address: String,
+    pub endpoint: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OriginLabels {
     pub pool: Arc<str>,
     pub origin: Arc<str>,
@@ -112,6 +118,8 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     pub quic_handshakes: Family<Outcome, Counter>,
     pub quic_retries: Counter,
+    /// QUIC connections accepted, per UDP socket (`http3.endpoints`).
+    pub quic_endpoint_connections: Family<QuicEndpoint, Counter>,
     pub quic_rtt: Histogram,
     pub quic_lost_packets: Counter,
     pub cache_requests: Family<CacheResult, Counter>,
@@ -180,6 +188,7 @@ impl Metrics {
             access_log_dropped: Counter::default(),
             quic_handshakes: Family::default(),
             quic_retries: Counter::default(),
+            quic_endpoint_connections: Family::default(),
             quic_rtt: latency_histogram(),
             quic_lost_packets: Counter::default(),
             cache_requests: Family::default(),
@@ -311,6 +320,11 @@ impl Metrics {
             "quic_retries",
             "QUIC Retry packets sent to validate client addresses",
             m.quic_retries.clone(),
+        );
+        registry.register(
+            "quic_endpoint_connections",
+            "QUIC connections accepted, per listener address and UDP socket (http3.endpoints)",
+            m.quic_endpoint_connections.clone(),
         );
         registry.register(
             "quic_rtt_seconds",

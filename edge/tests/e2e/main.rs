@@ -12,6 +12,7 @@ mod interop;
 mod ops;
 mod plugins;
 mod proxy;
+mod quic_claims;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
