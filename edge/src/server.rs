@@ -472,8 +472,19 @@ fn start_listener(
             handshake_timeout: cfg.limits.tls_handshake_timeout.get(),
             max_header_bytes: cfg.limits.max_header_bytes.get(),
             handshaking: Arc::default(),
+            accepted: Default::default(),
         };
-        for ep in endpoints {
+        for (i, ep) in endpoints.into_iter().enumerate() {
+            let mut ctx = ctx.clone();
+            ctx.accepted = shared
+                .proxy
+                .metrics
+                .quic_endpoint_connections
+                .get_or_create(&crate::metrics::QuicEndpoint {
+                    address: bound.to_string(),
+                    endpoint: u32::try_from(i).unwrap_or(u32::MAX),
+                })
+                .clone();
             let conns = shared.conns.clone();
             let slots = shared.slots.clone();
             h3_tasks.push(tokio::spawn(crate::http3::serve(
