@@ -177,15 +177,15 @@ fn proxy_config(a: &ProxyArgs) -> anyhow::Result<String> {
     for p in &a.plugin {
         let (path, config) = match p.split_once('@') {
             Some((path, cfg)) => {
-                let text =
-                    std::fs::read_to_string(cfg).with_context(|| format!("plugin config {cfg}"))?;
-                (path, Some(text))
+                // Named, not copied: the plugin's secrets stay in their file.
+                std::fs::metadata(cfg).with_context(|| format!("plugin config {cfg}"))?;
+                (path, Some(cfg))
             }
             None => (p.as_str(), None),
         };
         s.push_str(&format!("[[sites.plugins]]\npath = {}\n", toml_str(path)));
         if let Some(c) = config {
-            s.push_str(&format!("config = {}\n", toml_str(&c)));
+            s.push_str(&format!("config_file = {}\n", toml_str(c)));
         }
     }
     s.push_str("[pools.origin]\n");
@@ -321,6 +321,14 @@ fn main() -> ExitCode {
                     cfg.server.worker_threads = n;
                 }
                 if let Some(a) = admin {
+                    if !a.ip().to_canonical().is_loopback() && !cfg.admin.has_token() {
+                        eprintln!(
+                            "meridian-edge: --admin {a}: not a loopback address, and {} sets no \
+                             admin.token or admin.token_file",
+                            config.display()
+                        );
+                        return ExitCode::from(1);
+                    }
                     cfg.admin.listen = Some(a);
                 }
                 if let Some(t) = access_log {

@@ -12,7 +12,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tracing::Instrument;
 
-use crate::admin::{self, Admin, Control};
+use arc_swap::ArcSwap;
+
+use crate::admin::{self, Admin, Control, Tokens};
 use crate::cache::http::HttpCache;
 use crate::cache::storage::{Storage, StorageConfig};
 use crate::config::{Config, ConfigError, ListenerConfig};
@@ -97,9 +99,17 @@ impl ListenerKey {
     }
 }
 
+/// A running listener: its sockets and the tasks that serve them.
 struct Listening {
+    /// The address as configured (port 0 included).
+    addr: SocketAddr,
     key: ListenerKey,
     bound: SocketAddr,
+    /// The listening TCP socket. Kept across reloads while the listener's
+    /// address stays, whatever else changes.
+    tcp: Arc<TcpListener>,
+    /// The QUIC endpoints (UDP sockets), when the listener serves HTTP/3.
+    udp: Vec<quinn::Endpoint>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     /// The QUIC endpoints' accept loops, when the listener serves HTTP/3.
@@ -107,13 +117,44 @@ struct Listening {
 }
 
 impl Listening {
-    async fn close(self) {
+    /// Stops the accept loops and waits for them; the sockets close when
+    /// the last holder drops them.
+    async fn stop(self) -> (Arc<TcpListener>, Vec<quinn::Endpoint>) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
         for t in self.h3_tasks {
             let _ = t.await;
         }
+        (self.tcp, self.udp)
     }
+
+    async fn close(self) {
+        drop(self.stop().await);
+    }
+}
+
+/// Everything a listener needs, built and bound but not yet serving: a
+/// reload prepares every new listener first, and only when all are ready
+/// does anything change.
+struct Prepared {
+    cfg: ListenerConfig,
+    /// The running listener (an index) whose sockets this one takes over.
+    from: Option<usize>,
+    bound: SocketAddr,
+    tcp: Arc<TcpListener>,
+    udp: Vec<quinn::Endpoint>,
+    /// Whether `udp` comes from the running listener (then its server
+    /// config is set at the swap) or was bound now.
+    udp_reused: bool,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    h3: Option<quinn::ServerConfig>,
+}
+
+/// What a reload does with one listener of the new config.
+enum Plan {
+    /// The running listener at this index, untouched.
+    Keep(usize),
+    New(Box<Prepared>),
 }
 
 /// The Alt-Svc value of each TLS port that also serves HTTP/3.
@@ -192,17 +233,18 @@ pub async fn run(
              listener will be reset; set it to 1 for lossless upgrades"
         );
     }
+    let tokens = Arc::new(ArcSwap::from_pointee(
+        Tokens::load(&config.admin).map_err(ServerError::Build)?,
+    ));
     let mut listeners = Vec::new();
-    for l in &config.listeners {
-        listeners.push(start_listener(l, &shared, &config)?);
-    }
+    let plans = plan_listeners(&config, &listeners, &shared)?;
+    commit_listeners(plans, &mut listeners, &shared, &config).await;
     let (control_tx, mut control_rx) = mpsc::channel::<Control>(8);
     let (admin_stop_tx, admin_stop) = watch::channel(false);
     let mut admin_addr = None;
     if let Some(addr) = config.admin.listen {
         let l = bind_tcp(addr, false, 128).map_err(|source| ServerError::Bind { addr, source })?;
         admin_addr = l.local_addr().ok();
-        let token = admin_token(&config)?;
         let overload_shared = shared.clone();
         let overloaded = Arc::new(move || {
             let rt = overload_shared.proxy.runtime();
@@ -215,7 +257,7 @@ pub async fn run(
         });
         let a = Admin {
             proxy: proxy.clone(),
-            token,
+            tokens: tokens.clone(),
             control: control_tx.clone(),
             overloaded,
         };
@@ -247,12 +289,12 @@ pub async fn run(
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading");
                 notify_reloading();
-                let _ = reload(&shared, path.as_ref(), &mut listeners).await;
+                let _ = reload(&shared, path.as_ref(), &mut listeners, &tokens).await;
                 systemd_notify(&[sd_notify::NotifyState::Ready]);
             }
             Some(Control::Reload(reply)) = control_rx.recv() => {
                 notify_reloading();
-                let r = reload(&shared, path.as_ref(), &mut listeners).await;
+                let r = reload(&shared, path.as_ref(), &mut listeners, &tokens).await;
                 systemd_notify(&[sd_notify::NotifyState::Ready]);
                 let _ = reply.send(r);
             }
@@ -382,33 +424,42 @@ fn spawn_watchdog() {
     });
 }
 
-fn admin_token(config: &Config) -> Result<Option<Arc<str>>, ServerError> {
-    if let Some(t) = &config.admin.token {
-        return Ok(Some(Arc::from(t.as_str())));
-    }
-    if let Some(f) = &config.admin.token_file {
-        let t = std::fs::read_to_string(f)
-            .map_err(|e| ServerError::Build(format!("{}: {e}", f.display())))?;
-        return Ok(Some(Arc::from(t.trim_end())));
-    }
-    Ok(None)
+/// Finds the running listener a listener of the new config continues: the
+/// same configured address, or (when the new one names a port) the address
+/// the running one has bound. `taken` marks those already matched.
+fn find_running(l: &ListenerConfig, running: &[Listening], taken: &[bool]) -> Option<usize> {
+    running.iter().enumerate().position(|(i, r)| {
+        !taken[i] && (r.addr == l.address || (l.address.port() != 0 && r.bound == l.address))
+    })
 }
 
-fn start_listener(
+/// Builds and binds one listener of `cfg` without serving it: the TCP
+/// socket (or the running one's, when `from` names it), the QUIC sockets,
+/// the TLS acceptor. Dropping the result closes what it bound.
+fn prepare_listener(
     l: &ListenerConfig,
+    from: Option<&Listening>,
+    from_index: Option<usize>,
     shared: &Arc<Shared>,
     cfg: &Config,
-) -> Result<Listening, ServerError> {
+) -> Result<Prepared, ServerError> {
     let min13 = cfg.tls.min_version.as_deref() == Some("1.3");
-    let listener: TcpListener =
-        bind_tcp(l.address, l.reuse_port, l.backlog).map_err(|source| ServerError::Bind {
-            addr: l.address,
-            source,
-        })?;
-    let bound = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: l.address,
-        source,
-    })?;
+    let (tcp, bound) = match from {
+        Some(r) => (r.tcp.clone(), r.bound),
+        None => {
+            let t = bind_tcp(l.address, l.reuse_port, l.backlog).map_err(|source| {
+                ServerError::Bind {
+                    addr: l.address,
+                    source,
+                }
+            })?;
+            let bound = t.local_addr().map_err(|source| ServerError::Bind {
+                addr: l.address,
+                source,
+            })?;
+            (Arc::new(t), bound)
+        }
+    };
     let acceptor = if l.tls {
         Some(tokio_rustls::TlsAcceptor::from(server_config(
             shared.certs.clone(),
@@ -418,8 +469,85 @@ fn start_listener(
     } else {
         None
     };
+    let (mut udp, mut udp_reused, mut h3) = (Vec::new(), false, None);
+    if l.tls && l.http3 {
+        let sc = crate::http3::server_config(shared.certs.clone(), &cfg.http3)
+            .map_err(|e| ServerError::Build(e.to_string()))?;
+        match from {
+            Some(r) if !r.udp.is_empty() => {
+                udp = r.udp.clone();
+                udp_reused = true;
+            }
+            _ => {
+                // HTTP/3 on the same address and (bound) port, over UDP.
+                udp = crate::http3::bind(bound, cfg.http3.endpoints, sc.clone())
+                    .map_err(|e| ServerError::Build(e.to_string()))?;
+            }
+        }
+        h3 = Some(sc);
+    }
+    Ok(Prepared {
+        cfg: l.clone(),
+        from: from_index,
+        bound,
+        tcp,
+        udp,
+        udp_reused,
+        acceptor,
+        h3,
+    })
+}
+
+/// Plans every listener of `cfg` against the running ones: keeps those
+/// whose settings are unchanged, prepares the others. Fails, having changed
+/// nothing, when any cannot be built or bound.
+fn plan_listeners(
+    cfg: &Config,
+    running: &[Listening],
+    shared: &Arc<Shared>,
+) -> Result<Vec<Plan>, ServerError> {
+    let mut taken = vec![false; running.len()];
+    let mut plans = Vec::with_capacity(cfg.listeners.len());
+    for l in &cfg.listeners {
+        let from = find_running(l, running, &taken);
+        if let Some(i) = from {
+            taken[i] = true;
+            let mut want = ListenerKey::of(l);
+            // A port-0 listener that matched by its configured address, or
+            // one pinned to the port it has bound: the same listener.
+            want.address = running[i].key.address;
+            if want == running[i].key {
+                plans.push(Plan::Keep(i));
+                continue;
+            }
+            if l.reuse_port != running[i].key.reuse_port {
+                tracing::warn!(
+                    address = %l.address,
+                    "reuse_port changed: the listening socket is kept, so this takes effect on restart"
+                );
+            }
+        }
+        let p = prepare_listener(l, from.map(|i| &running[i]), from, shared, cfg)?;
+        plans.push(Plan::New(Box::new(p)));
+    }
+    Ok(plans)
+}
+
+/// Starts serving a prepared listener. Cannot fail.
+fn spawn_listener(p: Prepared, shared: &Arc<Shared>, cfg: &Config) -> Listening {
+    let Prepared {
+        cfg: l,
+        bound,
+        tcp,
+        udp,
+        udp_reused,
+        acceptor,
+        h3,
+        ..
+    } = p;
     let (stop, mut stop_rx) = watch::channel(false);
     let accept_shared = shared.clone();
+    let listener = tcp.clone();
     let task = tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
@@ -455,15 +583,10 @@ fn start_listener(
             let span = tracing::debug_span!("conn", %peer);
             tokio::spawn(fut.instrument(span));
         }
-        tracing::info!(%bound, "listener closed");
+        tracing::info!(%bound, "listener stopped accepting");
     });
-    // HTTP/3 on the same address and (bound) port, over UDP.
     let mut h3_tasks = Vec::new();
-    if l.tls && l.http3 {
-        let sc = crate::http3::server_config(shared.certs.clone(), &cfg.http3)
-            .map_err(|e| ServerError::Build(e.to_string()))?;
-        let endpoints = crate::http3::bind(bound, cfg.http3.endpoints, sc)
-            .map_err(|e| ServerError::Build(e.to_string()))?;
+    if let Some(sc) = h3 {
         let ctx = crate::http3::H3Ctx {
             proxy: shared.proxy.clone(),
             retry: cfg.http3.retry,
@@ -474,7 +597,7 @@ fn start_listener(
             handshaking: Arc::default(),
             accepted: Default::default(),
         };
-        for (i, ep) in endpoints.into_iter().enumerate() {
+        for (i, ep) in udp.iter().enumerate() {
             let mut ctx = ctx.clone();
             ctx.accepted = shared
                 .proxy
@@ -485,10 +608,14 @@ fn start_listener(
                     endpoint: u32::try_from(i).unwrap_or(u32::MAX),
                 })
                 .clone();
+            if udp_reused {
+                // The previous accept loop cleared it when it stopped.
+                ep.set_server_config(Some(sc.clone()));
+            }
             let conns = shared.conns.clone();
             let slots = shared.slots.clone();
             h3_tasks.push(tokio::spawn(crate::http3::serve(
-                ep,
+                ep.clone(),
                 ctx.clone(),
                 stop.subscribe(),
                 // QUIC connections take a `max_connections` slot like TCP ones.
@@ -499,13 +626,57 @@ fn start_listener(
             )));
         }
     }
-    Ok(Listening {
-        key: ListenerKey::of(l),
+    Listening {
+        addr: l.address,
+        key: ListenerKey::of(&l),
         bound,
+        tcp,
+        udp,
         stop,
         task,
         h3_tasks,
-    })
+    }
+}
+
+/// Applies a plan: the listeners that take over a running one's sockets
+/// stop its accept loops and start their own; new ones start; running ones
+/// the plan does not name close. Cannot fail.
+async fn commit_listeners(
+    plans: Vec<Plan>,
+    running: &mut Vec<Listening>,
+    shared: &Arc<Shared>,
+    cfg: &Config,
+) {
+    let mut old: Vec<Option<Listening>> = running.drain(..).map(Some).collect();
+    let mut next = Vec::with_capacity(plans.len());
+    for plan in plans {
+        match plan {
+            Plan::Keep(i) => {
+                if let Some(l) = old[i].take() {
+                    next.push(l);
+                }
+            }
+            Plan::New(p) => {
+                if let Some(i) = p.from
+                    && let Some(prev) = old[i].take()
+                {
+                    // Connections wait in the socket's backlog meanwhile.
+                    drop(prev.stop().await);
+                    // listen(2) again on a listening socket sets its backlog.
+                    let backlog = p.cfg.backlog.min(i32::MAX as u32) as i32;
+                    if let Err(e) = socket2::SockRef::from(&*p.tcp).listen(backlog) {
+                        tracing::warn!(address = %p.bound, error = %e, "cannot change the backlog");
+                    }
+                }
+                next.push(spawn_listener(*p, shared, cfg));
+            }
+        }
+    }
+    for l in old.into_iter().flatten() {
+        tracing::info!(address = %l.bound, "listener removed by the new config");
+        l.close().await;
+    }
+    *running = next;
 }
 
 async fn load_config(path: PathBuf) -> Result<(Config, CertSet), String> {
@@ -519,10 +690,19 @@ async fn load_config(path: PathBuf) -> Result<(Config, CertSet), String> {
 }
 
 /// Loads the config file again and swaps it in, or refuses it whole.
+///
+/// Transactional: everything the new config needs is built and bound first
+/// (runtime with its pools and plugins, certificates, admin tokens, TCP and
+/// QUIC sockets). Only when all of it is ready does anything change; a
+/// failure before that drops what was built, and every listener,
+/// certificate, plugin and pool stays as it was. Then the swap, then the
+/// listeners the new config removed close. A listener whose address stays
+/// keeps its sockets (they are never bound again).
 async fn reload(
     shared: &Arc<Shared>,
     path: Option<&PathBuf>,
     listeners: &mut Vec<Listening>,
+    tokens: &ArcSwap<Tokens>,
 ) -> Result<(), String> {
     let m = &shared.proxy.metrics;
     let result = async {
@@ -533,42 +713,17 @@ async fn reload(
             shared.certs.replace(certs);
             return Ok(());
         };
+        // 1. Build.
         let (cfg, certs) = load_config(path.clone()).await?;
         let old = shared.proxy.runtime();
         let cfg = Arc::new(cfg);
+        let new_tokens = Tokens::load(&cfg.admin)?;
         let rt = Runtime::build(cfg.clone(), Some(&old), m)?;
-        // Listeners: keep those unchanged, open new ones, close removed ones.
-        let wanted: Vec<ListenerKey> = cfg.listeners.iter().map(ListenerKey::of).collect();
-        let mut opened = Vec::new();
-        for l in &cfg.listeners {
-            let key = ListenerKey::of(l);
-            if listeners.iter().any(|x| x.key == key) {
-                continue;
-            }
-            // The same address with other settings: close the old one first.
-            if let Some(i) = listeners.iter().position(|x| x.key.address == key.address) {
-                listeners.remove(i).close().await;
-            }
-            match start_listener(l, shared, &cfg) {
-                Ok(x) => opened.push(x),
-                Err(e) => {
-                    for x in opened {
-                        x.close().await;
-                    }
-                    return Err(e.to_string());
-                }
-            }
-        }
-        let mut kept = Vec::new();
-        for l in listeners.drain(..) {
-            if wanted.contains(&l.key) {
-                kept.push(l);
-            } else {
-                l.close().await;
-            }
-        }
-        kept.extend(opened);
-        *listeners = kept;
+        // 2. Bind (on failure, `rt` and everything bound so far drop here).
+        let plans = plan_listeners(&cfg, listeners, shared).map_err(|e| e.to_string())?;
+        // 3. Swap: nothing below can fail.
+        shared.certs.replace(certs);
+        commit_listeners(plans, listeners, shared, &cfg).await;
         let want = cfg.server.max_connections;
         let have = shared.max_conns.swap(want, Ordering::AcqRel);
         if want > have {
@@ -576,7 +731,7 @@ async fn reload(
         } else {
             shared.slots.forget_permits(have - want);
         }
-        shared.certs.replace(certs);
+        tokens.store(Arc::new(new_tokens));
         shared.proxy.set_alt_svc(alt_svc_map(listeners, &cfg));
         shared.proxy.swap(rt);
         Ok(())

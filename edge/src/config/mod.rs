@@ -112,15 +112,23 @@ pub enum ForwardedMode {
     None,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Where the admin listener binds; loopback by default. Absent disables it.
+    /// Where the admin listener binds; loopback by default. Absent disables
+    /// it. An address other than loopback needs `token` or `token_file`.
     pub listen: Option<SocketAddr>,
-    /// A bearer token required on every admin request except /healthz and /readyz.
+    /// The full-access bearer token, required on every admin request except
+    /// /healthz and /readyz.
     pub token: Option<String>,
     /// Read the token from this file instead (trailing whitespace trimmed).
     pub token_file: Option<PathBuf>,
+    /// A read-only bearer token: GET and HEAD requests (/metrics, /config,
+    /// /cache…) only; a mutating request with it gets 403. Absent: reads
+    /// need the full token. Needs `token` or `token_file`.
+    pub read_token: Option<String>,
+    /// Read the read-only token from this file instead.
+    pub read_token_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
@@ -129,9 +137,34 @@ impl Default for AdminConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
             token: None,
             token_file: None,
+            read_token: None,
+            read_token_file: None,
         }
     }
 }
+
+/// Shows where tokens come from, never a token.
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| REDACTED))
+            .field("token_file", &self.token_file)
+            .field("read_token", &self.read_token.as_ref().map(|_| REDACTED))
+            .field("read_token_file", &self.read_token_file)
+            .finish()
+    }
+}
+
+impl AdminConfig {
+    /// Whether a token (inline or from a file) guards the admin API.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some() || self.token_file.is_some()
+    }
+}
+
+/// What secrets are replaced with in `GET /config` and in Debug output.
+pub const REDACTED: &str = "<redacted>";
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -371,15 +404,21 @@ pub struct SiteConfig {
 }
 
 /// One Wasm plugin in a site's chain.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// The compiled module (.wasm), built for wasm32 against the proxy-wasm ABI 0.2.x.
     pub path: PathBuf,
     /// The plugin's configuration, handed to it as bytes: a string as is, a
-    /// table as JSON.
+    /// table as JSON. The host cannot know which values are secret, so
+    /// `GET /config` and the logs show none of them.
     #[serde(default)]
     pub config: Option<toml::Value>,
+    /// Read the plugin's configuration from this file instead (its bytes as
+    /// they are), so a secret need not sit in the main config. Read again on
+    /// every reload. Not together with `config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_file: Option<PathBuf>,
     /// What a failure (trap, deadline, memory limit) does to the request:
     /// "closed" answers 500 (the default: safe for auth plugins), "open" skips the plugin.
     /// Overload (no instance to be had) is always 503, whatever this says.
@@ -403,6 +442,55 @@ pub struct PluginConfig {
     /// the failure policy applies.
     #[serde(default = "default_plugin_body_buffer")]
     pub body_buffer: ByteSize,
+}
+
+impl PluginConfig {
+    /// The bytes handed to the plugin: `config` (a string as is, a table as
+    /// JSON), or the contents of `config_file`, or nothing.
+    pub fn config_bytes(&self) -> Result<Vec<u8>, String> {
+        match (&self.config, &self.config_file) {
+            (Some(_), Some(_)) => Err("set config or config_file, not both".into()),
+            (Some(toml::Value::String(s)), None) => Ok(s.clone().into_bytes()),
+            (Some(v), None) => serde_json::to_vec(v).map_err(|e| format!("plugin config: {e}")),
+            (None, Some(f)) => std::fs::read(f)
+                .map_err(|e| format!("plugin config_file {}: {}", f.display(), e.kind())),
+            (None, None) => Ok(Vec::new()),
+        }
+    }
+
+    /// A copy whose `config` values are all replaced by [`REDACTED`] (the
+    /// keys of a table stay, so one can see which are set).
+    pub fn redacted(&self) -> PluginConfig {
+        let mut p = self.clone();
+        p.config = p.config.map(|v| match v {
+            toml::Value::Table(t) => toml::Value::Table(
+                t.into_iter()
+                    .map(|(k, _)| (k, toml::Value::String(REDACTED.into())))
+                    .collect(),
+            ),
+            _ => toml::Value::String(REDACTED.into()),
+        });
+        p
+    }
+}
+
+/// Debug output shows the plugin's config redacted: `?config` in a log line
+/// must not print a secret.
+impl fmt::Debug for PluginConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.redacted();
+        f.debug_struct("PluginConfig")
+            .field("path", &r.path)
+            .field("config", &r.config)
+            .field("config_file", &r.config_file)
+            .field("failure", &r.failure)
+            .field("memory", &r.memory)
+            .field("deadline", &r.deadline)
+            .field("fresh_instance", &r.fresh_instance)
+            .field("every_response", &r.every_response)
+            .field("body_buffer", &r.body_buffer)
+            .finish()
+    }
 }
 
 fn default_plugin_body_buffer() -> ByteSize {
@@ -984,6 +1072,20 @@ impl Config {
                         format!("{} is not a readable file", p.path.display()),
                     );
                 }
+                if p.config.is_some() && p.config_file.is_some() {
+                    bad(
+                        path!["sites", i, "plugins", j, "config_file"],
+                        "set config or config_file, not both".into(),
+                    );
+                }
+                if let Some(f) = &p.config_file
+                    && !f.is_file()
+                {
+                    bad(
+                        path!["sites", i, "plugins", j, "config_file"],
+                        format!("{} is not a readable file", f.display()),
+                    );
+                }
                 if p.failure != "open" && p.failure != "closed" {
                     bad(
                         path!["sites", i, "plugins", j, "failure"],
@@ -1160,6 +1262,55 @@ impl Config {
         if self.limits.max_headers == 0 {
             bad(path!["limits", "max_headers"], "must be at least 1".into());
         }
+        if let Some(addr) = self.admin.listen
+            && !addr.ip().to_canonical().is_loopback()
+            && !self.admin.has_token()
+        {
+            bad(
+                path!["admin", "listen"],
+                format!(
+                    "{addr} is not a loopback address: set admin.token or admin.token_file \
+                     (anyone who reaches it could drain, reload or purge)"
+                ),
+            );
+        }
+        for (key, t) in [
+            ("token", &self.admin.token),
+            ("read_token", &self.admin.read_token),
+        ] {
+            if t.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                bad(path!["admin", key], "must not be empty".into());
+            }
+        }
+        if self.admin.read_token.is_some() && self.admin.read_token_file.is_some() {
+            bad(
+                path!["admin", "read_token_file"],
+                "set read_token or read_token_file, not both".into(),
+            );
+        }
+        if (self.admin.read_token.is_some() || self.admin.read_token_file.is_some())
+            && !self.admin.has_token()
+        {
+            bad(
+                path![
+                    "admin",
+                    if self.admin.read_token.is_some() {
+                        "read_token"
+                    } else {
+                        "read_token_file"
+                    }
+                ],
+                "a read-only token needs the full token (token or token_file) too".into(),
+            );
+        }
+        if let Some(f) = &self.admin.read_token_file
+            && !f.is_file()
+        {
+            bad(
+                path!["admin", "read_token_file"],
+                format!("{} is not a readable file", f.display()),
+            );
+        }
         if self.admin.token.is_some() && self.admin.token_file.is_some() {
             bad(
                 path!["admin", "token_file"],
@@ -1195,11 +1346,21 @@ impl Config {
         out
     }
 
-    /// The effective config as TOML, with secrets replaced.
+    /// The effective config, with secrets replaced by [`REDACTED`]: the
+    /// admin tokens and every value of every plugin's `config`. (TLS keys
+    /// appear only as file paths.)
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         if c.admin.token.is_some() {
-            c.admin.token = Some("<redacted>".into());
+            c.admin.token = Some(REDACTED.into());
+        }
+        if c.admin.read_token.is_some() {
+            c.admin.read_token = Some(REDACTED.into());
+        }
+        for s in &mut c.sites {
+            for p in &mut s.plugins {
+                *p = p.redacted();
+            }
         }
         c
     }
@@ -1333,6 +1494,89 @@ origins = [{ url = "http://127.0.0.1:9000" }]
         assert!(StatusSet::parse("200-399").expect("valid").contains(302));
         assert!(StatusSet::parse("700").is_err());
         assert!(StatusSet::parse("abc").is_err());
+    }
+
+    #[test]
+    fn a_non_loopback_admin_needs_a_token() {
+        for addr in ["0.0.0.0:9901", "[::]:9901", "192.0.2.1:9901"] {
+            let src = format!("[admin]\nlisten = \"{addr}\"\n{MIN}");
+            let e = Config::from_toml(&src, "t.toml")
+                .expect_err("open admin")
+                .to_string();
+            assert!(e.starts_with("t.toml:2:10: admin.listen: "), "{e}");
+            assert!(e.contains("not a loopback address"), "{e}");
+            let ok = format!("[admin]\nlisten = \"{addr}\"\ntoken = \"t\"\n{MIN}");
+            Config::from_toml(&ok, "t.toml").expect("with a token");
+        }
+        for addr in ["127.0.0.1:9901", "[::1]:9901", "127.0.0.2:0"] {
+            let src = format!("[admin]\nlisten = \"{addr}\"\n{MIN}");
+            Config::from_toml(&src, "t.toml").expect("loopback needs no token");
+        }
+    }
+
+    #[test]
+    fn a_read_token_needs_the_full_token_and_none_may_be_empty() {
+        let src = format!("[admin]\nread_token = \"r\"\n{MIN}");
+        let e = Config::from_toml(&src, "t.toml")
+            .expect_err("read only")
+            .to_string();
+        assert!(
+            e.contains("admin.read_token: a read-only token needs"),
+            "{e}"
+        );
+        let src = format!("[admin]\ntoken = \"\"\n{MIN}");
+        let e = Config::from_toml(&src, "t.toml")
+            .expect_err("empty")
+            .to_string();
+        assert!(e.contains("admin.token: must not be empty"), "{e}");
+        let src = format!("[admin]\ntoken = \"t\"\nread_token = \"r\"\n{MIN}");
+        Config::from_toml(&src, "t.toml").expect("both");
+    }
+
+    #[test]
+    fn plugin_config_and_config_file_are_exclusive() {
+        let f = std::env::temp_dir().join(format!("meridian-cfgtest-{}.json", std::process::id()));
+        std::fs::write(&f, "{}").expect("write");
+        let src = MIN.replace(
+            "pool = \"origin\"\n",
+            &format!(
+                "pool = \"origin\"\n[[sites.plugins]]\npath = \"{}\"\nconfig = \"x\"\nconfig_file = \"{}\"\n",
+                f.display(),
+                f.display()
+            ),
+        );
+        let e = Config::from_toml(&src, "t.toml")
+            .expect_err("both")
+            .to_string();
+        assert!(
+            e.starts_with(
+                "t.toml:11:15: sites[0].plugins[0].config_file: set config or config_file"
+            ),
+            "{e}"
+        );
+        let _ = std::fs::remove_file(&f);
+    }
+
+    #[test]
+    fn redaction_hides_plugin_config_values_and_read_tokens() {
+        let src = MIN.replace(
+            "pool = \"origin\"\n",
+            "pool = \"origin\"\n[[sites.plugins]]\npath = \"/p.wasm\"\nconfig = { alg = \"HS256\", secret = \"hunter2\" }\n\
+             [[sites.plugins]]\npath = \"/q.wasm\"\nconfig = \"key=hunter3\"\n",
+        );
+        let mut c: Config = toml::from_str(&src).expect("parses");
+        c.admin.token = Some("s3cret".into());
+        c.admin.read_token = Some("r3ad".into());
+        let shown = toml::to_string(&c.redacted()).expect("serialises");
+        for secret in ["hunter2", "hunter3", "s3cret", "r3ad", "HS256"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("secret = \"<redacted>\""), "{shown}");
+        // Debug output (what `?config` in a log line prints) hides them too.
+        let dbg = format!("{c:?}");
+        for secret in ["hunter2", "hunter3", "s3cret", "r3ad", "HS256"] {
+            assert!(!dbg.contains(secret), "{secret} in {dbg}");
+        }
     }
 
     #[test]

@@ -103,11 +103,8 @@ pub fn load_chain(
     let mut out = Vec::with_capacity(cfgs.len());
     for (i, c) in cfgs.iter().enumerate() {
         let wasm = std::fs::read(&c.path).map_err(|e| format!("{}: {e}", c.path.display()))?;
-        let config: Vec<u8> = match &c.config {
-            None => Vec::new(),
-            Some(toml::Value::String(s)) => s.clone().into_bytes(),
-            Some(v) => serde_json::to_vec(v).map_err(|e| format!("plugin config: {e}"))?,
-        };
+        // Inline, or read from `config_file` (again on every reload).
+        let config: Vec<u8> = c.config_bytes()?;
         let limits = meridian_wasm_host::Limits {
             memory_bytes: c.memory.get() as usize,
             callback_deadline: c.deadline.get(),

@@ -1,6 +1,7 @@
 //! End-to-end tests of meridian-edge: the real binary on ephemeral ports, a
 //! real origin, real sockets. One test binary, with modules.
 
+mod admin_auth;
 mod anycast;
 mod bad_input;
 mod cache;
@@ -13,6 +14,7 @@ mod ops;
 mod plugins;
 mod proxy;
 mod quic_claims;
+mod reload;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -240,8 +240,11 @@ fn one_line_mode_takes_plugins_with_their_config() -> anyhow::Result<()> {
     let printed = dir.path().join("printed.toml");
     std::fs::write(&printed, &out.stdout)?;
     let text = String::from_utf8_lossy(&out.stdout);
+    // The plugin's config file is named, not copied: secrets stay in it.
     assert!(
-        text.contains("[[sites.plugins]]") && text.contains("x-added"),
+        text.contains("[[sites.plugins]]")
+            && text.contains(&format!("config_file = \"{}\"", cfg.display()))
+            && !text.contains("x-added"),
         "{text}"
     );
     let check = std::process::Command::new(crate::bin())
@@ -257,7 +260,7 @@ fn one_line_mode_takes_plugins_with_their_config() -> anyhow::Result<()> {
 }
 
 /// A built example plugin; missing means `wasm-plugins/build` has not run.
-fn dist(name: &str) -> anyhow::Result<String> {
+pub(crate) fn dist(name: &str) -> anyhow::Result<String> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../wasm-plugins/dist")
         .join(format!("{name}.wasm"));
@@ -284,7 +287,7 @@ fn b64url(data: &[u8]) -> String {
 }
 
 /// An HS256 JWT for `secret` with `claims`, signed with the `openssl` command.
-fn hs256_token(secret: &str, claims: &serde_json::Value) -> anyhow::Result<String> {
+pub(crate) fn hs256_token(secret: &str, claims: &serde_json::Value) -> anyhow::Result<String> {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let input = format!(
