@@ -47,6 +47,13 @@ wasm-plugins/build
 echo "== cargo test"
 cargo test --workspace
 
+echo "== soak (2 minutes) and the chaos scenarios that fit CI's time (docs/soak-chaos.md)"
+# The debug binaries `cargo test` built; kill9, diskfull, netem and plugin
+# run only from bench/chaos/run.sh (docs/soak-chaos.md says why).
+PROFILE=debug bash bench/soak/run.sh 120
+PROFILE=debug bash bench/chaos/run.sh flap --duration 30
+PROFILE=debug bash bench/chaos/run.sh dnsflap --duration 30
+
 echo "== deployment files"
 bash infra/systemd/verify.sh
 bash infra/validate.sh

@@ -311,10 +311,47 @@ fn param(req: &Request<Incoming>, key: &str) -> Option<String> {
     })
 }
 
+/// The header `/cc/` adds with `digest=1`: [`body_digest`] of the whole body.
+pub const DIGEST_HEADER: &str = "x-body-digest";
+
+/// FNV-1a (64 bits) of `body`, as `fnv1a64:<16 hex digits>`: enough to catch
+/// a torn, truncated or mixed-up body (not a cryptographic checksum).
+pub fn body_digest(body: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in body {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("fnv1a64:{h:016x}")
+}
+
+/// The body `/cc/<path>?size=N&seed=S` answers: N pseudo-random bytes
+/// (xorshift64*) from the path and the seed, so every object differs and a
+/// client can rebuild any of them (to check a range, say).
+pub fn seeded_body(path: &str, seed: u64, size: usize) -> Bytes {
+    let mut x = seed ^ 0x9e37_79b9_7f4a_7c15;
+    for &b in path.as_bytes() {
+        x = (x ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    if x == 0 {
+        x = 1;
+    }
+    let mut out = Vec::with_capacity(size + 8);
+    while out.len() < size {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(size);
+    Bytes::from(out)
+}
+
 /// `/cc/<anything>?cc=&etag=&lm=&vary=&tag=&size=&delay=&status=`: a response
 /// whose caching headers the request chooses; `text=` (with `repeat=`) sets
 /// the body, `ct=` the Content-Type, `ce=` a Content-Encoding and
-/// `hdr=name:value` one more header. Answers 304 to a matching
+/// `hdr=name:value` one more header; `seed=S` (with `size`) makes the body
+/// [`seeded_body`], and `digest=1` adds [`DIGEST_HEADER`]. Answers 304 to a matching
 /// If-None-Match. The body is `size` bytes (default: a short text naming the
 /// request count, so tests can tell fetches apart).
 async fn cacheable(req: &Request<Incoming>, stats: &Stats) -> Response<Body> {
@@ -346,7 +383,10 @@ async fn cacheable(req: &Request<Incoming>, stats: &Stats) -> Response<Body> {
         param(req, "size").and_then(|s| s.parse::<usize>().ok()),
         param(req, "text"),
     ) {
-        (Some(size), _) => Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
+        (Some(size), _) => match param(req, "seed").and_then(|s| s.parse::<u64>().ok()) {
+            Some(seed) => seeded_body(req.uri().path(), seed, size),
+            None => Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
+        },
         (None, Some(t)) => Bytes::from(t.repeat(repeat)),
         (None, None) => Bytes::from(format!("response {n} for {}", req.uri().path())),
     };
@@ -368,6 +408,7 @@ async fn cacheable(req: &Request<Incoming>, stats: &Stats) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let total = body.len();
+    let digest = (param(req, "digest").as_deref() == Some("1")).then(|| body_digest(&body));
     let (body, content_range) = match range {
         Some((Some(a), b)) if a < total => {
             let end = b.unwrap_or(total - 1).min(total - 1);
@@ -412,6 +453,9 @@ async fn cacheable(req: &Request<Incoming>, stats: &Stats) -> Response<Body> {
             .and_then(|pq| HeaderValue::from_str(pq.as_str()).ok())
     {
         h.insert(header::CONTENT_LOCATION, v);
+    }
+    if let Some(v) = digest.and_then(|d| HeaderValue::from_str(&d).ok()) {
+        h.insert(DIGEST_HEADER, v);
     }
     if let Some(v) = param(req, "cdncc").and_then(|v| HeaderValue::from_str(&v).ok()) {
         h.insert("cdn-cache-control", v);

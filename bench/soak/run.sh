@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The soak (issue #16): meridian-edge (memory + disk tiers, the `headers`
+# plugin, h1/h2/h3) and meridian-dns (queries with and without ECS) under a
+# steady mixed load at 70% of the capacity measured at the start; purges
+# every 3 s, a SIGHUP reload every minute; samples every 10 s into a CSV and
+# a PNG plot. Fails on RSS growth > 5%, descriptor growth, p99 drift > 20%
+# or any failed request. See docs/soak-chaos.md.
+#
+#   bash bench/soak/run.sh [SECONDS]     # default 1800; CI runs 120
+#   PROFILE=debug bash bench/soak/run.sh 120   # the debug build (what CI uses)
+#   OUT=DIR  LOAD=0.7  CALIBRATE=10   (output directory, load fraction, calibration seconds)
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+DURATION="${1:-1800}"
+PROFILE="${PROFILE:-release}"
+OUT="${OUT:-$ROOT/target/soak-$DURATION}"
+LOAD="${LOAD:-0.7}"
+CALIBRATE="${CALIBRATE:-10}"
+
+if ! python3 -c "import matplotlib" 2>/dev/null; then
+  sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-matplotlib
+fi
+python3 -c "import matplotlib" || { echo "soak needs python3-matplotlib" >&2; exit 1; }
+[ -f wasm-plugins/dist/headers.wasm ] || wasm-plugins/build
+
+flag=""; [ "$PROFILE" = release ] && flag="--release"
+cargo build $flag -p meridian-edge -p meridian-dns -p meridian-e2e --bins >&2
+BIN="$ROOT/target/$PROFILE"
+mkdir -p "$OUT"
+
+CHAOS_PID=""
+cleanup() { [ -n "$CHAOS_PID" ] && kill "$CHAOS_PID" 2>/dev/null; wait 2>/dev/null || true; }
+trap cleanup EXIT
+# The harness kills its servers when it exits, however it exits; `timeout`
+# bounds the whole run (calibration and the last samples included).
+MERIDIAN_EDGE_BIN="$BIN/meridian-edge" MERIDIAN_DNS_BIN="$BIN/meridian-dns" \
+  timeout --signal=TERM $((DURATION + CALIBRATE + 180)) \
+  "$BIN/meridian-chaos" soak --duration "$DURATION" --out "$OUT" --load "$LOAD" --calibrate "$CALIBRATE" &
+CHAOS_PID=$!
+status=0
+wait "$CHAOS_PID" || status=$?
+CHAOS_PID=""
+if [ -s "$OUT/soak.csv" ]; then
+  python3 "$ROOT/bench/soak/plot.py" "$OUT/soak.csv" "$OUT/soak.png" "meridian soak, ${DURATION}s, $PROFILE build"
+  echo "soak: CSV $OUT/soak.csv, plot $OUT/soak.png"
+fi
+exit "$status"

@@ -1,0 +1,1115 @@
+//! The chaos scenarios of issue #16. Each runs the real binaries under load,
+//! injects one fault on a schedule, judges every request the clients sent,
+//! and prints one line of counts (see docs/soak-chaos.md).
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use meridian_e2e::certs::{TempDir, TestCa};
+use meridian_e2e::client::{Resp, Tls};
+use meridian_e2e::origin::{Stats as OriginStats, TestOrigin};
+
+use crate::Args;
+use crate::dns::{DnsClient, NOERROR, SERVFAIL};
+use crate::load::{Check, Client, Mutex, Proto, Req, Stats, Target, Verdict, http_worker};
+use crate::procs::{
+    Server, admin_get, bin_from_env, dns_config, free_port, metric, start_dns, start_edge,
+};
+
+/// Intervals during which a fault was injected, to tell an expected failure
+/// (the request overlapped one) from an unexpected one.
+#[derive(Default)]
+pub struct Windows(Mutex<Vec<(Instant, Option<Instant>)>>);
+
+impl Windows {
+    pub fn open(&self) {
+        self.0.lock().push((Instant::now(), None));
+    }
+    pub fn close(&self) {
+        if let Some(w) = self.0.lock().last_mut()
+            && w.1.is_none()
+        {
+            w.1 = Some(Instant::now());
+        }
+    }
+    /// Whether `[t0, t1]` overlaps a window widened by `grace` at its end.
+    pub fn overlaps(&self, t0: Instant, t1: Instant, grace: Duration) -> bool {
+        self.0
+            .lock()
+            .iter()
+            .any(|(a, b)| *a <= t1 && b.is_none_or(|b| t0 <= b + grace))
+    }
+    pub fn count(&self) -> usize {
+        self.0.lock().len()
+    }
+}
+
+/// A certificate for `localhost` and the client TLS settings trusting it.
+struct Pki {
+    cert: PathBuf,
+    key: PathBuf,
+    tls: Tls,
+}
+
+fn pki(dir: &Path) -> anyhow::Result<Pki> {
+    let ca = TestCa::new(dir)?;
+    let leaf = ca.leaf(dir, "localhost", &["localhost"])?;
+    Ok(Pki {
+        cert: leaf.cert,
+        key: leaf.key,
+        tls: Tls {
+            roots: Arc::new(ca.roots()?),
+            sni: "localhost".into(),
+            alpn: vec![b"h2".to_vec()],
+        },
+    })
+}
+
+/// An edge config: a plain and a TLS listener, admin (their addresses in
+/// `addrs`), one site on `origin`. `pool` and `site` are appended to the
+/// pool and the site, `top` at the top.
+fn edge_config(
+    (plain, tls, admin): (&str, &str, &str),
+    pki: &Pki,
+    origin: &str,
+    top: &str,
+    site: &str,
+    pool: &str,
+) -> String {
+    format!(
+        r#"[admin]
+listen = "{admin}"
+
+[log]
+access_log = "off"
+
+{top}
+
+[[listeners]]
+address = "{plain}"
+
+[[listeners]]
+address = "{tls}"
+tls = true
+
+[[tls.certificates]]
+cert = "{cert}"
+key = "{key}"
+default = true
+
+[[sites]]
+hosts = ["*"]
+pool = "origin"
+{site}
+
+[pools.origin]
+origins = [{{ url = "{origin}" }}]
+{pool}
+"#,
+        cert = pki.cert.display(),
+        key = pki.key.display(),
+    )
+}
+
+fn target(edge: &Server, tls: &Tls) -> anyhow::Result<Arc<Target>> {
+    Ok(Arc::new(Target {
+        plain: *edge
+            .http
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no plain listener"))?,
+        tls: edge.https.first().map(|a| (*a, tls.clone())),
+        host: "localhost".into(),
+    }))
+}
+
+fn status_of(res: &anyhow::Result<Resp>) -> Option<u16> {
+    res.as_ref().ok().map(|r| r.status)
+}
+
+/// Prints the scenario's line and fails if anything unexpected happened.
+fn finish(name: &str, stats: &Stats, other: Vec<String>) -> anyhow::Result<()> {
+    println!("{}", stats.line(name));
+    let mut problems = other;
+    if stats.failures() > 0 {
+        problems.push(format!(
+            "unexpected failures or corrupt bodies, first ones: {:?}",
+            stats.samples.lock().clone()
+        ));
+    }
+    if stats.ok.load(Ordering::Relaxed) == 0 {
+        problems.push("no request succeeded".into());
+    }
+    if problems.is_empty() {
+        println!("{name}: PASS");
+        Ok(())
+    } else {
+        anyhow::bail!("{name}: {}", problems.join("; "))
+    }
+}
+
+fn sie_path(n: u64) -> String {
+    format!("/cc/sie-{n}?cc=public,max-age=1,stale-if-error=3600&size=2048&seed=4&digest=1")
+}
+
+async fn warm(
+    client: &mut Client,
+    paths: impl Iterator<Item = (String, usize)>,
+) -> anyhow::Result<()> {
+    for (p, size) in paths {
+        let r = Req::get(p, Check::Digest { size }, "warm");
+        let resp = client.send(&r).await?;
+        anyhow::ensure!(resp.status == 200, "warming {}: {}", r.path, resp.status);
+        crate::load::verify(&r.check, &resp)
+            .map_err(|e| anyhow::anyhow!("warming {}: {e}", r.path))?;
+    }
+    Ok(())
+}
+
+/// Where a scenario's server logs go: kept after the run (the scratch
+/// directory is not), overwritten by the next run of the same scenario.
+pub fn log_path(name: &str) -> PathBuf {
+    let dir = std::env::var_os("MERIDIAN_CHAOS_LOGS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("meridian-chaos-logs"));
+    let _ = std::fs::create_dir_all(&dir);
+    let p = dir.join(format!("{name}.log"));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+// ---------------------------------------------------------------------------
+// 1. The origin flaps.
+
+/// The origin is up `period` seconds, down `period` seconds. Objects with
+/// `stale-if-error` must always be served (200, right body); new objects may
+/// fail only with 502/503/504 while the origin is down; nothing may take
+/// longer than the pool's timeouts allow.
+pub async fn flap(args: &Args) -> anyhow::Result<()> {
+    let duration = Duration::from_secs(args.get("duration", 60u64)?);
+    let period = Duration::from_secs(args.get("period", 5u64)?);
+    let edge_bin = bin_from_env("MERIDIAN_EDGE_BIN")?;
+    let work = TempDir::new("chaos-flap")?;
+    let pki = pki(work.path())?;
+    let ostats = Arc::new(OriginStats::default());
+    let origin = TestOrigin::start_on("127.0.0.1:0".parse()?, "flap", ostats.clone()).await?;
+    let oaddr = origin.addr;
+    let cfg = work.path().join("edge.toml");
+    // connect 1 s + header 2 s, two attempts: a request needs at most ~6 s.
+    std::fs::write(
+        &cfg,
+        edge_config(
+            ("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"),
+            &pki,
+            &origin.url(),
+            "[cache]\nmemory = \"64MiB\"",
+            "",
+            "timeouts = { connect = \"1s\", header = \"2s\" }",
+        ),
+    )?;
+    let edge = start_edge(&edge_bin, &cfg, &log_path("flap-edge"))?;
+    let target = target(&edge, &pki.tls)?;
+    let mut c = Client::new(Proto::H1, target.clone(), Duration::from_secs(10));
+    warm(&mut c, (0..100).map(|n| (sie_path(n), 2048))).await?;
+
+    let down = Arc::new(Windows::default());
+    let stats = Stats::new(false);
+    let until = Instant::now() + duration;
+    let fresh = Arc::new(AtomicU64::new(0));
+    let max_stale_ms = Arc::new(AtomicU64::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for (w, proto) in [Proto::H1, Proto::H1, Proto::H2, Proto::H3]
+        .into_iter()
+        .enumerate()
+    {
+        let client = Client::new(proto, target.clone(), Duration::from_secs(8));
+        let (stats, fresh, down, max_stale) = (
+            stats.clone(),
+            fresh.clone(),
+            down.clone(),
+            max_stale_ms.clone(),
+        );
+        set.spawn(async move {
+            http_worker(
+                client,
+                stats,
+                Some(50.0),
+                until,
+                u64::MAX,
+                move |i| {
+                    if (i + w as u64).is_multiple_of(4) {
+                        let n = fresh.fetch_add(1, Ordering::Relaxed);
+                        Req::get(
+                            format!("/cc/new-{n}?cc=public,max-age=60&size=1024&seed=5&digest=1"),
+                            Check::Digest { size: 1024 },
+                            "fresh",
+                        )
+                    } else {
+                        Req::get(
+                            sie_path((i * 7 + w as u64) % 100),
+                            Check::Digest { size: 2048 },
+                            "stale",
+                        )
+                    }
+                },
+                move |r, res, t0, t1| {
+                    if r.class == "stale" {
+                        max_stale.fetch_max((t1 - t0).as_millis() as u64, Ordering::Relaxed);
+                    }
+                    match (r.class, status_of(res)) {
+                        (_, Some(200)) => Verdict::Ok,
+                        ("fresh", Some(502..=504)) if down.overlaps(t0, t1, Duration::ZERO) => {
+                            Verdict::Expected
+                        }
+                        _ => Verdict::Unexpected,
+                    }
+                },
+            )
+            .await
+        });
+    }
+    let flapper = {
+        let down = down.clone();
+        tokio::spawn(async move {
+            let mut origin = Some(origin);
+            let mut problems = Vec::new();
+            while Instant::now() + period < until {
+                tokio::time::sleep(period).await;
+                down.open();
+                if let Some(mut o) = origin.take() {
+                    o.stop();
+                }
+                tokio::time::sleep(period).await;
+                match TestOrigin::start_on(oaddr, "flap", ostats.clone()).await {
+                    Ok(o) => origin = Some(o),
+                    Err(e) => problems.push(format!("origin restart: {e:#}")),
+                }
+                down.close();
+            }
+            problems
+        })
+    };
+    while set.join_next().await.is_some() {}
+    let problems = flapper
+        .await
+        .unwrap_or_else(|e| vec![format!("flapper: {e}")]);
+    let m = admin_get(edge.admin()?, "/metrics")
+        .await
+        .unwrap_or_default();
+    println!(
+        "flap: {} origin outages of {} s; slowest stale-if-error answer {} ms; cache results: stale-if-error {}, hit {}",
+        down.count(),
+        period.as_secs(),
+        max_stale_ms.load(Ordering::Relaxed),
+        metric(
+            &m,
+            "meridian_cache_requests_total",
+            &["result=\"stale-if-error\""]
+        ),
+        metric(&m, "meridian_cache_requests_total", &["result=\"hit\""]),
+    );
+    let mut other = problems;
+    if down.count() == 0 {
+        other.push("the origin never went down".into());
+    }
+    finish("flap", &stats, other)
+}
+
+// ---------------------------------------------------------------------------
+// 2. kill -9 of the edge.
+
+fn w_path(n: u64) -> String {
+    format!("/cc/w-{n}?cc=public,max-age=3600&size=16384&seed=6&digest=1")
+}
+
+/// A write-heavy load (70% new objects, each written to the disk tier; 30%
+/// re-reads), `kill -9` of the edge every `every` seconds, restarted on the
+/// same ports. Every body must match the origin's digest; requests may fail
+/// only across a kill; after each restart, objects stored at least 2 s
+/// before the kill must be hits again without the origin.
+pub async fn kill9(args: &Args) -> anyhow::Result<()> {
+    let duration = Duration::from_secs(args.get("duration", 70u64)?);
+    let every = Duration::from_secs(args.get("every", 20u64)?);
+    let edge_bin = bin_from_env("MERIDIAN_EDGE_BIN")?;
+    let work = TempDir::new("chaos-kill9")?;
+    let pki = pki(work.path())?;
+    let origin = TestOrigin::start("kill9").await?;
+    let (plain, tls, admin) = (free_port()?, free_port()?, free_port()?);
+    let cfg = work.path().join("edge.toml");
+    std::fs::write(
+        &cfg,
+        edge_config(
+            (
+                &format!("127.0.0.1:{plain}"),
+                &format!("127.0.0.1:{tls}"),
+                &format!("127.0.0.1:{admin}"),
+            ),
+            &pki,
+            &origin.url(),
+            &format!(
+                "[cache]\nmemory = \"2MiB\"\ndisk_dir = \"{}\"\ndisk = \"256MiB\"",
+                work.path().join("disk").display()
+            ),
+            "",
+            "",
+        ),
+    )?;
+    let log = log_path("kill9-edge");
+    let edge = start_edge(&edge_bin, &cfg, &log)?;
+    let target = target(&edge, &pki.tls)?;
+    let down = Arc::new(Windows::default());
+    let stats = Stats::new(false);
+    let until = Instant::now() + duration;
+    let next = Arc::new(AtomicU64::new(0));
+    // Objects whose fill completed, with when.
+    let done: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut set = tokio::task::JoinSet::new();
+    for (w, proto) in [Proto::H1, Proto::H1, Proto::H1, Proto::H2, Proto::H2]
+        .into_iter()
+        .enumerate()
+    {
+        let client = Client::new(proto, target.clone(), Duration::from_secs(10));
+        let (stats, next, down, done) = (stats.clone(), next.clone(), down.clone(), done.clone());
+        let done2 = done.clone();
+        set.spawn(async move {
+            http_worker(
+                client,
+                stats,
+                None,
+                until,
+                u64::MAX,
+                move |i| {
+                    let old = {
+                        let d = done.lock();
+                        (!d.is_empty() && (i + w as u64) % 10 < 3)
+                            .then(|| d[(i as usize * 31 + w) % d.len()].0)
+                    };
+                    let n = old.unwrap_or_else(|| next.fetch_add(1, Ordering::Relaxed));
+                    Req::get(w_path(n), Check::Digest { size: 16384 }, "write")
+                },
+                move |r, res, t0, t1| match status_of(res) {
+                    Some(200) => {
+                        if let Some(n) = r
+                            .path
+                            .strip_prefix("/cc/w-")
+                            .and_then(|p| p.split('?').next())
+                            .and_then(|n| n.parse().ok())
+                        {
+                            done2.lock().push((n, t1));
+                        }
+                        Verdict::Ok
+                    }
+                    _ if down.overlaps(t0, t1, Duration::from_millis(200)) => Verdict::Expected,
+                    _ => Verdict::Unexpected,
+                },
+            )
+            .await
+        });
+    }
+    let killer = {
+        let (down, done, origin_stats) = (down.clone(), done.clone(), origin.stats.clone());
+        let (cfg, log, edge_bin, target) =
+            (cfg.clone(), log.clone(), edge_bin.clone(), target.clone());
+        tokio::spawn(async move {
+            let mut edge = edge;
+            let mut problems: Vec<String> = Vec::new();
+            let (mut checked, mut restored, mut kills) = (0u64, 0u64, 0u64);
+            while Instant::now() + every < until {
+                tokio::time::sleep(every).await;
+                let cutoff = Instant::now() - Duration::from_secs(2);
+                let kill_at = Instant::now();
+                let stored: Vec<(u64, Duration)> = {
+                    let d = done.lock();
+                    let mut seen = HashSet::new();
+                    d.iter()
+                        .filter(|(_, t)| *t < cutoff)
+                        .filter(|(n, _)| seen.insert(*n))
+                        .map(|(n, t)| (*n, kill_at - *t))
+                        .collect()
+                };
+                down.open();
+                edge.kill9();
+                kills += 1;
+                match start_edge(&edge_bin, &cfg, &log) {
+                    Ok(e) => edge = e,
+                    Err(e) => {
+                        problems.push(format!("restart {kills}: {e:#}"));
+                        down.close();
+                        return (edge, problems, kills, checked, restored);
+                    }
+                }
+                down.close();
+                // Objects stored well before the kill come back from disk:
+                // hits, with no new origin request.
+                let mut c = Client::new(Proto::H1, target.clone(), Duration::from_secs(10));
+                let sample: Vec<(u64, Duration)> = stored
+                    .iter()
+                    .rev()
+                    .step_by((stored.len() / 40).max(1))
+                    .copied()
+                    .collect();
+                let mut lost = Vec::new();
+                for (n, age) in sample {
+                    let path = format!("/cc/w-{n}");
+                    let before = origin_stats
+                        .by_path
+                        .lock()
+                        .await
+                        .get(&path)
+                        .copied()
+                        .unwrap_or(0);
+                    let r = Req::get(w_path(n), Check::Digest { size: 16384 }, "restored");
+                    checked += 1;
+                    match c.send(&r).await {
+                        Ok(resp)
+                            if resp.status == 200
+                                && crate::load::verify(&r.check, &resp).is_ok() =>
+                        {
+                            let after = origin_stats
+                                .by_path
+                                .lock()
+                                .await
+                                .get(&path)
+                                .copied()
+                                .unwrap_or(0);
+                            if after == before {
+                                restored += 1;
+                            } else {
+                                lost.push(format!(
+                                    "w-{n} stored {} ms before the kill: {}",
+                                    age.as_millis(),
+                                    resp.header("cache-status").unwrap_or("")
+                                ));
+                            }
+                        }
+                        Ok(resp) => problems.push(format!(
+                            "after restart {kills}: {} -> {} (or a bad body)",
+                            r.path, resp.status
+                        )),
+                        Err(e) => {
+                            problems.push(format!("after restart {kills}: {}: {e:#}", r.path))
+                        }
+                    }
+                }
+                if !lost.is_empty() {
+                    println!(
+                        "kill9: after kill {kills}, not served from disk: {}",
+                        lost.join("; ")
+                    );
+                }
+            }
+            (edge, problems, kills, checked, restored)
+        })
+    };
+    while set.join_next().await.is_some() {}
+    let (edge, mut problems, kills, checked, restored) = killer.await?;
+    let cache = admin_get(edge.admin()?, "/cache").await.unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&cache).unwrap_or_default();
+    println!(
+        "kill9: {kills} kills; {restored} of {checked} objects stored 2 s or more before a kill were served from disk after the restart; entries now {}, corrupt entries {}",
+        v["entries"], v["corrupt_entries"]
+    );
+    if kills == 0 {
+        problems.push("the edge was never killed".into());
+    }
+    // Entries come back: at least 90% of those sampled (a fill still being
+    // flushed when it was killed may be lost; it is then a miss, never a
+    // bad body).
+    if checked == 0 || restored * 10 < checked * 9 {
+        problems.push(format!(
+            "only {restored} of {checked} stored objects came back from disk"
+        ));
+    }
+    drop(edge);
+    finish("kill9", &stats, problems)
+}
+
+// ---------------------------------------------------------------------------
+// 3. The disk fills.
+
+/// The disk tier on a tmpfs of `--tmpfs-mb` (mounted here) that a ballast
+/// file fills; under load, every request must still be served (memory and
+/// origin), the write errors are logged a bounded number of times, and once
+/// the ballast goes the tier stores again.
+pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
+    let phase = Duration::from_secs(args.get("phase", 15u64)?);
+    let mb: u64 = args.get("tmpfs-mb", 64u64)?;
+    let edge_bin = bin_from_env("MERIDIAN_EDGE_BIN")?;
+    let work = TempDir::new("chaos-diskfull")?;
+    let mnt = work.path().join("disk");
+    std::fs::create_dir_all(&mnt)?;
+    let st = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={mb}m"),
+            "meridian-chaos",
+        ])
+        .arg(&mnt)
+        .status()?;
+    anyhow::ensure!(
+        st.success(),
+        "mounting a tmpfs needs root (mount -t tmpfs failed)"
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let pki = pki(work.path())?;
+    let origin = TestOrigin::start("diskfull").await?;
+    let cfg = work.path().join("edge.toml");
+    std::fs::write(
+        &cfg,
+        edge_config(
+            ("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"),
+            &pki,
+            &origin.url(),
+            &format!(
+                "[cache]\nmemory = \"4MiB\"\ndisk_dir = \"{}\"\ndisk = \"{}MiB\"",
+                mnt.display(),
+                mb * 3 / 4
+            ),
+            "",
+            "",
+        ),
+    )?;
+    let log = log_path("diskfull-edge");
+    let edge = start_edge(&edge_bin, &cfg, &log)?;
+    let admin = edge.admin()?;
+    let target = target(&edge, &pki.tls)?;
+    let stats = Stats::new(false);
+    let next = Arc::new(AtomicU64::new(0));
+    let cache = |t: &str| -> serde_json::Value { serde_json::from_str(t).unwrap_or_default() };
+
+    // Phases: normal, full (ballast), recovered (ballast removed).
+    let run_phase = |name: &'static str| {
+        let (stats, next, target) = (stats.clone(), next.clone(), target.clone());
+        async move {
+            let until = Instant::now() + phase;
+            let mut set = tokio::task::JoinSet::new();
+            for proto in [Proto::H1, Proto::H1, Proto::H2] {
+                let client = Client::new(proto, target.clone(), Duration::from_secs(10));
+                let (stats, next) = (stats.clone(), next.clone());
+                set.spawn(async move {
+                    http_worker(
+                        client,
+                        stats,
+                        Some(60.0),
+                        until,
+                        u64::MAX,
+                        move |i| {
+                            // Two thirds new objects (disk writes), a third
+                            // re-reads of recent ones.
+                            let n = next.fetch_add(1, Ordering::Relaxed);
+                            let n = if i % 3 == 2 { n.saturating_sub(50) } else { n };
+                            Req::get(
+                                format!(
+                                    "/cc/d-{n}?cc=public,max-age=3600&size=32768&seed=7&digest=1"
+                                ),
+                                Check::Digest { size: 32768 },
+                                name,
+                            )
+                        },
+                        |_, res, _, _| match status_of(res) {
+                            Some(200) => Verdict::Ok,
+                            _ => Verdict::Unexpected,
+                        },
+                    )
+                    .await
+                });
+            }
+            while set.join_next().await.is_some() {}
+        }
+    };
+    run_phase("normal").await;
+    let before = cache(&admin_get(admin, "/cache").await?);
+    // Fill the tmpfs: a ballast file written until ENOSPC.
+    let ballast = mnt.join("ballast");
+    let filled = tokio::task::spawn_blocking({
+        let ballast = ballast.clone();
+        move || -> u64 {
+            use std::io::Write;
+            let Ok(mut f) = std::fs::File::create(&ballast) else {
+                return 0;
+            };
+            let chunk = vec![0u8; 1 << 20];
+            let mut n = 0u64;
+            for _ in 0..(mb * 2) {
+                match f.write(&chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k as u64,
+                }
+            }
+            let _ = f.sync_all();
+            n
+        }
+    })
+    .await?;
+    let logged_before = edge_log_errors(&log);
+    let full_start = Instant::now();
+    run_phase("full").await;
+    let full_secs = full_start.elapsed().as_secs_f64();
+    let during = cache(&admin_get(admin, "/cache").await?);
+    let logged_full = edge_log_errors(&log) - logged_before;
+    std::fs::remove_file(&ballast)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    run_phase("recovered").await;
+    let after = cache(&admin_get(admin, "/cache").await?);
+    let m = admin_get(admin, "/metrics").await.unwrap_or_default();
+    let wb = |v: &serde_json::Value| v["disk"]["write_bytes"].as_f64().unwrap_or(0.0);
+    println!(
+        "diskfull: ballast {} MiB on a {mb} MiB tmpfs; disk bytes written: {:.0} before, {:.0} while full, {:.0} after; warnings or errors logged while full: {logged_full} in {full_secs:.0} s; storage error metric: {}",
+        filled >> 20,
+        wb(&before),
+        wb(&during) - wb(&before),
+        wb(&after) - wb(&during),
+        metric(&m, "meridian_cache_disk_errors_total", &[]),
+    );
+    let mut problems = Vec::new();
+    if filled == 0 {
+        problems.push("could not write the ballast".into());
+    }
+    if wb(&after) <= wb(&during) {
+        problems.push("the disk tier wrote nothing after space returned".into());
+    }
+    // Once per interval: no more than one line a second while full.
+    if logged_full as f64 > full_secs.ceil() + 2.0 {
+        problems.push(format!("{logged_full} warning/error lines in {full_secs:.0} s while the disk was full (want at most one per second)"));
+    }
+    if logged_full == 0 {
+        problems.push("nothing was logged while the disk was full".into());
+    }
+    finish("diskfull", &stats, problems)
+}
+
+/// Warning and error lines (and panics) in an edge log.
+fn edge_log_errors(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| {
+            let level = l.split_whitespace().nth(1).unwrap_or("");
+            level == "WARN" || level == "ERROR" || l.contains("panicked at")
+        })
+        .count() as u64
+}
+
+/// `line` without ANSI colour sequences (the edge's text log has them).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// 5. A plugin misbehaves.
+
+const MISBEHAVING_PLUGIN: &str = r#"(module
+  (import "env" "proxy_get_header_map_value" (func $get_hdr (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 32768))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (if (i32.gt_u (i32.add (global.get $heap) (local.get $n)) (i32.const 65536))
+      (then (global.set $heap (i32.const 32768))))
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_abi_version_0_2_1"))
+  (data (i32.const 0) "x-misbehave")
+  ;; x-misbehave: trap | loop | memory; anything else (or none) passes.
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $c i32)
+    (if (i32.ne (call $get_hdr (i32.const 0) (i32.const 0) (i32.const 11) (i32.const 16384) (i32.const 16388)) (i32.const 0))
+      (then (return (i32.const 0))))
+    (if (i32.eqz (i32.load (i32.const 16388))) (then (return (i32.const 0))))
+    (local.set $c (i32.load8_u (i32.load (i32.const 16384))))
+    (if (i32.eq (local.get $c) (i32.const 116)) (then unreachable))
+    (if (i32.eq (local.get $c) (i32.const 108)) (then (loop $l (br $l))))
+    (if (i32.eq (local.get $c) (i32.const 109))
+      (then
+        (loop $g (br_if $g (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))
+        unreachable))
+    (i32.const 0))
+)"#;
+
+/// Every 100th request asks the plugin to trap, loop or exhaust its memory
+/// (in turn). Those, and only those, fail (500, the plugin is fail-closed);
+/// the others' throughput stays within 10% of a run with no misbehaviour.
+pub async fn plugin(args: &Args) -> anyhow::Result<()> {
+    let phase = Duration::from_secs(args.get("phase", 15u64)?);
+    let edge_bin = bin_from_env("MERIDIAN_EDGE_BIN")?;
+    let work = TempDir::new("chaos-plugin")?;
+    let pki = pki(work.path())?;
+    let wasm = wat::parse_str(MISBEHAVING_PLUGIN)?;
+    let plugin = work.path().join("misbehave.wasm");
+    std::fs::write(&plugin, wasm)?;
+    let origin = TestOrigin::start("plugin").await?;
+    let cfg = work.path().join("edge.toml");
+    std::fs::write(
+        &cfg,
+        edge_config(
+            ("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"),
+            &pki,
+            &origin.url(),
+            "[cache]\nmemory = \"64MiB\"",
+            &format!(
+                "[[sites.plugins]]\npath = \"{}\"\nfailure = \"closed\"\nmemory = \"16MiB\"",
+                plugin.display()
+            ),
+            "",
+        ),
+    )?;
+    let edge = start_edge(&edge_bin, &cfg, &log_path("plugin-edge"))?;
+    let target = target(&edge, &pki.tls)?;
+    let mut c = Client::new(Proto::H1, target.clone(), Duration::from_secs(10));
+    warm(
+        &mut c,
+        (0..200).map(|n| {
+            (
+                format!("/cc/p-{n}?cc=public,max-age=3600&size=4096&seed=8&digest=1"),
+                4096,
+            )
+        }),
+    )
+    .await?;
+
+    let stats = Stats::new(false);
+    // Closed loop, so throughput is what the box does; `bad` turns the
+    // misbehaving requests on.
+    let run = |bad: bool| {
+        let (stats, target) = (stats.clone(), target.clone());
+        async move {
+            let good = Arc::new(AtomicU64::new(0));
+            let until = Instant::now() + phase;
+            let mut set = tokio::task::JoinSet::new();
+            for (w, proto) in [Proto::H1, Proto::H1, Proto::H2, Proto::H2]
+                .into_iter()
+                .enumerate()
+            {
+                let client = Client::new(proto, target.clone(), Duration::from_secs(10));
+                let (stats, good) = (stats.clone(), good.clone());
+                set.spawn(async move {
+                    http_worker(
+                        client,
+                        stats,
+                        None,
+                        until,
+                        u64::MAX,
+                        move |i| {
+                            let mut r = Req::get(
+                                format!(
+                                    "/cc/p-{}?cc=public,max-age=3600&size=4096&seed=8&digest=1",
+                                    (i * 4 + w as u64) % 200
+                                ),
+                                Check::Digest { size: 4096 },
+                                "good",
+                            );
+                            if bad && i % 100 == 99 {
+                                let kind = ["trap", "loop", "memory"][((i / 100) % 3) as usize];
+                                r.headers.push(("x-misbehave", kind.into()));
+                                r.class = kind;
+                            }
+                            r
+                        },
+                        move |r, res, _, _| match (r.class, status_of(res)) {
+                            ("good", Some(200)) => {
+                                good.fetch_add(1, Ordering::Relaxed);
+                                Verdict::Ok
+                            }
+                            ("trap" | "loop" | "memory", Some(500)) => Verdict::Expected,
+                            _ => Verdict::Unexpected,
+                        },
+                    )
+                    .await
+                });
+            }
+            while set.join_next().await.is_some() {}
+            good.load(Ordering::Relaxed) as f64 / phase.as_secs_f64()
+        }
+    };
+    // A warm-up run (instances, connections), counted but not measured.
+    run(false).await;
+    let base = run(false).await;
+    let with = run(true).await;
+    let again = run(false).await;
+    let m = admin_get(edge.admin()?, "/metrics")
+        .await
+        .unwrap_or_default();
+    let baseline = (base + again) / 2.0;
+    println!(
+        "plugin: well-behaved throughput {base:.0} req/s alone, {with:.0} req/s with every 100th request misbehaving ({:+.1}%), {again:.0} req/s after; plugin failures: trap {}, deadline {}, memory {}, instance-lost {}",
+        (with - baseline) / baseline * 100.0,
+        metric(&m, "meridian_plugin_failures", &["kind=\"trap\""]),
+        metric(&m, "meridian_plugin_failures", &["kind=\"deadline\""]),
+        metric(&m, "meridian_plugin_failures", &["kind=\"memory\""]),
+        metric(&m, "meridian_plugin_failures", &["kind=\"instance-lost\""]),
+    );
+    let mut problems = Vec::new();
+    if with < baseline * 0.9 {
+        problems.push(format!(
+            "well-behaved throughput fell {:.1}% (> 10%)",
+            (baseline - with) / baseline * 100.0
+        ));
+    }
+    if stats.expected.load(Ordering::Relaxed) == 0 {
+        problems.push("no misbehaving request was sent".into());
+    }
+    finish("plugin", &stats, problems)
+}
+
+// ---------------------------------------------------------------------------
+// 6. DNS health checks flap.
+
+const EU: &str = "a = [\"192.0.2.2\"]\naaaa = [\"2001:db8:ff::2\"]\n";
+const US: &str = "a = [\"192.0.2.1\"]\naaaa = [\"2001:db8:ff::1\"]\n";
+const AP: &str = "a = [\"192.0.2.3\"]\naaaa = [\"2001:db8:ff::3\"]\n";
+/// Each region's health changes: (when, up).
+type Health = [Vec<(Instant, bool)>; 3];
+const INTERVAL_MS: u64 = 100;
+const TIMEOUT_MS: u64 = 300;
+const FALL: u64 = 3;
+const RISE: u64 = 2;
+
+fn health(region: &str, addr: SocketAddr) -> String {
+    format!(
+        "{region}[regions.health]\nkind = \"http\"\naddress = \"{addr}\"\npath = \"/healthz\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nfall = {FALL}\nrise = {RISE}\nexpect_status = 200\n"
+    )
+}
+
+/// Each region (eu-west, us-east, ap-southeast) is probed at its own
+/// endpoint, and the three flap on different periods (2, 3 and 5 s), so the
+/// steered name goes through every combination, all regions down
+/// (fail-open) included. The answer of each combination is measured first,
+/// once settled. Under a query load, every answer must then be the one of a
+/// combination the regions had at most max(fall, rise) × interval +
+/// timeout (+ slack) before the query, and none may be SERVFAIL.
+pub async fn dnsflap(args: &Args) -> anyhow::Result<()> {
+    let duration = Duration::from_secs(args.get("duration", 40u64)?);
+    let rate: f64 = args.get("rate", 1000.0)?;
+    let dns_bin = bin_from_env("MERIDIAN_DNS_BIN")?;
+    let work = TempDir::new("chaos-dnsflap")?;
+    let eps = [
+        TestOrigin::start("health-eu").await?,
+        TestOrigin::start("health-us").await?,
+        TestOrigin::start("health-ap").await?,
+    ];
+    let cfg = dns_config(
+        work.path(),
+        &[
+            (EU, &health(EU, eps[0].addr)),
+            (US, &health(US, eps[1].addr)),
+            (AP, &health(AP, eps[2].addr)),
+        ],
+    )?;
+    anyhow::ensure!(
+        std::fs::read_to_string(&cfg)?.contains("fail_mode = \"open\""),
+        "the demo's steered name is expected to fail open"
+    );
+    let dns = start_dns(&dns_bin, &cfg, &log_path("dnsflap-dns"))?;
+    let udp = dns.udp.ok_or_else(|| anyhow::anyhow!("no UDP listener"))?;
+    let fr = Some((Ipv4Addr::new(198, 51, 100, 0), 24));
+    let queries: [Option<(Ipv4Addr, u8)>; 2] = [fr, None];
+    let set_state = |st: u8| {
+        for (i, e) in eps.iter().enumerate() {
+            e.set_healthy(st & (1 << i) != 0);
+        }
+    };
+
+    // The answer of each combination (bit i: region i up), once settled.
+    let mut c = DnsClient::new(udp, Duration::from_secs(2)).await?;
+    let settle = Duration::from_millis((FALL.max(RISE) * INTERVAL_MS + TIMEOUT_MS) * 2);
+    let mut reference = std::collections::HashMap::new();
+    for st in 0..8u8 {
+        set_state(st);
+        tokio::time::sleep(settle).await;
+        for (qi, q) in queries.iter().enumerate() {
+            let ans = c.ask("www.demo.meridian.test.", *q).await?;
+            anyhow::ensure!(ans.rcode == NOERROR, "state {st:03b}: rcode {}", ans.rcode);
+            let mut v = ans.a.clone();
+            v.sort();
+            reference.insert((st, qi), v);
+        }
+    }
+    let ip = |d: u8| Ipv4Addr::new(192, 0, 2, d);
+    anyhow::ensure!(
+        reference[&(7, 0)] == vec![ip(2)],
+        "a French client with every region up should get eu-west: {:?}",
+        reference[&(7, 0)]
+    );
+    anyhow::ensure!(
+        !reference[&(6, 0)].contains(&ip(2)),
+        "with eu-west down, eu-west must not be answered: {:?}",
+        reference[&(6, 0)]
+    );
+    anyhow::ensure!(
+        reference[&(0, 0)] == vec![ip(1), ip(2), ip(3)],
+        "with every region down, fail-open answers every region: {:?}",
+        reference[&(0, 0)]
+    );
+    set_state(7);
+    tokio::time::sleep(settle).await;
+
+    // Region i's health over time.
+    let history: Arc<Mutex<Health>> = Arc::new(Mutex::new([
+        vec![(Instant::now(), true)],
+        vec![(Instant::now(), true)],
+        vec![(Instant::now(), true)],
+    ]));
+    let until = Instant::now() + duration;
+    let eps = Arc::new(eps);
+    let flapper = {
+        let (history, eps) = (history.clone(), eps.clone());
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let mut up = [true; 3];
+            let mut changes = 0usize;
+            // Half-second ticks: eu every 2 s, us every 3 s, ap every 5 s.
+            for tick in 1u64.. {
+                let at = t0 + Duration::from_millis(500 * tick);
+                if at >= until {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                for (i, (period, phase)) in [(4u64, 0u64), (6, 1), (10, 3)].into_iter().enumerate()
+                {
+                    if tick % period == phase {
+                        up[i] = !up[i];
+                        eps[i].set_healthy(up[i]);
+                        history.lock()[i].push((Instant::now(), up[i]));
+                        changes += 1;
+                    }
+                }
+            }
+            changes
+        })
+    };
+    // An answer is right if it is the reference of a combination whose
+    // every region had that health at some time in [t0 - allowance, t1].
+    let allowance = Duration::from_millis(FALL.max(RISE) * INTERVAL_MS + TIMEOUT_MS + 400);
+    let stats = Stats::new(false);
+    let servfails = Arc::new(AtomicU64::new(0));
+    let reference = Arc::new(reference);
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..2usize {
+        let (stats, history, reference, servfails) = (
+            stats.clone(),
+            history.clone(),
+            reference.clone(),
+            servfails.clone(),
+        );
+        set.spawn(async move {
+            let Ok(mut c) = DnsClient::new(udp, Duration::from_secs(2)).await else {
+                stats.record(Verdict::Unexpected, Duration::ZERO, || {
+                    "no UDP socket".into()
+                });
+                return;
+            };
+            let mut pacer = crate::load::Pacer::new(Some(rate / 2.0));
+            let mut i = w;
+            while Instant::now() < until {
+                pacer.tick().await;
+                let qi = i % 2;
+                i += 1;
+                stats.sent.fetch_add(1, Ordering::Relaxed);
+                let t0 = Instant::now();
+                let res = c.ask("www.demo.meridian.test.", queries[qi]).await;
+                let t1 = Instant::now();
+                let from = t0.checked_sub(allowance).unwrap_or(t0);
+                let possible: [Vec<bool>; 3] = {
+                    let h = history.lock();
+                    std::array::from_fn(|r| {
+                        let mut v: Vec<bool> = h[r]
+                            .iter()
+                            .rev()
+                            .find(|(t, _)| *t <= from)
+                            .map(|(_, u)| vec![*u])
+                            .unwrap_or_default();
+                        v.extend(
+                            h[r].iter()
+                                .filter(|(t, _)| *t > from && *t <= t1)
+                                .map(|(_, u)| *u),
+                        );
+                        v
+                    })
+                };
+                let v = match &res {
+                    Ok(ans) if ans.rcode == SERVFAIL => {
+                        servfails.fetch_add(1, Ordering::Relaxed);
+                        Verdict::Unexpected
+                    }
+                    Ok(ans) if ans.rcode == NOERROR => {
+                        let mut got = ans.a.clone();
+                        got.sort();
+                        let ok = (0..8u8).any(|st| {
+                            (0..3).all(|r| possible[r].contains(&(st & (1 << r) != 0)))
+                                && reference.get(&(st, qi)) == Some(&got)
+                        });
+                        if ok { Verdict::Ok } else { Verdict::Unexpected }
+                    }
+                    _ => Verdict::Unexpected,
+                };
+                stats.record(v, t1 - t0, || {
+                    format!("query {qi}: {res:?}; possible health (eu, us, ap) {possible:?}")
+                });
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let changes = flapper.await.unwrap_or(0);
+    let m = admin_get(dns.admin()?, "/metrics")
+        .await
+        .unwrap_or_default();
+    println!(
+        "dnsflap: {changes} health changes, answers allowed to lag {} ms (max(fall {FALL}, rise {RISE}) x {INTERVAL_MS} ms + timeout {TIMEOUT_MS} ms + 400 ms); SERVFAIL {}; health transitions counted by meridian-dns: {}",
+        allowance.as_millis(),
+        servfails.load(Ordering::Relaxed),
+        metric(&m, "meridian_dns_health_transitions_total", &[]),
+    );
+    let mut problems = Vec::new();
+    if changes < 6 {
+        problems.push("too few health changes".into());
+    }
+    finish("dnsflap", &stats, problems)
+}
+
+// ---------------------------------------------------------------------------
+// 4. The network degrades (namespaces, tc netem).
+
+/// The test origin alone on `--listen ADDR`, until killed (for netem, in
+/// the origin's namespace). Prints `origin: listening ADDR`.
+pub async fn origin_only(args: &Args) -> anyhow::Result<()> {
+    let addr: SocketAddr = args
+        .str("listen")
+        .ok_or_else(|| anyhow::anyhow!("--listen ADDR"))?
+        .parse()?;
+    let max = Duration::from_secs(args.get("max-seconds", 3600u64)?);
+    let o = TestOrigin::start_on(addr, "netem-origin", Arc::new(OriginStats::default())).await?;
+    println!("origin: listening {}", o.addr);
+    tokio::time::sleep(max).await;
+    Ok(())
+}
+
+pub async fn netem(args: &Args) -> anyhow::Result<()> {
+    crate::netem::run(args).await
+}

@@ -1,0 +1,371 @@
+//! Scenario 4: the network between the edge and its origin degrades. Two
+//! network namespaces made here (the edge's and the origin's) joined by a
+//! veth pair with addresses only inside them (10.213.0.1/30, .2/30); `tc
+//! netem` on both ends adds 200 ms of delay, then 5% loss, then drops
+//! everything (a partition), then heals. The load client and the edge run
+//! in the edge's namespace (this binary re-executes itself there), the test
+//! origin in the origin's.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use meridian_e2e::certs::{TempDir, TestCa};
+use meridian_e2e::client::Tls;
+
+use crate::Args;
+use crate::chaos::Windows;
+use crate::load::{Check, Client, Proto, Req, Stats, Target, Verdict, http_worker};
+use crate::procs::{admin_get, bin_from_env, metric, start_edge};
+
+const EDGE_IP: &str = "10.213.0.1";
+const ORIGIN_IP: &str = "10.213.0.2";
+const ORIGIN_PORT: u16 = 8080;
+
+fn sh(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Deletes the namespaces (and with them the veth pair) on drop.
+struct Netns {
+    edge: String,
+    origin: String,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.edge]);
+        let _ = sh(&["ip", "netns", "del", &self.origin]);
+    }
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn run(args: &Args) -> anyhow::Result<()> {
+    if args.str("inner").is_some() {
+        return inner(args).await;
+    }
+    let phase: u64 = args.get("phase", 15u64)?;
+    let id = std::process::id() % 100_000;
+    let ns = Netns {
+        edge: format!("mchaos-e{id}"),
+        origin: format!("mchaos-o{id}"),
+    };
+    let (dev_e, dev_o) = (format!("mce{id}"), format!("mco{id}"));
+    sh(&["ip", "netns", "add", &ns.edge])
+        .map_err(|e| anyhow::anyhow!("network namespaces need root: {e:#}"))?;
+    sh(&["ip", "netns", "add", &ns.origin])?;
+    sh(&[
+        "ip", "link", "add", &dev_e, "type", "veth", "peer", "name", &dev_o,
+    ])?;
+    sh(&["ip", "link", "set", &dev_e, "netns", &ns.edge])?;
+    sh(&["ip", "link", "set", &dev_o, "netns", &ns.origin])?;
+    for (n, dev, ip) in [(&ns.edge, &dev_e, EDGE_IP), (&ns.origin, &dev_o, ORIGIN_IP)] {
+        sh(&["ip", "-n", n, "link", "set", "lo", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{ip}/30"),
+            "dev",
+            dev,
+        ])?;
+        sh(&["ip", "-n", n, "link", "set", dev, "up"])?;
+    }
+    // netem must exist in this kernel (sch_netem); no silent fallback.
+    sh(&[
+        "ip", "netns", "exec", &ns.origin, "tc", "qdisc", "add", "dev", &dev_o, "root", "netem",
+        "delay", "1ms",
+    ])
+    .map_err(|e| {
+        anyhow::anyhow!("tc netem is not available here (the kernel needs sch_netem): {e:#}")
+    })?;
+    sh(&[
+        "ip", "netns", "exec", &ns.origin, "tc", "qdisc", "del", "dev", &dev_o, "root",
+    ])?;
+
+    let me = std::env::current_exe()?;
+    let mut origin_cmd = Command::new("ip");
+    origin_cmd
+        .args([
+            "netns",
+            "exec",
+            &ns.origin,
+            "setpriv",
+            "--pdeathsig",
+            "KILL",
+            "--",
+        ])
+        .arg(&me)
+        .args([
+            "origin",
+            "--listen",
+            &format!("{ORIGIN_IP}:{ORIGIN_PORT}"),
+            "--max-seconds",
+            &(phase * 6 + 120).to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null());
+    let mut origin = Kill(origin_cmd.spawn()?);
+    let out = origin
+        .0
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no origin stdout"))?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    anyhow::ensure!(
+        line.starts_with("origin: listening"),
+        "the origin did not start: {line:?}"
+    );
+
+    let mut inner = Command::new("ip");
+    inner
+        .args([
+            "netns",
+            "exec",
+            &ns.edge,
+            "setpriv",
+            "--pdeathsig",
+            "KILL",
+            "--",
+        ])
+        .arg(&me)
+        .args([
+            "netem",
+            "--inner",
+            "1",
+            "--phase",
+            &phase.to_string(),
+            "--ns-edge",
+            &ns.edge,
+            "--dev-edge",
+            &dev_e,
+            "--ns-origin",
+            &ns.origin,
+            "--dev-origin",
+            &dev_o,
+        ])
+        .stdin(Stdio::null());
+    let mut child = Kill(inner.spawn()?);
+    let deadline = Instant::now() + Duration::from_secs(phase * 6 + 120);
+    loop {
+        if let Some(st) = child.0.try_wait()? {
+            anyhow::ensure!(st.success(), "the netem scenario failed ({st})");
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the netem scenario did not finish in time"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn qdisc(ns: &str, dev: &str, netem: &[&str]) -> anyhow::Result<()> {
+    let mut a = vec![
+        "ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "netem",
+    ];
+    a.extend_from_slice(netem);
+    sh(&a)
+}
+
+fn both(args: &Args, netem: &[&str]) -> anyhow::Result<()> {
+    let need = |k: &str| args.str(k).ok_or_else(|| anyhow::anyhow!("--{k}"));
+    qdisc(need("ns-edge")?, need("dev-edge")?, netem)?;
+    qdisc(need("ns-origin")?, need("dev-origin")?, netem)
+}
+
+/// Upstream requests and retries so far (the edge's metrics).
+async fn upstream(admin: SocketAddr) -> (f64, f64) {
+    let m = admin_get(admin, "/metrics").await.unwrap_or_default();
+    (
+        metric(&m, "meridian_upstream_requests_total", &[]),
+        metric(&m, "meridian_upstream_retries_total", &[]),
+    )
+}
+
+async fn inner(args: &Args) -> anyhow::Result<()> {
+    let phase = Duration::from_secs(args.get("phase", 15u64)?);
+    let edge_bin = bin_from_env("MERIDIAN_EDGE_BIN")?;
+    let work = TempDir::new("chaos-netem")?;
+    let ca = TestCa::new(work.path())?;
+    let leaf = ca.leaf(work.path(), "localhost", &["localhost"])?;
+    let cfg = work.path().join("edge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[admin]
+listen = "127.0.0.1:0"
+[log]
+access_log = "off"
+[cache]
+memory = "64MiB"
+[[listeners]]
+address = "127.0.0.1:0"
+[[listeners]]
+address = "127.0.0.1:0"
+tls = true
+[[tls.certificates]]
+cert = "{}"
+key = "{}"
+default = true
+[[sites]]
+hosts = ["*"]
+pool = "origin"
+[pools.origin]
+origins = [{{ url = "http://{ORIGIN_IP}:{ORIGIN_PORT}" }}]
+timeouts = {{ connect = "3s", header = "3s" }}
+"#,
+            leaf.cert.display(),
+            leaf.key.display()
+        ),
+    )?;
+    let edge = start_edge(&edge_bin, &cfg, &crate::chaos::log_path("netem-edge"))?;
+    let admin = edge.admin()?;
+    let target = Arc::new(Target {
+        plain: edge.http[0],
+        tls: edge.https.first().map(|a| {
+            (
+                *a,
+                Tls {
+                    roots: Arc::new(
+                        ca.roots()
+                            .unwrap_or_else(|_| rustls::RootCertStore::empty()),
+                    ),
+                    sni: "localhost".into(),
+                    alpn: vec![b"h2".to_vec()],
+                },
+            )
+        }),
+        host: "localhost".into(),
+    });
+    let sie = |n: u64| {
+        format!("/cc/n-{n}?cc=public,max-age=1,stale-if-error=3600&size=2048&seed=9&digest=1")
+    };
+    let mut c = Client::new(Proto::H1, target.clone(), Duration::from_secs(10));
+    for n in 0..50 {
+        let r = Req::get(sie(n), Check::Digest { size: 2048 }, "warm");
+        let resp = c.send(&r).await?;
+        anyhow::ensure!(resp.status == 200, "warming: {}", resp.status);
+    }
+    let partition = Arc::new(Windows::default());
+    let stats = Stats::new(false);
+    let phases = ["clean", "delay 200ms", "loss 5%", "partition", "healed"];
+    let until = Instant::now() + phase * phases.len() as u32;
+    let fresh = Arc::new(AtomicU64::new(0));
+    let slowest_fresh = Arc::new(AtomicU64::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for (w, proto) in [Proto::H1, Proto::H1, Proto::H2].into_iter().enumerate() {
+        let client = Client::new(proto, target.clone(), Duration::from_secs(15));
+        let (stats, fresh, partition, slowest) = (
+            stats.clone(),
+            fresh.clone(),
+            partition.clone(),
+            slowest_fresh.clone(),
+        );
+        set.spawn(async move {
+            http_worker(
+                client,
+                stats,
+                Some(20.0),
+                until,
+                u64::MAX,
+                move |i| {
+                    if (i + w as u64).is_multiple_of(2) {
+                        let n = fresh.fetch_add(1, Ordering::Relaxed);
+                        Req::get(
+                            format!("/cc/f-{n}?cc=public,max-age=60&size=1024&seed=10&digest=1"),
+                            Check::Digest { size: 1024 },
+                            "fresh",
+                        )
+                    } else {
+                        Req::get(
+                            sie((i * 3 + w as u64) % 50),
+                            Check::Digest { size: 2048 },
+                            "stale",
+                        )
+                    }
+                },
+                move |r, res, t0, t1| {
+                    if r.class == "fresh" {
+                        slowest.fetch_max((t1 - t0).as_millis() as u64, Ordering::Relaxed);
+                    }
+                    match (r.class, res.as_ref().ok().map(|r| r.status)) {
+                        (_, Some(200)) => Verdict::Ok,
+                        ("fresh", Some(502..=504))
+                            if partition.overlaps(t0, t1, Duration::ZERO) =>
+                        {
+                            Verdict::Expected
+                        }
+                        _ => Verdict::Unexpected,
+                    }
+                },
+            )
+            .await
+        });
+    }
+    let mut problems = Vec::new();
+    for (i, name) in phases.iter().enumerate() {
+        let before = upstream(admin).await;
+        let t = Instant::now();
+        match i {
+            1 => both(args, &["delay", "200ms"])?,
+            2 => both(args, &["loss", "5%"])?,
+            3 => {
+                partition.open();
+                both(args, &["loss", "100%"])?
+            }
+            4 => {
+                both(args, &["delay", "0ms"])?;
+                partition.close();
+            }
+            _ => {}
+        }
+        tokio::time::sleep(phase).await;
+        let after = upstream(admin).await;
+        let (reqs, retries) = (after.0 - before.0, after.1 - before.1);
+        let secs = t.elapsed().as_secs_f64();
+        // The budget: 20% of the requests plus 10 a second.
+        let budget = 0.2 * (reqs - retries).max(0.0) + 10.0 * secs;
+        println!(
+            "netem: phase {name}: {reqs:.0} upstream requests, {retries:.0} retries (budget {budget:.0})"
+        );
+        if retries > budget + 1.0 {
+            problems.push(format!(
+                "phase {name}: {retries} retries over the budget {budget:.0}"
+            ));
+        }
+    }
+    while set.join_next().await.is_some() {}
+    println!(
+        "netem: slowest answer to a miss {} ms (connect timeout 3 s, header timeout 3 s, 2 attempts)",
+        slowest_fresh.load(Ordering::Relaxed)
+    );
+    drop(edge);
+    println!("{}", stats.line("netem"));
+    if stats.failures() > 0 {
+        problems.push(format!("unexpected: {:?}", stats.samples.lock().clone()));
+    }
+    anyhow::ensure!(problems.is_empty(), "netem: {}", problems.join("; "));
+    println!("netem: PASS");
+    Ok(())
+}

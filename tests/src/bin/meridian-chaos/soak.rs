@@ -1,0 +1,640 @@
+//! The soak: the edge (memory and disk tiers, the `headers` plugin, a TLS
+//! listener for h2 and h3, a plain one for h1) and meridian-dns under a
+//! steady mixed load at a fraction of their measured capacity, sampled
+//! every 10 s into `soak.csv`, judged at the end (see docs/soak-chaos.md).
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use meridian_e2e::certs::TestCa;
+use meridian_e2e::client::Tls;
+use meridian_e2e::origin::TestOrigin;
+use nix::sys::signal::Signal;
+
+use crate::Args;
+use crate::dns::{DnsClient, NOERROR};
+use crate::load::{Check, Client, Proto, Req, Stats, Target, Verdict, http_worker, quantile_ms};
+use crate::procs::{
+    Server, admin_get, admin_post, bin_from_env, dns_config, metric, proc_usage, repo_root,
+    start_dns, start_edge,
+};
+
+pub const HOT: u64 = 500;
+pub const HOT_SIZE: usize = 4096;
+const REVAL: u64 = 100;
+const MISS_KEYS: u64 = 20_000;
+const SAMPLE: Duration = Duration::from_secs(10);
+const PURGE_EVERY: Duration = Duration::from_secs(3);
+const RELOAD_EVERY: Duration = Duration::from_secs(60);
+/// h1, h2 and h3 workers, one request in flight each.
+const PROTOS: [Proto; 9] = [
+    Proto::H1,
+    Proto::H1,
+    Proto::H1,
+    Proto::H2,
+    Proto::H2,
+    Proto::H2,
+    Proto::H3,
+    Proto::H3,
+    Proto::H3,
+];
+const DNS_WORKERS: usize = 2;
+
+pub fn hot_path(n: u64) -> String {
+    format!("/cc/hot-{n}?cc=public,max-age=3600&size={HOT_SIZE}&seed=1&digest=1&tag=hot%20hot-{n}")
+}
+
+/// The i-th request of a soak worker: 60% hits, 10% misses (keys the
+/// purges keep missing), 15% revalidations (max-age=1 with an ETag, so
+/// each is a 304 from the origin once stale) and 15% ranges of hot objects.
+fn soak_request(i: u64, worker: u64, misses: &AtomicU64) -> Req {
+    let k = (i
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(worker.wrapping_mul(1442695040888963407)))
+        >> 17;
+    match k % 100 {
+        0..60 => Req::get(hot_path(k % HOT), Check::Digest { size: HOT_SIZE }, "hit"),
+        60..70 => {
+            let n = misses.fetch_add(1, Ordering::Relaxed) % MISS_KEYS;
+            Req::get(
+                format!("/cc/miss-{n}?cc=public,max-age=3600&size=8192&seed=2&digest=1&tag=miss"),
+                Check::Digest { size: 8192 },
+                "miss",
+            )
+        }
+        70..85 => {
+            let n = k % REVAL;
+            Req::get(
+                format!(
+                    "/cc/reval-{n}?cc=public,max-age=1&etag=%22r{n}%22&size=2048&seed=3&digest=1"
+                ),
+                Check::Digest { size: 2048 },
+                "revalidation",
+            )
+        }
+        _ => {
+            let n = k % HOT;
+            let start = ((k >> 8) % 3900) as usize;
+            let end = start + 99;
+            let mut r = Req::get(
+                hot_path(n),
+                Check::Range {
+                    path: format!("/cc/hot-{n}"),
+                    seed: 1,
+                    size: HOT_SIZE,
+                    start,
+                    end,
+                },
+                "range",
+            );
+            r.headers.push(("range", format!("bytes={start}-{end}")));
+            r
+        }
+    }
+}
+
+fn soak_judge(
+    r: &Req,
+    res: &anyhow::Result<meridian_e2e::client::Resp>,
+    _: Instant,
+    _: Instant,
+) -> Verdict {
+    match res {
+        Ok(resp) if r.class == "range" && resp.status == 206 => Verdict::Ok,
+        Ok(resp) if r.class != "range" && resp.status == 200 => Verdict::Ok,
+        _ => Verdict::Unexpected,
+    }
+}
+
+/// The edge's config for the soak.
+pub fn edge_config(dir: &Path, origin: &str, cert: &Path, key: &Path, plugin: &Path) -> String {
+    format!(
+        r#"[admin]
+listen = "127.0.0.1:0"
+
+[log]
+access_log = "off"
+level = "warn"
+
+[cache]
+memory = "4MiB"
+disk_dir = "{disk}"
+disk = "256MiB"
+
+[[listeners]]
+address = "127.0.0.1:0"
+
+[[listeners]]
+address = "127.0.0.1:0"
+tls = true
+
+[[tls.certificates]]
+cert = "{cert}"
+key = "{key}"
+default = true
+
+[[sites]]
+hosts = ["*"]
+pool = "origin"
+
+[[sites.plugins]]
+path = "{plugin}"
+config = '{{"request":{{"add":{{"X-From-Edge":"1"}}}},"response":{{"add":{{"Strict-Transport-Security":"max-age=63072000"}},"remove":["Server"]}}}}'
+
+[pools.origin]
+origins = [{{ url = "{origin}" }}]
+"#,
+        disk = dir.join("disk").display(),
+        cert = cert.display(),
+        key = key.display(),
+        plugin = plugin.display(),
+    )
+}
+
+pub struct Rig {
+    pub _origin: TestOrigin,
+    pub edge: Server,
+    pub dns: Server,
+    pub target: Arc<Target>,
+}
+
+pub async fn start_rig(dir: &Path) -> anyhow::Result<Rig> {
+    let edge_bin = bin_from_env("MERIDIAN_EDGE_BIN")?;
+    let dns_bin = bin_from_env("MERIDIAN_DNS_BIN")?;
+    let plugin = repo_root().join("wasm-plugins/dist/headers.wasm");
+    anyhow::ensure!(
+        plugin.is_file(),
+        "{} is missing: run wasm-plugins/build first",
+        plugin.display()
+    );
+    let origin = TestOrigin::start("soak-origin").await?;
+    let ca = TestCa::new(dir)?;
+    let leaf = ca.leaf(dir, "localhost", &["localhost"])?;
+    let cfg = dir.join("edge.toml");
+    std::fs::write(
+        &cfg,
+        edge_config(dir, &origin.url(), &leaf.cert, &leaf.key, &plugin),
+    )?;
+    let edge = start_edge(&edge_bin, &cfg, &dir.join("edge.log"))?;
+    let dns = start_dns(&dns_bin, &dns_config(dir, &[])?, &dir.join("dns.log"))?;
+    let tls = Tls {
+        roots: Arc::new(ca.roots()?),
+        sni: "localhost".into(),
+        alpn: vec![b"h2".to_vec()],
+    };
+    let target = Arc::new(Target {
+        plain: *edge
+            .http
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no plain listener"))?,
+        tls: Some((
+            *edge
+                .https
+                .first()
+                .ok_or_else(|| anyhow::anyhow!("no TLS listener"))?,
+            tls,
+        )),
+        host: "localhost".into(),
+    });
+    Ok(Rig {
+        _origin: origin,
+        edge,
+        dns,
+        target,
+    })
+}
+
+const ECS: [Option<(Ipv4Addr, u8)>; 3] = [
+    None,
+    Some((Ipv4Addr::new(198, 51, 100, 0), 24)),
+    Some((Ipv4Addr::new(203, 0, 113, 0), 24)),
+];
+
+async fn dns_worker(
+    server: std::net::SocketAddr,
+    stats: Arc<Stats>,
+    rate: Option<f64>,
+    until: Instant,
+) {
+    let Ok(mut c) = DnsClient::new(server, Duration::from_secs(2)).await else {
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+        stats.record(Verdict::Unexpected, Duration::ZERO, || {
+            "cannot open a UDP socket".into()
+        });
+        return;
+    };
+    let mut pacer = crate::load::Pacer::new(rate);
+    let mut i = 0usize;
+    while Instant::now() < until {
+        pacer.tick().await;
+        let ecs = ECS[i % ECS.len()];
+        i += 1;
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+        let t0 = Instant::now();
+        let res = c.ask("www.demo.meridian.test.", ecs).await;
+        let v = match &res {
+            Ok(a) if a.rcode == NOERROR && !a.a.is_empty() => Verdict::Ok,
+            _ => Verdict::Unexpected,
+        };
+        stats.record(v, t0.elapsed(), || format!("dns ecs={ecs:?}: {res:?}"));
+    }
+}
+
+/// Runs the HTTP and DNS workers until `until`, at `rates` (None: closed loop).
+fn spawn_load(
+    rig: &Rig,
+    http: &Arc<Stats>,
+    dns: &Arc<Stats>,
+    rates: (Option<f64>, Option<f64>),
+    until: Instant,
+) -> tokio::task::JoinSet<()> {
+    let mut set = tokio::task::JoinSet::new();
+    let misses = Arc::new(AtomicU64::new(0));
+    for (w, proto) in PROTOS.iter().enumerate() {
+        let client = Client::new(*proto, rig.target.clone(), Duration::from_secs(10));
+        let (stats, misses) = (http.clone(), misses.clone());
+        let rate = rates.0.map(|r| r / PROTOS.len() as f64);
+        set.spawn(async move {
+            http_worker(
+                client,
+                stats,
+                rate,
+                until,
+                u64::MAX,
+                move |i| soak_request(i, w as u64, &misses),
+                soak_judge,
+            )
+            .await
+        });
+    }
+    let udp = rig.dns.udp;
+    for _ in 0..DNS_WORKERS {
+        let stats = dns.clone();
+        let rate = rates.1.map(|r| r / DNS_WORKERS as f64);
+        if let Some(udp) = udp {
+            set.spawn(dns_worker(udp, stats, rate, until));
+        }
+    }
+    set
+}
+
+struct Row {
+    t: f64,
+    http_rps: f64,
+    http_p50: f64,
+    http_p99: f64,
+    dns_qps: f64,
+    dns_p50: f64,
+    dns_p99: f64,
+    errors: u64,
+    edge_rss: u64,
+    edge_fds: u64,
+    edge_threads: u64,
+    dns_rss: u64,
+    dns_fds: u64,
+    entries: f64,
+    memory_bytes: f64,
+    disk_written: f64,
+    disk_hits: f64,
+}
+
+const HEADER: &str = "t_s,http_rps,http_p50_ms,http_p99_ms,dns_qps,dns_p50_ms,dns_p99_ms,errors_total,edge_rss_kb,edge_fds,edge_threads,dns_rss_kb,dns_fds,cache_entries,cache_memory_bytes,cache_disk_written_bytes,cache_disk_hits";
+
+impl Row {
+    fn csv(&self) -> String {
+        format!(
+            "{:.0},{:.1},{:.3},{:.3},{:.1},{:.3},{:.3},{},{},{},{},{},{},{},{},{},{}",
+            self.t,
+            self.http_rps,
+            self.http_p50,
+            self.http_p99,
+            self.dns_qps,
+            self.dns_p50,
+            self.dns_p99,
+            self.errors,
+            self.edge_rss,
+            self.edge_fds,
+            self.edge_threads,
+            self.dns_rss,
+            self.dns_fds,
+            self.entries,
+            self.memory_bytes,
+            self.disk_written,
+            self.disk_hits
+        )
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+pub async fn run(args: &Args) -> anyhow::Result<()> {
+    let duration = Duration::from_secs(args.get("duration", 120u64)?);
+    let load: f64 = args.get("load", 0.7)?;
+    let calibrate = Duration::from_secs(args.get("calibrate", 10u64)?);
+    let warmup = Duration::from_secs(args.get("warmup", (duration.as_secs() / 5).max(20))?);
+    let out = PathBuf::from(args.str("out").unwrap_or("soak-out"));
+    std::fs::create_dir_all(&out)?;
+    anyhow::ensure!(
+        duration >= Duration::from_secs(60),
+        "--duration must be at least 60 s"
+    );
+    let work = meridian_e2e::certs::TempDir::new("soak")?;
+    let rig = start_rig(work.path()).await?;
+    let admin = rig.edge.admin()?;
+
+    // Fill the hot set, then measure what the box (servers and this client
+    // on the same cores) does closed-loop with the same mix.
+    let mut c = Client::new(Proto::H1, rig.target.clone(), Duration::from_secs(10));
+    for n in 0..HOT {
+        let r = Req::get(hot_path(n), Check::Digest { size: HOT_SIZE }, "hit");
+        let resp = c.send(&r).await?;
+        anyhow::ensure!(resp.status == 200, "warming {}: {}", r.path, resp.status);
+        crate::load::verify(&r.check, &resp)
+            .map_err(|e| anyhow::anyhow!("warming {}: {e}", r.path))?;
+    }
+    let cal_http = Stats::new(false);
+    let cal_dns = Stats::new(false);
+    let skip = Duration::from_secs(2).min(calibrate / 4);
+    let t_cal = Instant::now();
+    let mut set = spawn_load(&rig, &cal_http, &cal_dns, (None, None), t_cal + calibrate);
+    tokio::time::sleep(skip).await;
+    let (h0, d0) = (
+        cal_http.sent.load(Ordering::Relaxed),
+        cal_dns.sent.load(Ordering::Relaxed),
+    );
+    let t0 = Instant::now();
+    while set.join_next().await.is_some() {}
+    let secs = t0.elapsed().as_secs_f64();
+    let cap_http = (cal_http.sent.load(Ordering::Relaxed) - h0) as f64 / secs;
+    let cap_dns = (cal_dns.sent.load(Ordering::Relaxed) - d0) as f64 / secs;
+    anyhow::ensure!(
+        cal_http.failures() == 0 && cal_dns.failures() == 0,
+        "failures during calibration: http {:?} dns {:?}",
+        cal_http.samples.lock().clone(),
+        cal_dns.samples.lock().clone()
+    );
+    let (rate_http, rate_dns) = (cap_http * load, cap_dns * load);
+    println!(
+        "soak: capacity (closed loop, {:.0} s, HTTP and DNS together): {cap_http:.0} req/s, {cap_dns:.0} DNS q/s; soaking at {:.0}%: {rate_http:.0} req/s and {rate_dns:.0} q/s for {} s (warm-up {} s)",
+        secs,
+        load * 100.0,
+        duration.as_secs(),
+        warmup.as_secs()
+    );
+
+    let http = Stats::new(true);
+    let dnss = Stats::new(false);
+    let start_ms = crate::now_ms();
+    let start = Instant::now();
+    let until = start + duration;
+    let mut set = spawn_load(&rig, &http, &dnss, (Some(rate_http), Some(rate_dns)), until);
+
+    // Purges every few seconds (the miss keys by tag, and a few hot objects
+    // by their own tag); a SIGHUP reload every minute.
+    let stop = Arc::new(AtomicBool::new(false));
+    let purges = Arc::new(AtomicU64::new(0));
+    let purge_errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let purger = {
+        let (stop, purges, errs) = (stop.clone(), purges.clone(), purge_errors.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                tokio::time::sleep(PURGE_EVERY).await;
+                n += 1;
+                let body = format!(
+                    r#"{{"tags": ["miss", "hot-{}", "hot-{}"]}}"#,
+                    (n * 7) % HOT,
+                    (n * 13) % HOT
+                );
+                match admin_post(admin, "/purge", &body).await {
+                    Ok(_) => {
+                        purges.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if let Ok(mut v) = errs.lock()
+                            && v.len() < 5
+                        {
+                            v.push(format!("purge: {e:#}"));
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let reloads = Arc::new(AtomicU64::new(0));
+    let edge_pid = rig.edge.pid();
+    let reloader = {
+        let (stop, reloads) = (stop.clone(), reloads.clone());
+        tokio::spawn(async move {
+            let mut next = Instant::now() + RELOAD_EVERY;
+            while !stop.load(Ordering::Relaxed) && next < until {
+                tokio::time::sleep_until(next.into()).await;
+                next += RELOAD_EVERY;
+                if nix::sys::signal::kill(nix::unistd::Pid::from_raw(edge_pid), Signal::SIGHUP)
+                    .is_ok()
+                {
+                    reloads.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+
+    let csv_path = out.join("soak.csv");
+    let mut csv = String::from(HEADER);
+    csv.push('\n');
+    std::fs::write(&csv_path, &csv)?;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut next = start + SAMPLE;
+    let (mut last_h, mut last_d, mut last_t) = (0u64, 0u64, start);
+    let mut scrape_errors = Vec::new();
+    while next <= until + Duration::from_millis(500) {
+        tokio::time::sleep_until(next.into()).await;
+        next += SAMPLE;
+        let now = Instant::now();
+        let dt = (now - last_t).as_secs_f64();
+        last_t = now;
+        let (h, d) = (
+            http.sent.load(Ordering::Relaxed),
+            dnss.sent.load(Ordering::Relaxed),
+        );
+        let mut hl = http.take_interval();
+        let mut dl = dnss.take_interval();
+        let (edge_rss, edge_fds, edge_threads) = proc_usage(rig.edge.pid());
+        let (dns_rss, dns_fds, _) = proc_usage(rig.dns.pid());
+        let cache: serde_json::Value = match admin_get(admin, "/cache").await {
+            Ok(t) => serde_json::from_str(&t).unwrap_or_default(),
+            Err(e) => {
+                scrape_errors.push(format!("GET /cache: {e:#}"));
+                serde_json::Value::Null
+            }
+        };
+        let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+        let row = Row {
+            t: (now - start).as_secs_f64(),
+            http_rps: (h - last_h) as f64 / dt,
+            http_p50: quantile_ms(&mut hl, 0.5),
+            http_p99: quantile_ms(&mut hl, 0.99),
+            dns_qps: (d - last_d) as f64 / dt,
+            dns_p50: quantile_ms(&mut dl, 0.5),
+            dns_p99: quantile_ms(&mut dl, 0.99),
+            errors: http.failures() + dnss.failures(),
+            edge_rss,
+            edge_fds,
+            edge_threads,
+            dns_rss,
+            dns_fds,
+            entries: f(&cache["entries"]),
+            memory_bytes: f(&cache["memory"]["used_bytes"]),
+            disk_written: f(&cache["disk"]["write_bytes"]),
+            disk_hits: f(&cache["disk"]["hits"]),
+        };
+        (last_h, last_d) = (h, d);
+        csv.push_str(&row.csv());
+        csv.push('\n');
+        std::fs::write(&csv_path, &csv)?;
+        println!("soak: {}", row.csv());
+        rows.push(row);
+    }
+    stop.store(true, Ordering::Relaxed);
+    while set.join_next().await.is_some() {}
+    let _ = purger.await;
+    let _ = reloader.await;
+    let end_ms = crate::now_ms();
+
+    // The verdict.
+    let mut failures: Vec<String> = Vec::new();
+    let mut report = String::new();
+    let measured: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.t > warmup.as_secs_f64() + 0.5)
+        .collect();
+    let q = (measured.len() / 4).max(1);
+    anyhow::ensure!(
+        measured.len() >= 4,
+        "too few samples after warm-up: {}",
+        measured.len()
+    );
+    let first = &measured[..q];
+    let last = &measured[measured.len() - q..];
+    let rss_first = mean(&first.iter().map(|r| r.edge_rss as f64).collect::<Vec<_>>());
+    let rss_last = mean(&last.iter().map(|r| r.edge_rss as f64).collect::<Vec<_>>());
+    let rss_growth = (rss_last - rss_first) / rss_first * 100.0;
+    let drss_first = mean(&first.iter().map(|r| r.dns_rss as f64).collect::<Vec<_>>());
+    let drss_last = mean(&last.iter().map(|r| r.dns_rss as f64).collect::<Vec<_>>());
+    let drss_growth = (drss_last - drss_first) / drss_first * 100.0;
+    let fd_first = first.iter().map(|r| r.edge_fds).max().unwrap_or(0);
+    let fd_last = last.iter().map(|r| r.edge_fds).min().unwrap_or(0);
+    let dfd_first = first.iter().map(|r| r.dns_fds).max().unwrap_or(0);
+    let dfd_last = last.iter().map(|r| r.dns_fds).min().unwrap_or(0);
+    // p99 over every request of each quarter (not a mean of per-interval p99s).
+    let ms = |r: &Row| start_ms + (r.t * 1000.0) as u64;
+    let from_a = ms(first[0]) - SAMPLE.as_millis() as u64;
+    let mut lat_first = http.latencies_between(from_a, ms(first[q - 1]));
+    let from_b = ms(last[0]) - SAMPLE.as_millis() as u64;
+    let mut lat_last = http.latencies_between(from_b, ms(last[q - 1]).max(end_ms));
+    let p99_first = quantile_ms(&mut lat_first, 0.99);
+    let p99_last = quantile_ms(&mut lat_last, 0.99);
+    let p99_drift = (p99_last - p99_first) / p99_first * 100.0;
+    let _ = writeln!(
+        report,
+        "soak: {} s at {:.0}% of capacity ({rate_http:.0} req/s, {rate_dns:.0} DNS q/s); capacity {cap_http:.0} req/s and {cap_dns:.0} q/s",
+        duration.as_secs(),
+        load * 100.0
+    );
+    let _ = writeln!(
+        report,
+        "soak: samples after the {} s warm-up: {}; quarters of {q}",
+        warmup.as_secs(),
+        measured.len()
+    );
+    let _ = writeln!(
+        report,
+        "soak: edge RSS {:.1} MiB -> {:.1} MiB ({rss_growth:+.1}%, limit +5%); dns RSS {:.1} MiB -> {:.1} MiB ({drss_growth:+.1}%)",
+        rss_first / 1024.0,
+        rss_last / 1024.0,
+        drss_first / 1024.0,
+        drss_last / 1024.0
+    );
+    let _ = writeln!(
+        report,
+        "soak: edge fds {fd_first} (first quarter max) -> {fd_last} (last quarter min); dns fds {dfd_first} -> {dfd_last}"
+    );
+    let _ = writeln!(
+        report,
+        "soak: HTTP p99 {p99_first:.2} ms -> {p99_last:.2} ms ({p99_drift:+.1}%, limit +20% and at least 1 ms)"
+    );
+    let _ = writeln!(
+        report,
+        "soak: purges {}, SIGHUP reloads {}, final cache entries {}",
+        purges.load(Ordering::Relaxed),
+        reloads.load(Ordering::Relaxed),
+        rows.last().map(|r| r.entries).unwrap_or(f64::NAN)
+    );
+    if rss_growth > 5.0 {
+        failures.push(format!("edge RSS grew {rss_growth:.1}% (> 5%)"));
+    }
+    if drss_growth > 5.0 {
+        failures.push(format!("meridian-dns RSS grew {drss_growth:.1}% (> 5%)"));
+    }
+    if fd_last > fd_first {
+        failures.push(format!(
+            "edge descriptors grew: the last quarter never went below {fd_last}, the first quarter never above {fd_first}"
+        ));
+    }
+    if dfd_last > dfd_first {
+        failures.push(format!(
+            "meridian-dns descriptors grew: {dfd_first} -> {dfd_last}"
+        ));
+    }
+    if p99_drift > 20.0 && p99_last - p99_first > 1.0 {
+        failures.push(format!(
+            "HTTP p99 drifted {p99_drift:.1}% ({p99_first:.2} -> {p99_last:.2} ms)"
+        ));
+    }
+    if http.failures() > 0 {
+        failures.push(format!("HTTP failures: {:?}", http.samples.lock().clone()));
+    }
+    if dnss.failures() > 0 {
+        failures.push(format!("DNS failures: {:?}", dnss.samples.lock().clone()));
+    }
+    if let Ok(errs) = purge_errors.lock()
+        && !errs.is_empty()
+    {
+        failures.push(format!("purges failed: {errs:?}"));
+    }
+    if !scrape_errors.is_empty() {
+        failures.push(format!("admin scrapes failed: {scrape_errors:?}"));
+    }
+    if reloads.load(Ordering::Relaxed) < (duration.as_secs() / 60).saturating_sub(1) {
+        failures.push("fewer SIGHUP reloads than planned".into());
+    }
+    let m = admin_get(admin, "/metrics").await.unwrap_or_default();
+    let refused = metric(&m, "meridian_config_reloads_total", &["refused"]);
+    if refused > 0.0 {
+        failures.push(format!("{refused} reloads refused"));
+    }
+    let _ = writeln!(report, "{}", http.line("soak-http"));
+    let _ = writeln!(report, "{}", dnss.line("soak-dns"));
+    let _ = writeln!(
+        report,
+        "soak: {}",
+        if failures.is_empty() {
+            "PASS".to_string()
+        } else {
+            format!("FAIL: {}", failures.join("; "))
+        }
+    );
+    print!("{report}");
+    std::fs::write(out.join("soak-summary.txt"), &report)?;
+    anyhow::ensure!(failures.is_empty(), "{}", failures.join("; "));
+    Ok(())
+}
