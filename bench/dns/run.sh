@@ -2,14 +2,22 @@
 # Load test: meridian-dns against PowerDNS (GeoIP backend) for steered A
 # queries with ECS, and against Knot and NSD for a static zone. Every server
 # is pinned to the same single CPU (SERVER_CPU) and dnsperf to another
-# (CLIENT_CPU); the script prints the measured queries per second and the
-# ratios from this one run. It records nothing: run it and read the output.
+# (CLIENT_CPU); the script prints the measured queries per second, the
+# server's CPU time per query (user+system ticks from /proc/PID/stat over the
+# run, divided by the queries completed: QPS on two cores is bounded by
+# dnsperf, CPU per query much less) and the ratios from this one run. It
+# records nothing: run it and read the output.
+#
+# meridian-dns also runs with the demo zone signed (a KSK and a ZSK, ECDSA
+# P-256): DO queries answered from the signature cache, and DO queries for
+# distinct wildcard names, every one a signature-cache miss.
 #
 # Needs (Debian): dnsperf pdns-server pdns-backend-geoip knot nsd
 # (listed in bench/apt-packages.txt). Missing peers are skipped with a note;
 # missing dnsperf is an error.
 #
 # Usage: bench/dns/run.sh [SECONDS]     (default 10 per test)
+# MERIDIAN_BIN=path/to/meridian-dns skips the release build and runs that binary.
 set -euo pipefail
 
 DURATION="${1:-10}"
@@ -44,32 +52,47 @@ wait_dns() { # port name
 # ECS option for dnsperf -E: code 8, family 1, source /24, scope 0, 198.51.100.0
 ECS_PARIS="8:00011800c63364"
 
-perf() { # label port queryfile [extra dnsperf args...]
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK_US="$(( 1000000 / $(getconf CLK_TCK) ))"
+
+# load label port queryfile [extra dnsperf args...]: runs dnsperf against the
+# server most recently started (${PIDS[-1]}); prints "QPS CPU_US_PER_QUERY".
+load() {
     local label="$1" port="$2" qf="$3"; shift 3
-    local out
+    local pid="${PIDS[-1]}" out t0 t1
+    t0="$(cpu_ticks "$pid")"
     out="$(taskset -c "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "$port" -d "$qf" -l "$DURATION" -c "$CLIENTS" -q 200 "$@" 2>&1)"
-    local qps lost
+    t1="$(cpu_ticks "$pid")"
+    local qps lost done_q us
     qps="$(awk '/Queries per second:/ {print $4}' <<<"$out")"
     lost="$(awk '/Queries lost:/ {print $3}' <<<"$out")"
-    if [ -z "$qps" ]; then echo "$out" >&2; echo "dnsperf failed for $label" >&2; return 1; fi
-    printf '%-40s %12s qps  (lost %s)\n' "$label" "$qps" "$lost" >&2
-    echo "$qps"
+    done_q="$(awk '/Queries completed:/ {print $3}' <<<"$out")"
+    if [ -z "$qps" ] || [ -z "$done_q" ] || [ "$done_q" = 0 ]; then echo "$out" >&2; echo "dnsperf failed for $label" >&2; return 1; fi
+    us="$(awk -v t=$((t1 - t0)) -v u="$TICK_US" -v q="$done_q" 'BEGIN { printf "%.2f", t * u / q }')"
+    printf '%-44s %12s qps  %8s us CPU/query  (lost %s)\n' "$label" "$qps" "$us" "$lost" >&2
+    echo "$qps $us"
 }
 
 ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}' if b else 'n/a')" "$1" "$2"; }
 
-echo "== building meridian-dns (release)" >&2
-(cd "$ROOT" && cargo build --release -p meridian-dns >&2)
-BIN="$ROOT/target/release/meridian-dns"
+if [ -n "${MERIDIAN_BIN:-}" ]; then
+    BIN="$MERIDIAN_BIN"
+else
+    echo "== building meridian-dns (release)" >&2
+    (cd "$ROOT" && cargo build --release -p meridian-dns >&2)
+    BIN="$ROOT/target/release/meridian-dns"
+fi
 
 # Query files.
 printf 'www.demo.meridian.test A\n' > "$WORK/steered.txt"
 printf 'static.demo.meridian.test A\nmail.demo.meridian.test A\ndemo.meridian.test MX\nns1.demo.meridian.test AAAA\n' > "$WORK/static.txt"
+# Distinct names under the demo's wildcard: each answer is a new RRset.
+awk 'BEGIN { for (i = 0; i < 400000; i++) printf "n%d.wild.demo.meridian.test A\n", i }' > "$WORK/miss.txt"
 
 # A GeoIP database for the peers, built by our own compiler from the demo CSV.
 "$BIN" geo build --csv "$EX/demo-geo.csv" --out "$WORK/demo.mmdb" >&2
 
-declare -A QPS
+declare -A R
 
 # --- meridian-dns -----------------------------------------------------------
 MPORT="$(free_port)"
@@ -77,8 +100,33 @@ taskset -c "$SERVER_CPU" "$BIN" run --config "$EX/demo.toml" --listen "127.0.0.1
     >"$WORK/meridian.out" 2>"$WORK/meridian.err" &
 PIDS+=($!)
 wait_dns "$MPORT" demo.meridian.test
-QPS[meridian_steered]="$(perf "meridian-dns steered A + ECS" "$MPORT" "$WORK/steered.txt" -E "$ECS_PARIS")"
-QPS[meridian_static]="$(perf "meridian-dns static zone" "$MPORT" "$WORK/static.txt")"
+R[meridian_steered]="$(load "meridian-dns steered A + ECS" "$MPORT" "$WORK/steered.txt" -E "$ECS_PARIS")"
+R[meridian_static]="$(load "meridian-dns static zone" "$MPORT" "$WORK/static.txt")"
+kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+
+# --- meridian-dns, the demo zone signed ----------------------------------------
+"$BIN" keys generate --zone demo.meridian.test. --role ksk --out "$WORK/ksk.pem" >/dev/null
+"$BIN" keys generate --zone demo.meridian.test. --role zsk --out "$WORK/zsk.pem" >/dev/null
+sed -e "s#file = \"demo.meridian.test.zone\"#file = \"$EX/demo.meridian.test.zone\"\n[zones.dnssec]\nkeys = [{ file = \"$WORK/ksk.pem\", role = \"ksk\" }, { file = \"$WORK/zsk.pem\", role = \"zsk\" }]#" \
+    -e "s#csv = \"demo-geo.csv\"#csv = \"$EX/demo-geo.csv\"#" "$EX/demo.toml" > "$WORK/signed.toml"
+SPORT="$(free_port)"
+taskset -c "$SERVER_CPU" "$BIN" run --config "$WORK/signed.toml" --listen "127.0.0.1:$SPORT" --no-admin \
+    >"$WORK/signed.out" 2>"$WORK/signed.err" &
+PIDS+=($!)
+wait_dns "$SPORT" demo.meridian.test
+kdig @127.0.0.1 -p "$SPORT" +dnssec www.demo.meridian.test A +subnet=198.51.100.0/24 | grep -q RRSIG \
+    || { echo "the signed server returned no RRSIG" >&2; exit 1; }
+R[signed_steered_nodo]="$(load "signed zone, steered A + ECS, no DO" "$SPORT" "$WORK/steered.txt" -E "$ECS_PARIS")"
+R[signed_steered]="$(load "signed zone, steered A + ECS, DO (cached)" "$SPORT" "$WORK/steered.txt" -E "$ECS_PARIS" -D)"
+R[signed_static]="$(load "signed zone, static, DO (cached)" "$SPORT" "$WORK/static.txt" -D)"
+R[miss_nodo]="$(load "signed zone, distinct names, no DO" "$SPORT" "$WORK/miss.txt")"
+kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+# A fresh server, so that every name below is a signature-cache miss.
+taskset -c "$SERVER_CPU" "$BIN" run --config "$WORK/signed.toml" --listen "127.0.0.1:$SPORT" --no-admin \
+    >"$WORK/signed.out" 2>"$WORK/signed.err" &
+PIDS+=($!)
+wait_dns "$SPORT" demo.meridian.test
+R[miss]="$(load "signed zone, distinct names, DO (misses)" "$SPORT" "$WORK/miss.txt" -D)"
 kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 
 # --- PowerDNS, GeoIP backend --------------------------------------------------
@@ -128,7 +176,7 @@ CONF
     if wait_dns "$PPORT" demo.meridian.test; then
         got="$(kdig @127.0.0.1 -p "$PPORT" www.demo.meridian.test A +subnet=198.51.100.0/24 +short | tail -1)"
         echo "PowerDNS answers $got for the Paris subnet (meridian-dns: 192.0.2.2)" >&2
-        QPS[pdns_steered]="$(perf "PowerDNS geoip steered A + ECS" "$PPORT" "$WORK/steered.txt" -E "$ECS_PARIS")"
+        R[pdns_steered]="$(load "PowerDNS geoip steered A + ECS" "$PPORT" "$WORK/steered.txt" -E "$ECS_PARIS")"
     else
         cat "$WORK/pdns.log" >&2
     fi
@@ -162,7 +210,7 @@ zone:
 CONF
     taskset -c "$SERVER_CPU" knotd -c "$WORK/knot/knot.conf" >"$WORK/knot.log" 2>&1 &
     PIDS+=($!)
-    wait_dns "$KPORT" demo.meridian.test && QPS[knot_static]="$(perf "Knot static zone" "$KPORT" "$WORK/static.txt")"
+    wait_dns "$KPORT" demo.meridian.test && R[knot_static]="$(load "Knot static zone" "$KPORT" "$WORK/static.txt")"
     kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 else
     echo "Knot not installed: skipped (apt-get install knot)" >&2
@@ -198,19 +246,25 @@ zone:
 CONF
     taskset -c "$SERVER_CPU" nsd -d -c "$WORK/nsd/nsd.conf" >"$WORK/nsd.log" 2>&1 &
     PIDS+=($!)
-    wait_dns "$NPORT" demo.meridian.test && QPS[nsd_static]="$(perf "NSD static zone" "$NPORT" "$WORK/static.txt")"
+    wait_dns "$NPORT" demo.meridian.test && R[nsd_static]="$(load "NSD static zone" "$NPORT" "$WORK/static.txt")"
     kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 else
     echo "NSD not installed: skipped (apt-get install nsd)" >&2
 fi
 
 echo
-echo "Results (${DURATION}s each, servers on CPU $SERVER_CPU, dnsperf on CPU $CLIENT_CPU, $CLIENTS clients):"
-for k in meridian_steered pdns_steered meridian_static knot_static nsd_static; do
-    printf '  %-18s %s\n' "$k" "${QPS[$k]:-skipped}"
+echo "Results (${DURATION}s each, servers on CPU $SERVER_CPU, dnsperf on CPU $CLIENT_CPU, $CLIENTS clients): qps, server CPU us/query"
+for k in meridian_steered pdns_steered meridian_static knot_static nsd_static signed_steered_nodo signed_steered signed_static miss_nodo miss; do
+    printf '  %-20s %s\n' "$k" "${R[$k]:-skipped}"
 done
-echo "Ratios (measured in this run):"
-[ -n "${QPS[pdns_steered]:-}" ] && echo "  meridian/PowerDNS steered+ECS: $(ratio "${QPS[meridian_steered]}" "${QPS[pdns_steered]}")"
-[ -n "${QPS[knot_static]:-}" ] && echo "  meridian/Knot static:          $(ratio "${QPS[meridian_static]}" "${QPS[knot_static]}")"
-[ -n "${QPS[nsd_static]:-}" ] && echo "  meridian/NSD static:           $(ratio "${QPS[meridian_static]}" "${QPS[nsd_static]}")"
+us() { cut -d' ' -f2 <<<"$1"; }
+qps() { cut -d' ' -f1 <<<"$1"; }
+echo "Ratios of CPU per query (measured in this run; lower is better for the first):"
+[ -n "${R[knot_static]:-}" ] && echo "  meridian steered+ECS / Knot static: $(ratio "$(us "${R[meridian_steered]}")" "$(us "${R[knot_static]}")")  (goal <= 1.25)"
+[ -n "${R[knot_static]:-}" ] && echo "  meridian static / Knot static:      $(ratio "$(us "${R[meridian_static]}")" "$(us "${R[knot_static]}")")  (goal <= 1.1)"
+[ -n "${R[pdns_steered]:-}" ] && echo "  meridian / PowerDNS steered+ECS:    $(ratio "$(us "${R[meridian_steered]}")" "$(us "${R[pdns_steered]}")")"
+[ -n "${R[nsd_static]:-}" ] && echo "  meridian static / NSD static:       $(ratio "$(us "${R[meridian_static]}")" "$(us "${R[nsd_static]}")")"
+echo "  signed (cache) / unsigned, steered: $(ratio "$(us "${R[signed_steered]}")" "$(us "${R[meridian_steered]}")")  (goal <= 1.5)"
+echo "  signed (cache) / unsigned, static:  $(ratio "$(us "${R[signed_static]}")" "$(us "${R[meridian_static]}")")  (goal <= 1.5)"
+echo "  signature-cache miss, extra CPU per query: $(awk -v a="$(us "${R[miss]}")" -v b="$(us "${R[miss_nodo]}")" 'BEGIN { printf "%.1f us", a - b }')"
 exit 0
