@@ -125,6 +125,8 @@ pub struct PurgeCounts {
 /// The shared cache: storage plus the in-flight fetches and hit-for-pass memory.
 pub struct HttpCache {
     pub storage: Storage,
+    /// Background purge jobs (see [`super::purge`]).
+    pub purges: super::purge::PurgeJobs,
     flights: Mutex<HashMap<String, watch::Receiver<bool>>>,
     pass: Mutex<HashMap<String, Instant>>,
     pub(crate) metrics: Arc<Metrics>,
@@ -171,7 +173,8 @@ const MAX_PASS: usize = 100_000;
 
 impl HttpCache {
     pub fn new(storage: Storage, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(HttpCache {
+        Arc::new_cyclic(|me| HttpCache {
+            purges: super::purge::PurgeJobs::new(me.clone(), &storage, metrics.clone()),
             storage,
             flights: Mutex::default(),
             pass: Mutex::default(),
@@ -390,7 +393,7 @@ impl HttpCache {
         counts
     }
 
-    async fn soft_purge(&self, key: &str, now: SystemTime) -> bool {
+    pub(crate) async fn soft_purge(&self, key: &str, now: SystemTime) -> bool {
         let Ok(Some(hit)) = self.storage.get(key).await else {
             return false;
         };
@@ -472,7 +475,7 @@ fn for_policy(mut stored: StoredResponse) -> StoredResponse {
 }
 
 /// The cache key of an absolute URL, with the options of the site its host routes to.
-fn key_for_url(rt: &Runtime, url: &str) -> Option<String> {
+pub(crate) fn key_for_url(rt: &Runtime, url: &str) -> Option<String> {
     let uri: http::Uri = url.parse().ok()?;
     let host = uri.authority()?.as_str().to_string();
     let site = rt.router.route(Some(&host)).and_then(|i| rt.sites.get(i));
@@ -484,7 +487,7 @@ fn key_for_url(rt: &Runtime, url: &str) -> Option<String> {
 }
 
 /// Lower-cases a prefix's scheme and host, as keys are.
-fn normalize_prefix(p: &str) -> String {
+pub(crate) fn normalize_prefix(p: &str) -> String {
     match p.split_once("://") {
         Some((scheme, rest)) => {
             let (host, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));

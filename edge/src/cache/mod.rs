@@ -5,6 +5,7 @@ pub mod acl;
 pub mod http;
 pub(crate) mod partial;
 pub mod policy;
+pub mod purge;
 pub mod range;
 pub mod slice;
 pub(crate) mod spool;

@@ -343,7 +343,7 @@ async fn purge_by_url_tag_prefix_host_soft_and_method() -> anyhow::Result<()> {
         async move {
             let r = Conn::plain(admin, false)
                 .await?
-                .send(req("POST", "admin", "/purge", body))
+                .send(req("POST", "admin", "/purge?wait", body))
                 .await?;
             anyhow::ensure!(r.status == 200, "purge failed: {} {}", r.status, r.text());
             r.json()
@@ -565,7 +565,7 @@ async fn disk_tier_survives_restart_and_kill_9_and_purges_stick() -> anyhow::Res
         .send(req(
             "POST",
             "admin",
-            "/purge",
+            "/purge?wait",
             r#"{"urls":["http://cache.test/cc/d3?cc=max-age%3D600"]}"#,
         ))
         .await?;
@@ -780,7 +780,7 @@ async fn url_purge_removes_slices_too() -> anyhow::Result<()> {
     let body = format!(r#"{{"urls":["http://cache.test{path}"]}}"#);
     let j = Conn::plain(edge.admin(), false)
         .await?
-        .send(req("POST", "admin", "/purge", body))
+        .send(req("POST", "admin", "/purge?wait", body))
         .await?
         .json()?;
     assert_eq!(j["purged"], 4, "{j}");

@@ -14,6 +14,7 @@ mod ops;
 mod plugins;
 mod proxy;
 mod quic_claims;
+mod purge_jobs;
 mod reload;
 
 use std::path::{Path, PathBuf};

@@ -10,7 +10,17 @@
 //! insert = 1u8 | generation u64 | chunks u32 | key_len u16 | key | host_len u8 | host
 //!              | tag_count u16 | (tag_len u16 | tag)*
 //! remove = 2u8 | key_len u16 | key
+//! mark   = 3u8 | id u64 | below u64 | count u16 | (kind u8 | len u16 | value)*
+//! retire = 4u8 | id u64
 //! ```
+//!
+//! A **purge marker** (`mark`) names what a purge covers (exact keys, tags, key prefixes, hosts)
+//! and a generation bound: every indexed object it matches whose generation is below `below` is
+//! dead from the moment the marker is in memory, and, once the record is synced, across a crash
+//! or restart too. Lookups ([`PurgeIndex::generation_of`], [`PurgeIndex::lookup`]) check the
+//! active markers, so a purge is effective before its objects are removed one by one. When they
+//! all are, the purge writes `retire` and the marker is dropped. Markers are kept by compaction;
+//! a marker still active after a replay is a purge that did not finish, and its owner resumes it.
 //!
 //! Mutations update memory at once and queue their record; [`PurgeIndex::sync`] writes the
 //! queued records (on a blocking thread) and the storage calls it after every removal, and a
@@ -38,12 +48,29 @@ use super::{MAX_HOST_LEN, MAX_KEY_LEN, MAX_TAG_LEN, MAX_TAGS, StorageError};
 const LOG_MAGIC: &[u8; 8] = b"MRDIDX\0\x01";
 const OP_INSERT: u8 = 1;
 const OP_REMOVE: u8 = 2;
+const OP_MARK: u8 = 3;
+const OP_RETIRE: u8 = 4;
+const SEL_KEY: u8 = 1;
+const SEL_TAG: u8 = 2;
+const SEL_PREFIX: u8 = 3;
+const SEL_HOST: u8 = 4;
+/// Most selectors (keys, tags, prefixes and hosts together) in one purge marker.
+pub const MAX_MARK_SELECTORS: usize = 16 * 1024;
 /// The log is never compacted while smaller than this.
 pub const COMPACT_MIN_BYTES: u64 = 1024 * 1024;
 /// The log is compacted when it is this many times larger than a snapshot of the live set.
 pub const COMPACT_RATIO: u64 = 4;
 /// How often the background task writes queued index records.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What [`PurgeIndex::insert_object`] did.
+#[derive(Debug)]
+pub(super) struct Inserted {
+    /// The entry replaced.
+    pub old: Option<IndexEntry>,
+    /// The new version was killed by a purge marker and is not indexed.
+    pub purged: bool,
+}
 
 /// One indexed object.
 #[derive(Clone, Debug)]
@@ -54,12 +81,118 @@ pub(super) struct IndexEntry {
     pub chunks: u32,
 }
 
+/// What a purge covers: exact keys, surrogate keys (tags), key prefixes and hosts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PurgeSelectors {
+    /// Exact keys.
+    pub keys: Vec<String>,
+    /// Surrogate keys.
+    pub tags: Vec<String>,
+    /// Plain string prefixes of keys.
+    pub prefixes: Vec<String>,
+    /// Hosts (lowercase), as derived from the keys.
+    pub hosts: Vec<String>,
+}
+
+impl PurgeSelectors {
+    /// Number of selectors.
+    pub fn len(&self) -> usize {
+        self.keys.len() + self.tags.len() + self.prefixes.len() + self.hosts.len()
+    }
+
+    /// Whether it selects nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The objects a purge marker matched when it was written, by kind of selector (an object
+/// matched by two selectors counts in both) and deduplicated.
+#[derive(Clone, Debug, Default)]
+pub struct PurgeMatch {
+    /// Matched through `keys`.
+    pub keys: usize,
+    /// Matched through `tags`.
+    pub tags: usize,
+    /// Matched through `prefixes`.
+    pub prefixes: usize,
+    /// Matched through `hosts`.
+    pub hosts: usize,
+    /// Every matched key once.
+    pub matched: Vec<Arc<str>>,
+}
+
+/// An active purge marker.
+#[derive(Debug)]
+struct Marker {
+    id: u64,
+    below: u64,
+    keys: HashSet<Arc<str>>,
+    tags: Box<[Arc<str>]>,
+    prefixes: Box<[Arc<str>]>,
+    hosts: Box<[Arc<str>]>,
+}
+
+impl Marker {
+    fn new(id: u64, below: u64, sel: &PurgeSelectors) -> Self {
+        let arcs = |v: &[String]| v.iter().map(|s| Arc::from(s.as_str())).collect();
+        Marker {
+            id,
+            below,
+            keys: sel.keys.iter().map(|s| Arc::from(s.as_str())).collect(),
+            tags: arcs(&sel.tags),
+            prefixes: arcs(&sel.prefixes),
+            hosts: arcs(&sel.hosts),
+        }
+    }
+
+    fn selectors(&self) -> PurgeSelectors {
+        let strings = |v: &[Arc<str>]| v.iter().map(|s| s.to_string()).collect();
+        let mut keys: Vec<String> = self.keys.iter().map(|s| s.to_string()).collect();
+        keys.sort_unstable();
+        PurgeSelectors {
+            keys,
+            tags: strings(&self.tags),
+            prefixes: strings(&self.prefixes),
+            hosts: strings(&self.hosts),
+        }
+    }
+
+    /// Whether the marker kills `key` (indexed as `e`).
+    #[inline]
+    fn kills(&self, key: &str, e: &IndexEntry) -> bool {
+        e.generation < self.below
+            && ((!self.keys.is_empty() && self.keys.contains(key))
+                || self.hosts.iter().any(|h| **h == *e.host)
+                || self
+                    .tags
+                    .iter()
+                    .any(|t| e.tags.iter().any(|et| **et == **t))
+                || self.prefixes.iter().any(|p| key.starts_with(&**p)))
+    }
+
+    fn record_len(&self) -> u64 {
+        let sel = |v: &mut dyn Iterator<Item = &Arc<str>>| v.map(|s| 3 + s.len()).sum::<usize>();
+        let payload = 1
+            + 8
+            + 8
+            + 2
+            + sel(&mut self.keys.iter())
+            + sel(&mut self.tags.iter())
+            + sel(&mut self.prefixes.iter())
+            + sel(&mut self.hosts.iter());
+        (8 + payload) as u64
+    }
+}
+
 #[derive(Default)]
 struct State {
     entries: HashMap<Arc<str>, IndexEntry>,
     sorted: BTreeSet<Arc<str>>,
     by_tag: HashMap<Arc<str>, HashSet<Arc<str>>>,
     by_host: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    /// Active purge markers (few: one per unfinished purge).
+    markers: Vec<Marker>,
     /// Encoded records not yet written to the log, in mutation order.
     pending: Vec<u8>,
     /// Bytes in the log file plus `pending`.
@@ -153,6 +286,62 @@ fn encode_insert(out: &mut Vec<u8>, key: &str, e: &IndexEntry) {
         p.extend_from_slice(t.as_bytes());
     }
     push_record(out, &p);
+}
+
+fn encode_mark(out: &mut Vec<u8>, m: &Marker) {
+    let mut p = Vec::with_capacity(m.record_len() as usize);
+    p.push(OP_MARK);
+    p.extend_from_slice(&m.id.to_le_bytes());
+    p.extend_from_slice(&m.below.to_le_bytes());
+    let count = m.keys.len() + m.tags.len() + m.prefixes.len() + m.hosts.len();
+    p.extend_from_slice(&(count as u16).to_le_bytes());
+    let mut sel = |kind: u8, v: &str| {
+        p.push(kind);
+        p.extend_from_slice(&(v.len() as u16).to_le_bytes());
+        p.extend_from_slice(v.as_bytes());
+    };
+    let mut keys: Vec<&Arc<str>> = m.keys.iter().collect();
+    keys.sort_unstable();
+    for k in keys {
+        sel(SEL_KEY, k);
+    }
+    for t in m.tags.iter() {
+        sel(SEL_TAG, t);
+    }
+    for x in m.prefixes.iter() {
+        sel(SEL_PREFIX, x);
+    }
+    for h in m.hosts.iter() {
+        sel(SEL_HOST, h);
+    }
+    push_record(out, &p);
+}
+
+fn encode_retire(out: &mut Vec<u8>, id: u64) {
+    let mut p = Vec::with_capacity(9);
+    p.push(OP_RETIRE);
+    p.extend_from_slice(&id.to_le_bytes());
+    push_record(out, &p);
+}
+
+fn validate_selectors(sel: &PurgeSelectors) -> Result<(), StorageError> {
+    if sel.len() > MAX_MARK_SELECTORS {
+        return Err(StorageError::InvalidMeta("too many purge selectors"));
+    }
+    let all = sel
+        .keys
+        .iter()
+        .chain(&sel.tags)
+        .chain(&sel.prefixes)
+        .chain(&sel.hosts);
+    for s in all {
+        if s.is_empty() || s.len() > MAX_KEY_LEN {
+            return Err(StorageError::InvalidMeta(
+                "purge selector empty or too long",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn encode_remove(out: &mut Vec<u8>, key: &str) {
@@ -275,6 +464,87 @@ impl State {
         for (k, e) in &self.entries {
             encode_insert(&mut out, k, e);
         }
+        for m in &self.markers {
+            encode_mark(&mut out, m);
+        }
+        out
+    }
+
+    /// Whether an active marker kills `key` (indexed as `e`).
+    #[inline]
+    fn killed(&self, key: &str, e: &IndexEntry) -> bool {
+        !self.markers.is_empty() && self.markers.iter().any(|m| m.kills(key, e))
+    }
+
+    /// The live entry of `key`: indexed and not killed by a marker.
+    #[inline]
+    fn live(&self, key: &str) -> Option<&IndexEntry> {
+        self.entries.get(key).filter(|e| !self.killed(key, e))
+    }
+
+    fn add_marker(&mut self, m: Marker) {
+        self.live_bytes += m.record_len();
+        self.markers.retain(|x| x.id != m.id);
+        self.markers.push(m);
+    }
+
+    fn remove_marker(&mut self, id: u64) -> bool {
+        let Some(i) = self.markers.iter().position(|m| m.id == id) else {
+            return false;
+        };
+        let m = self.markers.swap_remove(i);
+        self.live_bytes = self.live_bytes.saturating_sub(m.record_len());
+        true
+    }
+
+    /// The indexed keys that marker `m` kills, by kind of selector.
+    fn matches(&self, m: &Marker) -> PurgeMatch {
+        let mut out = PurgeMatch::default();
+        let mut seen: HashSet<Arc<str>> = HashSet::new();
+        let below = |k: &Arc<str>| self.entries.get(k).is_some_and(|e| e.generation < m.below);
+        let mut take = |k: &Arc<str>, n: &mut usize| {
+            *n += 1;
+            if seen.insert(k.clone()) {
+                out.matched.push(k.clone());
+            }
+        };
+        let (mut nk, mut nt, mut np, mut nh) = (0, 0, 0, 0);
+        for k in &m.keys {
+            if let Some((k, _)) = self.entries.get_key_value(k)
+                && below(k)
+            {
+                take(k, &mut nk);
+            }
+        }
+        for t in m.tags.iter() {
+            for k in self.by_tag.get(t).into_iter().flatten() {
+                if below(k) {
+                    take(k, &mut nt);
+                }
+            }
+        }
+        for p in m.prefixes.iter() {
+            let range = self
+                .sorted
+                .range::<str, _>((Bound::Included(&**p), Bound::Unbounded))
+                .take_while(|k| k.starts_with(&**p));
+            for k in range {
+                if below(k) {
+                    take(k, &mut np);
+                }
+            }
+        }
+        for h in m.hosts.iter() {
+            for k in self.by_host.get(h).into_iter().flatten() {
+                if below(k) {
+                    take(k, &mut nh);
+                }
+            }
+        }
+        out.keys = nk;
+        out.tags = nt;
+        out.prefixes = np;
+        out.hosts = nh;
         out
     }
 
@@ -320,12 +590,42 @@ impl State {
                     tags.push(std::str::from_utf8(r.take(tl)?).ok()?.to_owned());
                 }
                 validate(key, host, &tags).ok()?;
+                // Only a whole record is applied: one with bytes past its fields is where
+                // the log gets cut, and must leave memory as the cut log will be.
+                (r.pos == p.len()).then_some(())?;
                 self.apply_insert(key, host, &tags, generation, chunks);
             }
             OP_REMOVE => {
                 let kl = r.u16()? as usize;
                 let key = std::str::from_utf8(r.take(kl)?).ok()?;
+                (r.pos == p.len()).then_some(())?;
                 self.apply_remove(key);
+            }
+            OP_MARK => {
+                let id = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
+                let below = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
+                let n = r.u16()? as usize;
+                let mut sel = PurgeSelectors::default();
+                for _ in 0..n {
+                    let kind = r.u8()?;
+                    let l = r.u16()? as usize;
+                    let v = std::str::from_utf8(r.take(l)?).ok()?.to_owned();
+                    match kind {
+                        SEL_KEY => sel.keys.push(v),
+                        SEL_TAG => sel.tags.push(v),
+                        SEL_PREFIX => sel.prefixes.push(v),
+                        SEL_HOST => sel.hosts.push(v),
+                        _ => return None,
+                    }
+                }
+                validate_selectors(&sel).ok()?;
+                (r.pos == p.len()).then_some(())?;
+                self.add_marker(Marker::new(id, below, &sel));
+            }
+            OP_RETIRE => {
+                let id = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
+                (r.pos == p.len()).then_some(())?;
+                self.remove_marker(id);
             }
             _ => return None,
         }
@@ -522,7 +822,9 @@ impl PurgeIndex {
         }
     }
 
-    /// Indexes one object version; returns the entry it replaced.
+    /// Indexes one object version; returns the entry it replaced. A version that an active
+    /// purge marker kills (its fetch began before the purge) is not indexed: the key is removed
+    /// instead, and `purged` tells the caller to drop what it wrote.
     pub(super) fn insert_object(
         &self,
         key: &str,
@@ -530,12 +832,95 @@ impl PurgeIndex {
         tags: &[String],
         generation: u64,
         chunks: u32,
-    ) -> Result<Option<IndexEntry>, StorageError> {
+    ) -> Result<Inserted, StorageError> {
         validate(key, host, tags)?;
         let mut st = self.inner.state.write();
         let old = st.apply_insert(key, host, tags, generation, chunks);
-        self.queue_insert(&mut st, key);
-        Ok(old)
+        let killed = st.entries.get(key).is_some_and(|e| st.killed(key, e));
+        if killed {
+            st.apply_remove(key);
+            if self.inner.log.is_some() {
+                st.queue(|out| encode_remove(out, key));
+            }
+        } else {
+            self.queue_insert(&mut st, key);
+        }
+        Ok(Inserted {
+            old,
+            purged: killed,
+        })
+    }
+
+    /// Writes purge marker `id` (killing every object it matches whose generation is below
+    /// `below`) and returns what it matched. The marker takes effect at once in memory; it is
+    /// durable after the next durable [`Self::sync`].
+    pub fn mark(
+        &self,
+        id: u64,
+        below: u64,
+        sel: &PurgeSelectors,
+    ) -> Result<PurgeMatch, StorageError> {
+        validate_selectors(sel)?;
+        let m = Marker::new(id, below, sel);
+        let mut st = self.inner.state.write();
+        let matched = st.matches(&m);
+        if self.inner.log.is_some() {
+            st.queue(|out| encode_mark(out, &m));
+        }
+        st.add_marker(m);
+        Ok(matched)
+    }
+
+    /// What `sel` covers now, without writing a marker (soft purges).
+    pub fn matching(&self, sel: &PurgeSelectors) -> PurgeMatch {
+        let m = Marker::new(0, u64::MAX, sel);
+        self.inner.state.read().matches(&m)
+    }
+
+    /// Drops purge marker `id` (its purge has removed what it matched); persisted by the next
+    /// [`Self::sync`]. Returns whether it was active.
+    pub fn retire(&self, id: u64) -> bool {
+        let mut st = self.inner.state.write();
+        let was = st.remove_marker(id);
+        if was && self.inner.log.is_some() {
+            st.queue(|out| encode_retire(out, id));
+        }
+        was
+    }
+
+    /// The active purge markers: `(id, below, selectors)`, oldest first.
+    pub fn markers(&self) -> Vec<(u64, u64, PurgeSelectors)> {
+        let st = self.inner.state.read();
+        let mut v: Vec<_> = st
+            .markers
+            .iter()
+            .map(|m| (m.id, m.below, m.selectors()))
+            .collect();
+        v.sort_unstable_by_key(|m| m.0);
+        v
+    }
+
+    /// The indexed keys that active marker `id` still kills (`None` if it is not active).
+    pub fn marker_matches(&self, id: u64) -> Option<PurgeMatch> {
+        let st = self.inner.state.read();
+        let m = st.markers.iter().find(|m| m.id == id)?;
+        Some(st.matches(m))
+    }
+
+    /// The indexed generation of `key`, whether or not a marker kills it.
+    pub(super) fn raw_generation_of(&self, key: &str) -> Option<u64> {
+        self.inner
+            .state
+            .read()
+            .entries
+            .get(key)
+            .map(|e| e.generation)
+    }
+
+    /// The largest `below` of the active markers (0 without any).
+    pub(super) fn max_marker_bound(&self) -> u64 {
+        let st = self.inner.state.read();
+        st.markers.iter().map(|m| m.below).max().unwrap_or(0)
     }
 
     /// Removes `key`; returns whether it was indexed. Persisted by the next [`Self::sync`].
@@ -552,17 +937,14 @@ impl PurgeIndex {
         Some(old)
     }
 
+    /// The live entry of `key` (indexed and not killed by a purge marker).
     pub(super) fn lookup(&self, key: &str) -> Option<IndexEntry> {
-        self.inner.state.read().entries.get(key).cloned()
+        self.inner.state.read().live(key).cloned()
     }
 
+    /// The live generation of `key` (indexed and not killed by a purge marker).
     pub(super) fn generation_of(&self, key: &str) -> Option<u64> {
-        self.inner
-            .state
-            .read()
-            .entries
-            .get(key)
-            .map(|e| e.generation)
+        self.inner.state.read().live(key).map(|e| e.generation)
     }
 
     pub(super) fn keys_and_generations(&self) -> Vec<(String, u64)> {

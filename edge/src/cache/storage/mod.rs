@@ -60,7 +60,10 @@ use foyer::{
 use self::codec::{Corrupt, HeadBody, HeadBodyRef, StoreKey};
 pub use self::{
     error::StorageError,
-    index::{COMPACT_MIN_BYTES, COMPACT_RATIO, FLUSH_INTERVAL, PurgeIndex, host_of_key},
+    index::{
+        COMPACT_MIN_BYTES, COMPACT_RATIO, FLUSH_INTERVAL, MAX_MARK_SELECTORS, PurgeIndex,
+        PurgeMatch, PurgeSelectors, host_of_key,
+    },
     writer::ObjectWriter,
 };
 
@@ -441,6 +444,7 @@ impl Storage {
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2));
         let next_generation = now_nanos
             .max(index.max_generation().saturating_add(1))
+            .max(index.max_marker_bound())
             .max(1);
 
         let flusher = index.spawn_flusher();
@@ -717,9 +721,19 @@ impl Storage {
             ),
         };
         drop(entry);
-        self.inner
-            .index
-            .insert_object(key, &host, &meta.tags, head.generation, indexed.chunks)?;
+        let inserted = self.inner.index.insert_object(
+            key,
+            &host,
+            &meta.tags,
+            head.generation,
+            indexed.chunks,
+        )?;
+        if inserted.purged {
+            // A purge marker written meanwhile kills this version: drop it instead.
+            self.inner.cache.remove(&skey);
+            self.remove_chunks(key, head.generation, indexed.chunks);
+            return Ok(false);
+        }
         self.put_entry(skey, frame).await;
         Ok(true)
     }
@@ -821,6 +835,75 @@ impl Storage {
         self.inner.index.sync(true).await?;
         self.wait_disk().await;
         Ok(())
+    }
+
+    /// Writes a purge marker for `sel`: from when this returns, every object it matches that was
+    /// stored (or whose fetch began) before the call is a miss, and stays one across a crash or
+    /// restart — the marker record is synced once, whatever the number of objects. Returns the
+    /// marker's id (a generation: also the bound below which objects are killed) and the objects
+    /// it matched, which the caller removes with [`Self::remove_purged`] and then
+    /// [`Self::retire_purge`].
+    pub async fn mark_purge(
+        &self,
+        sel: &PurgeSelectors,
+    ) -> Result<(u64, PurgeMatch), StorageError> {
+        self.check_open()?;
+        let id = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
+        let matched = self.inner.index.mark(id, id, sel)?;
+        if let Err(e) = self.inner.index.sync(true).await {
+            // Not durable: undo, so that the caller's error is the whole truth.
+            self.inner.index.retire(id);
+            return Err(e);
+        }
+        Ok((id, matched))
+    }
+
+    /// A fresh id, from the same sequence as generations and purge markers.
+    pub fn next_id(&self) -> u64 {
+        self.inner.next_generation.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Removes `key` if its stored version is older than generation `below` (a purge marker's
+    /// bound), without a sync of its own: the marker already makes the removal durable.
+    pub async fn remove_purged(&self, key: &str, below: u64) -> Result<bool, StorageError> {
+        self.check_open()?;
+        let _guard = self.lock_key(key).await;
+        if !self
+            .inner
+            .index
+            .raw_generation_of(key)
+            .is_some_and(|g| g < below)
+        {
+            return Ok(false);
+        }
+        let skey = StoreKey::Head(key.to_owned());
+        if let Some(old) = self.inner.index.remove_object(key) {
+            self.inner.cache.remove(&skey);
+            self.remove_chunks(key, old.generation, old.chunks);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Ends purge `id` once [`Self::remove_purged`] was called for each of its keys: drops the
+    /// marker and syncs the index log (its removals, then the retirement) and foyer's queue.
+    pub async fn retire_purge(&self, id: u64) -> Result<(), StorageError> {
+        self.check_open()?;
+        self.inner.index.retire(id);
+        self.inner.index.sync(true).await?;
+        self.wait_disk().await;
+        Ok(())
+    }
+
+    /// Purge markers still active: `(id, selectors)`. After an open, these are purges that had
+    /// not finished; [`PurgeIndex::marker_matches`] gives what each still has to remove.
+    pub fn pending_purges(&self) -> Vec<(u64, PurgeSelectors)> {
+        self.inner
+            .index
+            .markers()
+            .into_iter()
+            .map(|(id, _, sel)| (id, sel))
+            .collect()
     }
 
     /// Drops index entries whose head is in neither tier any more (evicted by foyer, which does

@@ -919,3 +919,165 @@ async fn torture_concurrent_put_get_remove() {
     );
     s.close().await.unwrap();
 }
+
+fn tag_sel(tags: &[&str]) -> PurgeSelectors {
+    PurgeSelectors {
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        ..PurgeSelectors::default()
+    }
+}
+
+#[tokio::test]
+async fn purge_marker_hides_matches_at_once_and_spares_later_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(config(Some(dir.path()), 64 * KIB as u32))
+        .await
+        .unwrap();
+    let red: Vec<String> = (0..50).map(|i| format!("https://a.example/r{i}")).collect();
+    for k in &red {
+        put(&s, k, &pattern(k, 1, 1000), meta(&["red"], &[])).await;
+    }
+    let big = "https://a.example/big-red";
+    put(&s, big, &pattern(big, 1, 200 * KIB), meta(&["red"], &[])).await;
+    let blue = "https://b.example/blue";
+    put(&s, blue, &pattern(blue, 1, 1000), meta(&["blue"], &[])).await;
+    // A fetch that began before the purge and ends after it.
+    let late = "https://a.example/late";
+    let mut w = s.writer(late);
+    w.write(Bytes::from_static(b"late body")).await.unwrap();
+
+    let (id, m) = s.mark_purge(&tag_sel(&["red"])).await.unwrap();
+    assert_eq!(m.matched.len(), 51);
+    assert_eq!(m.tags, 51);
+    // Nothing of the tag is served, though nothing was removed yet.
+    for k in red.iter().map(String::as_str).chain([big]) {
+        assert!(
+            s.get(k).await.unwrap().is_none(),
+            "{k} served after its marker"
+        );
+        assert!(s.index().contains(k), "{k} removed before the job ran");
+    }
+    assert!(s.get(blue).await.unwrap().is_some());
+    // Metadata updates of a killed object fail.
+    assert!(!s.update_meta(big, meta(&["red"], &[])).await.unwrap());
+    // The fetch from before the purge commits into nothing.
+    w.finish(meta(&["red"], &[])).await.unwrap();
+    assert!(s.get(late).await.unwrap().is_none());
+    assert!(!s.index().contains(late));
+    // A version written after the marker is served.
+    let fresh = &red[0];
+    put(&s, fresh, &pattern(fresh, 2, 1000), meta(&["red"], &[])).await;
+    assert!(s.get(fresh).await.unwrap().is_some());
+
+    // The job: removes what is older than the marker, leaves the new version.
+    let mut removed = 0;
+    for k in &m.matched {
+        removed += usize::from(s.remove_purged(k, id).await.unwrap());
+    }
+    assert_eq!(removed, 50, "the rewritten key is not removed");
+    s.retire_purge(id).await.unwrap();
+    assert!(s.pending_purges().is_empty());
+    assert!(s.get(fresh).await.unwrap().is_some());
+    assert!(s.get(big).await.unwrap().is_none());
+    assert_eq!(s.index().keys_for_tag("red"), vec![fresh.clone()]);
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn purge_marker_survives_a_restart_before_its_removals() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<String> = (0..30)
+        .map(|i| format!("https://c.example/p/{i}"))
+        .collect();
+    let other = "https://c.example/q/0";
+    let id;
+    {
+        let s = Storage::open(config(Some(dir.path()), 64 * KIB as u32))
+            .await
+            .unwrap();
+        for k in &keys {
+            put(&s, k, &pattern(k, 1, 3000), meta(&["t"], &[])).await;
+        }
+        put(&s, other, &pattern(other, 1, 3000), meta(&["t"], &[])).await;
+        s.flush().await.unwrap();
+        let sel = PurgeSelectors {
+            prefixes: vec!["https://c.example/p/".into()],
+            ..PurgeSelectors::default()
+        };
+        let (i, m) = s.mark_purge(&sel).await.unwrap();
+        id = i;
+        assert_eq!((m.prefixes, m.matched.len()), (30, 30));
+        // Crash: no removal, no close (the storage is dropped as kill -9 would leave it).
+    }
+    let s = Storage::open(config(Some(dir.path()), 64 * KIB as u32))
+        .await
+        .unwrap();
+    for k in &keys {
+        assert!(
+            s.get(k).await.unwrap().is_none(),
+            "{k} served after restart"
+        );
+    }
+    assert!(s.get(other).await.unwrap().is_some());
+    let pending = s.pending_purges();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].0, id);
+    assert_eq!(
+        pending[0].1.prefixes,
+        vec!["https://c.example/p/".to_string()]
+    );
+    let left = s.index().marker_matches(id).unwrap();
+    assert_eq!(left.matched.len(), 30);
+    // New objects are above every marker's bound.
+    let k = &keys[3];
+    put(&s, k, &pattern(k, 2, 3000), meta(&["t"], &[])).await;
+    assert!(s.get(k).await.unwrap().is_some(), "a new version is served");
+    // Finish the job; compaction keeps no retired marker and the result survives a restart.
+    for k in &left.matched {
+        s.remove_purged(k, id).await.unwrap();
+    }
+    s.retire_purge(id).await.unwrap();
+    s.index().compact().await.unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = Storage::open(config(Some(dir.path()), 64 * KIB as u32))
+        .await
+        .unwrap();
+    assert!(s.pending_purges().is_empty());
+    assert!(s.get(&keys[3]).await.unwrap().is_some());
+    assert!(s.get(&keys[4]).await.unwrap().is_none());
+    assert_eq!(s.index().keys_with_prefix("https://c.example/p/").len(), 1);
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn purge_markers_are_kept_by_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("index.log");
+    {
+        let idx = PurgeIndex::open(path.clone()).await.unwrap();
+        idx.insert("https://h.example/a", "h.example", &["x".into()])
+            .unwrap();
+        idx.insert("https://h.example/b", "h.example", &["y".into()])
+            .unwrap();
+        let sel = PurgeSelectors {
+            keys: vec!["https://h.example/b".into()],
+            hosts: vec!["g.example".into()],
+            ..tag_sel(&["x"])
+        };
+        let m = idx.mark(7, u64::MAX, &sel).unwrap();
+        assert_eq!((m.tags, m.keys, m.hosts, m.matched.len()), (1, 1, 0, 2));
+        idx.mark(9, u64::MAX, &tag_sel(&["z"])).unwrap();
+        assert!(idx.retire(9));
+        idx.compact().await.unwrap();
+        idx.sync(true).await.unwrap();
+    }
+    let idx = PurgeIndex::open(path).await.unwrap();
+    let markers = idx.markers();
+    assert_eq!(markers.len(), 1);
+    assert_eq!(markers[0].0, 7);
+    assert_eq!(markers[0].2.keys, vec!["https://h.example/b".to_string()]);
+    assert_eq!(markers[0].2.hosts, vec!["g.example".to_string()]);
+    assert!(idx.generation_of("https://h.example/a").is_none());
+    assert!(idx.contains("https://h.example/a"));
+}

@@ -202,18 +202,25 @@ impl ObjectWriter {
         self.buf = BytesMut::new();
         let storage = self.storage.clone();
         let skey = StoreKey::Head(self.key.clone());
-        let old = {
+        let inserted = {
             let _guard = storage.lock_key(&self.key).await;
             storage.check_open()?;
-            storage.inner.cache.insert(skey, frame);
-            storage.inner.index.insert_object(
+            storage.inner.cache.insert(skey.clone(), frame);
+            let inserted = storage.inner.index.insert_object(
                 &self.key,
                 &host,
                 &meta.tags,
                 self.generation,
                 self.chunks,
-            )?
+            )?;
+            if inserted.purged {
+                // Fetched from before a purge that covers it: committed, then purged at once.
+                storage.inner.cache.remove(&skey);
+                storage.remove_chunks(&self.key, self.generation, self.chunks);
+            }
+            inserted
         };
+        let old = inserted.old;
         self.state = State::Finished;
         storage
             .inner
