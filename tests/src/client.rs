@@ -186,6 +186,8 @@ pub struct H3Conn {
     _driver: tokio::task::JoinHandle<()>,
     pub conn: quinn::Connection,
     _endpoint: quinn::Endpoint,
+    /// The interim (1xx) responses that came before the last final one.
+    pub interim: Vec<(u16, http::HeaderMap)>,
 }
 
 impl H3Conn {
@@ -214,6 +216,7 @@ impl H3Conn {
             _driver,
             conn,
             _endpoint: endpoint,
+            interim: Vec::new(),
         })
     }
 
@@ -237,7 +240,14 @@ impl H3Conn {
                 }
             }
             stream.finish().await?;
-            let resp = stream.recv_response().await?;
+            // Interim (1xx) responses come first, each a HEADERS frame.
+            let mut resp = stream.recv_response().await?;
+            let mut interim = Vec::new();
+            while resp.status().is_informational() {
+                interim.push((resp.status().as_u16(), resp.headers().clone()));
+                resp = stream.recv_response().await?;
+            }
+            self.interim = interim;
             let mut out = bytes::BytesMut::new();
             while let Some(mut chunk) = stream.recv_data().await? {
                 use bytes::Buf;

@@ -15,8 +15,12 @@
 //! holds bytes of the previous response (pipelining to a slow reader), the
 //! interim is dropped: an interim response is advisory, a torn stream is not.
 //!
-//! HTTP/2 and HTTP/3 clients get no interim responses: hyper's HTTP/2 server
-//! and h3 have no way to send one. Origins reached over HTTP/2 deliver none.
+//! An HTTP/3 request gets its interim responses through a channel to its
+//! task, which sends each as a HEADERS frame before the final one.
+//!
+//! HTTP/2 clients get no interim responses: hyper's HTTP/2 server has no
+//! way to send one. Origins reached over HTTP/2 deliver none (hyper's
+//! client reports 1xx on HTTP/1.1 only).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -52,13 +56,40 @@ impl InterimQueue {
     }
 }
 
-/// Handed to a request (as an extension) by an HTTP/1.1 connection, so the
-/// origin connection can forward interim responses to it. It does not keep
-/// the connection alive: a background fill may outlive the client.
+/// Handed to a request (as an extension) by an HTTP/1.1 or HTTP/3
+/// connection, so the origin connection can forward interim responses to
+/// it. It does not keep the connection alive: a background fill may outlive
+/// the client.
 #[derive(Clone, Debug)]
-pub struct InterimSink(Weak<ConnShared>);
+pub struct InterimSink(Sink);
+
+#[derive(Clone, Debug)]
+enum Sink {
+    /// HTTP/1.1: encoded into the connection's queue (see the module docs).
+    H1(Weak<ConnShared>),
+    /// HTTP/3: to the request's task, which sends each as a HEADERS frame
+    /// before the final one (RFC 9114 §4.1). Closed with the final response.
+    H3(tokio::sync::mpsc::Sender<(StatusCode, HeaderMap)>),
+}
+
+/// What an HTTP/3 request task reads interim responses from.
+pub type InterimReceiver = tokio::sync::mpsc::Receiver<(StatusCode, HeaderMap)>;
+
+/// Whether the edge forwards this interim status: 102 and 103-199. 100
+/// Continue answers the edge's own request, and 101 is the final response
+/// of an upgrade.
+pub fn forwarded(status: StatusCode) -> bool {
+    (102..200).contains(&status.as_u16())
+}
 
 impl InterimSink {
+    /// A sink for one HTTP/3 request; at most [`MAX_PER_REQUEST`] interim
+    /// responses are queued, the rest dropped.
+    pub fn h3() -> (Self, InterimReceiver) {
+        let (tx, rx) = tokio::sync::mpsc::channel(MAX_PER_REQUEST as usize);
+        (InterimSink(Sink::H3(tx)), rx)
+    }
+
     /// Opens the connection's queue for a new request.
     pub fn open(conn: &Arc<ConnShared>) -> Self {
         let mut q = conn.interim.lock();
@@ -67,12 +98,19 @@ impl InterimSink {
         q.count = 0;
         q.waker = None;
         conn.interim_pending.store(false, Ordering::Release);
-        InterimSink(Arc::downgrade(conn))
+        InterimSink(Sink::H1(Arc::downgrade(conn)))
+    }
+
+    fn h1(&self) -> Option<Arc<ConnShared>> {
+        match &self.0 {
+            Sink::H1(w) => w.upgrade(),
+            Sink::H3(_) => None,
+        }
     }
 
     /// Remembers the task to wake when an interim response arrives.
     pub fn register(&self, waker: &Waker) {
-        let Some(conn) = self.0.upgrade() else { return };
+        let Some(conn) = self.h1() else { return };
         let mut q = conn.interim.lock();
         match &q.waker {
             Some(w) if w.will_wake(waker) => {}
@@ -82,7 +120,7 @@ impl InterimSink {
 
     /// The request has its final response: nothing more is queued for it.
     pub fn close(&self) {
-        let Some(conn) = self.0.upgrade() else { return };
+        let Some(conn) = self.h1() else { return };
         let mut q = conn.interim.lock();
         q.open = false;
         q.waker = None;
@@ -92,10 +130,28 @@ impl InterimSink {
     /// forwarded: 100 Continue answers the edge's own request, and 101 is
     /// the final response of an upgrade.
     pub fn push(&self, status: StatusCode, headers: &HeaderMap) {
-        let code = status.as_u16();
-        if !(102..200).contains(&code) {
+        if !forwarded(status) {
             return;
         }
+        let code = status.as_u16();
+        let conn = match &self.0 {
+            Sink::H3(tx) => {
+                let mut h = HeaderMap::with_capacity(headers.len());
+                for (name, value) in headers {
+                    if !is_hop_by_hop(name) {
+                        h.append(name.clone(), value.clone());
+                    }
+                }
+                if tx.try_send((status, h)).is_err() {
+                    tracing::debug!(status = code, "interim response dropped");
+                }
+                return;
+            }
+            Sink::H1(w) => match w.upgrade() {
+                Some(c) => c,
+                None => return,
+            },
+        };
         let mut head = BytesMut::with_capacity(64 + headers.len() * 48);
         head.put_slice(b"HTTP/1.1 ");
         head.put_slice(status.as_str().as_bytes());
@@ -112,7 +168,6 @@ impl InterimSink {
             head.put_slice(b"\r\n");
         }
         head.put_slice(b"\r\n");
-        let Some(conn) = self.0.upgrade() else { return };
         let waker = {
             let mut q = conn.interim.lock();
             if !q.open || q.count >= MAX_PER_REQUEST || q.buf.len() + head.len() > MAX_QUEUED {

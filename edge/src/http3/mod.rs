@@ -412,8 +412,29 @@ async fn serve_request(
 ) {
     let head = req.method() == Method::HEAD;
     let (mut send, recv): (SendStream, RecvStream) = stream.split();
-    let req = req.map(|()| ClientBody::H3(H3Body::new(recv)));
-    let resp = proxy.handle(req, &ds).await;
+    let mut req = req.map(|()| ClientBody::H3(H3Body::new(recv)));
+    // The origin's 1xx interim responses go out as HEADERS frames before
+    // the final response (RFC 9114 §4.1).
+    let (sink, mut interim) = crate::http::interim::InterimSink::h3();
+    req.extensions_mut().insert(sink);
+    let resp = {
+        let handled = proxy.handle(req, &ds);
+        tokio::pin!(handled);
+        loop {
+            tokio::select! {
+                resp = &mut handled => break resp,
+                Some((status, headers)) = interim.recv() => {
+                    let mut r = Response::new(());
+                    *r.status_mut() = status;
+                    *r.headers_mut() = headers;
+                    if let Err(e) = send.send_response(r).await {
+                        tracing::debug!(error = %e, "h3 send interim response failed");
+                    }
+                }
+            }
+        }
+    };
+    drop(interim);
     let (mut parts, mut body) = resp.into_parts();
     // Connection-specific fields do not exist in HTTP/3.
     crate::proxy::headers::strip_hop_by_hop(&mut parts.headers, false);

@@ -737,3 +737,38 @@ async fn early_hints_reach_http1_clients_before_the_final_response() -> anyhow::
     assert_eq!((r.status, r.text()), (200, "/h2".to_string()));
     Ok(())
 }
+
+/// Over HTTP/3 the origin's 103 is an interim HEADERS frame before the
+/// final response (RFC 9114 §4.1), without connection-specific fields, and
+/// a hit has none.
+#[tokio::test]
+async fn early_hints_reach_http3_clients_as_interim_headers() -> anyhow::Result<()> {
+    let origin = early_hints_origin(Duration::from_millis(300)).await?;
+    let dir = meridian_e2e::certs::TempDir::new("pki")?;
+    let pki = Pki::new(dir.path())?;
+    let edge = Edge::start(&basic_config(&[format!("http://{origin}")], &pki.config()))?;
+    let mut c =
+        meridian_e2e::client::H3Conn::connect(edge.https(), &pki.tls("a.test", &[])?).await?;
+    let r = c
+        .send("GET", "a.test", "/h3page", bytes::Bytes::new())
+        .await?;
+    assert_eq!((r.status, r.text()), (200, "/h3page".to_string()));
+    assert!(
+        r.header("link").is_none(),
+        "no interim field in the final head"
+    );
+    assert_eq!(c.interim.len(), 1, "{:?}", c.interim);
+    let (status, h) = &c.interim[0];
+    assert_eq!(*status, 103);
+    assert_eq!(
+        h.get("link").and_then(|v| v.to_str().ok()),
+        Some("</h3page.css>; rel=preload")
+    );
+    assert!(h.get("connection").is_none());
+    let r = c
+        .send("GET", "a.test", "/h3page", bytes::Bytes::new())
+        .await?;
+    assert!(is_hit(&r), "{}", cache_status(&r));
+    assert!(c.interim.is_empty(), "a hit has no interim response");
+    Ok(())
+}
