@@ -315,9 +315,10 @@ else:
         for k in ("cert", "key"):
             if not any(t[k].startswith(mp.rstrip("/") + "/") for mp in mounts):
                 err(f"edge: tls {k} {t[k]} is not inside a mounted volume")
-    tf = edge_cfg.get("admin", {}).get("token_file")
-    if tf and not any(tf.startswith(mp.rstrip("/") + "/") for mp in mounts):
-        err(f"edge: admin.token_file {tf} is not inside a mounted volume")
+    for key in ("token_file", "read_token_file"):
+        tf = edge_cfg.get("admin", {}).get(key)
+        if tf and not any(tf.startswith(mp.rstrip("/") + "/") for mp in mounts):
+            err(f"edge: admin.{key} {tf} is not inside a mounted volume")
 
 # ---- dns Deployment and Service
 dns_cfg = cm_toml("meridian-dns-config", "dns.toml")
@@ -493,6 +494,13 @@ echo "throwaway-dns-read-token" >"$TMP/compose-dns/dns_read_token"
 sed "s#/run/secrets/#$TMP/compose-dns/#" "$INFRA/containers/dns.toml" >"$INFRA/containers/.dns.validate.toml"
 trap 'rm -rf "$TMP" "$INFRA/containers/.dns.validate.toml"' EXIT
 echo "throwaway-admin-token" >"$TMP/k8s-edge/admin/token"
+echo "throwaway-admin-read-token" >"$TMP/k8s-edge/admin/read-token"
+# meridian-edge's admin tokens (compose secrets edge_admin_token, edge_read_token).
+mkdir -p "$TMP/compose-edge"
+echo "throwaway-edge-token" >"$TMP/compose-edge/edge_admin_token"
+echo "throwaway-edge-read-token" >"$TMP/compose-edge/edge_read_token"
+sed "s#/run/secrets/#$TMP/compose-edge/#" "$INFRA/containers/edge.toml" >"$INFRA/containers/.edge.validate.toml"
+trap 'rm -rf "$TMP" "$INFRA/containers/.dns.validate.toml" "$INFRA/containers/.edge.validate.toml"' EXIT
 if command -v openssl >/dev/null; then
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=www.example.com \
         -addext subjectAltName=DNS:www.example.com,DNS:example.com \
@@ -503,7 +511,7 @@ else
 fi
 
 if [[ -n $EDGE ]]; then
-    run "meridian-edge check --config infra/containers/edge.toml" bash -c "cd '$ROOT' && $EDGE check --config infra/containers/edge.toml"
+    run "meridian-edge check --config infra/containers/edge.toml (secrets: throwaway files)" bash -c "cd '$ROOT' && $EDGE check --config infra/containers/.edge.validate.toml"
     run "meridian-edge check: infra/k8s/edge-configmap.yaml (edge.toml)" bash -c "$EDGE check --config '$TMP/k8s-edge/edge.toml'"
 else
     fail "meridian-edge check not run: no binary in target/ and no cargo"
