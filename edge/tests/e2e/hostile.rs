@@ -527,6 +527,39 @@ async fn a_post_answer_that_names_itself_is_reused_for_gets() -> anyhow::Result<
 /// are never stored, nor taken for the final response's headers.
 #[tokio::test]
 async fn interim_responses_are_never_stored_as_final() -> anyhow::Result<()> {
+    let (addr, served) = interim_origin(
+        |_| {
+            "HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </hint.css>; rel=preload\r\nCache-Control: no-store\r\n\r\n".into()
+        },
+        Duration::ZERO,
+    )
+    .await?;
+    let edge = Edge::start(&basic_config(&[format!("http://{addr}")], ""))?;
+    let first = get_with(edge.http(), "/x", &[]).await?;
+    assert_eq!((first.status, first.text()), (200, "/x".to_string()));
+    assert!(
+        first.header("link").is_none(),
+        "no interim field in the final head"
+    );
+    let second = get_with(edge.http(), "/x", &[]).await?;
+    assert_eq!((second.status, second.text()), (200, "/x".to_string()));
+    assert!(
+        is_hit(&second),
+        "the final 200 was stored: {}",
+        cache_status(&second)
+    );
+    assert!(second.header("link").is_none());
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+    Ok(())
+}
+
+/// An origin that answers every request with the interim heads
+/// `interims(path)` gives, then, after `delay`, the final 200
+/// (`max-age=60`) whose body is the path. Counts the requests it answers.
+async fn interim_origin(
+    interims: fn(&str) -> String,
+    delay: Duration,
+) -> anyhow::Result<(std::net::SocketAddr, Arc<std::sync::atomic::AtomicU32>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -546,62 +579,11 @@ async fn interim_responses_are_never_stored_as_final() -> anyhow::Result<()> {
                     }
                     seen.extend_from_slice(&buf[..n]);
                     while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        seen.drain(..end + 4);
-                        count.fetch_add(1, Ordering::SeqCst);
-                        let reply = b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </hint.css>; rel=preload\r\nCache-Control: no-store\r\n\r\nHTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nfinal";
-                        if s.write_all(reply).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    let edge = Edge::start(&basic_config(&[format!("http://{addr}")], ""))?;
-    let first = get_with(edge.http(), "/x", &[]).await?;
-    assert_eq!((first.status, first.text()), (200, "final".to_string()));
-    assert!(
-        first.header("link").is_none(),
-        "no interim field in the final head"
-    );
-    let second = get_with(edge.http(), "/x", &[]).await?;
-    assert_eq!((second.status, second.text()), (200, "final".to_string()));
-    assert!(
-        is_hit(&second),
-        "the final 200 was stored: {}",
-        cache_status(&second)
-    );
-    assert!(second.header("link").is_none());
-    assert_eq!(served.load(Ordering::SeqCst), 1);
-    Ok(())
-}
-
-/// An origin that answers every request with a 103 Early Hints, then,
-/// after `delay`, the final 200 (`max-age=60`) whose body is the path.
-async fn early_hints_origin(delay: Duration) -> anyhow::Result<std::net::SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut seen = Vec::new();
-                loop {
-                    let Ok(n) = s.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                         let head = String::from_utf8_lossy(&seen[..end]).into_owned();
                         seen.drain(..end + 4);
+                        count.fetch_add(1, Ordering::SeqCst);
                         let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-                        let hints = format!(
-                            "HTTP/1.1 103 Early Hints\r\nLink: <{path}.css>; rel=preload\r\nConnection: keep-alive\r\n\r\n"
-                        );
-                        if s.write_all(hints.as_bytes()).await.is_err() {
+                        if s.write_all(interims(&path).as_bytes()).await.is_err() {
                             return;
                         }
                         tokio::time::sleep(delay).await;
@@ -617,7 +599,15 @@ async fn early_hints_origin(delay: Duration) -> anyhow::Result<std::net::SocketA
             });
         }
     });
-    Ok(addr)
+    Ok((addr, served))
+}
+
+/// A 103 Early Hints with a preload link for `{path}.css`, and a
+/// connection-specific field that must not be forwarded.
+fn early_hints(path: &str) -> String {
+    format!(
+        "HTTP/1.1 103 Early Hints\r\nLink: <{path}.css>; rel=preload\r\nConnection: keep-alive\r\n\r\n"
+    )
 }
 
 /// Reads from `s` until `buf` holds `needle`, for at most `limit`.
@@ -655,7 +645,7 @@ async fn read_until(
 /// is never part of what the cache stores.
 #[tokio::test]
 async fn early_hints_reach_http1_clients_before_the_final_response() -> anyhow::Result<()> {
-    let origin = early_hints_origin(Duration::from_millis(800)).await?;
+    let (origin, _) = interim_origin(early_hints, Duration::from_millis(800)).await?;
     let edge = Edge::start(&basic_config(&[format!("http://{origin}")], ""))?;
     let mut s = TcpStream::connect(edge.http()).await?;
     let start = Instant::now();
@@ -743,7 +733,7 @@ async fn early_hints_reach_http1_clients_before_the_final_response() -> anyhow::
 /// a hit has none.
 #[tokio::test]
 async fn early_hints_reach_http3_clients_as_interim_headers() -> anyhow::Result<()> {
-    let origin = early_hints_origin(Duration::from_millis(300)).await?;
+    let (origin, _) = interim_origin(early_hints, Duration::from_millis(300)).await?;
     let dir = meridian_e2e::certs::TempDir::new("pki")?;
     let pki = Pki::new(dir.path())?;
     let edge = Edge::start(&basic_config(&[format!("http://{origin}")], &pki.config()))?;
