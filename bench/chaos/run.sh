@@ -25,7 +25,10 @@ case "$SCENARIO" in
   *) echo "unknown scenario $SCENARIO" >&2; exit 2 ;;
 esac
 flag=""; [ "$PROFILE" = release ] && flag="--release"
-cargo build $flag -p meridian-edge -p meridian-dns -p meridian-e2e --bins >&2
+# Two builds: the servers alone (so their features are those of a plain
+# build), then the harness.
+cargo build $flag -p meridian-edge -p meridian-dns --bins >&2
+cargo build $flag -p meridian-e2e --bin meridian-chaos >&2
 BIN="$ROOT/target/$PROFILE"
 export MERIDIAN_EDGE_BIN="$BIN/meridian-edge" MERIDIAN_DNS_BIN="$BIN/meridian-dns"
 

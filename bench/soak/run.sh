@@ -18,16 +18,22 @@ OUT="${OUT:-$ROOT/target/soak-$DURATION}"
 LOAD="${LOAD:-0.7}"
 CALIBRATE="${CALIBRATE:-10}"
 
-if ! python3 -c "import matplotlib" 2>/dev/null; then
+# Debian's python3-matplotlib belongs to Debian's python3 (another python3
+# may come first on PATH).
+PY=python3; [ -x /usr/bin/python3 ] && PY=/usr/bin/python3
+if ! "$PY" -c "import matplotlib" 2>/dev/null; then
   sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo"
   $sudo apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-matplotlib
 fi
-python3 -c "import matplotlib" || { echo "soak needs python3-matplotlib" >&2; exit 1; }
+"$PY" -c "import matplotlib" || { echo "soak needs python3-matplotlib" >&2; exit 1; }
 [ -f wasm-plugins/dist/headers.wasm ] || wasm-plugins/build
 
 flag=""; [ "$PROFILE" = release ] && flag="--release"
-cargo build $flag -p meridian-edge -p meridian-dns -p meridian-e2e --bins >&2
+# Two builds: the servers alone (so their features are those of a plain
+# build), then the harness.
+cargo build $flag -p meridian-edge -p meridian-dns --bins >&2
+cargo build $flag -p meridian-e2e --bin meridian-chaos >&2
 BIN="$ROOT/target/$PROFILE"
 mkdir -p "$OUT"
 
@@ -44,7 +50,7 @@ status=0
 wait "$CHAOS_PID" || status=$?
 CHAOS_PID=""
 if [ -s "$OUT/soak.csv" ]; then
-  python3 "$ROOT/bench/soak/plot.py" "$OUT/soak.csv" "$OUT/soak.png" "meridian soak, ${DURATION}s, $PROFILE build"
+  "$PY" "$ROOT/bench/soak/plot.py" "$OUT/soak.csv" "$OUT/soak.png" "meridian soak, ${DURATION}s, $PROFILE build"
   echo "soak: CSV $OUT/soak.csv, plot $OUT/soak.png"
 fi
 exit "$status"

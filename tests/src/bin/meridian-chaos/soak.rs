@@ -162,7 +162,9 @@ pub struct Rig {
     pub target: Arc<Target>,
 }
 
-pub async fn start_rig(dir: &Path) -> anyhow::Result<Rig> {
+/// Starts the origin, the edge and meridian-dns; scratch files in `dir`,
+/// server logs in `logs`.
+pub async fn start_rig(dir: &Path, logs: &Path) -> anyhow::Result<Rig> {
     let edge_bin = bin_from_env("MERIDIAN_EDGE_BIN")?;
     let dns_bin = bin_from_env("MERIDIAN_DNS_BIN")?;
     let plugin = repo_root().join("wasm-plugins/dist/headers.wasm");
@@ -179,8 +181,11 @@ pub async fn start_rig(dir: &Path) -> anyhow::Result<Rig> {
         &cfg,
         edge_config(dir, &origin.url(), &leaf.cert, &leaf.key, &plugin),
     )?;
-    let edge = start_edge(&edge_bin, &cfg, &dir.join("edge.log"))?;
-    let dns = start_dns(&dns_bin, &dns_config(dir, &[])?, &dir.join("dns.log"))?;
+    let (edge_log, dns_log) = (logs.join("edge.log"), logs.join("dns.log"));
+    let _ = std::fs::remove_file(&edge_log);
+    let _ = std::fs::remove_file(&dns_log);
+    let edge = start_edge(&edge_bin, &cfg, &edge_log)?;
+    let dns = start_dns(&dns_bin, &dns_config(dir, &[])?, &dns_log)?;
     let tls = Tls {
         roots: Arc::new(ca.roots()?),
         sni: "localhost".into(),
@@ -348,7 +353,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         "--duration must be at least 60 s"
     );
     let work = meridian_e2e::certs::TempDir::new("soak")?;
-    let rig = start_rig(work.path()).await?;
+    let rig = start_rig(work.path(), &out).await?;
     let admin = rig.edge.admin()?;
 
     // Fill the hot set, then measure what the box (servers and this client
