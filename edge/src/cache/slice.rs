@@ -52,12 +52,27 @@ fn slice_key(key: &str, i: u64) -> String {
     format!("{key}{SLICE_SEP}{i}")
 }
 
+/// The bytes slice `i` covers, `[i*s, i*s + s - 1]`, its end capped at
+/// `u64::MAX` (a client may ask for the last bytes of a 2^64-byte object).
+/// `i*s` itself is never past a byte a client asked for.
+fn slice_bounds(i: u64, s: u64) -> (u64, u64) {
+    let a = i * s;
+    (a, a.saturating_add(s - 1))
+}
+
+/// Whether an origin's `Content-Range: bytes a-b/…` is slice `i` (the last
+/// slice may be shorter).
+fn is_slice(a: u64, b: u64, i: u64, s: u64) -> bool {
+    a == i * s && b >= a && b - a < s
+}
+
 fn etag(h: &HeaderMap) -> Option<&HeaderValue> {
     h.get(header::ETAG)
 }
 
-/// Parses `bytes a-b/total`.
-pub(crate) fn content_range(h: &HeaderMap) -> Option<(u64, u64, u64)> {
+/// Parses `bytes a-b/total`. Public for the fuzz targets (`fuzz/`).
+#[doc(hidden)]
+pub fn content_range(h: &HeaderMap) -> Option<(u64, u64, u64)> {
     let v = h
         .get(header::CONTENT_RANGE)?
         .to_str()
@@ -154,7 +169,8 @@ async fn get_slice(
     let s = sp.slice_size;
     let mut slice_up = up.clone();
     super::http::whole_representation(&mut slice_up.parts.headers, false);
-    let range = format!("bytes={}-{}", i * s, i * s + s - 1);
+    let (first_byte, last_byte) = slice_bounds(i, s);
+    let range = format!("bytes={first_byte}-{last_byte}");
     if let Ok(v) = HeaderValue::from_str(&range) {
         slice_up.parts.headers.insert(header::RANGE, v);
     }
@@ -180,7 +196,7 @@ async fn get_slice(
             "slice without Content-Range",
         ));
     };
-    if a != i * s || b < a || b - a + 1 > s {
+    if !is_slice(a, b, i, s) {
         return Err(ProxyError::upstream(
             ErrorKind::UpstreamProtocol,
             "slice range mismatch",
@@ -394,7 +410,7 @@ pub(crate) async fn serve(
                 }
             };
             let from = a.max(i * s) - i * s;
-            let to = (b + 1).min(i * s + sl.bytes.len() as u64) - i * s;
+            let to = (b + 1).min((i * s).saturating_add(sl.bytes.len() as u64)) - i * s;
             if from < to
                 && tx
                     .send(Ok(sl.bytes.slice(from as usize..to as usize)))
@@ -432,5 +448,23 @@ mod tests {
         );
         assert_eq!(content_range(&h), None);
         assert_eq!(slice_key("k", 3), "k\u{2}3");
+    }
+
+    /// Found writing `fuzz/fuzz_targets/slice.rs`: `Range: bytes=18446744073709551615-`
+    /// from a client made the slice's end overflow (a panic with overflow
+    /// checks, a wrapped Range to the origin without), and an origin's
+    /// `Content-Range: bytes 0-18446744073709551615/…` overflowed its length.
+    #[test]
+    fn slice_arithmetic_at_the_end_of_u64() {
+        let s = 100;
+        let last = u64::MAX / s;
+        assert_eq!(slice_bounds(last, s), (last * s, u64::MAX));
+        assert_eq!(slice_bounds(2, s), (200, 299));
+        assert!(!is_slice(0, u64::MAX, 0, s));
+        assert!(is_slice(0, 99, 0, s));
+        assert!(is_slice(100, 149, 1, s));
+        assert!(!is_slice(100, 200, 1, s));
+        assert!(!is_slice(100, 99, 1, s));
+        assert!(is_slice(last * s, u64::MAX, last, s));
     }
 }

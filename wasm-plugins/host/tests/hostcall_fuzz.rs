@@ -4,7 +4,8 @@
 //! (see `hostcalls_guest`): whatever the guest does, the host must not
 //! panic, must keep its accounting, and must keep serving.
 //!
-//! The same guest drives the cargo-fuzz target `fuzz/fuzz_targets/hostcalls.rs`.
+//! The same guest drives the fuzz target `fuzz/fuzz_targets/wasm_hostcalls.rs`
+//! (at the repository's root; docs/fuzzing.md).
 
 mod hostcalls_guest;
 

@@ -731,6 +731,25 @@ impl Inner {
 }
 
 impl PurgeIndex {
+    /// Replays a log image (magic included) as [`Self::open`] does, into an index that is not
+    /// persisted; returns it, the length of the valid prefix, and the image a compaction would
+    /// write. For the fuzz targets (`storage::fuzzing`).
+    pub(super) fn replay_image(buf: &[u8]) -> Option<(Self, usize, Vec<u8>)> {
+        if !buf.starts_with(LOG_MAGIC) {
+            return None;
+        }
+        let mut state = State::default();
+        let valid = state.replay(buf);
+        let snapshot = state.snapshot();
+        let index = Self {
+            inner: Arc::new(Inner {
+                state: RwLock::new(state),
+                log: None,
+            }),
+        };
+        Some((index, valid, snapshot))
+    }
+
     /// An index that is not persisted (memory-only storage).
     pub fn in_memory() -> Self {
         Self {
@@ -1065,5 +1084,42 @@ impl PurgeIndex {
                 }
             }
         }))
+    }
+}
+
+#[cfg(test)]
+mod fuzz_regressions {
+    use super::*;
+
+    /// Found writing `fuzz/fuzz_targets/index_replay.rs`: a record whose payload has bytes past its
+    /// fields was applied to memory and then cut off the log, so memory and the kept log
+    /// disagreed: here a removal that the next restart would undo.
+    #[test]
+    fn a_record_with_trailing_bytes_is_not_applied() {
+        let key = "https://a.test/x";
+        let mut image = LOG_MAGIC.to_vec();
+        let entry = IndexEntry {
+            host: Arc::from("a.test"),
+            tags: Box::new([]),
+            generation: 1,
+            chunks: 0,
+        };
+        encode_insert(&mut image, key, &entry);
+        let kept = image.len();
+        let mut p = vec![OP_REMOVE];
+        p.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        p.extend_from_slice(key.as_bytes());
+        p.push(0);
+        push_record(&mut image, &p);
+        let mut st = State::default();
+        assert_eq!(
+            st.replay(&image),
+            kept,
+            "the log is cut before the bad record"
+        );
+        assert!(
+            st.entries.contains_key(key),
+            "the cut record was applied to memory"
+        );
     }
 }

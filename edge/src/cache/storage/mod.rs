@@ -33,6 +33,8 @@
 
 mod codec;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod index;
 mod writer;
 

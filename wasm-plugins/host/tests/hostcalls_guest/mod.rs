@@ -1,6 +1,6 @@
 //! A guest that runs programs of random hostcalls, for the hostcall fuzz
 //! tests: `tests/hostcall_fuzz.rs` (proptest, part of `cargo test`) and the
-//! cargo-fuzz target `fuzz/fuzz_targets/hostcalls.rs`.
+//! libFuzzer target `fuzz/fuzz_targets/wasm_hostcalls.rs` at the repository's root.
 //!
 //! A program is a sequence of 44-byte records: a little-endian `u32`
 //! opcode and ten `i32` arguments. Opcodes below [`IMPORTS`]`.len()` call
