@@ -35,6 +35,10 @@ pub struct Config {
     /// The admin API: where it listens and who may use it.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// TSIG keys, referred to by name from `[zones.transfer]` and
+    /// `[[zones.notify]]`.
+    #[serde(default)]
+    pub tsig_keys: Vec<TsigKeyConfig>,
 }
 
 /// `[admin]`: the same contract as the edge's admin.
@@ -59,6 +63,52 @@ pub struct AdminConfig {
     /// Read the read-only token from this file.
     #[serde(default)]
     pub read_token_file: Option<PathBuf>,
+}
+
+/// `[[tsig_keys]]`: a shared secret (RFC 8945).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TsigKeyConfig {
+    /// Key name, e.g. `xfr-key.` (as the secondary names it).
+    pub name: String,
+    /// `hmac-sha256` (default), `hmac-sha384` or `hmac-sha512`.
+    #[serde(default = "default_tsig_algorithm")]
+    pub algorithm: String,
+    /// The secret, base64.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Read the base64 secret from this file instead.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+fn default_tsig_algorithm() -> String {
+    "hmac-sha256".into()
+}
+
+/// `[zones.transfer]`: who may AXFR/IXFR the zone. Default: nobody.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TransferConfig {
+    /// Client networks allowed (`"192.0.2.53"`, `"2001:db8::/32"`). A
+    /// request must come from one of them.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// TSIG key names; when not empty the request must also be signed with
+    /// one of them.
+    #[serde(default)]
+    pub keys: Vec<String>,
+}
+
+/// `[[zones.notify]]`: a secondary told of every change (RFC 1996).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// The secondary's address (UDP).
+    pub address: SocketAddr,
+    /// Sign the NOTIFY with this TSIG key.
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 /// `[server]`
@@ -249,6 +299,12 @@ pub struct ZoneConfig {
     pub origin: String,
     /// RFC 1035 zone file, relative to the config file's directory.
     pub file: PathBuf,
+    /// Zone transfers out (AXFR/IXFR). Default: refused to everyone.
+    #[serde(default)]
+    pub transfer: TransferConfig,
+    /// Secondaries sent a NOTIFY when the zone changes.
+    #[serde(default)]
+    pub notify: Vec<NotifyConfig>,
     /// Sign the zone online (DNSSEC). Default: unsigned.
     #[serde(default)]
     pub dnssec: Option<crate::dnssec::DnssecConfig>,

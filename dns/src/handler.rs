@@ -613,6 +613,9 @@ impl RequestHandler for DnsHandler {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
+        if crate::transfer::is_signed(request) {
+            return crate::transfer::respond_signed(&self.shared, request, response_handle).await;
+        }
         let start = Instant::now();
         let rt = self.shared.runtime.load();
         let geo = self.shared.geo.load();

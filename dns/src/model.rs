@@ -39,6 +39,8 @@ pub struct Model {
     pub steered: HashMap<LowerName, Steered>,
     /// Admin API tokens.
     pub admin: crate::admin::AdminAuth,
+    /// Zone transfer and NOTIFY settings, TSIG keys.
+    pub transfer: crate::transfer::Transfers,
     /// Signed zones (DNSSEC), by apex.
     pub dnssec: crate::dnssec::Signers,
 }
@@ -475,6 +477,11 @@ pub fn load(
     for (path, reason) in problems {
         e.at(&path, reason);
     }
+    // [[tsig_keys]], [zones.transfer], [[zones.notify]]
+    let (transfer, problems) = crate::transfer::resolve(&config, &base, files);
+    for (path, reason) in problems {
+        e.at(&path, reason);
+    }
 
     if !e.list.is_empty() {
         return Err(ConfigErrors(e.list));
@@ -487,6 +494,7 @@ pub fn load(
             regions,
             steered,
             admin,
+            transfer,
             dnssec,
         },
         geo,

@@ -152,6 +152,7 @@ pub struct Running {
     opts: RunOptions,
     server: Server<DnsHandler>,
     probes: Vec<JoinHandle<()>>,
+    notifier: crate::notify::Notifier,
     admin_stop: watch::Sender<bool>,
     admin_task: Option<JoinHandle<()>>,
     tcp_tasks: Vec<JoinHandle<()>>,
@@ -227,7 +228,10 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
         )));
     }
     let probes = spawn_probes(&rt.model, &shared);
+    let mut notifier = crate::notify::Notifier::default();
+    notifier.zones_loaded(&rt.model, &shared.metrics);
     Ok(Running {
+        notifier,
         bound: Bound { dns, admin },
         shared,
         opts,
@@ -265,6 +269,9 @@ impl Running {
                 self.probes = spawn_probes(&rt.model, &self.shared);
                 self.shared.runtime.store(Arc::new(rt));
                 self.shared.geo.store(Arc::new(geo));
+                // NOTIFY the secondaries of zones whose serial changed.
+                self.notifier
+                    .zones_loaded(&self.shared.runtime.load().model, &self.shared.metrics);
                 m.reloads
                     .get_or_create(&ReloadLabels {
                         what: "config",

@@ -11,7 +11,8 @@
 //! `meridian_dns_tcp_closed_total{reason}`. hickory's `Server` has no
 //! connection cap (it takes the `TcpListener` and accepts everything), so
 //! this module owns the TCP side: it frames messages and hands queries to
-//! the same [`DnsHandler`] the UDP side uses.
+//! the same [`DnsHandler`] the UDP side uses, and zone transfers to
+//! [`crate::transfer`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -282,6 +283,9 @@ async fn message(
     };
     if request.metadata.message_type == hickory_proto::op::MessageType::Response {
         return Ok(());
+    }
+    if crate::transfer::is_transfer(&request) {
+        return crate::transfer::serve_tcp(&handler.shared, &request, stream, idle).await;
     }
     let collect = Collect::default();
     handler

@@ -271,6 +271,14 @@ impl Zone {
         }
     }
 
+    /// Every stored record (the SOA included), in no particular order
+    /// (zone transfers).
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.nodes
+            .values()
+            .flat_map(|n| n.rrsets.iter().flat_map(|(_, rs)| rs.iter()))
+    }
+
     /// Does `name` exist (own records, or be an empty non-terminal)?
     pub fn exists(&self, name: &LowerName) -> bool {
         self.nodes.contains_key(name)

@@ -11,6 +11,7 @@ mod hickory_client;
 mod kdig;
 mod reload;
 mod rrl;
+mod secondary;
 mod steering;
 mod support;
 mod tcp_limits;
