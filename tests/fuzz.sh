@@ -3,7 +3,7 @@
 # the stable toolchain: libfuzzer-sys, with LLVM's coverage passes turned on
 # by stable -C flags (no nightly, no cargo-fuzz). tests/run.sh calls it.
 #
-#   tests/fuzz.sh                 every target, FUZZ_SECONDS each (default 20)
+#   tests/fuzz.sh                 every target, FUZZ_SECONDS each (default 10: CI time, docs/fuzzing.md)
 #   tests/fuzz.sh range slice     only these
 #   FUZZ_SECONDS=600 tests/fuzz.sh h3_request
 #
@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SECONDS_EACH="${FUZZ_SECONDS:-20}"
+SECONDS_EACH="${FUZZ_SECONDS:-10}"
 TRIPLE="$(rustc -vV | sed -n 's/^host: //p')"
 export CARGO_TARGET_DIR="$PWD/fuzz/target"
 # The flags cargo-fuzz passes, minus the sanitizer (-Zsanitizer is nightly-only).

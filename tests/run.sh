@@ -57,3 +57,6 @@ PROFILE=debug bash bench/chaos/run.sh dnsflap --duration 30
 echo "== deployment files"
 bash infra/systemd/verify.sh
 bash infra/validate.sh
+
+echo "== fuzzing: every target of fuzz/ for 10 s, on stable (docs/fuzzing.md)"
+bash tests/fuzz.sh

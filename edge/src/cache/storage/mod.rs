@@ -870,11 +870,11 @@ impl Storage {
     pub async fn remove_purged(&self, key: &str, below: u64) -> Result<bool, StorageError> {
         self.check_open()?;
         let _guard = self.lock_key(key).await;
-        if !self
+        if self
             .inner
             .index
             .raw_generation_of(key)
-            .is_some_and(|g| g < below)
+            .is_none_or(|g| g >= below)
         {
             return Ok(false);
         }
