@@ -44,6 +44,10 @@ enum Command {
         /// Override `log.access_log` ("stdout", "stderr", "off" or a path).
         #[arg(long, value_name = "TARGET")]
         access_log: Option<String>,
+        /// Take the listening sockets of the edge running with the same
+        /// config over its `server.handover_socket` (zero-downtime upgrade).
+        #[arg(long)]
+        takeover: bool,
     },
     /// Validate a config file: exit 0, or 1 with `file:line:col: what is wrong`.
     Check {
@@ -245,9 +249,41 @@ fn print_bound(b: &server::Bound) {
 }
 
 fn run_config(cfg: Config, path: Option<PathBuf>, banner: Option<String>) -> anyhow::Result<()> {
+    run_config_with(cfg, path, banner, false)
+}
+
+fn run_config_with(
+    cfg: Config,
+    path: Option<PathBuf>,
+    banner: Option<String>,
+    takeover: bool,
+) -> anyhow::Result<()> {
+    use meridian_edge::listener::{Inherited, handover};
+    // Sockets from the running edge (an upgrade), or from systemd socket
+    // activation (LISTEN_FDS), if any.
+    let (inherited, old) = if takeover {
+        let p = cfg
+            .server
+            .handover_socket
+            .clone()
+            .context("--takeover needs server.handover_socket in the config")?;
+        let (fds, stream) = handover::take_over(&p, std::time::Duration::from_secs(10))
+            .with_context(|| format!("taking the sockets over {}", p.display()))?;
+        (Inherited::from_fds(fds)?, Some(stream))
+    } else {
+        (
+            Inherited::from_env().context("sockets from LISTEN_FDS")?,
+            None,
+        )
+    };
     init_logging(&cfg.log.level, cfg.log.format);
     let rt = runtime(cfg.server.worker_threads)?;
-    rt.block_on(server::run(cfg, path, |b| {
+    rt.block_on(server::run_with(cfg, path, inherited, |b| {
+        if let Some(s) = &old
+            && let Err(e) = handover::say_ready(s)
+        {
+            eprintln!("meridian-edge: telling the old process that this one serves: {e}");
+        }
         print_bound(b);
         if let Some(text) = &banner {
             println!("{text}");
@@ -315,6 +351,7 @@ fn main() -> ExitCode {
             worker_threads,
             admin,
             access_log,
+            takeover,
         }) => match Config::load(&config) {
             Ok(mut cfg) => {
                 if let Some(n) = worker_threads {
@@ -334,7 +371,7 @@ fn main() -> ExitCode {
                 if let Some(t) = access_log {
                     cfg.log.access_log = t;
                 }
-                run_config(cfg, Some(config), None)
+                run_config_with(cfg, Some(config), None, takeover)
             }
             Err(e) => {
                 eprintln!("{e}");

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use arc_swap::ArcSwap;
@@ -18,8 +18,8 @@ use crate::admin::{self, Admin, Control, Tokens};
 use crate::cache::http::HttpCache;
 use crate::cache::storage::{Storage, StorageConfig};
 use crate::config::{Config, ConfigError, ListenerConfig};
-use crate::listener::bind_tcp;
 use crate::listener::tls::{CertSet, CertStore, TlsError, server_config};
+use crate::listener::{Inherited, bind_tcp};
 use crate::metrics::{Metrics, Outcome};
 use crate::proxy::{Proxy, Runtime};
 
@@ -110,6 +110,8 @@ struct Listening {
     tcp: Arc<TcpListener>,
     /// The QUIC endpoints (UDP sockets), when the listener serves HTTP/3.
     udp: Vec<quinn::Endpoint>,
+    /// The endpoints' sockets (descriptors of the same sockets), to hand over.
+    udp_socks: Vec<std::net::UdpSocket>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     /// The QUIC endpoints' accept loops, when the listener serves HTTP/3.
@@ -143,6 +145,7 @@ struct Prepared {
     bound: SocketAddr,
     tcp: Arc<TcpListener>,
     udp: Vec<quinn::Endpoint>,
+    udp_socks: Vec<std::net::UdpSocket>,
     /// Whether `udp` comes from the running listener (then its server
     /// config is set at the swap) or was bound now.
     udp_reused: bool,
@@ -193,6 +196,9 @@ struct Shared {
     conns: Arc<ConnCounter>,
     slots: Arc<Semaphore>,
     max_conns: AtomicUsize,
+    /// Sockets passed at start (systemd socket activation), taken by the
+    /// listeners that name their addresses.
+    inherited: std::sync::Mutex<Inherited>,
 }
 
 /// Runs the edge until SIGTERM or SIGINT, then drains and returns.
@@ -200,6 +206,18 @@ struct Shared {
 pub async fn run(
     config: Config,
     path: Option<PathBuf>,
+    on_ready: impl FnOnce(&Bound),
+) -> Result<(), ServerError> {
+    run_with(config, path, Inherited::default(), on_ready).await
+}
+
+/// [`run`], with sockets the process was started with (systemd socket
+/// activation): a listener whose address one of them has takes it instead
+/// of binding.
+pub async fn run_with(
+    config: Config,
+    path: Option<PathBuf>,
+    inherited: Inherited,
     on_ready: impl FnOnce(&Bound),
 ) -> Result<(), ServerError> {
     let metrics = Metrics::new();
@@ -216,6 +234,7 @@ pub async fn run(
         conns: Arc::new(ConnCounter::default()),
         slots: Arc::new(Semaphore::new(config.server.max_connections)),
         max_conns: AtomicUsize::new(config.server.max_connections),
+        inherited: std::sync::Mutex::new(inherited),
     });
 
     // Signals first, so a SIGHUP or SIGTERM during start-up is not lost.
@@ -242,9 +261,17 @@ pub async fn run(
     let (control_tx, mut control_rx) = mpsc::channel::<Control>(8);
     let (admin_stop_tx, admin_stop) = watch::channel(false);
     let mut admin_addr = None;
+    // The admin socket's descriptor, to hand over.
+    let mut admin_fd = None;
     if let Some(addr) = config.admin.listen {
-        let l = bind_tcp(addr, false, 128).map_err(|source| ServerError::Bind { addr, source })?;
+        let l = match shared.take_tcp(addr) {
+            Some(l) => l,
+            None => {
+                bind_tcp(addr, false, 128).map_err(|source| ServerError::Bind { addr, source })?
+            }
+        };
         admin_addr = l.local_addr().ok();
+        admin_fd = std::os::fd::AsFd::as_fd(&l).try_clone_to_owned().ok();
         let overload_shared = shared.clone();
         let overloaded = Arc::new(move || {
             let rt = overload_shared.proxy.runtime();
@@ -273,7 +300,23 @@ pub async fn run(
         sd_notify::NotifyState::Status("serving"),
     ]);
     spawn_watchdog();
+    let (handover_tx, mut handover_rx) = mpsc::channel::<Handover>(4);
+    if let Some(p) = &config.server.handover_socket {
+        match bind_handover(p) {
+            Ok(l) => {
+                tokio::spawn(serve_handover(l, handover_tx));
+            }
+            Err(e) => {
+                tracing::error!(path = %p.display(), error = %e, "cannot listen on the handover socket: upgrades will not hand over sockets")
+            }
+        }
+    }
     tracing::info!(listeners = listeners.len(), "meridian-edge ready");
+    if let Ok(i) = shared.inherited.lock()
+        && !i.is_empty()
+    {
+        tracing::warn!(unused = ?i.leftover(), "inherited sockets that no listener names");
+    }
 
     let mut cert_tick = tokio::time::interval(
         config
@@ -284,6 +327,7 @@ pub async fn run(
             }),
     );
     cert_tick.tick().await;
+    let mut handed_over = false;
     loop {
         tokio::select! {
             _ = sighup.recv() => {
@@ -304,21 +348,37 @@ pub async fn run(
                     reload_certs(&shared, &rt.config).await;
                 }
             }
+            Some(h) = handover_rx.recv() => match h {
+                Handover::Fds(reply) => {
+                    let _ = reply.send(handover_fds(&listeners, admin_fd.as_ref()));
+                }
+                Handover::Done => {
+                    handed_over = true;
+                    break;
+                }
+            },
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
 
-    // Drain: not ready, stop accepting, let in-flight requests finish.
     let cfg = proxy.runtime().config.clone();
-    proxy.set_draining(true);
     systemd_notify(&[
         sd_notify::NotifyState::Stopping,
         sd_notify::NotifyState::Status("draining"),
     ]);
-    tracing::info!(grace = ?cfg.server.graceful_timeout.get(), "draining: /readyz now answers 503");
-    if !cfg.server.drain_delay.get().is_zero() {
-        tokio::time::sleep(cfg.server.drain_delay.get()).await;
+    if handed_over {
+        // The new process serves on the same sockets: stop accepting at
+        // once (admin too), readiness untouched, and finish what is in flight.
+        let _ = admin_stop_tx.send(true);
+        tracing::info!(grace = ?cfg.server.graceful_timeout.get(), "sockets handed over: draining");
+    } else {
+        // Drain: not ready, stop accepting, let in-flight requests finish.
+        proxy.set_draining(true);
+        tracing::info!(grace = ?cfg.server.graceful_timeout.get(), "draining: /readyz now answers 503");
+        if !cfg.server.drain_delay.get().is_zero() {
+            tokio::time::sleep(cfg.server.drain_delay.get()).await;
+        }
     }
     for l in listeners.drain(..) {
         l.close().await;
@@ -343,6 +403,96 @@ pub async fn run(
         tracing::warn!(error = %e, "closing the cache storage failed");
     }
     Ok(())
+}
+
+/// Between the handover socket's task and the control loop.
+enum Handover {
+    /// A new process asks: the descriptors of every listening socket.
+    Fds(oneshot::Sender<Vec<std::os::fd::OwnedFd>>),
+    /// The new process serves: stop accepting and drain.
+    Done,
+}
+
+/// Descriptors (duplicates) of every listening socket: each listener's TCP
+/// socket and QUIC UDP sockets, and the admin socket.
+fn handover_fds(
+    listeners: &[Listening],
+    admin: Option<&std::os::fd::OwnedFd>,
+) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    let mut out = Vec::new();
+    for l in listeners {
+        out.extend(l.tcp.as_fd().try_clone_to_owned());
+        for u in &l.udp_socks {
+            out.extend(u.as_fd().try_clone_to_owned());
+        }
+    }
+    out.extend(admin.and_then(|a| a.try_clone().ok()));
+    out
+}
+
+/// Listens on the handover socket, readable and writable by this user only.
+fn bind_handover(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// How long a new process may take from receiving the sockets to serving.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(300);
+
+/// Hands the sockets to each process that connects, one at a time, and
+/// tells the control loop once one of them serves.
+async fn serve_handover(listener: tokio::net::UnixListener, control: mpsc::Sender<Handover>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "handover accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        if control.send(Handover::Fds(tx)).await.is_err() {
+            return;
+        }
+        let Ok(fds) = rx.await else { return };
+        let n = fds.len();
+        let std = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "handover: bad stream");
+                continue;
+            }
+        };
+        let r = tokio::task::spawn_blocking(move || {
+            std.set_nonblocking(false)?;
+            std.set_write_timeout(Some(Duration::from_secs(10)))?;
+            crate::listener::handover::send_fds(&std, &fds)?;
+            drop(fds);
+            Ok::<_, std::io::Error>(crate::listener::handover::wait_ready(&std, TAKEOVER_WAIT))
+        })
+        .await;
+        match r {
+            Ok(Ok(true)) => {
+                tracing::info!(sockets = n, "handover: the new process serves; draining");
+                let _ = control.send(Handover::Done).await;
+                return;
+            }
+            Ok(Ok(false)) => {
+                tracing::warn!("handover: the new process went away before serving; still serving")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "handover failed; still serving"),
+            Err(e) => tracing::warn!(error = %e, "handover task failed; still serving"),
+        }
+    }
 }
 
 /// Opens the cache's storage, if any site caches. The storage settings take
@@ -424,6 +574,19 @@ fn spawn_watchdog() {
     });
 }
 
+impl Shared {
+    fn take_tcp(&self, addr: SocketAddr) -> Option<TcpListener> {
+        self.inherited.lock().ok()?.take_tcp(addr)
+    }
+
+    fn take_udp(&self, addr: SocketAddr) -> Vec<std::net::UdpSocket> {
+        self.inherited
+            .lock()
+            .map(|mut i| i.take_udp(addr))
+            .unwrap_or_default()
+    }
+}
+
 /// Finds the running listener a listener of the new config continues: the
 /// same configured address, or (when the new one names a port) the address
 /// the running one has bound. `taken` marks those already matched.
@@ -447,12 +610,15 @@ fn prepare_listener(
     let (tcp, bound) = match from {
         Some(r) => (r.tcp.clone(), r.bound),
         None => {
-            let t = bind_tcp(l.address, l.reuse_port, l.backlog).map_err(|source| {
-                ServerError::Bind {
-                    addr: l.address,
-                    source,
-                }
-            })?;
+            let t = match shared.take_tcp(l.address) {
+                Some(t) => t,
+                None => bind_tcp(l.address, l.reuse_port, l.backlog).map_err(|source| {
+                    ServerError::Bind {
+                        addr: l.address,
+                        source,
+                    }
+                })?,
+            };
             let bound = t.local_addr().map_err(|source| ServerError::Bind {
                 addr: l.address,
                 source,
@@ -469,19 +635,44 @@ fn prepare_listener(
     } else {
         None
     };
-    let (mut udp, mut udp_reused, mut h3) = (Vec::new(), false, None);
+    let (mut udp, mut udp_socks, mut udp_reused, mut h3) = (Vec::new(), Vec::new(), false, None);
     if l.tls && l.http3 {
         let sc = crate::http3::server_config(shared.certs.clone(), &cfg.http3)
             .map_err(|e| ServerError::Build(e.to_string()))?;
+        let bind_err = |source| ServerError::Bind {
+            addr: bound,
+            source,
+        };
         match from {
             Some(r) if !r.udp.is_empty() => {
                 udp = r.udp.clone();
+                udp_socks = r
+                    .udp_socks
+                    .iter()
+                    .map(std::net::UdpSocket::try_clone)
+                    .collect::<Result<_, _>>()
+                    .map_err(bind_err)?;
                 udp_reused = true;
             }
             _ => {
-                // HTTP/3 on the same address and (bound) port, over UDP.
-                udp = crate::http3::bind(bound, cfg.http3.endpoints, sc.clone())
-                    .map_err(|e| ServerError::Build(e.to_string()))?;
+                // HTTP/3 on the same address and (bound) port, over UDP:
+                // inherited sockets, else new ones.
+                udp_socks = shared.take_udp(bound);
+                if udp_socks.is_empty() {
+                    udp_socks = bind_udp(bound, cfg.http3.endpoints).map_err(|source| {
+                        ServerError::Build(format!("binding UDP {bound}: {source}"))
+                    })?;
+                }
+                for s in &udp_socks {
+                    let ep = quinn::Endpoint::new(
+                        quinn::EndpointConfig::default(),
+                        Some(sc.clone()),
+                        s.try_clone().map_err(bind_err)?,
+                        Arc::new(quinn::TokioRuntime),
+                    )
+                    .map_err(bind_err)?;
+                    udp.push(ep);
+                }
             }
         }
         h3 = Some(sc);
@@ -492,10 +683,29 @@ fn prepare_listener(
         bound,
         tcp,
         udp,
+        udp_socks,
         udp_reused,
         acceptor,
         h3,
     })
+}
+
+/// Binds `n` UDP sockets on `addr` with SO_REUSEPORT (the kernel spreads
+/// clients across them), one per QUIC endpoint.
+fn bind_udp(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut out = Vec::with_capacity(n.max(1));
+    for _ in 0..n.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.bind(&addr.into())?;
+        out.push(socket.into());
+    }
+    Ok(out)
 }
 
 /// Plans every listener of `cfg` against the running ones: keeps those
@@ -540,6 +750,7 @@ fn spawn_listener(p: Prepared, shared: &Arc<Shared>, cfg: &Config) -> Listening 
         bound,
         tcp,
         udp,
+        udp_socks,
         udp_reused,
         acceptor,
         h3,
@@ -632,6 +843,7 @@ fn spawn_listener(p: Prepared, shared: &Arc<Shared>, cfg: &Config) -> Listening 
         bound,
         tcp,
         udp,
+        udp_socks,
         stop,
         task,
         h3_tasks,

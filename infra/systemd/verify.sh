@@ -11,13 +11,13 @@ for b in meridian-edge meridian-dns; do
 done
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-for u in infra/systemd/*.service; do
+for u in infra/systemd/*.service infra/systemd/*.socket; do
   sed "s|/usr/bin/meridian-|$bin_dir/meridian-|g" "$u" > "$tmp/$(basename "$u")"
 done
-out="$(systemd-analyze verify "$tmp"/*.service 2>&1 || true)"
+out="$(systemd-analyze verify "$tmp"/*.service "$tmp"/*.socket 2>&1 || true)"
 if [ -n "$out" ]; then
   echo "systemd-analyze verify found problems:" >&2
   echo "$out" >&2
   exit 1
 fi
-echo "systemd units: ok ($(ls infra/systemd/*.service | wc -l) verified)"
+echo "systemd units: ok ($(ls infra/systemd/*.service infra/systemd/*.socket | wc -l) verified)"

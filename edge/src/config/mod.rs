@@ -84,6 +84,12 @@ pub struct ServerConfig {
     pub overload_connections: usize,
     /// How many unknown-host requests get: 421 (misdirected) or 404.
     pub unknown_host_status: u16,
+    /// A unix socket on which the running edge hands its listening sockets
+    /// (TCP, QUIC UDP, admin) to a new binary started with `run --takeover`
+    /// (the zero-downtime upgrade). Put it in a directory only the edge's
+    /// user can enter: whoever connects gets the sockets. Absent: no handover.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handover_socket: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -97,6 +103,7 @@ impl Default for ServerConfig {
             max_connections: 65536,
             overload_connections: 0,
             unknown_host_status: 421,
+            handover_socket: None,
         }
     }
 }

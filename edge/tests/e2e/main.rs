@@ -7,6 +7,7 @@ mod bad_input;
 mod cache;
 mod conformance;
 mod examples;
+mod handover;
 mod hostile;
 mod http3;
 mod interop;
