@@ -184,7 +184,7 @@ impl Proxy {
                 };
                 if let Some(cs) = &ecs {
                     let mut e = q.edns.take().unwrap_or_else(Edns::new);
-                    e.options_mut().insert(EdnsOption::Subnet(cs.clone()));
+                    e.options_mut().insert(EdnsOption::Subnet(*cs));
                     q.edns = Some(e);
                 }
                 let qtype = q.queries.first().map(|x| x.query_type());
