@@ -244,8 +244,8 @@ impl Tally {
 /// (each request on a new connection) and admin requests, a second edge
 /// started with `run --takeover` receives every listening socket over the
 /// handover socket (SCM_RIGHTS), serves, and the first one drains and
-/// exits 0. No request fails, and the admin API answers on the same port
-/// throughout. The listeners do not set SO_REUSEPORT, so the new process
+/// exits 0. No request fails, and the admin API answers `/readyz` 200 on
+/// the same port throughout. The listeners do not set SO_REUSEPORT, so the new process
 /// can only be serving on those ports through the handed-over sockets.
 #[tokio::test]
 async fn upgrade_hands_every_socket_over_under_h1_h2_h3_load() -> anyhow::Result<()> {
@@ -337,7 +337,7 @@ origins = [{{ url = "{}" }}]
                         }
                         .await
                     }
-                    _ => get_plain(admin, "admin", "/healthz")
+                    _ => get_plain(admin, "admin", "/readyz")
                         .await
                         .map(|r| r.status),
                 };
