@@ -323,7 +323,11 @@ fn delv_validates_nxdomain_and_nodata_proofs() -> Result<()> {
         ("static.demo.meridian.test", "MX", "NODATA"),
         ("www.demo.meridian.test", "TXT", "NODATA at a steered name"),
         ("x.wild.demo.meridian.test", "TXT", "NODATA at a wildcard"),
-        ("_udp.demo.meridian.test", "TXT", "NODATA at an empty non-terminal"),
+        (
+            "_udp.demo.meridian.test",
+            "TXT",
+            "NODATA at an empty non-terminal",
+        ),
         ("demo.meridian.test", "AAAA", "NODATA at the apex"),
     ] {
         let (_, out) = delv(port, &s.anchors, &[name, qtype]);

@@ -625,8 +625,7 @@ pub async fn handle(
     if method == Method::GET && req_headers.contains_key(header::RANGE) && !cache.is_pass(&key) {
         // A stored part of the representation may hold the bytes (RFC 9111 §3.4).
         if variant.is_none()
-            && let Some(resp) =
-                super::partial::serve(cache, sp, &key, &method, &req_headers).await
+            && let Some(resp) = super::partial::serve(cache, sp, &key, &method, &req_headers).await
         {
             return Ok(resp);
         }

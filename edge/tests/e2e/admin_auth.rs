@@ -266,7 +266,10 @@ fn start_logged(config: &std::path::Path, log: &std::path::Path) -> anyhow::Resu
         .args(["run", "--config"])
         .arg(config)
         // Our crates at debug (wasmtime's compiler at debug would drown it).
-        .env("RUST_LOG", "info,meridian_edge=debug,meridian_wasm_host=debug")
+        .env(
+            "RUST_LOG",
+            "info,meridian_edge=debug,meridian_wasm_host=debug",
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log)?)

@@ -337,9 +337,7 @@ origins = [{{ url = "{}" }}]
                         }
                         .await
                     }
-                    _ => get_plain(admin, "admin", "/readyz")
-                        .await
-                        .map(|r| r.status),
+                    _ => get_plain(admin, "admin", "/readyz").await.map(|r| r.status),
                 };
                 t.record(r);
                 if kind == 3 {

@@ -14,8 +14,8 @@ mod interop;
 mod ops;
 mod plugins;
 mod proxy;
-mod quic_claims;
 mod purge_jobs;
+mod quic_claims;
 mod reload;
 
 use std::path::{Path, PathBuf};
