@@ -323,6 +323,29 @@ timeouts = {{ connect = "3s", header = "3s" }}
             .await
         });
     }
+    // The edge's counters every 500 ms, to know the requests of the 10 s
+    // before a phase (the retry budget's window).
+    let series: Arc<crate::load::Mutex<Vec<(Instant, f64, f64)>>> = Arc::default();
+    let sampler = {
+        let series = series.clone();
+        tokio::spawn(async move {
+            while Instant::now() < until + Duration::from_secs(1) {
+                let (r, t) = upstream(admin).await;
+                series.lock().push((Instant::now(), r, t));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let at = |when: Instant| -> (f64, f64) {
+        series
+            .lock()
+            .iter()
+            .rev()
+            .find(|(t, _, _)| *t <= when)
+            .or(series.lock().first())
+            .map(|(_, r, t)| (*r, *t))
+            .unwrap_or((0.0, 0.0))
+    };
     let mut problems = Vec::new();
     for (i, name) in phases.iter().enumerate() {
         let before = upstream(admin).await;
@@ -343,9 +366,14 @@ timeouts = {{ connect = "3s", header = "3s" }}
         tokio::time::sleep(phase).await;
         let after = upstream(admin).await;
         let (reqs, retries) = (after.0 - before.0, after.1 - before.1);
-        let secs = t.elapsed().as_secs_f64();
-        // The budget: 20% of the requests plus 10 a second.
-        let budget = 0.2 * (reqs - retries).max(0.0) + 10.0 * secs;
+        // The budget (retry.budget_ratio 0.2, budget_min_per_sec 10): in
+        // any 10 s, retries <= 20% of the requests + 100. Over a phase:
+        // 20% of the first attempts from 10 s before it to its end, plus
+        // 100 per 10 s window it touches.
+        let earlier = at(t - Duration::from_secs(10));
+        let first_attempts = (after.0 - after.1) - (earlier.0 - earlier.1);
+        let windows = (t.elapsed().as_secs_f64() / 10.0).ceil() + 1.0;
+        let budget = 0.2 * first_attempts.max(0.0) + 100.0 * windows;
         println!(
             "netem: phase {name}: {reqs:.0} upstream requests, {retries:.0} retries (budget {budget:.0})"
         );
@@ -356,6 +384,7 @@ timeouts = {{ connect = "3s", header = "3s" }}
         }
     }
     while set.join_next().await.is_some() {}
+    sampler.abort();
     println!(
         "netem: slowest answer to a miss {} ms (connect timeout 3 s, header timeout 3 s, 2 attempts)",
         slowest_fresh.load(Ordering::Relaxed)
