@@ -45,7 +45,9 @@ echo "== Wasm plugins: SDK and example tests, and the modules in wasm-plugins/di
 wasm-plugins/build
 
 echo "== cargo test"
-cargo test --workspace
+test_log="$(mktemp)"
+trap 'rm -f "$test_log"' EXIT
+cargo test --workspace 2>&1 | tee "$test_log"
 
 echo "== soak (2 minutes) and the chaos scenarios that fit CI's time (docs/soak-chaos.md)"
 # The debug binaries `cargo test` built; kill9, diskfull, netem and plugin
@@ -60,3 +62,8 @@ bash infra/validate.sh
 
 echo "== fuzzing: every target of fuzz/ for 10 s, on stable (docs/fuzzing.md)"
 bash tests/fuzz.sh
+
+# One closing line for the whole suite: the cargo tests' counts (the
+# fuzz targets, soak and chaos scenarios have their own lines above).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "total: %d passed, %d failed\n", p, f }' "$test_log"
