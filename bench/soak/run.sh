@@ -44,7 +44,8 @@ trap cleanup EXIT
 # bounds the whole run (calibration and the last samples included).
 MERIDIAN_EDGE_BIN="$BIN/meridian-edge" MERIDIAN_DNS_BIN="$BIN/meridian-dns" \
   timeout --signal=TERM $((DURATION + CALIBRATE + 180)) \
-  "$BIN/meridian-chaos" soak --duration "$DURATION" --out "$OUT" --load "$LOAD" --calibrate "$CALIBRATE" &
+  "$BIN/meridian-chaos" soak --duration "$DURATION" --out "$OUT" --load "$LOAD" --calibrate "$CALIBRATE" \
+  --rss-limit "${RSS_LIMIT:-5}" &
 CHAOS_PID=$!
 status=0
 wait "$CHAOS_PID" || status=$?

@@ -346,6 +346,10 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let load: f64 = args.get("load", 0.7)?;
     let calibrate = Duration::from_secs(args.get("calibrate", 10u64)?);
     let warmup = Duration::from_secs(args.get("warmup", (duration.as_secs() / 5).max(20))?);
+    // The RSS growth allowed between the first and last quarter, in percent.
+    // 5 (the bound) for real soaks; the 2-minute CI run is mostly
+    // warm-up and passes a looser bound that still catches a gross leak.
+    let rss_limit: f64 = args.get("rss-limit", 5.0)?;
     let out = PathBuf::from(args.str("out").unwrap_or("soak-out"));
     std::fs::create_dir_all(&out)?;
     anyhow::ensure!(
@@ -563,7 +567,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         report,
-        "soak: edge RSS {:.1} MiB -> {:.1} MiB ({rss_growth:+.1}%, limit +5%); dns RSS {:.1} MiB -> {:.1} MiB ({drss_growth:+.1}%)",
+        "soak: edge RSS {:.1} MiB -> {:.1} MiB ({rss_growth:+.1}%, limit +{rss_limit}%); dns RSS {:.1} MiB -> {:.1} MiB ({drss_growth:+.1}%)",
         rss_first / 1024.0,
         rss_last / 1024.0,
         drss_first / 1024.0,
@@ -584,11 +588,13 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         reloads.load(Ordering::Relaxed),
         rows.last().map(|r| r.entries).unwrap_or(f64::NAN)
     );
-    if rss_growth > 5.0 {
-        failures.push(format!("edge RSS grew {rss_growth:.1}% (> 5%)"));
+    if rss_growth > rss_limit {
+        failures.push(format!("edge RSS grew {rss_growth:.1}% (> {rss_limit}%)"));
     }
-    if drss_growth > 5.0 {
-        failures.push(format!("meridian-dns RSS grew {drss_growth:.1}% (> 5%)"));
+    if drss_growth > rss_limit {
+        failures.push(format!(
+            "meridian-dns RSS grew {drss_growth:.1}% (> {rss_limit}%)"
+        ));
     }
     if fd_last > fd_first {
         failures.push(format!(
