@@ -342,7 +342,9 @@ impl Admin {
                 return text(StatusCode::BAD_REQUEST, format!("bad purge request: {e}\n"));
             }
         };
-        let job = match cache.submit_purge(&self.proxy.runtime(), &purge).await {
+        let rt = self.proxy.runtime();
+        let key_of = |url: &str| crate::proxy::key_for_url(&rt, url);
+        let job = match cache.submit_purge(&key_of, &purge).await {
             Ok(j) => j,
             Err(e @ PurgeError::Busy) => {
                 let mut r = text(StatusCode::TOO_MANY_REQUESTS, format!("{e}\n"));

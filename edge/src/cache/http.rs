@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -20,28 +19,24 @@ use tokio::sync::{mpsc, watch};
 
 use super::acl::Cidr;
 use super::policy::{
-    self, CacheStatus, ConditionalResult, FwdReason, KeyOptions, Lookup, PolicyConfig,
-    StoredResponse,
+    self, CacheStatus, ConditionalResult, KeyOptions, PolicyConfig, StoredResponse,
 };
 use super::range::{self, RangeRequest};
 use super::spool::{Backing, Spool};
 use super::storage::{Hit, HitBody, ObjectMeta, ObjectWriter, Storage};
-use crate::accesslog::LogRecord;
 use crate::config::{CacheConfig, SetCookie, SiteCache};
-use crate::error::{ErrorKind, ProxyError};
-use crate::http::body::{RequestBody, ResponseBody};
+use crate::http::body::ResponseBody;
 use crate::metrics::{CacheResult, Metrics, Reason};
-use crate::proxy::{Downstream, Proxy, Runtime, Site, UpstreamRequest};
 
 /// The name in `Cache-Status`.
-const CACHE_NAME: &str = "meridian";
+pub const CACHE_NAME: &str = "meridian";
 /// Separates a URL key from its Vary variant's secondary key.
-const VARIANT_SEP: char = '\u{1}';
+pub(crate) const VARIANT_SEP: char = '\u{1}';
 /// Stored header marking a soft purge: the object's age (seconds) at the purge.
-const SOFT_PURGE: &str = "meridian-soft-purge";
+pub(crate) const SOFT_PURGE: &str = "meridian-soft-purge";
 /// The least memory a fill keeps for its client before it lets go of
 /// bytes that storage holds (see [`super::spool`]).
-const SPOOL_MEMORY: u64 = 4 << 20;
+pub(crate) const SPOOL_MEMORY: u64 = 4 << 20;
 
 /// A site's cache settings, built once per config generation.
 #[derive(Debug)]
@@ -141,13 +136,13 @@ impl std::fmt::Debug for HttpCache {
 }
 
 /// The first request for a key fetches; the others wait for it.
-pub(crate) enum Join {
+pub enum Join {
     Leader(FlightGuard),
     Follower(watch::Receiver<bool>),
 }
 
 /// Held by the request that fetches a key; dropping it wakes the waiters.
-pub(crate) struct FlightGuard {
+pub struct FlightGuard {
     cache: Arc<HttpCache>,
     key: String,
     tx: watch::Sender<bool>,
@@ -182,7 +177,7 @@ impl HttpCache {
         })
     }
 
-    pub(crate) fn join(self: &Arc<Self>, key: &str) -> Join {
+    pub fn join(self: &Arc<Self>, key: &str) -> Join {
         let mut f = self.flights.lock();
         if let Some(rx) = f.get(key) {
             return Join::Follower(rx.clone());
@@ -196,7 +191,7 @@ impl HttpCache {
         })
     }
 
-    fn is_pass(&self, key: &str) -> bool {
+    pub fn is_pass(&self, key: &str) -> bool {
         let mut p = self.pass.lock();
         match p.get(key) {
             Some(until) if *until > Instant::now() => true,
@@ -301,7 +296,7 @@ impl HttpCache {
         })
     }
 
-    pub(crate) fn count(&self, result: &'static str) {
+    pub fn count(&self, result: &'static str) {
         self.metrics
             .cache_requests
             .get_or_create(&CacheResult { result })
@@ -310,7 +305,7 @@ impl HttpCache {
 
     /// Finds the stored object for a request: the URL's entry, or through a
     /// Vary index the variant that matches the request's headers.
-    async fn find(&self, key: &str, req: &HeaderMap) -> Found {
+    pub async fn find(&self, key: &str, req: &HeaderMap) -> Found {
         let head = match self.storage.get(key).await {
             Ok(Some(h)) => h,
             Ok(None) => return Found::Miss { variant: None },
@@ -341,8 +336,13 @@ impl HttpCache {
     }
 
     /// Removes or soft-purges every key that `req` names; the effect is in
-    /// place before this returns.
-    pub async fn purge(&self, rt: &Runtime, req: &PurgeRequest) -> PurgeCounts {
+    /// place before this returns. `key_of` gives an absolute URL's cache key
+    /// (the proxy knows which site's key options apply).
+    pub async fn purge(
+        &self,
+        key_of: &(dyn Fn(&str) -> Option<String> + Sync),
+        req: &PurgeRequest,
+    ) -> PurgeCounts {
         let mut keys: Vec<String> = Vec::new();
         let mut counts = PurgeCounts {
             soft: req.soft,
@@ -350,7 +350,7 @@ impl HttpCache {
         };
         let index = self.storage.index();
         for url in &req.urls {
-            if let Some(k) = key_for_url(rt, url) {
+            if let Some(k) = key_of(url) {
                 let ks = self.keys_of_url(&k);
                 counts.urls += ks.len();
                 keys.extend(ks);
@@ -410,7 +410,7 @@ impl HttpCache {
     }
 }
 
-enum Found {
+pub enum Found {
     Hit { key: String, hit: Hit },
     Miss { variant: Option<String> },
 }
@@ -434,7 +434,7 @@ pub(crate) fn meta_headers(h: &HeaderMap) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn stored_response(meta: &ObjectMeta) -> StoredResponse {
+pub fn stored_response(meta: &ObjectMeta) -> StoredResponse {
     StoredResponse {
         status: StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK),
         headers: headers_of(meta),
@@ -445,7 +445,7 @@ fn stored_response(meta: &ObjectMeta) -> StoredResponse {
 
 /// The response as the policy should judge it: a soft-purged object has been
 /// stale since its purge, with its stale windows and revalidation rules kept.
-fn for_policy(mut stored: StoredResponse) -> StoredResponse {
+pub fn for_policy(mut stored: StoredResponse) -> StoredResponse {
     let Some(age) = stored.headers.remove(SOFT_PURGE) else {
         return stored;
     };
@@ -474,18 +474,6 @@ fn for_policy(mut stored: StoredResponse) -> StoredResponse {
     stored
 }
 
-/// The cache key of an absolute URL, with the options of the site its host routes to.
-pub(crate) fn key_for_url(rt: &Runtime, url: &str) -> Option<String> {
-    let uri: http::Uri = url.parse().ok()?;
-    let host = uri.authority()?.as_str().to_string();
-    let site = rt.router.route(Some(&host)).and_then(|i| rt.sites.get(i));
-    let opts = site
-        .and_then(|s| s.cache.as_ref())
-        .map(|p| p.key.clone())
-        .unwrap_or_default();
-    policy::cache_key_for_uri(&uri, None, "https", &opts).ok()
-}
-
 /// Lower-cases a prefix's scheme and host, as keys are.
 pub(crate) fn normalize_prefix(p: &str) -> String {
     match p.split_once("://") {
@@ -502,522 +490,6 @@ pub(crate) fn normalize_prefix(p: &str) -> String {
     }
 }
 
-/// The cache stage. Called by the pipeline for every request of a site that
-/// caches; answers from the cache, or fetches (and stores) through `proxy`.
-#[allow(clippy::too_many_arguments)]
-pub async fn handle(
-    proxy: &Arc<Proxy>,
-    cache: &Arc<HttpCache>,
-    sp: &Arc<SitePolicy>,
-    rt: &Runtime,
-    site: &Site,
-    ds: &Downstream,
-    up: UpstreamRequest,
-    body: RequestBody,
-    too_large: &Arc<AtomicBool>,
-    rec: &mut LogRecord,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let method = up.parts.method.clone();
-    // The key's scheme is the connection's, never the request target's: a
-    // plaintext client naming `https://` must not reach HTTPS entries. The
-    // host is the target's authority if absolute-form, else Host (the
-    // pipeline made them agree, RFC 9112 §3.2.2).
-    let scheme = if up.tls { "https" } else { "http" };
-    let bad_key = |e: Option<policy::PolicyError>| {
-        let err = ProxyError::downstream(ErrorKind::BadRequest("bad-cache-key"), "cache key");
-        match e {
-            Some(e) => err.with_cause(e),
-            None => err,
-        }
-    };
-    let host = up.host.as_deref().ok_or_else(|| bad_key(None))?;
-    let key = policy::normalize_cache_key(
-        scheme,
-        host,
-        up.parts.uri.path(),
-        up.parts.uri.query(),
-        &sp.key,
-    )
-    .map_err(|e| bad_key(Some(e)))?;
-
-    if method.as_str() == "PURGE" {
-        return purge_method(cache, sp, rt, ds, &key).await;
-    }
-    if method != Method::GET && method != Method::HEAD {
-        return unsafe_method(proxy, cache, site, up, body, too_large, rec, &key, scheme).await;
-    }
-    if sp.slice_size > 0
-        && method == Method::GET
-        && let Some(resp) = super::slice::serve(proxy, cache, sp, site, &up, rec, &key).await?
-    {
-        return Ok(resp);
-    }
-    let req_headers = up.parts.headers.clone();
-    let now = SystemTime::now();
-    let variant;
-    match cache.find(&key, &req_headers).await {
-        Found::Hit { key: obj_key, hit } => {
-            let stored = for_policy(stored_response(&hit.meta));
-            match policy::lookup(&stored, &req_headers, now, &sp.policy) {
-                Lookup::Fresh { ttl_left, .. } => {
-                    cache.count("hit");
-                    let cs = CacheStatus::hit(CACHE_NAME).ttl(ttl_left.as_secs() as i64);
-                    return serve_hit(
-                        cache,
-                        sp,
-                        &obj_key,
-                        &method,
-                        &req_headers,
-                        &stored,
-                        hit,
-                        cs,
-                        now,
-                    );
-                }
-                Lookup::StaleWhileRevalidate { staleness, .. } => {
-                    cache.count("stale-while-revalidate");
-                    spawn_revalidation(proxy, cache, site, &up, &obj_key, &stored);
-                    let cs = CacheStatus::hit(CACHE_NAME)
-                        .ttl(-(staleness.as_secs() as i64))
-                        .detail("stale-while-revalidate");
-                    return serve_hit(
-                        cache,
-                        sp,
-                        &obj_key,
-                        &method,
-                        &req_headers,
-                        &stored,
-                        hit,
-                        cs,
-                        now,
-                    );
-                }
-                Lookup::Stale { .. } | Lookup::MustRevalidate { .. } => {
-                    return revalidate(proxy, cache, sp, site, up, rec, obj_key, stored, hit, now)
-                        .await;
-                }
-                Lookup::GatewayTimeout => {
-                    cache.count("only-if-cached");
-                    return Err(ProxyError::downstream(
-                        ErrorKind::NotCached,
-                        "only-if-cached",
-                    ));
-                }
-            }
-        }
-        Found::Miss { variant: v } => variant = v,
-    }
-    // A miss.
-    if policy::on_miss(&req_headers) == policy::MissAction::GatewayTimeout {
-        cache.count("only-if-cached");
-        return Err(ProxyError::downstream(
-            ErrorKind::NotCached,
-            "only-if-cached",
-        ));
-    }
-    let fwd = if variant.is_some() {
-        FwdReason::VaryMiss
-    } else {
-        FwdReason::UriMiss
-    };
-    // A range on a miss goes to the origin as a range, so the origin never
-    // sends more than was asked; a small object is then filled whole behind it.
-    if method == Method::GET && req_headers.contains_key(header::RANGE) && !cache.is_pass(&key) {
-        // A stored part of the representation may hold the bytes (RFC 9111 §3.4).
-        if variant.is_none()
-            && let Some(resp) = super::partial::serve(cache, sp, &key, &method, &req_headers).await
-        {
-            return Ok(resp);
-        }
-        return range_miss(proxy, cache, sp, site, up, rec, key, variant, fwd).await;
-    }
-    // A request that may not store (its own `no-store`) fetches for itself
-    // alone: it neither leads a fill others would wait on nor marks the URL.
-    let request_no_store = policy::RequestDirectives::from_headers(&req_headers).no_store;
-    if method == Method::HEAD || request_no_store || cache.is_pass(&key) {
-        let (result, detail) = if method == Method::HEAD {
-            ("miss-head", "head")
-        } else if request_no_store {
-            ("pass", "request-no-store")
-        } else {
-            ("pass", "hit-for-pass")
-        };
-        cache.count(result);
-        return pass(
-            proxy,
-            site,
-            up,
-            body,
-            too_large,
-            rec,
-            sp,
-            CacheStatus::forward(CACHE_NAME, fwd).detail(detail),
-        )
-        .await;
-    }
-    // Coalesce concurrent misses for this key.
-    match cache.join(&key) {
-        Join::Leader(guard) => {
-            cache.count("miss");
-            fetch_and_store(proxy, cache, sp, site, up, rec, key, variant, guard, fwd).await
-        }
-        Join::Follower(mut rx) => {
-            cache.metrics.cache_coalesced.inc();
-            let waited = tokio::time::timeout(sp.lock_timeout, async move {
-                rx.wait_for(|done| *done).await.is_ok()
-            })
-            .await;
-            if waited.is_ok()
-                && let Found::Hit { key: obj_key, hit } = cache.find(&key, &req_headers).await
-            {
-                let now = SystemTime::now();
-                let stored = for_policy(stored_response(&hit.meta));
-                if let Lookup::Fresh { ttl_left, .. } =
-                    policy::lookup(&stored, &req_headers, now, &sp.policy)
-                {
-                    cache.count("hit-collapsed");
-                    let cs = CacheStatus::hit(CACHE_NAME)
-                        .ttl(ttl_left.as_secs() as i64)
-                        .collapsed();
-                    return serve_hit(
-                        cache,
-                        sp,
-                        &obj_key,
-                        &method,
-                        &req_headers,
-                        &stored,
-                        hit,
-                        cs,
-                        now,
-                    );
-                }
-            }
-            // Uncacheable, failed, or the lock timed out: to the origin, unstored.
-            cache.count("pass");
-            let detail = if waited.is_err() {
-                "lock-timeout"
-            } else {
-                "uncacheable"
-            };
-            pass(
-                proxy,
-                site,
-                up,
-                body,
-                too_large,
-                rec,
-                sp,
-                CacheStatus::forward(CACHE_NAME, fwd)
-                    .collapsed()
-                    .detail(detail),
-            )
-            .await
-        }
-    }
-}
-
-/// A range request on a miss: forwarded with its `Range`. A 206 goes to the
-/// client as is, and if the whole object is at most `background_fill_max`
-/// a background fill stores it for the next requests; a 200 (an origin that
-/// ignores ranges) is stored like any miss while the client's range is cut
-/// from it, and its fill stops once the client has its bytes, unless the
-/// object is small. Anything else is passed on, and marks nothing.
-#[allow(clippy::too_many_arguments)]
-async fn range_miss(
-    proxy: &Arc<Proxy>,
-    cache: &Arc<HttpCache>,
-    sp: &Arc<SitePolicy>,
-    site: &Site,
-    up: UpstreamRequest,
-    rec: &mut LogRecord,
-    key: String,
-    variant: Option<String>,
-    fwd: FwdReason,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let request_time = SystemTime::now();
-    let no_flag = AtomicBool::new(false);
-    let fetched = proxy
-        .fetch(&site.pool, &up, RequestBody::empty(), &no_flag, rec)
-        .await?;
-    let response_time = SystemTime::now();
-    let status = fetched.resp.status();
-    let cs = CacheStatus::forward(CACHE_NAME, fwd).fwd_status(status);
-    if status == StatusCode::OK {
-        cache.count("miss");
-        let guard = match cache.join(&key) {
-            Join::Leader(g) => Some(g),
-            Join::Follower(_) => None,
-        };
-        let client_headers = up.parts.headers.clone();
-        return store_and_respond(
-            proxy,
-            cache,
-            sp,
-            site,
-            &up,
-            &client_headers,
-            key,
-            variant,
-            fetched,
-            request_time,
-            response_time,
-            guard,
-            cs,
-        )
-        .await;
-    }
-    cache.count("miss-range");
-    if status == StatusCode::PARTIAL_CONTENT
-        && super::slice::content_range(fetched.resp.headers())
-            .is_some_and(|(_, _, total)| total <= sp.background_fill_max)
-        // The request's plugin contexts answer for one response only.
-        && up.plugins.is_none()
-    {
-        spawn_background_fill(proxy, cache, site, &up, key.clone(), variant.clone());
-    }
-    let mut resp = proxy
-        .finish_response(fetched, &site.pool, false, None)
-        .await?;
-    // A 206 with a strong validator is kept, combined with the stored part.
-    if status == StatusCode::PARTIAL_CONTENT && variant.is_none() {
-        resp = super::partial::store_behind(
-            cache,
-            sp,
-            &key,
-            &up.parts.method,
-            &up.parts.headers,
-            request_time,
-            response_time,
-            resp,
-        );
-    }
-    downstream_headers(resp.headers_mut(), sp);
-    if sp.cache_status {
-        cs.detail("range").append_to(resp.headers_mut());
-    }
-    Ok(resp)
-}
-
-/// Fetches the whole object behind a range request, for no client, and
-/// stores it; one per key at a time (it leads the key's flight).
-fn spawn_background_fill(
-    proxy: &Arc<Proxy>,
-    cache: &Arc<HttpCache>,
-    site: &Site,
-    up: &UpstreamRequest,
-    key: String,
-    variant: Option<String>,
-) {
-    let Join::Leader(guard) = cache.join(&key) else {
-        return; // a fill is already running
-    };
-    let Some(sp) = site.cache.clone() else { return };
-    let (proxy, cache) = (proxy.clone(), cache.clone());
-    let site = detached(site);
-    let mut up = up.clone();
-    whole_representation(&mut up.parts.headers, true);
-    tokio::spawn(async move {
-        let rec = &mut LogRecord::background();
-        let request_time = SystemTime::now();
-        let no_flag = AtomicBool::new(false);
-        let Ok(fetched) = proxy
-            .fetch(&site.pool, &up, RequestBody::empty(), &no_flag, rec)
-            .await
-        else {
-            cache.count("background-fill-failed");
-            return;
-        };
-        cache.count("background-fill");
-        let response_time = SystemTime::now();
-        let client_headers = up.parts.headers.clone();
-        let cs = CacheStatus::forward(CACHE_NAME, FwdReason::UriMiss);
-        if let Ok(resp) = store_and_respond(
-            &proxy,
-            &cache,
-            &sp,
-            &site,
-            &up,
-            &client_headers,
-            key,
-            variant,
-            fetched,
-            request_time,
-            response_time,
-            Some(guard),
-            cs,
-        )
-        .await
-        {
-            // Nobody reads this response: drive it to the end so the fill completes.
-            let _ = resp.into_body().collect().await;
-        }
-    });
-}
-
-/// A copy of `site` for work that outlives the request (a background fill
-/// or revalidation): its name, pool and cache policy. Plugin contexts travel
-/// with the upstream request, not the site.
-pub(crate) fn detached(site: &Site) -> Site {
-    Site {
-        name: site.name.clone(),
-        pool: site.pool.clone(),
-        preserve_host: site.preserve_host,
-        cache: site.cache.clone(),
-        plugins: Arc::from(Vec::new()),
-        bytes: site.bytes.clone(),
-    }
-}
-
-/// Forwards without storing; the response still gets the cache's headers.
-#[allow(clippy::too_many_arguments)]
-async fn pass(
-    proxy: &Arc<Proxy>,
-    site: &Site,
-    up: UpstreamRequest,
-    body: RequestBody,
-    too_large: &Arc<AtomicBool>,
-    rec: &mut LogRecord,
-    sp: &SitePolicy,
-    cs: CacheStatus,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let fetched = proxy.fetch(&site.pool, &up, body, too_large, rec).await?;
-    let status = fetched.resp.status();
-    let mut resp = proxy
-        .finish_response(fetched, &site.pool, false, None)
-        .await?;
-    downstream_headers(resp.headers_mut(), sp);
-    if sp.cache_status {
-        cs.fwd_status(status).append_to(resp.headers_mut());
-    }
-    Ok(resp)
-}
-
-/// Unsafe methods go to the origin; a success invalidates the target URI and
-/// its Location / Content-Location (RFC 9111 §4.4).
-#[allow(clippy::too_many_arguments)]
-async fn unsafe_method(
-    proxy: &Arc<Proxy>,
-    cache: &Arc<HttpCache>,
-    site: &Site,
-    up: UpstreamRequest,
-    body: RequestBody,
-    too_large: &Arc<AtomicBool>,
-    rec: &mut LogRecord,
-    key: &str,
-    scheme: &str,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let method = up.parts.method.clone();
-    let target: Option<http::Uri> =
-        format!("{scheme}://{}{}", up.host.as_deref().unwrap_or(""), up.path)
-            .parse()
-            .ok();
-    let request_time = SystemTime::now();
-    let fetched = proxy.fetch(&site.pool, &up, body, too_large, rec).await?;
-    let response_time = SystemTime::now();
-    let status = fetched.resp.status();
-    if let Some(target) = &target
-        && let Ok(targets) =
-            policy::invalidation_targets(&method, status, target, fetched.resp.headers())
-        && !targets.is_empty()
-    {
-        let mut n = 0;
-        for t in targets {
-            let k = if t == *target {
-                Some(key.to_string())
-            } else {
-                policy::cache_key_for_uri(&t, None, scheme, &KeyOptions::default()).ok()
-            };
-            if let Some(k) = k {
-                let ks = cache.keys_of_url(&k);
-                n += cache.storage.remove_lazy(ks).await.unwrap_or(0) as u64;
-            }
-        }
-        cache
-            .metrics
-            .cache_purges
-            .get_or_create(&Reason {
-                reason: "invalidation",
-            })
-            .inc_by(n);
-    }
-    // A POST answer that names itself in Content-Location, with explicit
-    // freshness, may answer later GETs (RFC 9110 §9.3.3).
-    if method == Method::POST
-        && let (Some(target), Some(sp)) = (&target, &site.cache)
-        && policy::post_response_reusable(
-            status,
-            target,
-            fetched.resp.headers(),
-            response_time,
-            &sp.policy,
-        )
-    {
-        let mut as_get = up.clone();
-        as_get.parts.method = Method::GET;
-        let client_headers = up.parts.headers.clone();
-        let cs = CacheStatus::forward(CACHE_NAME, FwdReason::Method).fwd_status(status);
-        return store_and_respond(
-            proxy,
-            cache,
-            sp,
-            site,
-            &as_get,
-            &client_headers,
-            key.to_string(),
-            None,
-            fetched,
-            request_time,
-            response_time,
-            None,
-            cs,
-        )
-        .await;
-    }
-    proxy
-        .finish_response(fetched, &site.pool, false, None)
-        .await
-}
-
-/// The HTTP PURGE method (Varnish/Squid style), from allowed networks only.
-async fn purge_method(
-    cache: &Arc<HttpCache>,
-    sp: &SitePolicy,
-    rt: &Runtime,
-    ds: &Downstream,
-    key: &str,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    if !super::acl::allowed(&sp.purge_allow, ds.client.ip()) {
-        return Err(ProxyError::downstream(ErrorKind::Forbidden, "purge acl"));
-    }
-    let req = PurgeRequest {
-        urls: Vec::new(),
-        ..PurgeRequest::default()
-    };
-    let mut counts = cache.purge(rt, &req).await;
-    // The URL's own key (already normalised by the site's options), variants and slices.
-    let ks = cache.keys_of_url(key);
-    for k in ks {
-        if cache.storage.remove(&k).await.unwrap_or(false) {
-            counts.purged += 1;
-            counts.urls += 1;
-        }
-    }
-    cache
-        .metrics
-        .cache_purges
-        .get_or_create(&Reason { reason: "method" })
-        .inc();
-    let body = serde_json::to_vec(&counts).unwrap_or_default();
-    let mut resp = Response::new(ResponseBody::full(body));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(resp)
-}
-
 /// Headers no client response carries: the targeted cache field consumed here,
 /// and (if configured) the surrogate keys.
 pub(crate) fn downstream_headers(h: &mut HeaderMap, sp: &SitePolicy) {
@@ -1031,20 +503,48 @@ pub(crate) fn downstream_headers(h: &mut HeaderMap, sp: &SitePolicy) {
     }
 }
 
-/// Serves a stored object: 304 for a matching conditional, 206/416 for a
-/// range, else 200; with Age and Cache-Status.
-#[allow(clippy::too_many_arguments)]
+/// A stored object as a request holds it: its key (the URL's or its Vary
+/// variant's), the response as the policy judges it, and its body.
+pub struct StoredObject {
+    pub key: String,
+    pub stored: StoredResponse,
+    pub hit: Hit,
+}
+
+/// What the cache answers: the client's method and request headers.
+#[derive(Clone, Copy)]
+pub struct ClientRequest<'a> {
+    pub method: &'a Method,
+    pub headers: &'a HeaderMap,
+}
+
+impl HttpCache {
+    /// Serves a stored object: 304 for a matching conditional, 206/416 for
+    /// a range, else 200; with Age and Cache-Status.
+    pub fn serve_hit(
+        &self,
+        sp: &SitePolicy,
+        client: ClientRequest<'_>,
+        obj: StoredObject,
+        cs: CacheStatus,
+        now: SystemTime,
+    ) -> Response<ResponseBody> {
+        serve_hit(self, sp, client, obj, cs, now)
+    }
+}
+
 fn serve_hit(
     cache: &HttpCache,
     sp: &SitePolicy,
-    key: &str,
-    method: &Method,
-    req: &HeaderMap,
-    stored: &StoredResponse,
-    hit: Hit,
+    client: ClientRequest<'_>,
+    obj: StoredObject,
     cs: CacheStatus,
     now: SystemTime,
-) -> Result<Response<ResponseBody>, ProxyError> {
+) -> Response<ResponseBody> {
+    let (method, req) = (client.method, client.headers);
+    let StoredObject { key, stored, hit } = obj;
+    let stored = &stored;
+    let key = key.as_str();
     let age = policy::age_header_value(stored, now);
     let finish = |mut resp: Response<ResponseBody>| {
         resp.headers_mut().insert(header::AGE, age.clone());
@@ -1060,7 +560,7 @@ fn serve_hit(
         let mut resp = Response::new(ResponseBody::empty());
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         *resp.headers_mut() = policy::not_modified_response_headers(&stored.headers);
-        return Ok(finish(resp));
+        return finish(resp);
     }
     let len = hit.meta.body_len;
     let mut headers = stored.headers.clone();
@@ -1084,7 +584,7 @@ fn serve_hit(
                     .insert(header::CONTENT_RANGE, range::unsatisfied(len));
                 resp.headers_mut()
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-                return Ok(finish(resp));
+                return finish(resp);
             }
             RangeRequest::Single(a, b) => {
                 status = StatusCode::PARTIAL_CONTENT;
@@ -1155,7 +655,7 @@ fn serve_hit(
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
-    Ok(finish(resp))
+    finish(resp)
 }
 
 /// Streams `span` of a chunked object from storage, one chunk at a time.
@@ -1208,91 +708,61 @@ fn spawn_chunk_reader(
     });
 }
 
-/// Whether a storable response is worth storing: it can be fresh, served
-/// stale, or revalidated.
-pub(crate) fn worth_storing(
-    status: StatusCode,
-    h: &HeaderMap,
-    now: SystemTime,
-    sp: &SitePolicy,
-) -> bool {
-    let f = policy::freshness_lifetime(status, h, now, &sp.policy);
-    let d = policy::effective_response_directives(h).directives;
-    !f.lifetime.is_zero()
-        || h.contains_key(header::ETAG)
-        || h.contains_key(header::LAST_MODIFIED)
-        || d.stale_while_revalidate.is_some()
-        || d.stale_if_error.is_some()
-        || sp.policy.default_stale_if_error.is_some()
+/// Where and how an origin response is stored.
+pub struct StoreTarget {
+    /// The URL's key; the object's key adds the Vary variant, if any.
+    pub key: String,
+    pub variant: Option<String>,
+    pub request_time: SystemTime,
+    pub response_time: SystemTime,
+    /// The flight this fill leads, released when it is stored or will not be.
+    pub guard: Option<FlightGuard>,
+    /// The `Cache-Status` the client gets.
+    pub cs: CacheStatus,
 }
 
-/// The leader of a miss: fetches, and if the response may be stored, streams
-/// it to the client while a task writes it to storage.
-#[allow(clippy::too_many_arguments)]
-async fn fetch_and_store(
-    proxy: &Arc<Proxy>,
+/// The request a response answered: the method and headers sent to the
+/// origin (storability), and the client's own headers (its Vary variant,
+/// conditionals and range).
+#[derive(Clone, Copy)]
+pub struct Answered<'a> {
+    pub method: &'a Method,
+    pub origin: &'a HeaderMap,
+    pub client: &'a HeaderMap,
+}
+
+impl HttpCache {
+    /// Decides whether the origin's response `resp` is stored; streams it
+    /// to the client either way, answering the client's conditionals and
+    /// range from it.
+    pub fn store_and_respond(
+        self: &Arc<Self>,
+        sp: &SitePolicy,
+        req: Answered<'_>,
+        target: StoreTarget,
+        resp: Response<ResponseBody>,
+    ) -> Response<ResponseBody> {
+        store_and_respond(self, sp, req, target, resp)
+    }
+}
+
+fn store_and_respond(
     cache: &Arc<HttpCache>,
-    sp: &Arc<SitePolicy>,
-    site: &Site,
-    mut up: UpstreamRequest,
-    rec: &mut LogRecord,
-    key: String,
-    variant: Option<String>,
-    guard: FlightGuard,
-    fwd: FwdReason,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let client_headers = up.parts.headers.clone();
-    // Fetch the whole representation, unconditionally: the cache stores it and
-    // answers the client's own conditionals and ranges from it.
-    whole_representation(&mut up.parts.headers, true);
-    let request_time = SystemTime::now();
-    let no_flag = AtomicBool::new(false);
-    let fetched = proxy
-        .fetch(&site.pool, &up, RequestBody::empty(), &no_flag, rec)
-        .await?;
-    let response_time = SystemTime::now();
-    let cs = CacheStatus::forward(CACHE_NAME, fwd).fwd_status(fetched.resp.status());
-    store_and_respond(
-        proxy,
-        cache,
-        sp,
-        site,
-        &up,
-        &client_headers,
+    sp: &SitePolicy,
+    req: Answered<'_>,
+    target: StoreTarget,
+    resp: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    let StoreTarget {
         key,
         variant,
-        fetched,
         request_time,
         response_time,
-        Some(guard),
+        guard,
         cs,
-    )
-    .await
-}
-
-/// Decides whether `fetched` is stored; streams it to the client either way.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn store_and_respond(
-    proxy: &Arc<Proxy>,
-    cache: &Arc<HttpCache>,
-    sp: &Arc<SitePolicy>,
-    site: &Site,
-    up: &UpstreamRequest,
-    client_headers: &HeaderMap,
-    key: String,
-    variant: Option<String>,
-    fetched: crate::proxy::Fetched,
-    request_time: SystemTime,
-    response_time: SystemTime,
-    guard: Option<FlightGuard>,
-    cs: CacheStatus,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let method = up.parts.method.clone();
-    let resp = proxy
-        .finish_response(fetched, &site.pool, false, None)
-        .await?;
+    } = target;
+    let (method, client_headers) = (req.method, req.client);
     let (mut parts, body) = resp.into_parts();
-    let storable = policy::storability(&method, &up.parts.headers, parts.status, &parts.headers);
     let max = cache.storage.max_object_size();
     let declared = parts
         .headers
@@ -1300,22 +770,23 @@ pub(crate) async fn store_and_respond(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let vary = policy::vary_spec(&parts.headers);
-    let sets_cookie = parts.headers.contains_key(header::SET_COOKIE);
-    // Why it is not stored, if it is not; the response's reasons come last.
-    let not_stored = match storable {
-        policy::Storability::NotStorable(r) => Some((r.as_str(), !r.from_request())),
-        _ if sets_cookie && sp.set_cookie == SetCookie::Pass => Some(("set-cookie", true)),
-        _ if !worth_storing(parts.status, &parts.headers, response_time, sp) => {
-            Some(("not-worth-storing", true))
-        }
-        _ if declared.is_some_and(|l| l > max) => Some(("too-large", true)),
-        _ if matches!(vary, policy::VarySpec::Star) => Some(("vary-star", true)),
-        _ => None,
-    };
-    if let Some((reason, by_response)) = not_stored {
+    let decision = super::machine::store_decision(
+        method,
+        req.origin,
+        parts.status,
+        &parts.headers,
+        response_time,
+        max,
+        sp,
+    );
+    if let super::machine::StoreDecision::DontStore {
+        reason,
+        hit_for_pass,
+    } = decision
+    {
         // Remember, so later requests for it are not serialized behind a
         // fetch; but only what the response says applies to other clients.
-        if by_response {
+        if hit_for_pass {
             cache.mark_pass(&key, sp.hit_for_pass);
         }
         cache.count("uncacheable");
@@ -1324,7 +795,7 @@ pub(crate) async fn store_and_respond(
         if sp.cache_status {
             cs.detail(reason).append_to(&mut parts.headers);
         }
-        return Ok(Response::from_parts(parts, body));
+        return Response::from_parts(parts, body);
     }
     // What is stored: the response head as received, minus what must not be.
     let mut stored_headers = parts.headers.clone();
@@ -1395,7 +866,7 @@ pub(crate) async fn store_and_respond(
     let now = SystemTime::now();
     downstream_headers(&mut parts.headers, sp);
     let cs = cs.stored();
-    if policy::evaluate_client_conditionals(&method, client_headers, &stored, now)
+    if policy::evaluate_client_conditionals(method, client_headers, &stored, now)
         == ConditionalResult::NotModified
     {
         // The fill goes on in the background.
@@ -1407,7 +878,7 @@ pub(crate) async fn store_and_respond(
         let mut resp = Response::new(ResponseBody::empty());
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         *resp.headers_mut() = h;
-        return Ok(resp);
+        return resp;
     }
     let mut body = client_body;
     if let (Some(r), Some(len)) = (client_headers.get(header::RANGE), declared)
@@ -1442,7 +913,7 @@ pub(crate) async fn store_and_respond(
     if sp.cache_status {
         cs.append_to(&mut parts.headers);
     }
-    Ok(Response::from_parts(parts, body))
+    Response::from_parts(parts, body)
 }
 
 /// What a fill task needs besides the body, its writer and its spool.
@@ -1570,166 +1041,6 @@ fn body_is_complete(meta: &ObjectMeta, len: u64) -> bool {
         .is_none_or(|declared| declared == len)
 }
 
-/// A stale object must be revalidated before use: a conditional request;
-/// 304 freshens it, a new response replaces it, an error may serve it stale.
-#[allow(clippy::too_many_arguments)]
-async fn revalidate(
-    proxy: &Arc<Proxy>,
-    cache: &Arc<HttpCache>,
-    sp: &Arc<SitePolicy>,
-    site: &Site,
-    mut up: UpstreamRequest,
-    rec: &mut LogRecord,
-    obj_key: String,
-    stored: StoredResponse,
-    hit: Hit,
-    now: SystemTime,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let client_headers = up.parts.headers.clone();
-    let method = up.parts.method.clone();
-    // Revalidations coalesce like misses: one conditional request per stale
-    // object, whatever the number of clients (and with a background one).
-    let guard = match cache.join(&revalidation_flight(&obj_key)) {
-        Join::Leader(g) => Some(g),
-        Join::Follower(mut rx) => {
-            cache.metrics.cache_coalesced.inc();
-            let waited = tokio::time::timeout(sp.lock_timeout, async move {
-                rx.wait_for(|done| *done).await.is_ok()
-            })
-            .await;
-            let (url_key, _) = split_variant(&obj_key);
-            if waited.is_ok()
-                && let Found::Hit { key: k, hit: h } = cache.find(&url_key, &client_headers).await
-            {
-                let now = SystemTime::now();
-                let fresh = for_policy(stored_response(&h.meta));
-                if let Lookup::Fresh { ttl_left, .. } =
-                    policy::lookup(&fresh, &client_headers, now, &sp.policy)
-                {
-                    cache.count("revalidated-collapsed");
-                    let cs = CacheStatus::hit(CACHE_NAME)
-                        .ttl(ttl_left.as_secs() as i64)
-                        .collapsed();
-                    return serve_hit(cache, sp, &k, &method, &client_headers, &fresh, h, cs, now);
-                }
-            }
-            // Still stale (the origin failed, or the wait timed out): ask
-            // the origin ourselves.
-            None
-        }
-    };
-    up.parts.headers = policy::revalidation_request_headers(&client_headers, &stored.headers);
-    if method == Method::HEAD {
-        up.parts.method = Method::GET;
-    }
-    let request_time = SystemTime::now();
-    let no_flag = AtomicBool::new(false);
-    let stale_on = |failure| {
-        policy::may_serve_stale_on_error(&stored, &client_headers, failure, now, &sp.policy)
-    };
-    let fetched = match proxy
-        .fetch(&site.pool, &up, RequestBody::empty(), &no_flag, rec)
-        .await
-    {
-        Ok(f) => f,
-        Err(e) => {
-            let failure = match e.kind {
-                ErrorKind::ConnectTimeout | ErrorKind::HeaderTimeout => {
-                    policy::UpstreamFailure::Timeout
-                }
-                _ => policy::UpstreamFailure::Connect,
-            };
-            if stale_on(failure) {
-                cache.count("stale-if-error");
-                let cs = CacheStatus::hit(CACHE_NAME).detail("stale-if-error");
-                return serve_hit(
-                    cache,
-                    sp,
-                    &obj_key,
-                    &method,
-                    &client_headers,
-                    &stored,
-                    hit,
-                    cs,
-                    now,
-                );
-            }
-            return Err(e);
-        }
-    };
-    let response_time = SystemTime::now();
-    let status = fetched.resp.status();
-    if status == StatusCode::NOT_MODIFIED {
-        // Freshen the stored object with the 304's headers (RFC 9111 §4.3.4).
-        let not_modified = fetched.resp.headers().clone();
-        drain(fetched).await;
-        let (fresh, meta) = freshened(
-            &hit.meta,
-            &not_modified,
-            sp.set_cookie,
-            request_time,
-            response_time,
-        );
-        let _ = cache.storage.update_meta(&obj_key, meta.clone()).await;
-        cache.count("revalidated");
-        let cs = CacheStatus::forward(CACHE_NAME, FwdReason::Stale).fwd_status(status);
-        let hit = Hit { meta, ..hit };
-        return serve_hit(
-            cache,
-            sp,
-            &obj_key,
-            &method,
-            &client_headers,
-            &fresh,
-            hit,
-            cs,
-            SystemTime::now(),
-        );
-    }
-    if policy::UpstreamFailure::Status(status).is_error()
-        && stale_on(policy::UpstreamFailure::Status(status))
-    {
-        drop(fetched);
-        cache.count("stale-if-error");
-        let cs = CacheStatus::hit(CACHE_NAME)
-            .detail("stale-if-error")
-            .fwd_status(status);
-        return serve_hit(
-            cache,
-            sp,
-            &obj_key,
-            &method,
-            &client_headers,
-            &stored,
-            hit,
-            cs,
-            now,
-        );
-    }
-    // A new representation replaces the stored one.
-    cache.count("stale-replaced");
-    let (key, variant) = split_variant(&obj_key);
-    up.parts.headers = client_headers.clone();
-    up.parts.method = method;
-    let cs = CacheStatus::forward(CACHE_NAME, FwdReason::Stale).fwd_status(status);
-    store_and_respond(
-        proxy,
-        cache,
-        sp,
-        site,
-        &up,
-        &client_headers,
-        key,
-        variant,
-        fetched,
-        request_time,
-        response_time,
-        guard,
-        cs,
-    )
-    .await
-}
-
 /// Removes what makes a request conditional (and, with `range`, partial):
 /// the cache fetches whole representations for itself, and answers the
 /// client's own conditionals and ranges from them.
@@ -1748,13 +1059,8 @@ pub(crate) fn whole_representation(h: &mut HeaderMap, range: bool) {
     }
 }
 
-/// The flight key under which one stale object's revalidations coalesce.
-fn revalidation_flight(obj_key: &str) -> String {
-    format!("revalidate\u{0}{obj_key}")
-}
-
 /// The URL key and, for a Vary variant, the variant key of a stored object.
-fn split_variant(obj_key: &str) -> (String, Option<String>) {
+pub(crate) fn split_variant(obj_key: &str) -> (String, Option<String>) {
     let key = obj_key
         .split(VARIANT_SEP)
         .next()
@@ -1769,7 +1075,7 @@ fn split_variant(obj_key: &str) -> (String, Option<String>) {
 /// A stored object freshened by a 304 (RFC 9111 §4.3.4): the merged
 /// response, and the metadata to store. A soft purge ends here. A 304's
 /// `Set-Cookie` is stored only where a 200's would be.
-fn freshened(
+pub(crate) fn freshened(
     meta: &ObjectMeta,
     not_modified: &HeaderMap,
     set_cookie: SetCookie,
@@ -1788,115 +1094,6 @@ fn freshened(
     meta.request_time = request_time;
     meta.response_time = response_time;
     (fresh, meta)
-}
-
-/// Reads a response body to its end (so its connection can be reused).
-async fn drain(fetched: crate::proxy::Fetched) {
-    let crate::proxy::Fetched {
-        resp,
-        mut pool_return,
-        ..
-    } = fetched;
-    let ok = crate::http::body::drain(resp.into_body(), 1 << 20)
-        .await
-        .is_ok();
-    crate::http::body::OnBodyEnd::finish(&mut pool_return, ok, 0);
-}
-
-/// stale-while-revalidate: exactly one background revalidation per object.
-fn spawn_revalidation(
-    proxy: &Arc<Proxy>,
-    cache: &Arc<HttpCache>,
-    site: &Site,
-    up: &UpstreamRequest,
-    obj_key: &str,
-    stored: &StoredResponse,
-) {
-    let Join::Leader(guard) = cache.join(&revalidation_flight(obj_key)) else {
-        return; // one is already running
-    };
-    let (proxy, cache) = (proxy.clone(), cache.clone());
-    let pool = site.pool.clone();
-    let mut parts = up.parts.clone();
-    parts.method = Method::GET;
-    parts.headers = policy::revalidation_request_headers(&up.parts.headers, &stored.headers);
-    let up = UpstreamRequest {
-        bytes: up.bytes.clone(),
-        parts,
-        host: up.host.clone(),
-        path: up.path.clone(),
-        preserve_host: up.preserve_host,
-        upgrade: false,
-        tls: up.tls,
-        plugins: up.plugins.clone(),
-    };
-    let obj_key = obj_key.to_string();
-    let sp = site.cache.clone();
-    let site = detached(site);
-    tokio::spawn(async move {
-        let _guard = guard;
-        let Some(sp) = sp else { return };
-        let ds_rec = &mut LogRecord::background();
-        let request_time = SystemTime::now();
-        let no_flag = AtomicBool::new(false);
-        let Ok(fetched) = proxy
-            .fetch(&pool, &up, RequestBody::empty(), &no_flag, ds_rec)
-            .await
-        else {
-            cache.count("background-revalidation-failed");
-            return;
-        };
-        let response_time = SystemTime::now();
-        let status = fetched.resp.status();
-        cache
-            .metrics
-            .cache_requests
-            .get_or_create(&CacheResult {
-                result: "background-revalidation",
-            })
-            .inc();
-        if status == StatusCode::NOT_MODIFIED {
-            let not_modified = fetched.resp.headers().clone();
-            drain(fetched).await;
-            if let Ok(Some(hit)) = cache.storage.get(&obj_key).await {
-                let (_, meta) = freshened(
-                    &hit.meta,
-                    &not_modified,
-                    sp.set_cookie,
-                    request_time,
-                    response_time,
-                );
-                let _ = cache.storage.update_meta(&obj_key, meta).await;
-            }
-            return;
-        }
-        if policy::UpstreamFailure::Status(status).is_error() {
-            return; // keep serving what we have
-        }
-        let (key, variant) = split_variant(&obj_key);
-        let client_headers = up.parts.headers.clone();
-        let cs = CacheStatus::forward(CACHE_NAME, FwdReason::Stale);
-        if let Ok(resp) = store_and_respond(
-            &proxy,
-            &cache,
-            &sp,
-            &site,
-            &up,
-            &client_headers,
-            key,
-            variant,
-            fetched,
-            request_time,
-            response_time,
-            None,
-            cs,
-        )
-        .await
-        {
-            // Nobody reads this response: drive it to the end so the fill completes.
-            let _ = resp.into_body().collect().await;
-        }
-    });
 }
 
 #[cfg(test)]

@@ -1,8 +1,12 @@
-//! The HTTP cache: the RFC 9111 policy ([`policy`], pure, no I/O or clocks).
-//! Storage and the pipeline stage plug in beside it.
+//! The HTTP cache: the RFC 9111 policy ([`policy`], pure, no I/O or clocks),
+//! the per-request decisions ([`machine`], pure too), storage on foyer, and
+//! the shared cache state ([`http::HttpCache`]: storage, flights,
+//! hit-for-pass, purges). The proxy drives it (`proxy::cache`); nothing
+//! here imports the proxy.
 
 pub mod acl;
 pub mod http;
+pub mod machine;
 pub(crate) mod partial;
 pub mod policy;
 pub mod purge;

@@ -28,8 +28,9 @@ use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
 use super::http::{
-    HttpCache, SitePolicy, downstream_headers, headers_of, meta_headers, worth_storing,
+    CACHE_NAME, HttpCache, SitePolicy, downstream_headers, headers_of, meta_headers,
 };
+use super::machine::worth_storing;
 use super::policy::{self, CacheStatus, StoredResponse};
 use super::range::{self, RangeRequest};
 use super::storage::{HitBody, ObjectMeta, Tier};
@@ -38,8 +39,6 @@ use crate::http::body::ResponseBody;
 
 /// Separates a URL's key from its stored part's.
 pub(crate) const PART_SEP: char = '\u{3}';
-
-const CACHE_NAME: &str = "meridian";
 
 /// The key a URL's part is stored under.
 pub(crate) fn part_key(key: &str) -> String {
@@ -253,15 +252,13 @@ fn plan(
 /// byte has arrived. The bytes are read at the origin's pace into a small
 /// channel for the client; a client that goes away does not stop the part,
 /// which is small.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn store_behind(
     cache: &Arc<HttpCache>,
     sp: &SitePolicy,
     key: &str,
     req_method: &Method,
     req: &HeaderMap,
-    request_time: SystemTime,
-    response_time: SystemTime,
+    (request_time, response_time): (SystemTime, SystemTime),
     resp: Response<ResponseBody>,
 ) -> Response<ResponseBody> {
     let Some(plan) = plan(

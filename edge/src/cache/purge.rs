@@ -21,10 +21,9 @@ use std::time::{Duration, SystemTime};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
-use super::http::{HttpCache, PurgeRequest, key_for_url, normalize_prefix};
+use super::http::{HttpCache, PurgeRequest, normalize_prefix};
 use super::storage::{MAX_MARK_SELECTORS, PurgeMatch, PurgeSelectors, Storage, StorageError};
 use crate::metrics::{Metrics, Reason};
-use crate::proxy::Runtime;
 
 /// Most jobs waiting behind the running one.
 pub const MAX_QUEUED: usize = 16;
@@ -375,13 +374,13 @@ impl HttpCache {
     /// the purge survives a crash; their removal goes on in the background.
     pub async fn submit_purge(
         &self,
-        rt: &Runtime,
+        key_of: &(dyn Fn(&str) -> Option<String> + Sync),
         req: &PurgeRequest,
     ) -> Result<Arc<Job>, PurgeError> {
         let jobs = &self.purges;
         let mut sel = PurgeSelectors::default();
         for url in &req.urls {
-            if let Some(k) = key_for_url(rt, url) {
+            if let Some(k) = key_of(url) {
                 sel.keys.extend(self.keys_of_url(&k));
             }
         }

@@ -15,9 +15,18 @@
 //! 7. **response_filter**: what every client response gets (after the cache).
 //! 8. **logging**: when the body ends: access log, metrics, pool check-in.
 
+mod cache;
 pub mod headers;
+pub mod modules;
+pub mod phase;
 pub mod router;
+pub mod session;
+mod slice;
 pub mod upstream;
+
+pub(crate) use cache::key_for_url;
+use phase::{Flow, Modules};
+use session::Session;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
@@ -86,6 +95,8 @@ pub struct Site {
     pub cache: Option<Arc<crate::cache::http::SitePolicy>>,
     /// The site's Wasm plugins, run in order in the request phase.
     pub plugins: crate::plugins::Chain,
+    /// The site's modules, in order: the built-in ones and its Wasm chain.
+    pub modules: Modules,
     /// `meridian_site_bytes_total` for this site, resolved once per generation.
     pub bytes: SiteCounters,
 }
@@ -128,6 +139,8 @@ pub struct Runtime {
     pub plugin_host: Option<Arc<meridian_wasm_host::PluginHost>>,
     /// The GeoIP database behind the plugins' `meridian.client.country`.
     pub geoip: Option<Arc<crate::plugins::GeoIp>>,
+    /// The modules that run before routing (early_request_filter, route).
+    pub modules: Modules,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -181,6 +194,22 @@ impl Runtime {
                     .collect::<Result<Vec<_>, _>>()?,
             );
             let name: Arc<str> = Arc::from(sc.hosts.first().map_or("*", String::as_str));
+            let plugins: crate::plugins::Chain = match &plugin_host {
+                Some(h) if !sc.plugins.is_empty() => crate::plugins::load_chain(
+                    h,
+                    sc.hosts.first().map_or("*", String::as_str),
+                    &sc.plugins,
+                )?
+                .into(),
+                _ => Arc::from(Vec::new()),
+            };
+            let mut site_modules: Vec<Arc<dyn phase::HttpModule>> =
+                vec![Arc::new(modules::ProxyHeaders)];
+            if !plugins.is_empty() {
+                site_modules.push(Arc::new(modules::WasmChain {
+                    chain: plugins.clone(),
+                }));
+            }
             sites.push(Site {
                 bytes: SiteCounters::new(metrics, &name),
                 name,
@@ -192,15 +221,8 @@ impl Runtime {
                         &config.cache,
                     ))
                 }),
-                plugins: match &plugin_host {
-                    Some(h) if !sc.plugins.is_empty() => crate::plugins::load_chain(
-                        h,
-                        sc.hosts.first().map_or("*", String::as_str),
-                        &sc.plugins,
-                    )?
-                    .into(),
-                    _ => Arc::from(Vec::new()),
-                },
+                plugins,
+                modules: phase::ordered(site_modules),
             });
         }
         let access_log = AccessLog::open(&config.log.access_log, metrics.clone())
@@ -224,6 +246,7 @@ impl Runtime {
             via: headers::ViaValues::new(&config.server.via),
             plugin_host,
             geoip,
+            modules: phase::ordered(vec![Arc::new(modules::RequestChecks)]),
             tasks,
             config,
         })
@@ -269,6 +292,11 @@ impl Proxy {
         })
     }
 
+    /// The `Alt-Svc` value advertised on a TLS port, if it serves HTTP/3.
+    pub fn alt_svc_for(&self, port: u16) -> Option<HeaderValue> {
+        self.alt_svc.load().get(&port).cloned()
+    }
+
     /// Sets the `Alt-Svc` value advertised on each TLS port.
     pub fn set_alt_svc(&self, by_port: HashMap<u16, HeaderValue>) {
         self.alt_svc.store(Arc::new(by_port));
@@ -290,7 +318,7 @@ impl Proxy {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Runs one request through the pipeline.
+    /// Runs one request through the phases (see `docs/phases.md`).
     pub async fn handle(
         self: &Arc<Self>,
         req: Request<ClientBody>,
@@ -300,50 +328,20 @@ impl Proxy {
         let rt = self.runtime();
         let seq = ds.conn.requests.fetch_add(1, Ordering::AcqRel);
         let inflight = InflightGuard::new(&ds.conn);
-        let mut rec = LogRecord::begin(&req, ds, rt.access_log.enabled());
-        let mut end = ExchangeEnd {
-            proxy: self.clone(),
-            rt: rt.clone(),
-            rec: None,
-            start,
-            proto: ds.proto,
-            site: Arc::from("-"),
-            client_bytes: None,
-            origin: None,
-            plugins: None,
-            _inflight: inflight,
-        };
-        let mut resp = match self.pipeline(req, ds, seq, &rt, &mut end, &mut rec).await {
+        let rec = LogRecord::begin(&req, ds, rt.access_log.enabled());
+        let (parts, body) = req.into_parts();
+        let up = UpstreamRequest::from_client(parts, ds.tls);
+        let mut s = Session::new(self.clone(), rt, ds.clone(), up, rec, (seq, body));
+        let mut resp = match self.pipeline(&mut s).await {
             Ok(r) => r,
-            Err(e) => {
-                rec.error = Some(e.kind.label());
-                self.count_error(&e, &end);
-                if e.kind != ErrorKind::UnknownHost {
-                    tracing::info!(error = %e, client = %ds.client, "request failed");
-                }
-                let unknown = StatusCode::from_u16(rt.config.server.unknown_host_status)
-                    .unwrap_or(StatusCode::MISDIRECTED_REQUEST);
-                e.to_response(unknown)
-            }
+            Err(e) => s.error_response(e),
         };
-        // response_filter: every client response.
-        if let Some(ex) = &end.plugins
-            && crate::plugins::has_phase(ex, crate::plugins::Phase::Deliver)
-        {
-            resp = Box::pin(crate::plugins::response_phase(
-                ex,
-                crate::plugins::Phase::Deliver,
-                resp,
-            ))
-            .await;
-        }
-        let version = resp.version();
-        rt.via.add(resp.headers_mut(), version);
-        if ds.tls
-            && ds.proto != Proto::H3
-            && let Some(v) = self.alt_svc.load().get(&ds.local.port())
-        {
-            resp.headers_mut().insert(header::ALT_SVC, v.clone());
+        // response_filter: every client response, in module order.
+        let modules = s.site_modules();
+        for m in modules.iter() {
+            if let Some(f) = m.response_filter(&s, &mut resp) {
+                f.await;
+            }
         }
         self.metrics
             .request_duration
@@ -351,13 +349,15 @@ impl Proxy {
                 protocol: ds.proto.label(),
             })
             .observe(start.elapsed().as_secs_f64());
-        rec.status = resp.status().as_u16();
-        end.rec = Some(rec);
+        s.rec.status = resp.status().as_u16();
+        let end = s.into_end(start, inflight, modules);
         resp.body_mut().on_end(end);
         resp
     }
 
-    fn count_error(&self, e: &ProxyError, end: &ExchangeEnd) {
+    /// Counts an error in the metric its side calls for: a client's
+    /// malformed request, or an upstream (or internal) failure of `pool`.
+    pub(crate) fn count_error(&self, e: &ProxyError, pool: Option<&Arc<str>>) {
         match e.source {
             crate::error::ErrorSource::Downstream => {
                 if e.kind != ErrorKind::UnknownHost {
@@ -370,10 +370,7 @@ impl Proxy {
                 }
             }
             _ => {
-                let pool = end
-                    .origin
-                    .as_ref()
-                    .map_or_else(|| Arc::from("-"), |(p, _)| p.clone());
+                let pool = pool.cloned().unwrap_or_else(|| Arc::from("-"));
                 self.metrics
                     .upstream_errors
                     .get_or_create(&UpstreamError {
@@ -385,204 +382,95 @@ impl Proxy {
         }
     }
 
+    /// The request phases, then the cache or the origin.
     async fn pipeline(
         self: &Arc<Self>,
-        req: Request<ClientBody>,
-        ds: &Downstream,
-        seq: u64,
-        rt: &Runtime,
-        end: &mut ExchangeEnd,
-        rec: &mut LogRecord,
+        s: &mut Session,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let cfg = &rt.config;
-        // 1. request_filter
-        if ds.proto == Proto::H1
-            && let Some(flag) = ds.conn.take_flag(seq)
-        {
-            return Err(ProxyError::downstream(
-                ErrorKind::BadRequest(flag.reason()),
-                "h1 framing",
-            ));
-        }
-        let (mut parts, mut body) = req.into_parts();
-        if parts.headers.get_all(header::HOST).iter().count() > 1 {
-            return Err(ProxyError::downstream(
-                ErrorKind::BadRequest("duplicate-host"),
-                "host",
-            ));
-        }
-        let host: Option<String> = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            });
-        // An absolute-form target replaces Host (RFC 9112 §3.2.2), so the
-        // router, the plugins, the cache key and the origin all see one host.
-        if ds.proto == Proto::H1
-            && let Some(a) = parts.uri.authority()
-        {
-            match HeaderValue::from_str(a.as_str()) {
-                Ok(v) => {
-                    parts.headers.insert(header::HOST, v);
-                }
-                Err(_) => {
-                    return Err(ProxyError::downstream(
-                        ErrorKind::BadRequest("bad-host"),
-                        "host",
-                    ));
-                }
+        let rt = s.rt.clone();
+        // 1. early_request_filter
+        for m in rt.modules.iter() {
+            if let Flow::Respond(r) = m.early_request_filter(s)? {
+                return Ok(*r);
             }
         }
-        if host.is_none() && parts.version == Version::HTTP_11 {
-            return Err(ProxyError::downstream(
-                ErrorKind::BadRequest("missing-host"),
-                "host",
-            ));
-        }
-        // 0-RTT data can be replayed: only safe methods, marked for the origin (RFC 8470).
-        if ds.early {
-            if !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {
-                return Err(ProxyError::downstream(ErrorKind::TooEarly, "early data"));
-            }
-            parts
-                .headers
-                .insert("early-data", HeaderValue::from_static("1"));
-        }
-        let max_body = cfg.limits.max_body_bytes.get();
-        if max_body > 0
-            && let Some(len) = parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-            && len > max_body
-        {
-            return Err(ProxyError::downstream(
-                ErrorKind::BodyTooLarge,
-                "content-length",
-            ));
-        }
-        // 2. route
+        // 2. route: a module may choose; the router decides otherwise.
         let site_idx = rt
-            .router
-            .route(host.as_deref())
+            .modules
+            .iter()
+            .find_map(|m| m.route(s))
+            .or_else(|| rt.router.route(s.up.host.as_deref()))
             .ok_or_else(|| ProxyError::downstream(ErrorKind::UnknownHost, "route"))?;
-        let site = &rt.sites[site_idx];
-        end.site = site.name.clone();
-        end.client_bytes = Some(site.bytes.client.clone());
-        rec.site = Some(site.name.clone());
-        let pool = site.pool.clone();
-        end.origin = Some((pool.name.clone(), None));
-
-        // Wasm plugins: after routing, before the cache and the origin.
-        let mut exchange = None;
-        if !site.plugins.is_empty() {
-            let scheme = if ds.tls { "https" } else { "http" };
-            let eos = http_body::Body::is_end_stream(&body);
-            let props = Arc::new(crate::plugins::RequestProps::new(
-                ds.client,
-                ds.local,
-                ds.tls,
-                ds.proto.label(),
-                rt.geoip.clone(),
-                (
-                    parts.method.clone(),
-                    parts.uri.clone(),
-                    host.clone().unwrap_or_default(),
-                ),
-            ));
-            let call = |c| self.plugin_http_call(rt, c);
-            // Boxed: its state (with any http_call) stays out of every
-            // request's future, plugins or not.
-            match Box::pin(crate::plugins::run_request(
-                &site.plugins,
-                &mut parts,
-                scheme,
-                eos,
-                &self.metrics,
-                props,
-                rt.config.plugins.instance_wait.get(),
-                call,
-            ))
-            .await
+        s.set_site(site_idx);
+        let site = rt
+            .sites
+            .get(site_idx)
+            .ok_or_else(|| ProxyError::downstream(ErrorKind::UnknownHost, "route"))?;
+        s.rec.site = Some(site.name.clone());
+        s.up.bytes = site.bytes.clone();
+        s.up.preserve_host = site.preserve_host;
+        let modules = site.modules.clone();
+        // 3. request_filter, 4. request_body_filter: the site's modules.
+        for m in modules.iter() {
+            if let Some(f) = m.request_filter(s)
+                && let Flow::Respond(r) = f.await?
             {
-                Ok(ex) => {
-                    end.plugins = Some(ex.clone());
-                    if !eos && crate::plugins::has_request_body_phase(&ex) {
-                        body = match Box::pin(crate::plugins::request_body_phase(
-                            &ex,
-                            &mut parts,
-                            body,
-                            pool.config.timeouts.idle.get(),
-                        ))
-                        .await
-                        {
-                            Ok(b) => b,
-                            Err(resp) => return Ok(resp),
-                        };
-                    }
-                    exchange = Some(ex);
-                }
-                Err(resp) => return Ok(resp),
+                return Ok(*r);
             }
         }
-
-        // 3. upstream_request: what goes to the origin, whatever answers it.
-        let upgrade = ds.proto == Proto::H1 && headers::wants_upgrade(&parts.headers);
-        let client_upgrade = if upgrade {
-            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        for m in modules.iter() {
+            if let Some(f) = m.request_body_filter(s)
+                && let Flow::Respond(r) = f.await?
+            {
+                return Ok(*r);
+            }
+        }
+        // 5. upstream_request_filter: what goes to the origin, whatever
+        // answers it.
+        s.up.upgrade = s.ds.proto == Proto::H1 && headers::wants_upgrade(&s.up.parts.headers);
+        let client_upgrade = if s.up.upgrade {
+            s.up.parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
         } else {
             None
         };
-        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        parts.headers.remove(header::EXPECT);
-        rt.via.add(&mut parts.headers, parts.version);
-        headers::add_forwarded(
-            &mut parts.headers,
-            cfg.server.forwarded,
-            ds.client.ip(),
-            ds.tls,
-            host.as_deref(),
+        for m in modules.iter() {
+            m.upstream_request_filter(s)?;
+        }
+        s.up.path =
+            s.up.parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+        let pool = site.pool.clone();
+        let max_body = rt.config.limits.max_body_bytes.get();
+        let client_body = s.client_body.take().unwrap_or(ClientBody::Empty);
+        s.body = Some(
+            RequestBody::new(client_body, max_body, s.too_large.clone())
+                .with_idle_timeout(pool.config.timeouts.idle.get()),
         );
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let too_large = Arc::new(AtomicBool::new(false));
-        let body = RequestBody::new(body, max_body, too_large.clone())
-            .with_idle_timeout(pool.config.timeouts.idle.get());
-        let up = UpstreamRequest {
-            bytes: site.bytes.clone(),
-            parts,
-            host,
-            path,
-            preserve_host: site.preserve_host,
-            upgrade,
-            tls: ds.tls,
-            plugins: exchange,
-        };
 
-        // 4. cache: may answer, or fetch and store.
-        if !upgrade && let (Some(cache), Some(policy)) = (&self.cache, &site.cache) {
-            return crate::cache::http::handle(
-                self, cache, policy, rt, site, ds, up, body, &too_large, rec,
-            )
-            .await;
+        // 6. cache: may answer, or fetch and store.
+        if !s.up.upgrade
+            && let (Some(cache), Some(policy)) = (&self.cache, &site.cache)
+        {
+            let policy = policy.clone();
+            return cache::handle(s, cache, &policy).await;
         }
 
-        // 5. upstream_peer + send, with retries.
-        let fetched = self.fetch(&pool, &up, body, &too_large, rec).await?;
+        // 7. upstream_peer + send, with retries.
+        let fetched = s.fetch_own().await?;
         // An upgraded connection stays counted while its tunnel lives.
-        let client_upgrade = client_upgrade.map(|u| (u, ds.conn.hold.get().cloned()));
-        self.finish_response(fetched, &pool, upgrade, client_upgrade)
-            .await
+        let client_upgrade = client_upgrade.map(|u| (u, s.ds.conn.hold.get().cloned()));
+        let upgrade = s.up.upgrade;
+        let mut resp = self
+            .finish_response(fetched, &pool, upgrade, client_upgrade)
+            .await?;
+        // A switched connection belongs to its tunnel: no module sees it.
+        if !(upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
+            s.upstream_response_filter(&mut resp).await;
+        }
+        Ok(resp)
     }
 
     /// Sends a request to `pool`: picks an origin, checks out a connection,
@@ -663,11 +551,7 @@ impl Proxy {
                     let status = resp.status();
                     self.record_outcome(pool, &origin, !matches!(status.as_u16(), 502..=504));
                     rec.upstream_status = Some(status.as_u16());
-                    return Ok(Fetched {
-                        resp,
-                        pool_return,
-                        plugins: up.plugins.clone(),
-                    });
+                    return Ok(Fetched { resp, pool_return });
                 }
                 Err((e, returned)) => {
                     pending = returned;
@@ -929,11 +813,7 @@ impl Proxy {
         upgrade: bool,
         client_upgrade: Option<(hyper::upgrade::OnUpgrade, Option<ConnHold>)>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let Fetched {
-            resp,
-            pool_return,
-            plugins,
-        } = fetched;
+        let Fetched { resp, pool_return } = fetched;
         let (mut parts, body) = resp.into_parts();
         if upgrade && parts.status == StatusCode::SWITCHING_PROTOCOLS {
             let Some((client_upgrade, hold)) = client_upgrade else {
@@ -957,24 +837,14 @@ impl Proxy {
             drop(pool_return);
             return Ok(Response::from_parts(parts, ResponseBody::empty()));
         }
-        // 6. upstream_response_filter
+        // The proxy's part of upstream_response_filter: hop-by-hop fields go,
+        // and the body gets the pool's timeouts. The modules' part is
+        // `Session::upstream_response_filter`.
         headers::strip_hop_by_hop(&mut parts.headers, false);
         let deadline = pool.config.timeouts.total.map(|t| Instant::now() + t.get());
         let mut body = ResponseBody::upstream(body, pool.config.timeouts.idle.get(), deadline);
         body.on_end(pool_return);
-        let resp = Response::from_parts(parts, body);
-        // Response-phase plugins: before the cache stores it.
-        match plugins {
-            Some(ex) if crate::plugins::has_phase(&ex, crate::plugins::Phase::Store) => {
-                Ok(Box::pin(crate::plugins::response_phase(
-                    &ex,
-                    crate::plugins::Phase::Store,
-                    resp,
-                ))
-                .await)
-            }
-            _ => Ok(resp),
-        }
+        Ok(Response::from_parts(parts, body))
     }
 }
 
@@ -1137,8 +1007,6 @@ pub struct Fetched {
     pub resp: Response<Incoming>,
     /// Returns the connection to its pool when the body ends complete.
     pub pool_return: PoolReturn,
-    /// The request's live plugin contexts, for the response phase.
-    pub plugins: Option<crate::plugins::SharedExchange>,
 }
 
 /// The request that goes to the origin, prepared once per client request.
@@ -1158,6 +1026,24 @@ pub struct UpstreamRequest {
     pub plugins: Option<crate::plugins::SharedExchange>,
 }
 
+impl UpstreamRequest {
+    /// The client's request as it arrived, before any phase: the site's
+    /// fields are filled in by routing, the host by the request checks, the
+    /// path by upstream_request_filter.
+    pub(crate) fn from_client(parts: http::request::Parts, tls: bool) -> Self {
+        UpstreamRequest {
+            bytes: SiteCounters::default(),
+            parts,
+            host: None,
+            path: String::new(),
+            preserve_host: false,
+            upgrade: false,
+            tls,
+            plugins: None,
+        }
+    }
+}
+
 /// The connection an exchange used, returned to its pool when the body ends.
 pub struct PoolReturn {
     origin: Arc<Origin>,
@@ -1167,19 +1053,21 @@ pub struct PoolReturn {
     _guard: OriginInflight,
 }
 
-/// Runs when a response body ends: pool check-in, metrics, access log.
-struct ExchangeEnd {
-    proxy: Arc<Proxy>,
+/// Runs when a response body ends: metrics, the access log, and the
+/// modules' logging phase. Holds the plugin contexts until then (dropping
+/// them runs their `on_log`).
+pub(crate) struct ExchangeEnd {
     rt: Arc<Runtime>,
+    metrics: Arc<Metrics>,
     rec: Option<LogRecord>,
     start: Instant,
     proto: Proto,
     site: Arc<str>,
     /// The routed site's client byte counter.
     client_bytes: Option<Counter>,
-    origin: Option<(Arc<str>, Option<Arc<str>>)>,
+    modules: Modules,
     /// Plugin contexts live until the response body ends (then `on_log`).
-    plugins: Option<crate::plugins::SharedExchange>,
+    _plugins: Option<crate::plugins::SharedExchange>,
     _inflight: InflightGuard,
 }
 
@@ -1201,8 +1089,7 @@ impl OnBodyEnd for ExchangeEnd {
             if let Some(c) = &self.client_bytes {
                 c.inc_by(bytes);
             }
-            self.proxy
-                .metrics
+            self.metrics
                 .requests
                 .get_or_create(&RequestLabels {
                     protocol: self.proto.label(),
@@ -1210,6 +1097,9 @@ impl OnBodyEnd for ExchangeEnd {
                     site: self.site.clone(),
                 })
                 .inc();
+            for m in self.modules.iter() {
+                m.logging(&rec);
+            }
             self.rt.access_log.write(&rec);
         }
     }
