@@ -315,27 +315,22 @@ impl Proxy {
         };
         let mut resp = match self.pipeline(req, ds, seq, &rt, &mut end, &mut rec).await {
             Ok(r) => r,
-            Err(e) => {
-                rec.error = Some(e.kind.label());
-                self.count_error(&e, &end);
-                if e.kind != ErrorKind::UnknownHost {
-                    tracing::info!(error = %e, client = %ds.client, "request failed");
-                }
-                let unknown = StatusCode::from_u16(rt.config.server.unknown_host_status)
-                    .unwrap_or(StatusCode::MISDIRECTED_REQUEST);
-                e.to_response(unknown)
-            }
+            Err(e) => self.error_response(&e, &end, &mut rec, &rt, ds),
         };
         // response_filter: every client response.
         if let Some(ex) = &end.plugins
             && crate::plugins::has_phase(ex, crate::plugins::Phase::Deliver)
         {
-            resp = Box::pin(crate::plugins::response_phase(
+            resp = match Box::pin(crate::plugins::response_phase(
                 ex,
                 crate::plugins::Phase::Deliver,
                 resp,
             ))
-            .await;
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => self.error_response(&e, &end, &mut rec, &rt, ds),
+            };
         }
         let version = resp.version();
         rt.via.add(resp.headers_mut(), version);
@@ -357,32 +352,24 @@ impl Proxy {
         resp
     }
 
-    fn count_error(&self, e: &ProxyError, end: &ExchangeEnd) {
-        match e.source {
-            crate::error::ErrorSource::Downstream => {
-                if e.kind != ErrorKind::UnknownHost {
-                    self.metrics
-                        .bad_requests
-                        .get_or_create(&Reason {
-                            reason: e.kind.label(),
-                        })
-                        .inc();
-                }
-            }
-            _ => {
-                let pool = end
-                    .origin
-                    .as_ref()
-                    .map_or_else(|| Arc::from("-"), |(p, _)| p.clone());
-                self.metrics
-                    .upstream_errors
-                    .get_or_create(&UpstreamError {
-                        pool,
-                        kind: e.kind.label(),
-                    })
-                    .inc();
-            }
+    /// The response for a failed request: logged, counted
+    /// ([`ProxyError::count`]) and answered ([`ProxyError::to_response`]).
+    fn error_response(
+        &self,
+        e: &ProxyError,
+        end: &ExchangeEnd,
+        rec: &mut LogRecord,
+        rt: &Runtime,
+        ds: &Downstream,
+    ) -> Response<ResponseBody> {
+        rec.error = Some(e.kind.label());
+        e.count(&self.metrics, end.origin.as_ref().map(|(p, _)| p));
+        if e.kind != ErrorKind::UnknownHost {
+            tracing::info!(error = %e, client = %ds.client, "request failed");
         }
+        let unknown = StatusCode::from_u16(rt.config.server.unknown_host_status)
+            .unwrap_or(StatusCode::MISDIRECTED_REQUEST);
+        e.to_response(unknown)
     }
 
     async fn pipeline(
@@ -497,22 +484,19 @@ impl Proxy {
                     host.clone().unwrap_or_default(),
                 ),
             ));
+            let phase = crate::plugins::RequestPhase {
+                chain: &site.plugins,
+                scheme,
+                end_of_stream: eos,
+                metrics: &self.metrics,
+                props,
+                instance_wait: rt.config.plugins.instance_wait.get(),
+            };
             let call = |c| self.plugin_http_call(rt, c);
             // Boxed: its state (with any http_call) stays out of every
             // request's future, plugins or not.
-            match Box::pin(crate::plugins::run_request(
-                &site.plugins,
-                &mut parts,
-                scheme,
-                eos,
-                &self.metrics,
-                props,
-                rt.config.plugins.instance_wait.get(),
-                call,
-            ))
-            .await
-            {
-                Ok(ex) => {
+            match Box::pin(crate::plugins::run_request(phase, &mut parts, call)).await? {
+                crate::plugins::Outcome::Continue(ex) => {
                     end.plugins = Some(ex.clone());
                     if !eos && crate::plugins::has_request_body_phase(&ex) {
                         body = match Box::pin(crate::plugins::request_body_phase(
@@ -521,15 +505,15 @@ impl Proxy {
                             body,
                             pool.config.timeouts.idle.get(),
                         ))
-                        .await
+                        .await?
                         {
-                            Ok(b) => b,
-                            Err(resp) => return Ok(resp),
+                            crate::plugins::Outcome::Continue(b) => b,
+                            crate::plugins::Outcome::Respond(resp) => return Ok(*resp),
                         };
                     }
                     exchange = Some(ex);
                 }
-                Err(resp) => return Ok(resp),
+                crate::plugins::Outcome::Respond(resp) => return Ok(*resp),
             }
         }
 
@@ -966,12 +950,12 @@ impl Proxy {
         // Response-phase plugins: before the cache stores it.
         match plugins {
             Some(ex) if crate::plugins::has_phase(&ex, crate::plugins::Phase::Store) => {
-                Ok(Box::pin(crate::plugins::response_phase(
+                Box::pin(crate::plugins::response_phase(
                     &ex,
                     crate::plugins::Phase::Store,
                     resp,
                 ))
-                .await)
+                .await
             }
             _ => Ok(resp),
         }
