@@ -7,8 +7,9 @@ use std::sync::{Arc, OnceLock};
 use http::Uri;
 use meridian_wasm_host::PropertyResolver;
 
-/// A MaxMind database for the `meridian.client.country` property.
-pub struct GeoIp(maxminddb::Reader<Vec<u8>>);
+/// A MaxMind database for the `meridian.client.country` property (the
+/// lookup is `meridian-geo`'s, shared with the DNS server).
+pub struct GeoIp(meridian_geo::GeoDb);
 
 impl std::fmt::Debug for GeoIp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -16,40 +17,17 @@ impl std::fmt::Debug for GeoIp {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct GeoRecord<'a> {
-    #[serde(borrow, default)]
-    country: Option<GeoNames<'a>>,
-}
-
-#[derive(serde::Deserialize)]
-struct GeoNames<'a> {
-    #[serde(borrow, default)]
-    iso_code: Option<&'a str>,
-    #[serde(borrow, default)]
-    code: Option<&'a str>,
-}
-
 impl GeoIp {
     /// Opens and checks the database (reads it whole into memory).
     pub fn open(path: &std::path::Path) -> Result<Self, String> {
-        let r = maxminddb::Reader::open_readfile(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(Self(r))
+        meridian_geo::GeoDb::open(path)
+            .map(Self)
+            .map_err(|e| e.to_string())
     }
 
     /// The ISO 3166 alpha-2 country of `ip`, if the database knows it.
     pub fn country(&self, ip: IpAddr) -> Option<String> {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        let res = self.0.lookup(ip).ok()?;
-        let rec = res.decode::<GeoRecord<'_>>().ok()??;
-        let c = rec.country?;
-        let code = c.iso_code.or(c.code)?;
-        (code.len() == 2 && code.bytes().all(|b| b.is_ascii_alphabetic()))
-            .then(|| code.to_ascii_uppercase())
+        self.0.country(ip).map(|c| c.as_str().to_owned())
     }
 }
 
