@@ -323,4 +323,104 @@ mod tests {
             .to_response(StatusCode::MISDIRECTED_REQUEST);
         assert_eq!(r.headers()[header::CONNECTION], "close");
     }
+
+    fn body_text(r: Response<ResponseBody>) -> String {
+        let b =
+            futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(r.into_body()))
+                .and_then(Result::ok)
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    /// Plugin failures keep the statuses and bodies they had before they
+    /// went through `to_response`.
+    #[test]
+    fn plugin_failures_answer_as_before() {
+        let any = StatusCode::MISDIRECTED_REQUEST;
+        for (f, status, body, label) in [
+            (
+                PluginFailure::Failed,
+                500,
+                "plugin failure\n",
+                "plugin-failed",
+            ),
+            (
+                PluginFailure::Overloaded,
+                503,
+                "plugin host overloaded\n",
+                "plugin-overloaded",
+            ),
+            (
+                PluginFailure::ClosedRequest,
+                403,
+                "closed by plugin\n",
+                "plugin-closed",
+            ),
+            (
+                PluginFailure::ClosedResponse,
+                502,
+                "closed by plugin\n",
+                "plugin-closed",
+            ),
+            (
+                PluginFailure::RequestBodyOverBuffer,
+                413,
+                "request body over a plugin's buffer\n",
+                "plugin-body-buffer",
+            ),
+        ] {
+            let e = ProxyError::plugin(f, "test");
+            assert_eq!(e.source, ErrorSource::Internal);
+            assert_eq!(e.kind.label(), label);
+            let r = e.to_response(any);
+            assert_eq!(r.status(), status, "{f:?}");
+            assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");
+            assert_eq!(
+                r.headers().get(header::RETRY_AFTER).is_some(),
+                f == PluginFailure::Overloaded,
+                "{f:?}"
+            );
+            assert_eq!(
+                r.headers().get(header::CONNECTION).is_some(),
+                f == PluginFailure::RequestBodyOverBuffer,
+                "{f:?}: only a cut-short body closes the connection"
+            );
+            assert_eq!(body_text(r), body, "{f:?}");
+        }
+        let r = ProxyError::upstream(ErrorKind::UpstreamBodyTimeout, "t").to_response(any);
+        assert_eq!(r.status(), 504);
+        assert_eq!(body_text(r), "504 Gateway Timeout\n");
+        let r = ProxyError::downstream(ErrorKind::ClientBodyTimeout, "t").to_response(any);
+        assert_eq!(r.status(), 408);
+        assert_eq!(r.headers()[header::CONNECTION], "close");
+    }
+
+    /// Each source has its metric; the label is the kind's.
+    #[test]
+    fn errors_are_counted_by_source() {
+        let m = Metrics::new();
+        let pool: Arc<str> = Arc::from("p");
+        ProxyError::plugin(PluginFailure::Failed, "t").count(&m, Some(&pool));
+        ProxyError::downstream(ErrorKind::ClientBodyError, "t").count(&m, Some(&pool));
+        ProxyError::downstream(ErrorKind::UnknownHost, "t").count(&m, None);
+        ProxyError::upstream(ErrorKind::ConnectRefused, "t").count(&m, Some(&pool));
+        ProxyError::upstream(ErrorKind::HeaderTimeout, "t").count(&m, None);
+        use prometheus_client::metrics::{counter::Counter, family::Family};
+        let get = |f: &Family<Reason, Counter>, r| f.get(&Reason { reason: r }).map(|c| c.get());
+        assert_eq!(get(&m.internal_errors, "plugin-failed"), Some(1));
+        assert_eq!(get(&m.bad_requests, "client-body-error"), Some(1));
+        assert_eq!(get(&m.bad_requests, "unknown-host"), None);
+        let up = |pool: &str, kind| {
+            m.upstream_errors
+                .get(&UpstreamError {
+                    pool: Arc::from(pool),
+                    kind,
+                })
+                .map(|c| c.get())
+        };
+        assert_eq!(up("p", "connect-refused"), Some(1));
+        assert_eq!(up("-", "header-timeout"), Some(1));
+        assert_eq!(up("p", "plugin-failed"), None);
+    }
 }
