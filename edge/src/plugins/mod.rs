@@ -38,7 +38,6 @@
 //! memory limit) is mapped by the plugin's failure policy. A failure
 //! discards its instance; the other requests pinned to it fail by their
 //! policy at their next callback.
-
 //!
 //! Failures are [`ProxyError`]s of kind [`crate::error::ErrorKind::Plugin`]:
 //! the proxy turns them into responses, counts and logs them as it does
