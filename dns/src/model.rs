@@ -570,7 +570,7 @@ pub fn load_geo(
         .as_deref()
         .map(|p| read(p).map(|x| x.1))
         .transpose()?;
-    GeoDb::from_bytes(city, asn)
+    Ok(GeoDb::from_bytes(city, asn)?)
 }
 
 /// The files whose change triggers a GeoIP reload.

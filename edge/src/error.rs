@@ -5,10 +5,12 @@
 //! ([`ErrorSource`]), whether the request may safely be retried, and a cause.
 
 use std::fmt;
+use std::sync::Arc;
 
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::http::body::ResponseBody;
+use crate::metrics::{Metrics, Reason, UpstreamError};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -21,6 +23,8 @@ pub enum ErrorKind {
     BodyTooLarge,
     /// The client stopped sending its body mid-way.
     ClientBodyError,
+    /// The client's body stalled for the idle timeout while plugins read it.
+    ClientBodyTimeout,
     /// No site is configured for the request's host.
     UnknownHost,
     /// Every origin of the pool is down or ejected.
@@ -35,6 +39,9 @@ pub enum ErrorKind {
     HeaderTimeout,
     /// The origin closed or broke the exchange.
     UpstreamProtocol,
+    /// The origin's body stalled for the idle timeout while the response
+    /// head was still held (plugins buffering the body).
+    UpstreamBodyTimeout,
     /// The server is shutting down.
     ShuttingDown,
     /// An unsafe request arrived in TLS early data (RFC 8470): retry after the handshake.
@@ -43,7 +50,29 @@ pub enum ErrorKind {
     NotCached,
     /// The client may not do this (e.g. PURGE from an unlisted network).
     Forbidden,
+    /// A Wasm plugin stopped the request: it failed under a closed policy,
+    /// had no instance, or closed the stream. Not a plugin's deliberate
+    /// answer (`send_local_response`), which is a response, not an error.
+    Plugin(PluginFailure),
     Internal,
+}
+
+/// How a Wasm plugin stopped a request ([`ErrorKind::Plugin`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PluginFailure {
+    /// It trapped, ran out of time or memory, stalled, or broke a body,
+    /// under `failure = "closed"`.
+    Failed,
+    /// No instance could be had for it (whatever its failure policy).
+    Overloaded,
+    /// It closed the stream in the request phase.
+    ClosedRequest,
+    /// It closed the stream in the response phase.
+    ClosedResponse,
+    /// Under a closed policy, it held back more of the request body than
+    /// its `body_buffer`.
+    RequestBodyOverBuffer,
 }
 
 impl ErrorKind {
@@ -52,6 +81,7 @@ impl ErrorKind {
             ErrorKind::BadRequest(_) => StatusCode::BAD_REQUEST,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::ClientBodyError => StatusCode::BAD_REQUEST,
+            ErrorKind::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::UnknownHost => StatusCode::MISDIRECTED_REQUEST,
             ErrorKind::NoHealthyOrigin | ErrorKind::PoolExhausted | ErrorKind::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -59,11 +89,20 @@ impl ErrorKind {
             ErrorKind::ConnectRefused | ErrorKind::ConnectFailed | ErrorKind::UpstreamProtocol => {
                 StatusCode::BAD_GATEWAY
             }
-            ErrorKind::ConnectTimeout | ErrorKind::HeaderTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::ConnectTimeout
+            | ErrorKind::HeaderTimeout
+            | ErrorKind::UpstreamBodyTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::TooEarly => StatusCode::TOO_EARLY,
             ErrorKind::NotCached => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::Plugin(p) => match p {
+                PluginFailure::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+                PluginFailure::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+                PluginFailure::ClosedRequest => StatusCode::FORBIDDEN,
+                PluginFailure::ClosedResponse => StatusCode::BAD_GATEWAY,
+                PluginFailure::RequestBodyOverBuffer => StatusCode::PAYLOAD_TOO_LARGE,
+            },
         }
     }
 
@@ -73,6 +112,7 @@ impl ErrorKind {
             ErrorKind::BadRequest(r) => r,
             ErrorKind::BodyTooLarge => "body-too-large",
             ErrorKind::ClientBodyError => "client-body-error",
+            ErrorKind::ClientBodyTimeout => "client-body-timeout",
             ErrorKind::UnknownHost => "unknown-host",
             ErrorKind::NoHealthyOrigin => "no-healthy-origin",
             ErrorKind::PoolExhausted => "pool-exhausted",
@@ -81,12 +121,48 @@ impl ErrorKind {
             ErrorKind::ConnectFailed => "connect-failed",
             ErrorKind::HeaderTimeout => "header-timeout",
             ErrorKind::UpstreamProtocol => "upstream-protocol",
+            ErrorKind::UpstreamBodyTimeout => "upstream-body-timeout",
             ErrorKind::ShuttingDown => "shutting-down",
             ErrorKind::TooEarly => "too-early",
             ErrorKind::NotCached => "not-cached",
             ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Plugin(p) => match p {
+                PluginFailure::Failed => "plugin-failed",
+                PluginFailure::Overloaded => "plugin-overloaded",
+                PluginFailure::ClosedRequest | PluginFailure::ClosedResponse => "plugin-closed",
+                PluginFailure::RequestBodyOverBuffer => "plugin-body-buffer",
+            },
             ErrorKind::Internal => "internal",
         }
+    }
+
+    /// The body of the error response, where it is not the status line.
+    fn body(self) -> Option<&'static str> {
+        match self {
+            ErrorKind::Plugin(p) => Some(match p {
+                PluginFailure::Failed => "plugin failure\n",
+                PluginFailure::Overloaded => "plugin host overloaded\n",
+                PluginFailure::ClosedRequest | PluginFailure::ClosedResponse => {
+                    "closed by plugin\n"
+                }
+                PluginFailure::RequestBodyOverBuffer => "request body over a plugin's buffer\n",
+            }),
+            _ => None,
+        }
+    }
+
+    /// The connection may be out of step with the client (a request or its
+    /// body was cut short): the response ends it.
+    fn closes_connection(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::BadRequest(_)
+                | ErrorKind::BodyTooLarge
+                | ErrorKind::ClientBodyError
+                | ErrorKind::ClientBodyTimeout
+                | ErrorKind::TooEarly
+                | ErrorKind::Plugin(PluginFailure::RequestBodyOverBuffer)
+        )
     }
 }
 
@@ -127,6 +203,12 @@ impl ProxyError {
         Self::new(kind, ErrorSource::Upstream, context)
     }
 
+    /// A Wasm plugin's failure: an internal error, neither the client's nor
+    /// an origin's.
+    pub fn plugin(failure: PluginFailure, context: &'static str) -> Self {
+        Self::new(ErrorKind::Plugin(failure), ErrorSource::Internal, context)
+    }
+
     pub fn with_cause(mut self, cause: impl Into<BoxError>) -> Self {
         self.cause = Some(cause.into());
         self
@@ -143,11 +225,15 @@ impl ProxyError {
             ErrorKind::UnknownHost => unknown_host_status,
             k => k.status(),
         };
-        let body = format!(
-            "{} {}\n",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or("Error")
-        );
+        let body = match self.kind.body() {
+            Some(b) => bytes::Bytes::from_static(b.as_bytes()),
+            None => format!(
+                "{} {}\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("Error")
+            )
+            .into(),
+        };
         let mut resp = Response::new(ResponseBody::full(body));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
@@ -156,17 +242,46 @@ impl ProxyError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if matches!(
-            self.kind,
-            ErrorKind::BadRequest(_)
-                | ErrorKind::BodyTooLarge
-                | ErrorKind::ClientBodyError
-                | ErrorKind::TooEarly
-        ) {
-            // The connection may be out of step with the client: end it.
+        if self.kind.closes_connection() {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        if self.kind == ErrorKind::Plugin(PluginFailure::Overloaded) {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         resp
+    }
+
+    /// Counts this error in the error metrics; the only place errors are
+    /// counted and labelled. By source: the client's
+    /// (`meridian_bad_requests_total{reason}`), an origin's
+    /// (`meridian_upstream_errors_total{pool,kind}`, `pool` being the
+    /// request's pool if it was routed), or the edge's own, plugin failures
+    /// included (`meridian_internal_errors_total{reason}`). Unknown hosts
+    /// are not counted (scanners would drown the rest).
+    pub fn count(&self, metrics: &Metrics, pool: Option<&Arc<str>>) {
+        let label = self.kind.label();
+        match self.source {
+            ErrorSource::Downstream if self.kind == ErrorKind::UnknownHost => {}
+            ErrorSource::Downstream => {
+                metrics
+                    .bad_requests
+                    .get_or_create(&Reason { reason: label })
+                    .inc();
+            }
+            ErrorSource::Upstream => {
+                let pool = pool.cloned().unwrap_or_else(|| Arc::from("-"));
+                metrics
+                    .upstream_errors
+                    .get_or_create(&UpstreamError { pool, kind: label })
+                    .inc();
+            }
+            ErrorSource::Internal => {
+                metrics
+                    .internal_errors
+                    .get_or_create(&Reason { reason: label })
+                    .inc();
+            }
+        }
     }
 }
 
@@ -207,5 +322,105 @@ mod tests {
         let r = ProxyError::downstream(ErrorKind::BadRequest("x"), "t")
             .to_response(StatusCode::MISDIRECTED_REQUEST);
         assert_eq!(r.headers()[header::CONNECTION], "close");
+    }
+
+    fn body_text(r: Response<ResponseBody>) -> String {
+        let b =
+            futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(r.into_body()))
+                .and_then(Result::ok)
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    /// Plugin failures keep the statuses and bodies they had before they
+    /// went through `to_response`.
+    #[test]
+    fn plugin_failures_answer_as_before() {
+        let any = StatusCode::MISDIRECTED_REQUEST;
+        for (f, status, body, label) in [
+            (
+                PluginFailure::Failed,
+                500,
+                "plugin failure\n",
+                "plugin-failed",
+            ),
+            (
+                PluginFailure::Overloaded,
+                503,
+                "plugin host overloaded\n",
+                "plugin-overloaded",
+            ),
+            (
+                PluginFailure::ClosedRequest,
+                403,
+                "closed by plugin\n",
+                "plugin-closed",
+            ),
+            (
+                PluginFailure::ClosedResponse,
+                502,
+                "closed by plugin\n",
+                "plugin-closed",
+            ),
+            (
+                PluginFailure::RequestBodyOverBuffer,
+                413,
+                "request body over a plugin's buffer\n",
+                "plugin-body-buffer",
+            ),
+        ] {
+            let e = ProxyError::plugin(f, "test");
+            assert_eq!(e.source, ErrorSource::Internal);
+            assert_eq!(e.kind.label(), label);
+            let r = e.to_response(any);
+            assert_eq!(r.status(), status, "{f:?}");
+            assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");
+            assert_eq!(
+                r.headers().get(header::RETRY_AFTER).is_some(),
+                f == PluginFailure::Overloaded,
+                "{f:?}"
+            );
+            assert_eq!(
+                r.headers().get(header::CONNECTION).is_some(),
+                f == PluginFailure::RequestBodyOverBuffer,
+                "{f:?}: only a cut-short body closes the connection"
+            );
+            assert_eq!(body_text(r), body, "{f:?}");
+        }
+        let r = ProxyError::upstream(ErrorKind::UpstreamBodyTimeout, "t").to_response(any);
+        assert_eq!(r.status(), 504);
+        assert_eq!(body_text(r), "504 Gateway Timeout\n");
+        let r = ProxyError::downstream(ErrorKind::ClientBodyTimeout, "t").to_response(any);
+        assert_eq!(r.status(), 408);
+        assert_eq!(r.headers()[header::CONNECTION], "close");
+    }
+
+    /// Each source has its metric; the label is the kind's.
+    #[test]
+    fn errors_are_counted_by_source() {
+        let m = Metrics::new();
+        let pool: Arc<str> = Arc::from("p");
+        ProxyError::plugin(PluginFailure::Failed, "t").count(&m, Some(&pool));
+        ProxyError::downstream(ErrorKind::ClientBodyError, "t").count(&m, Some(&pool));
+        ProxyError::downstream(ErrorKind::UnknownHost, "t").count(&m, None);
+        ProxyError::upstream(ErrorKind::ConnectRefused, "t").count(&m, Some(&pool));
+        ProxyError::upstream(ErrorKind::HeaderTimeout, "t").count(&m, None);
+        use prometheus_client::metrics::{counter::Counter, family::Family};
+        let get = |f: &Family<Reason, Counter>, r| f.get(&Reason { reason: r }).map(|c| c.get());
+        assert_eq!(get(&m.internal_errors, "plugin-failed"), Some(1));
+        assert_eq!(get(&m.bad_requests, "client-body-error"), Some(1));
+        assert_eq!(get(&m.bad_requests, "unknown-host"), None);
+        let up = |pool: &str, kind| {
+            m.upstream_errors
+                .get(&UpstreamError {
+                    pool: Arc::from(pool),
+                    kind,
+                })
+                .map(|c| c.get())
+        };
+        assert_eq!(up("p", "connect-refused"), Some(1));
+        assert_eq!(up("-", "header-timeout"), Some(1));
+        assert_eq!(up("p", "plugin-failed"), None);
     }
 }

@@ -1,6 +1,7 @@
 //! GeoIP: MaxMind-format City/Country and ASN databases, and a CSV compiler.
 //!
-//! [`GeoDb::lookup`] maps an address to a [`GeoInfo`]: country, continent,
+//! The readers and the lookup are the shared `meridian-geo` crate, re-exported
+//! here. [`GeoDb::lookup`] maps an address to a [`GeoInfo`]: country, continent,
 //! coordinates, ASN, and the prefix length of the database network that
 //! matched (used as the ECS scope). [`build_from_csv`] compiles
 //! `network,country,continent,lat,lon,asn` rows into a MaxMind DB with the
@@ -9,73 +10,12 @@
 pub mod mmdb;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
-use serde::Deserialize;
 
-/// A two-letter code (ISO country or continent), stored inline.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Code([u8; 2]);
-
-impl Code {
-    /// Parse a two-letter ASCII code, case-insensitively.
-    pub fn parse(s: &str) -> Option<Self> {
-        let b = s.as_bytes();
-        if b.len() == 2 && b.iter().all(u8::is_ascii_alphabetic) {
-            Some(Self([b[0].to_ascii_uppercase(), b[1].to_ascii_uppercase()]))
-        } else {
-            None
-        }
-    }
-
-    /// The code as a string slice.
-    pub fn as_str(&self) -> &str {
-        // Only ASCII letters are ever stored.
-        std::str::from_utf8(&self.0).unwrap_or("??")
-    }
-}
-
-impl fmt::Debug for Code {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Display for Code {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What the GeoIP databases know about one address.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct GeoInfo {
-    /// ISO 3166 country code.
-    pub country: Option<Code>,
-    /// Continent code (AF, AN, AS, EU, NA, OC, SA).
-    pub continent: Option<Code>,
-    /// Latitude and longitude in degrees.
-    pub location: Option<(f64, f64)>,
-    /// Autonomous system number.
-    pub asn: Option<u32>,
-    /// Prefix length (in the address's own family) of the most specific
-    /// database network consulted, found or not: the answer is valid for
-    /// the whole of that network.
-    pub prefix_len: u8,
-}
-
-impl GeoInfo {
-    /// True when nothing is known about the address.
-    pub fn is_unknown(&self) -> bool {
-        self.country.is_none()
-            && self.continent.is_none()
-            && self.location.is_none()
-            && self.asn.is_none()
-    }
-}
+pub use meridian_geo::{Code, GeoDb, GeoInfo, normalize};
 
 /// Errors from loading or building GeoIP databases.
 #[derive(Debug, thiserror::Error)]
@@ -89,14 +29,9 @@ pub enum GeoError {
         /// The cause.
         source: std::io::Error,
     },
-    /// maxminddb refused the database.
-    #[error("{path}: invalid MaxMind DB: {source}")]
-    Db {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: maxminddb::MaxMindDbError,
-    },
+    /// A database could not be opened (maxminddb refused it).
+    #[error(transparent)]
+    Open(#[from] meridian_geo::OpenError),
     /// A CSV line is malformed.
     #[error("{path}:{line}:{col}: {reason}")]
     Csv {
@@ -112,139 +47,6 @@ pub enum GeoError {
     /// The writer failed.
     #[error("building database: {0}")]
     Build(#[from] mmdb::MmdbError),
-}
-
-#[derive(Deserialize)]
-struct Names<'a> {
-    #[serde(borrow, default)]
-    iso_code: Option<&'a str>,
-    #[serde(borrow, default)]
-    code: Option<&'a str>,
-}
-
-#[derive(Deserialize)]
-struct Location {
-    latitude: Option<f64>,
-    longitude: Option<f64>,
-}
-
-#[derive(Deserialize)]
-struct Record<'a> {
-    #[serde(borrow, default)]
-    country: Option<Names<'a>>,
-    #[serde(borrow, default)]
-    continent: Option<Names<'a>>,
-    #[serde(default)]
-    location: Option<Location>,
-    #[serde(default)]
-    autonomous_system_number: Option<u32>,
-}
-
-/// One or two MaxMind readers: a City/Country database and an optional ASN
-/// database. Either may also carry the other's fields.
-#[derive(Default)]
-pub struct GeoDb {
-    city: Option<maxminddb::Reader<Vec<u8>>>,
-    asn: Option<maxminddb::Reader<Vec<u8>>>,
-}
-
-impl fmt::Debug for GeoDb {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GeoDb")
-            .field(
-                "city",
-                &self.city.as_ref().map(|r| &r.metadata().database_type),
-            )
-            .field(
-                "asn",
-                &self.asn.as_ref().map(|r| &r.metadata().database_type),
-            )
-            .finish()
-    }
-}
-
-/// Map IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) to IPv4.
-pub fn normalize(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
-        v4 => v4,
-    }
-}
-
-impl GeoDb {
-    /// No databases: every lookup is unknown.
-    pub fn empty() -> Self {
-        Self::default()
-    }
-
-    /// Build from raw database bytes.
-    pub fn from_bytes(city: Option<Vec<u8>>, asn: Option<Vec<u8>>) -> Result<Self, GeoError> {
-        let open = |b: Vec<u8>, what: &str| {
-            maxminddb::Reader::from_source(b).map_err(|source| GeoError::Db {
-                path: PathBuf::from(what),
-                source,
-            })
-        };
-        Ok(Self {
-            city: city.map(|b| open(b, "<city>")).transpose()?,
-            asn: asn.map(|b| open(b, "<asn>")).transpose()?,
-        })
-    }
-
-    /// True if at least one database is loaded.
-    pub fn is_loaded(&self) -> bool {
-        self.city.is_some() || self.asn.is_some()
-    }
-
-    /// Look an address up in every loaded database.
-    pub fn lookup(&self, ip: IpAddr) -> GeoInfo {
-        let ip = normalize(ip);
-        let mut info = GeoInfo::default();
-        for reader in [&self.city, &self.asn].into_iter().flatten() {
-            Self::lookup_one(reader, ip, &mut info);
-        }
-        info
-    }
-
-    fn lookup_one(reader: &maxminddb::Reader<Vec<u8>>, ip: IpAddr, info: &mut GeoInfo) {
-        let Ok(res) = reader.lookup(ip) else {
-            return;
-        };
-        if let Ok(net) = res.network() {
-            info.prefix_len = info.prefix_len.max(net.prefix());
-        }
-        let Ok(Some(rec)) = res.decode::<Record<'_>>() else {
-            return;
-        };
-        if info.country.is_none() {
-            info.country = rec
-                .country
-                .and_then(|c| c.iso_code.or(c.code))
-                .and_then(Code::parse);
-        }
-        if info.continent.is_none() {
-            info.continent = rec
-                .continent
-                .and_then(|c| c.code.or(c.iso_code))
-                .and_then(Code::parse);
-        }
-        if info.location.is_none()
-            && let Some(Location {
-                latitude: Some(lat),
-                longitude: Some(lon),
-            }) = rec.location
-            && lat.is_finite()
-            && lon.is_finite()
-        {
-            info.location = Some((lat, lon));
-        }
-        if info.asn.is_none() {
-            info.asn = rec.autonomous_system_number;
-        }
-    }
 }
 
 /// One row of the GeoIP CSV.
@@ -445,6 +247,36 @@ mod tests {
         let unknown = db.lookup("192.0.2.55".parse().expect("ip"));
         assert!(unknown.is_unknown());
         assert!(unknown.prefix_len > 0);
+    }
+
+    /// The country-only lookup (the edge's) agrees with the full one.
+    #[test]
+    fn country_lookup_matches_the_full_lookup() {
+        let db = demo();
+        for ip in [
+            "198.51.100.7",
+            "2001:db8:2::99",
+            "::ffff:203.0.113.9",
+            "192.0.2.55",
+        ] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert_eq!(db.country(ip), db.lookup(ip).country, "{ip}");
+        }
+        assert_eq!(
+            db.country("198.51.100.7".parse().expect("ip")),
+            Code::parse("FR")
+        );
+    }
+
+    /// A file that is not a database is refused with its path.
+    #[test]
+    fn bad_databases_are_refused_with_their_path() {
+        let e = GeoDb::from_bytes(Some(b"junk".to_vec()), None).expect_err("junk");
+        let e = GeoError::from(e);
+        assert!(
+            e.to_string().starts_with("<city>: invalid MaxMind DB"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -199,7 +199,10 @@ impl Admin {
                 if let Some(c) = &self.proxy.cache {
                     c.update_gauges();
                 }
-                crate::plugins::update_metrics(&self.proxy.metrics, &self.proxy.runtime().sites);
+                crate::plugins::update_metrics(
+                    &self.proxy.metrics,
+                    self.proxy.runtime().sites.iter().map(|s| &s.plugins[..]),
+                );
                 let mut r = text(StatusCode::OK, self.proxy.metrics.encode());
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,

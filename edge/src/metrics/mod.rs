@@ -107,6 +107,9 @@ pub struct Metrics {
     pub upstream_requests: Family<PoolLabels, Counter>,
     pub upstream_connects: Family<Outcome, Counter>,
     pub upstream_errors: Family<UpstreamError, Counter>,
+    /// Requests failed inside the edge (a plugin's failure, an internal
+    /// error), by kind: neither the client's fault nor an origin's.
+    pub internal_errors: Family<Reason, Counter>,
     pub upstream_retries: Family<PoolLabels, Counter>,
     pub pool_panic: Family<PoolLabels, Counter>,
     pub site_bytes: Family<SiteBytes, Counter>,
@@ -177,6 +180,7 @@ impl Metrics {
             upstream_requests: Family::default(),
             upstream_connects: Family::default(),
             upstream_errors: Family::default(),
+            internal_errors: Family::default(),
             upstream_retries: Family::default(),
             pool_panic: Family::default(),
             site_bytes: Family::default(),
@@ -265,6 +269,11 @@ impl Metrics {
             "upstream_errors",
             "Failed origin exchanges, by pool and kind",
             m.upstream_errors.clone(),
+        );
+        registry.register(
+            "internal_errors",
+            "Requests failed inside the edge (Wasm plugin failures, internal errors), by reason",
+            m.internal_errors.clone(),
         );
         registry.register(
             "upstream_retries",

@@ -48,7 +48,6 @@ use crate::http::body::{ClientBody, OnBodyEnd, RequestBody, ResponseBody};
 use crate::http::io::{ConnHold, ConnShared, InflightGuard};
 use crate::metrics::{
     Metrics, OriginTransition, PoolLabels, Protocol, Reason, RequestLabels, SiteBytes,
-    UpstreamError,
 };
 use router::{HostPattern, Router};
 use upstream::conn::{Checkout, Sender};
@@ -338,11 +337,7 @@ impl Proxy {
         };
         // response_filter: every client response, in module order.
         let modules = s.site_modules();
-        for m in modules.iter() {
-            if let Some(f) = m.response_filter(&s, &mut resp) {
-                f.await;
-            }
-        }
+        s.response_filter(&mut resp, &modules).await;
         self.metrics
             .request_duration
             .get_or_create(&Protocol {
@@ -353,33 +348,6 @@ impl Proxy {
         let end = s.into_end(start, inflight, modules);
         resp.body_mut().on_end(end);
         resp
-    }
-
-    /// Counts an error in the metric its side calls for: a client's
-    /// malformed request, or an upstream (or internal) failure of `pool`.
-    pub(crate) fn count_error(&self, e: &ProxyError, pool: Option<&Arc<str>>) {
-        match e.source {
-            crate::error::ErrorSource::Downstream => {
-                if e.kind != ErrorKind::UnknownHost {
-                    self.metrics
-                        .bad_requests
-                        .get_or_create(&Reason {
-                            reason: e.kind.label(),
-                        })
-                        .inc();
-                }
-            }
-            _ => {
-                let pool = pool.cloned().unwrap_or_else(|| Arc::from("-"));
-                self.metrics
-                    .upstream_errors
-                    .get_or_create(&UpstreamError {
-                        pool,
-                        kind: e.kind.label(),
-                    })
-                    .inc();
-            }
-        }
     }
 
     /// The request phases, then the cache or the origin.
@@ -468,7 +436,7 @@ impl Proxy {
             .await?;
         // A switched connection belongs to its tunnel: no module sees it.
         if !(upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
-            s.upstream_response_filter(&mut resp).await;
+            s.upstream_response_filter(&mut resp).await?;
         }
         Ok(resp)
     }
@@ -583,13 +551,9 @@ impl Proxy {
                     pool: pool.name.clone(),
                 })
                 .inc();
-            self.metrics
-                .upstream_errors
-                .get_or_create(&UpstreamError {
-                    pool: pool.name.clone(),
-                    kind: err.kind.label(),
-                })
-                .inc();
+            // A retried attempt's error is counted here; the last one where
+            // it becomes the response (`Session::error_response`).
+            err.count(&self.metrics, Some(&pool.name));
         }
     }
 

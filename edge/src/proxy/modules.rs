@@ -151,7 +151,7 @@ impl HttpModule for ProxyHeaders {
         &'a self,
         s: &'a Session,
         resp: &'a mut Response<ResponseBody>,
-    ) -> Option<PhaseFuture<'a, ()>> {
+    ) -> Option<PhaseFuture<'a, Result<(), ProxyError>>> {
         let version = resp.version();
         s.rt.via.add(resp.headers_mut(), version);
         if s.ds.tls
@@ -209,23 +209,20 @@ impl HttpModule for WasmChain {
             ));
             let (proxy, rt) = (s.proxy.clone(), s.rt.clone());
             let call = |c| proxy.plugin_http_call(&rt, c);
-            match crate::plugins::run_request(
-                &self.chain,
-                &mut s.up.parts,
+            let phase = crate::plugins::RequestPhase {
+                chain: &self.chain,
                 scheme,
-                eos,
-                &s.proxy.metrics,
+                end_of_stream: eos,
+                metrics: &s.proxy.metrics,
                 props,
-                s.rt.config.plugins.instance_wait.get(),
-                call,
-            )
-            .await
-            {
-                Ok(ex) => {
+                instance_wait: s.rt.config.plugins.instance_wait.get(),
+            };
+            match crate::plugins::run_request(phase, &mut s.up.parts, call).await? {
+                crate::plugins::Outcome::Continue(ex) => {
                     s.up.plugins = Some(ex);
                     Ok(Flow::Continue)
                 }
-                Err(resp) => Ok(Flow::Respond(Box::new(resp))),
+                crate::plugins::Outcome::Respond(resp) => Ok(Flow::Respond(resp)),
             }
         }))
     }
@@ -247,12 +244,12 @@ impl HttpModule for WasmChain {
                 return Ok(Flow::Continue);
             };
             let idle = s.site()?.pool.config.timeouts.idle.get();
-            match crate::plugins::request_body_phase(&ex, &mut s.up.parts, body, idle).await {
-                Ok(b) => {
+            match crate::plugins::request_body_phase(&ex, &mut s.up.parts, body, idle).await? {
+                crate::plugins::Outcome::Continue(b) => {
                     s.client_body = Some(b);
                     Ok(Flow::Continue)
                 }
-                Err(resp) => Ok(Flow::Respond(Box::new(resp))),
+                crate::plugins::Outcome::Respond(resp) => Ok(Flow::Respond(resp)),
             }
         }))
     }
@@ -261,7 +258,7 @@ impl HttpModule for WasmChain {
         &'a self,
         s: &'a Session,
         resp: &'a mut Response<ResponseBody>,
-    ) -> Option<PhaseFuture<'a, ()>> {
+    ) -> Option<PhaseFuture<'a, Result<(), ProxyError>>> {
         self.response_phase(s, crate::plugins::Phase::Store, resp)
     }
 
@@ -269,7 +266,7 @@ impl HttpModule for WasmChain {
         &'a self,
         s: &'a Session,
         resp: &'a mut Response<ResponseBody>,
-    ) -> Option<PhaseFuture<'a, ()>> {
+    ) -> Option<PhaseFuture<'a, Result<(), ProxyError>>> {
         self.response_phase(s, crate::plugins::Phase::Deliver, resp)
     }
 }
@@ -280,14 +277,15 @@ impl WasmChain {
         s: &'a Session,
         phase: crate::plugins::Phase,
         resp: &'a mut Response<ResponseBody>,
-    ) -> Option<PhaseFuture<'a, ()>> {
+    ) -> Option<PhaseFuture<'a, Result<(), ProxyError>>> {
         let ex = s.up.plugins.as_ref()?;
         if !crate::plugins::has_phase(ex, phase) {
             return None;
         }
         Some(Box::pin(async move {
             let r = std::mem::replace(resp, Response::new(ResponseBody::empty()));
-            *resp = crate::plugins::response_phase(ex, phase, r).await;
+            *resp = crate::plugins::response_phase(ex, phase, r).await?;
+            Ok(())
         }))
     }
 }

@@ -89,23 +89,24 @@ pub trait HttpModule: Send + Sync {
     fn cache_key(&self, _s: &Session, _key: &mut String) {}
 
     /// **upstream_response_filter**: an origin's response, before the
-    /// cache stores it. Default: unchanged.
+    /// cache stores it. An `Err` fails the request. Default: unchanged.
     fn upstream_response_filter<'a>(
         &'a self,
         _s: &'a Session,
         _resp: &'a mut Response<ResponseBody>,
-    ) -> Option<PhaseFuture<'a, ()>> {
+    ) -> Option<PhaseFuture<'a, Result<(), ProxyError>>> {
         None
     }
 
     /// **response_filter**: every response the client gets, from the
     /// cache, the origin or an error, including its body (a module that
-    /// transforms bodies wraps it here). Default: unchanged.
+    /// transforms bodies wraps it here). An `Err` replaces the response
+    /// with the error's. Default: unchanged.
     fn response_filter<'a>(
         &'a self,
         _s: &'a Session,
         _resp: &'a mut Response<ResponseBody>,
-    ) -> Option<PhaseFuture<'a, ()>> {
+    ) -> Option<PhaseFuture<'a, Result<(), ProxyError>>> {
         None
     }
 

@@ -72,7 +72,7 @@ impl Session {
     pub fn error_response(&mut self, e: ProxyError) -> Response<ResponseBody> {
         self.rec.error = Some(e.kind.label());
         let pool = self.site().ok().map(|s| s.pool.name.clone());
-        self.proxy.count_error(&e, pool.as_ref());
+        e.count(&self.proxy.metrics, pool.as_ref());
         if e.kind != ErrorKind::UnknownHost {
             tracing::info!(error = %e, client = %self.ds.client, "request failed");
         }
@@ -91,11 +91,30 @@ impl Session {
 
     /// upstream_response_filter: the site's modules on an origin response,
     /// before the cache stores it.
-    pub async fn upstream_response_filter(&self, resp: &mut Response<ResponseBody>) {
-        let Ok(site) = self.site() else { return };
+    pub async fn upstream_response_filter(
+        &self,
+        resp: &mut Response<ResponseBody>,
+    ) -> Result<(), ProxyError> {
+        let site = self.site()?;
         for m in site.modules.iter() {
             if let Some(f) = m.upstream_response_filter(self, resp) {
-                f.await;
+                f.await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// response_filter: the modules on the client's response; a module's
+    /// failure replaces the response with its error's, which the later
+    /// modules then see.
+    pub async fn response_filter(&mut self, resp: &mut Response<ResponseBody>, modules: &Modules) {
+        for m in modules.iter() {
+            let r = match m.response_filter(self, resp) {
+                Some(f) => f.await,
+                None => Ok(()),
+            };
+            if let Err(e) = r {
+                *resp = self.error_response(e);
             }
         }
     }
@@ -190,7 +209,7 @@ impl Session {
             .proxy
             .finish_response(fetched, &site.pool, false, None)
             .await?;
-        self.upstream_response_filter(&mut resp).await;
+        self.upstream_response_filter(&mut resp).await?;
         Ok(resp)
     }
 

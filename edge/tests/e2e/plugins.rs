@@ -557,3 +557,66 @@ async fn requests_wait_for_a_fresh_instance_up_to_instance_wait() -> anyhow::Res
     }
     Ok(())
 }
+
+/// Continues the request, traps on the response headers.
+const RESPONSE_TRAP: &str = r#"
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    unreachable)
+"#;
+
+/// Issue #14: a plugin's failure is an error like any other, in the request
+/// phase and in the response phase alike. It is answered by the one error
+/// path (the same status and body as before, now `text/plain`), counted in
+/// `meridian_internal_errors_total{reason="plugin-failed"}` (not as an
+/// origin's error), and named in the access log's `error`.
+#[tokio::test]
+async fn plugin_failures_go_through_the_one_error_path() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let dir = TempDir::new("plugins")?;
+    let request_trap = write_plugin(&dir, "trap", TRAP)?;
+    let response_trap = write_plugin(&dir, "response-trap", RESPONSE_TRAP)?;
+    for (plugin, host, reaches_origin) in [
+        (&request_trap, "request-phase.test", false),
+        (&response_trap, "response-phase.test", true),
+    ] {
+        let edge = Edge::start(&with_plugins(&origin, &[(plugin, "closed")]))?;
+        let before = origin.requests();
+        let r = get_plain(edge.http(), host, "/hello").await?;
+        assert_eq!(r.status, 500, "{host}: {}", r.text());
+        assert_eq!(r.text(), "plugin failure\n", "{host}");
+        assert_eq!(
+            r.header("content-type"),
+            Some("text/plain; charset=utf-8"),
+            "{host}: built by ProxyError::to_response"
+        );
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{host}");
+        assert_eq!(origin.requests() > before, reaches_origin, "{host}");
+        let m = edge.metrics().await?;
+        assert_eq!(
+            metric(
+                &m,
+                "meridian_internal_errors_total",
+                &["reason=\"plugin-failed\""]
+            ),
+            1.0,
+            "{host}: {m}"
+        );
+        assert_eq!(
+            metric(&m, "meridian_upstream_errors_total", &[]),
+            0.0,
+            "{host}: not an origin's error: {m}"
+        );
+        let logged = eventually(Duration::from_secs(5), || async {
+            !edge.lines_with(host).is_empty()
+        })
+        .await;
+        assert!(logged, "{host}: no access log line");
+        let line = edge.lines_with(host).remove(0);
+        let j: serde_json::Value = serde_json::from_str(&line)?;
+        assert_eq!(j["status"], 500, "{line}");
+        assert_eq!(j["error"], "plugin-failed", "{line}");
+    }
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! Loading: the Wasm host, each site's plugin chain, and the tick tasks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian_wasm_host::{FailurePolicy, HostConfig, Plugin, PluginHost};
+
+use crate::config::{PluginConfig, PluginsConfig};
+
+/// One loaded plugin of a site's chain.
+pub struct LoadedPlugin {
+    pub name: Arc<str>,
+    pub plugin: Plugin,
+    /// Response phase on every client response (hits too), not before storing.
+    pub every_response: bool,
+    /// The most body bytes the plugin may hold back by pausing.
+    pub body_buffer: usize,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// A site's plugin chain, shared by its requests' exchanges.
+pub type Chain = Arc<[Arc<LoadedPlugin>]>;
+
+/// The process's plugin host (one wasmtime engine), created on first need.
+pub fn new_host(cfg: &PluginsConfig) -> Result<Arc<PluginHost>, String> {
+    PluginHost::new(HostConfig {
+        max_instances: cfg.max_instances,
+        // Every instance a burst needed stays pooled: re-instantiating copies
+        // the module's data segments, which costs far more than the memory.
+        max_idle_instances_per_plugin: cfg.max_instances as usize,
+        // A callback waits this long for an instance busy with others'.
+        lock_wait: cfg.instance_wait.get(),
+        ..HostConfig::default()
+    })
+    .map(Arc::new)
+    .map_err(|e| format!("starting the Wasm host: {e}"))
+}
+
+/// Loads (compiles and configures) a site's plugins; any failure refuses the config.
+pub fn load_chain(
+    host: &PluginHost,
+    site: &str,
+    cfgs: &[PluginConfig],
+) -> Result<Vec<Arc<LoadedPlugin>>, String> {
+    let mut out = Vec::with_capacity(cfgs.len());
+    for (i, c) in cfgs.iter().enumerate() {
+        let wasm = std::fs::read(&c.path).map_err(|e| format!("{}: {e}", c.path.display()))?;
+        // Inline, or read from `config_file` (again on every reload).
+        let config: Vec<u8> = c.config_bytes()?;
+        let limits = meridian_wasm_host::Limits {
+            memory_bytes: c.memory.get() as usize,
+            callback_deadline: c.deadline.get(),
+            fresh_instance_per_request: c.fresh_instance,
+        };
+        let policy = if c.failure == "open" {
+            FailurePolicy::Open
+        } else {
+            FailurePolicy::Closed
+        };
+        let stem = c.path.file_stem().map_or_else(
+            || format!("plugin{i}"),
+            |s| s.to_string_lossy().into_owned(),
+        );
+        let name = format!("{site}/{stem}");
+        let plugin = host
+            .load(&name, &wasm, &config, limits, policy)
+            .map_err(|e| format!("{}: {e}", c.path.display()))?;
+        out.push(Arc::new(LoadedPlugin {
+            name: Arc::from(name),
+            plugin,
+            every_response: c.every_response,
+            body_buffer: usize::try_from(c.body_buffer.get()).unwrap_or(usize::MAX),
+        }));
+    }
+    Ok(out)
+}
+
+/// Tasks that call `proxy_on_tick` for plugins that asked for a tick period.
+/// They end when the plugin is unloaded (the generation is dropped).
+pub fn spawn_tickers(chain: &[Arc<LoadedPlugin>]) -> Vec<tokio::task::JoinHandle<()>> {
+    chain
+        .iter()
+        .filter_map(|lp| {
+            let period = lp.plugin.tick_period()?.max(Duration::from_millis(10));
+            let weak = Arc::downgrade(lp);
+            Some(tokio::spawn(async move {
+                let mut iv = tokio::time::interval(period);
+                iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                iv.tick().await;
+                loop {
+                    iv.tick().await;
+                    let Some(lp) = weak.upgrade() else { break };
+                    if let Err(e) = lp.plugin.on_tick() {
+                        tracing::warn!(plugin = %lp.name, error = %e, "plugin tick failed");
+                    }
+                }
+            }))
+        })
+        .collect()
+}
