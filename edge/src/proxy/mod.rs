@@ -146,13 +146,8 @@ impl Runtime {
                 .get(&sc.pool)
                 .ok_or_else(|| format!("no pool {:?}", sc.pool))?
                 .clone();
-            patterns.push(
-                sc.hosts
-                    .iter()
-                    .map(|h| HostPattern::parse(h))
-                    .collect::<Result<Vec<_>, _>>()?,
-            );
-            let name: Arc<str> = Arc::from(sc.hosts.first().map_or("*", String::as_str));
+            patterns.push(sc.hosts.clone());
+            let name: Arc<str> = Arc::from(sc.hosts.first().map_or("*", HostPattern::as_str));
             sites.push(Site {
                 bytes: SiteCounters::new(metrics, &name),
                 name,
@@ -167,7 +162,7 @@ impl Runtime {
                 plugins: match &plugin_host {
                     Some(h) if !sc.plugins.is_empty() => crate::plugins::load_chain(
                         h,
-                        sc.hosts.first().map_or("*", String::as_str),
+                        sc.hosts.first().map_or("*", HostPattern::as_str),
                         &sc.plugins,
                     )?
                     .into(),

@@ -125,7 +125,7 @@ impl Selector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ConnPoolConfig, OriginConfig, PoolConfig};
+    use crate::config::{ConnPoolConfig, OriginAddr, OriginConfig, PoolConfig};
     use crate::proxy::upstream::Pool;
 
     fn pool(sel: Selection, weights: &[u32]) -> Pool {
@@ -144,7 +144,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &w)| OriginConfig {
-                url: format!("http://10.0.0.{}:80", i + 1),
+                url: OriginAddr::parse(&format!("http://10.0.0.{}:80", i + 1)).expect("url"),
                 weight: w,
             })
             .collect();
