@@ -11,8 +11,8 @@ use http::Request;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::http::Downstream;
 use crate::metrics::Metrics;
-use crate::proxy::Downstream;
 
 const QUEUE: usize = 8192;
 

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod plugins;
 pub mod proxy;
 pub mod server;
+pub mod util;
 
 /// Installs ring as the process's one rustls crypto provider. Idempotent.
 pub fn install_crypto_provider() {

@@ -76,11 +76,7 @@ impl SitePolicy {
             cache_status: site.cache_status,
             lock_timeout: global.lock_timeout.get(),
             hit_for_pass: global.hit_for_pass.get(),
-            purge_allow: global
-                .purge_allow
-                .iter()
-                .filter_map(|n| Cidr::parse(n).ok())
-                .collect(),
+            purge_allow: global.purge_allow.clone(),
             slice_size: site.slice_size.get(),
             set_cookie: site.set_cookie,
             background_fill_max: global.background_fill_max.get(),

@@ -112,7 +112,7 @@ pub fn multipart(
 ) -> (String, Bytes) {
     let boundary = format!(
         "meridian-{:016x}",
-        crate::proxy::upstream::select::hash64(&[
+        crate::util::hash64(&[
             &body.len().to_le_bytes(),
             &(ranges.len() as u64).to_le_bytes()
         ])

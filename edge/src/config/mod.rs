@@ -4,6 +4,7 @@
 //! point at the exact spot.
 
 mod units;
+mod values;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use units::{ByteSize, Dur, parse_duration, parse_size};
+pub use values::{Cidr, HostMatch, HostPattern, OriginAddr};
 
 /// A config that failed to load: where, and why.
 #[derive(Debug, thiserror::Error)]
@@ -394,7 +396,7 @@ fn default_backlog() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct SiteConfig {
     /// Host patterns: "example.com", "*.example.com" (any subdomain), or "*" (any host).
-    pub hosts: Vec<String>,
+    pub hosts: Vec<HostPattern>,
     /// The origin pool this site proxies to.
     pub pool: String,
     /// Send the client's Host to the origin (the default); false sends the origin's own host.
@@ -571,7 +573,7 @@ pub struct CacheConfig {
     /// it skip request coalescing (hit-for-pass).
     pub hit_for_pass: Dur,
     /// Client networks allowed to send the HTTP PURGE method.
-    pub purge_allow: Vec<String>,
+    pub purge_allow: Vec<Cidr>,
     /// The largest object the cache fetches whole for no client: the
     /// background fill behind a range request on a miss, and a fill that
     /// goes on after its clients left. Larger objects are never pulled whole
@@ -589,7 +591,10 @@ impl Default for CacheConfig {
             max_object_size: ByteSize(1024 * 1024 * 1024),
             lock_timeout: Dur::secs(10),
             hit_for_pass: Dur::secs(120),
-            purge_allow: vec!["127.0.0.1/32".into(), "::1/128".into()],
+            purge_allow: vec![
+                Cidr::host(std::net::Ipv4Addr::LOCALHOST.into()),
+                Cidr::host(std::net::Ipv6Addr::LOCALHOST.into()),
+            ],
             background_fill_max: ByteSize(8 * 1024 * 1024),
         }
     }
@@ -709,7 +714,7 @@ fn default_panic_threshold() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct OriginConfig {
     /// "http://host:port" or "https://host:port"; no path.
-    pub url: String,
+    pub url: OriginAddr,
     #[serde(default = "one")]
     pub weight: u32,
 }
@@ -976,11 +981,16 @@ impl Config {
     pub fn from_toml(src: &str, file: &str) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(src).map_err(|e| {
             let (line, col) = e.span().map(|s| line_col(src, s.start)).unwrap_or((1, 1));
+            let message = e.message().trim();
+            let message = match e.span().and_then(|s| key_at(src, s)) {
+                Some(key) => format!("{key}: {message}"),
+                None => message.to_string(),
+            };
             ConfigError::Invalid {
                 file: file.to_string(),
                 line,
                 col,
-                message: e.message().trim().to_string(),
+                message,
             }
         })?;
         if let Some(p) = cfg.validate().into_iter().next() {
@@ -1130,11 +1140,6 @@ impl Config {
                     "a site needs at least one host pattern".into(),
                 );
             }
-            for (j, h) in s.hosts.iter().enumerate() {
-                if let Err(e) = crate::proxy::router::HostPattern::parse(h) {
-                    bad(path!["sites", i, "hosts", j], e);
-                }
-            }
         }
         for (name, p) in &self.pools {
             if p.origins.is_empty() {
@@ -1144,9 +1149,6 @@ impl Config {
                 );
             }
             for (i, o) in p.origins.iter().enumerate() {
-                if let Err(e) = crate::proxy::upstream::OriginAddr::parse(&o.url) {
-                    bad(path!["pools", name.as_str(), "origins", i, "url"], e);
-                }
                 if o.weight == 0 || o.weight > 10_000 {
                     bad(
                         path!["pools", name.as_str(), "origins", i, "weight"],
@@ -1224,14 +1226,6 @@ impl Config {
         }
         if self.http3.idle_timeout.get().is_zero() {
             bad(path!["http3", "idle_timeout"], "must be above zero".into());
-        }
-        for (i, net) in self.cache.purge_allow.iter().enumerate() {
-            if crate::cache::acl::Cidr::parse(net).is_err() {
-                bad(
-                    path!["cache", "purge_allow", i],
-                    format!("{net:?} is not an address or CIDR network"),
-                );
-            }
         }
         if self.cache.chunk_size.get() < 4096 || self.cache.chunk_size.get() > 64 * 1024 * 1024 {
             bad(path!["cache", "chunk_size"], "must be 4KiB to 64MiB".into());
@@ -1382,6 +1376,63 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// The key ("pools.a.origins[0].url") of the smallest value in the document
+/// that holds `span`: where a value that serde refused sits. None when the
+/// document does not parse or no value holds the span.
+fn key_at(src: &str, span: std::ops::Range<usize>) -> Option<String> {
+    use toml::de::DeValue;
+    /// More values than any config has; the walk stops there.
+    const MAX_NODES: usize = 100_000;
+    let table = toml::de::DeTable::parse(src).ok()?;
+    let root = toml::Spanned::new(table.span(), DeValue::Table(table.into_inner()));
+    // (span length, path) of the best value or key so far.
+    let mut best: Option<(usize, Vec<Seg>)> = None;
+    let mut consider = |s: std::ops::Range<usize>, path: &Vec<Seg>| {
+        if !path.is_empty()
+            && s.start <= span.start
+            && span.end <= s.end
+            && best
+                .as_ref()
+                .is_none_or(|(len, p)| s.len() < *len || (s.len() == *len && path.len() > p.len()))
+        {
+            best = Some((s.len(), path.clone()));
+        }
+    };
+    let mut stack: Vec<(&toml::Spanned<DeValue<'_>>, Vec<Seg>)> = vec![(&root, Vec::new())];
+    let mut visited = 0;
+    while let Some((node, path)) = stack.pop() {
+        visited += 1;
+        if visited > MAX_NODES {
+            break;
+        }
+        consider(node.span(), &path);
+        // Tables from `[headers]` do not span their keys, so every child is
+        // visited, not only those of a value that holds the span.
+        match node.get_ref() {
+            DeValue::Table(t) => {
+                for (k, v) in t.iter() {
+                    let mut p = path.clone();
+                    p.push(Seg::Key(k.get_ref().to_string()));
+                    // An unknown field is reported at its key.
+                    consider(k.span(), &p);
+                    stack.push((v, p));
+                }
+            }
+            DeValue::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    let mut p = path.clone();
+                    p.push(Seg::Index(i));
+                    stack.push((v, p));
+                }
+            }
+            _ => {}
+        }
+    }
+    let (_, path) = best?;
+    let key: String = path.iter().map(|s| s.to_string()).collect();
+    Some(key.trim_start_matches('.').to_string())
+}
+
 /// Finds the deepest span in the document that the path reaches.
 fn locate(src: &str, path: &[Seg]) -> (usize, usize) {
     let Ok(table) = toml::de::DeTable::parse(src) else {
@@ -1451,6 +1502,14 @@ origins = [{ url = "http://127.0.0.1:9000" }]
 
     #[test]
     fn bad_duration_is_located() {
+        let src = MIN.replace("pool = \"origin\"", "pool = \"origin\"\npoool = 1");
+        let e = Config::from_toml(&src, "t.toml")
+            .expect_err("unknown field")
+            .to_string();
+        assert!(
+            e.starts_with("t.toml:8:1: sites[0].poool: unknown field `poool`"),
+            "{e}"
+        );
         let src = format!("{MIN}\n[pools.origin.timeouts]\nconnect = \"5 parsecs\"\n");
         let e = Config::from_toml(&src, "t.toml")
             .expect_err("bad duration")
@@ -1466,6 +1525,46 @@ origins = [{ url = "http://127.0.0.1:9000" }]
             .expect_err("bad url")
             .to_string();
         assert!(e.contains("pools.origin.origins[0].url"), "{e}");
+    }
+
+    #[test]
+    fn bad_typed_values_are_refused_at_their_line_and_key() {
+        let src = MIN.replace("hosts = [\"*\"]", "hosts = [\"*\", \"a.*.test\"]");
+        let e = Config::from_toml(&src, "t.toml")
+            .expect_err("bad host")
+            .to_string();
+        assert!(
+            e.starts_with("t.toml:6:9: sites[0].hosts: \"a.*.test\" is not a host name"),
+            "{e}"
+        );
+        let src = MIN.replace("http://127.0.0.1:9000", "http://u:p@x");
+        let e = Config::from_toml(&src, "t.toml")
+            .expect_err("bad url")
+            .to_string();
+        assert!(
+            e.starts_with(
+                "t.toml:10:20: pools.origin.origins[0].url: \"http://u:p@x\": credentials"
+            ),
+            "{e}"
+        );
+        let src = format!("[cache]\npurge_allow = [\"10.0.0.0/33\"]\n{MIN}");
+        let e = Config::from_toml(&src, "t.toml")
+            .expect_err("bad network")
+            .to_string();
+        assert!(
+            e.starts_with(
+                "t.toml:2:15: cache.purge_allow: \"10.0.0.0/33\" is not an address or CIDR network"
+            ),
+            "{e}"
+        );
+        let src = format!("{MIN}\n[pools.origin.timeouts]\nconnect = \"5 parsecs\"\n");
+        let e = Config::from_toml(&src, "t.toml")
+            .expect_err("bad duration")
+            .to_string();
+        assert!(
+            e.starts_with("t.toml:13:11: pools.origin.timeouts.connect: "),
+            "{e}"
+        );
     }
 
     /// Every example config in the repository parses; file checks aside

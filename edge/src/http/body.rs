@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
@@ -78,7 +78,7 @@ pub enum ClientBody {
     /// HTTP/1.1 and HTTP/2, from hyper.
     Hyper(Incoming),
     /// HTTP/3, from an h3 request stream.
-    H3(crate::http3::H3Body),
+    H3(H3Body),
     /// A body the edge made itself (a plugin's `http_call`, or a request
     /// body plugins transformed whole); taken once.
     Full(Option<Bytes>),
@@ -459,4 +459,72 @@ pub async fn drain<B: Body + Unpin>(mut body: B, max: usize) -> Result<usize, B:
         }
     }
     Ok(n)
+}
+
+/// The receiving half of an HTTP/3 request stream.
+pub type RecvStream = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+
+/// An HTTP/3 request body, read from the request stream.
+pub struct H3Body {
+    stream: RecvStream,
+    data_done: bool,
+    done: bool,
+}
+
+impl H3Body {
+    pub fn new(stream: RecvStream) -> Self {
+        H3Body {
+            stream,
+            data_done: false,
+            done: false,
+        }
+    }
+}
+
+impl Body for H3Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match this.stream.poll_recv_data(cx) {
+                Poll::Ready(Ok(Some(mut buf))) => {
+                    let b = buf.copy_to_bytes(buf.remaining());
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                Poll::Ready(Ok(None)) => this.data_done = true,
+                Poll::Ready(Err(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match this.stream.poll_recv_trailers(cx) {
+            Poll::Ready(Ok(t)) => {
+                this.done = true;
+                Poll::Ready(t.map(|t| Ok(Frame::trailers(t))))
+            }
+            Poll::Ready(Err(e)) => {
+                this.done = true;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
 }

@@ -3,7 +3,9 @@
 //! configured limits, and graceful shutdown.
 
 pub mod body;
+mod downstream;
 pub mod h1guard;
+mod hop;
 pub mod interim;
 pub mod io;
 
@@ -20,11 +22,31 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::metrics::{Outcome, Transport};
-use crate::proxy::{Downstream, Proto, Proxy};
+use crate::metrics::{Metrics, Outcome, Transport};
+use body::{ClientBody, ResponseBody};
+pub use downstream::{Downstream, Proto};
+pub use hop::strip_hop_by_hop;
 use io::{ClientIo, ConnShared, IoSettings};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the client connections hand their requests to: the request pipeline
+/// (`proxy::Proxy` in the daemon). The connection code is generic over it, so
+/// it needs nothing from the layers above and boxes no future per request.
+pub trait Service: Send + Sync + 'static {
+    /// Answers one request. Every error is already a response.
+    fn handle(
+        self: &Arc<Self>,
+        req: http::Request<ClientBody>,
+        ds: &Downstream,
+    ) -> impl Future<Output = http::Response<ResponseBody>> + Send;
+
+    /// The metrics the connections count into.
+    fn metrics(&self) -> &Arc<Metrics>;
+
+    /// The limits a connection accepted now is served with.
+    fn limits(&self) -> ConnLimits;
+}
 
 /// Limits a connection is served with, taken from the config at accept time.
 #[derive(Clone, Debug)]
@@ -53,18 +75,18 @@ impl ConnLimits {
 }
 
 /// Serves one accepted TCP connection until it ends or shutdown completes.
-pub async fn serve_tcp(
+pub async fn serve_tcp<P: Service>(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    proxy: Arc<Proxy>,
+    proxy: Arc<P>,
     shutdown: watch::Receiver<bool>,
     hold: io::ConnHold,
 ) {
-    let limits = ConnLimits::from_config(&proxy.runtime().config);
+    let limits = proxy.limits();
     let transport = if tls.is_some() { "tls" } else { "tcp" };
-    let m = proxy.metrics.clone();
+    let m = proxy.metrics().clone();
     m.connections_total
         .get_or_create(&Transport { transport })
         .inc();
@@ -164,19 +186,20 @@ async fn sniff_h2(stream: &TcpStream, wait: Duration) -> Option<bool> {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub async fn serve_io<S>(
+pub async fn serve_io<S, P>(
     stream: S,
     prefix: Bytes,
     h2: bool,
     peer: SocketAddr,
     local: SocketAddr,
     tls: bool,
-    proxy: Arc<Proxy>,
+    proxy: Arc<P>,
     limits: ConnLimits,
     shutdown: watch::Receiver<bool>,
     shared: Arc<ConnShared>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    P: Service,
 {
     let settings = IoSettings {
         http1: !h2,
@@ -191,7 +214,7 @@ pub async fn serve_io<S>(
         prefix,
         settings,
         shared.clone(),
-        proxy.metrics.clone(),
+        proxy.metrics().clone(),
     );
     let stop = shutdown_signal(shutdown, shared.clone(), limits.header_read_timeout);
     let ds = Downstream {
@@ -207,15 +230,13 @@ pub async fn serve_io<S>(
         let ds = ds.clone();
         async move {
             if h2 {
-                return Ok::<_, Infallible>(
-                    proxy.handle(req.map(body::ClientBody::Hyper), &ds).await,
-                );
+                return Ok::<_, Infallible>(proxy.handle(req.map(ClientBody::Hyper), &ds).await);
             }
             // HTTP/1.1: the origin's 1xx interim responses reach the client
             // through the connection's I/O (see `interim`).
             let sink = interim::InterimSink::open(&ds.conn);
             req.extensions_mut().insert(sink.clone());
-            let mut handled = std::pin::pin!(proxy.handle(req.map(body::ClientBody::Hyper), &ds));
+            let mut handled = std::pin::pin!(proxy.handle(req.map(ClientBody::Hyper), &ds));
             let resp = std::future::poll_fn(|cx| {
                 sink.register(cx.waker());
                 handled.as_mut().poll(cx)

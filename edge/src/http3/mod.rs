@@ -1,7 +1,7 @@
 //! HTTP/3 over QUIC (quinn + h3), on the same address and port as a TLS
 //! listener. It shares that listener's certificate resolver (the same SNI
-//! choice and hot reload), and every request goes through the same
-//! [`Proxy::handle`] as HTTP/1.1 and HTTP/2.
+//! choice and hot reload), and every request goes to the same
+//! [`Service`] as HTTP/1.1 and HTTP/2.
 //!
 //! h3 is still young; everything that touches it lives in this module.
 
@@ -10,92 +10,24 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::Context;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::{Method, Response};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use quinn::crypto::rustls::QuicServerConfig;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
 use crate::config::{Congestion, Http3Config, RetryMode};
-use crate::error::BoxError;
-use crate::http::body::ClientBody;
+use crate::http::body::{ClientBody, H3Body, RecvStream};
 use crate::http::io::ConnShared;
+use crate::http::{Downstream, Proto, Service, strip_hop_by_hop};
 use crate::listener::tls::CertStore;
 use crate::metrics::{Outcome, Transport};
-use crate::proxy::{Downstream, Proto, Proxy};
 
-type RecvStream = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
 type SendStream = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
-
-/// An HTTP/3 request body, read from the request stream.
-pub struct H3Body {
-    stream: RecvStream,
-    data_done: bool,
-    done: bool,
-}
-
-impl H3Body {
-    fn new(stream: RecvStream) -> Self {
-        H3Body {
-            stream,
-            data_done: false,
-            done: false,
-        }
-    }
-}
-
-impl Body for H3Body {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        if !this.data_done {
-            match this.stream.poll_recv_data(cx) {
-                Poll::Ready(Ok(Some(mut buf))) => {
-                    let b = buf.copy_to_bytes(buf.remaining());
-                    return Poll::Ready(Some(Ok(Frame::data(b))));
-                }
-                Poll::Ready(Ok(None)) => this.data_done = true,
-                Poll::Ready(Err(e)) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        match this.stream.poll_recv_trailers(cx) {
-            Poll::Ready(Ok(t)) => {
-                this.done = true;
-                Poll::Ready(t.map(|t| Ok(Frame::trailers(t))))
-            }
-            Poll::Ready(Err(e)) => {
-                this.done = true;
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -183,9 +115,9 @@ pub fn bind(
 }
 
 /// Per-endpoint serving state.
-#[derive(Clone)]
-pub struct H3Ctx {
-    pub proxy: Arc<Proxy>,
+pub struct H3Ctx<P> {
+    /// Where requests go.
+    pub proxy: Arc<P>,
     pub retry: RetryMode,
     pub retry_threshold: usize,
     pub early_data: bool,
@@ -196,14 +128,30 @@ pub struct H3Ctx {
     pub accepted: prometheus_client::metrics::counter::Counter,
 }
 
+// Not derived: a derive would ask `P: Clone`, and only the `Arc` is cloned.
+impl<P> Clone for H3Ctx<P> {
+    fn clone(&self) -> Self {
+        H3Ctx {
+            proxy: self.proxy.clone(),
+            retry: self.retry,
+            retry_threshold: self.retry_threshold,
+            early_data: self.early_data,
+            handshake_timeout: self.handshake_timeout,
+            max_header_bytes: self.max_header_bytes,
+            handshaking: self.handshaking.clone(),
+            accepted: self.accepted.clone(),
+        }
+    }
+}
+
 /// Accepts QUIC connections until `stop`, then stops accepting; each open
 /// connection gets GOAWAY and finishes its requests in flight. `track`
 /// returns a token held for the life of each connection (its
 /// `max_connections` slot and drain token), or `None` when every slot is
 /// taken, and the connection is refused.
-pub async fn serve<T: Send + 'static>(
+pub async fn serve<P: Service, T: Send + 'static>(
     ep: quinn::Endpoint,
-    ctx: H3Ctx,
+    ctx: H3Ctx<P>,
     mut stop: watch::Receiver<bool>,
     track: impl Fn() -> Option<T>,
 ) {
@@ -224,13 +172,13 @@ pub async fn serve<T: Send + 'static>(
             RetryMode::Auto => ctx.handshaking.load(Ordering::Relaxed) >= ctx.retry_threshold,
         };
         if validate && !incoming.remote_address_validated() && incoming.may_retry() {
-            ctx.proxy.metrics.quic_retries.inc();
+            ctx.proxy.metrics().quic_retries.inc();
             let _ = incoming.retry();
             continue;
         }
         let Some(token) = track() else {
             // Every `max_connections` slot is taken.
-            ctx.proxy.metrics.connections_rejected.inc();
+            ctx.proxy.metrics().connections_rejected.inc();
             incoming.refuse();
             continue;
         };
@@ -296,9 +244,9 @@ impl EarlyData {
     }
 }
 
-async fn handshake(
+async fn handshake<P>(
     connecting: quinn::Connecting,
-    ctx: &H3Ctx,
+    ctx: &H3Ctx<P>,
 ) -> Result<(quinn::Connection, EarlyData), &'static str> {
     let _hs = Handshaking::new(&ctx.handshaking);
     let connecting = if ctx.early_data {
@@ -319,13 +267,13 @@ async fn handshake(
     }
 }
 
-async fn serve_conn(
+async fn serve_conn<P: Service>(
     connecting: quinn::Connecting,
     local: SocketAddr,
-    ctx: H3Ctx,
+    ctx: H3Ctx<P>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let m = ctx.proxy.metrics.clone();
+    let m = ctx.proxy.metrics().clone();
     let (conn, mut early) = match handshake(connecting, &ctx).await {
         Ok(c) => {
             m.quic_handshakes
@@ -404,10 +352,10 @@ async fn serve_conn(
     active.dec();
 }
 
-async fn serve_request(
+async fn serve_request<P: Service>(
     req: http::Request<()>,
     stream: h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
-    proxy: Arc<Proxy>,
+    proxy: Arc<P>,
     ds: Downstream,
 ) {
     let head = req.method() == Method::HEAD;
@@ -437,7 +385,7 @@ async fn serve_request(
     drop(interim);
     let (mut parts, mut body) = resp.into_parts();
     // Connection-specific fields do not exist in HTTP/3.
-    crate::proxy::headers::strip_hop_by_hop(&mut parts.headers, false);
+    strip_hop_by_hop(&mut parts.headers, false);
     if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
         tracing::debug!(error = %e, "h3 send response head failed");
         return;

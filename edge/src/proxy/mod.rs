@@ -20,6 +20,7 @@ pub mod headers;
 pub mod modules;
 pub mod phase;
 pub mod router;
+mod service;
 pub mod session;
 mod slice;
 pub mod upstream;
@@ -29,7 +30,6 @@ use phase::{Flow, Modules};
 use session::Session;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -45,44 +45,15 @@ use crate::accesslog::{AccessLog, LogRecord};
 use crate::config::Config;
 use crate::error::{ErrorKind, ProxyError};
 use crate::http::body::{ClientBody, OnBodyEnd, RequestBody, ResponseBody};
-use crate::http::io::{ConnHold, ConnShared, InflightGuard};
-use crate::metrics::{
-    Metrics, OriginTransition, PoolLabels, Protocol, Reason, RequestLabels, SiteBytes,
-};
+use crate::http::io::{ConnHold, InflightGuard};
+use crate::metrics::{Metrics, PoolLabels, Protocol, Reason, RequestLabels, SiteBytes};
 use router::{HostPattern, Router};
 use upstream::conn::{Checkout, Sender};
-use upstream::health::{Transition, now_ms};
+use upstream::health::now_ms;
 use upstream::{Origin, OriginInflight, Pool};
 
-/// The protocol a request arrived on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Proto {
-    H1,
-    H2,
-    H3,
-}
-
-impl Proto {
-    pub fn label(self) -> &'static str {
-        match self {
-            Proto::H1 => "h1",
-            Proto::H2 => "h2",
-            Proto::H3 => "h3",
-        }
-    }
-}
-
-/// What the pipeline knows of the client side of a request.
-#[derive(Clone, Debug)]
-pub struct Downstream {
-    pub client: SocketAddr,
-    pub local: SocketAddr,
-    pub tls: bool,
-    pub proto: Proto,
-    pub conn: Arc<ConnShared>,
-    /// The request arrived in TLS early data (0-RTT), so it may be a replay.
-    pub early: bool,
-}
+pub use crate::http::{Downstream, Proto};
+pub use upstream::health::health_changed;
 
 /// A configured site.
 #[derive(Debug)]
@@ -186,17 +157,12 @@ impl Runtime {
                 .get(&sc.pool)
                 .ok_or_else(|| format!("no pool {:?}", sc.pool))?
                 .clone();
-            patterns.push(
-                sc.hosts
-                    .iter()
-                    .map(|h| HostPattern::parse(h))
-                    .collect::<Result<Vec<_>, _>>()?,
-            );
-            let name: Arc<str> = Arc::from(sc.hosts.first().map_or("*", String::as_str));
+            patterns.push(sc.hosts.clone());
+            let name: Arc<str> = Arc::from(sc.hosts.first().map_or("*", HostPattern::as_str));
             let plugins: crate::plugins::Chain = match &plugin_host {
                 Some(h) if !sc.plugins.is_empty() => crate::plugins::load_chain(
                     h,
-                    sc.hosts.first().map_or("*", String::as_str),
+                    sc.hosts.first().map_or("*", HostPattern::as_str),
                     &sc.plugins,
                 )?
                 .into(),
@@ -938,32 +904,6 @@ fn build_upstream_request(
         req.extensions_mut().insert(sink.clone());
     }
     Ok(req)
-}
-
-/// Logs and counts a health transition.
-pub fn health_changed(
-    metrics: &Metrics,
-    pool: &Pool,
-    origin: &Origin,
-    t: Transition,
-    by: &'static str,
-) {
-    tracing::warn!(pool = %pool.name, origin = %origin.label, to = t.label(), by, "origin health changed");
-    metrics
-        .origin_health_transitions
-        .get_or_create(&OriginTransition {
-            pool: pool.name.clone(),
-            origin: origin.label.clone(),
-            to: t.label(),
-        })
-        .inc();
-    metrics
-        .origin_healthy
-        .get_or_create(&crate::metrics::OriginLabels {
-            pool: pool.name.clone(),
-            origin: origin.label.clone(),
-        })
-        .set(i64::from(t == Transition::Up));
 }
 
 /// An origin's response and the connection it came on.

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use http::header::{self, HeaderValue};
 use http::{Method, Response, Version};
 
-use super::Proto;
 use super::headers;
 use super::phase::{Flow, HttpModule, PhaseFuture};
 use super::session::Session;
 use crate::error::{ErrorKind, ProxyError};
+use crate::http::Proto;
 use crate::http::body::ResponseBody;
 
 /// Order of the built-in request checks: before anything else.

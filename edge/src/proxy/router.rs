@@ -2,45 +2,7 @@
 
 use std::collections::HashMap;
 
-/// A site's host pattern.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HostPattern {
-    Exact(String),
-    /// "*.example.com": any name ending in ".example.com" (not the apex).
-    Suffix(String),
-    Any,
-}
-
-impl HostPattern {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim().trim_end_matches('.').to_ascii_lowercase();
-        if s == "*" {
-            return Ok(HostPattern::Any);
-        }
-        let (wild, name) = match s.strip_prefix("*.") {
-            Some(rest) => (true, rest),
-            None => (false, s.as_str()),
-        };
-        if name.is_empty()
-            || name.contains('*')
-            || !name.bytes().all(|b| {
-                b.is_ascii_alphanumeric()
-                    || b == b'-'
-                    || b == b'.'
-                    || b == b':'
-                    || b == b'['
-                    || b == b']'
-            })
-        {
-            return Err(format!("{s:?} is not a host name or \"*.name\" pattern"));
-        }
-        Ok(if wild {
-            HostPattern::Suffix(format!(".{name}"))
-        } else {
-            HostPattern::Exact(name.to_string())
-        })
-    }
-}
+pub use crate::config::{HostMatch, HostPattern};
 
 /// Normalises a Host value: lower case, no port, no trailing dot.
 pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
@@ -79,12 +41,12 @@ impl Router {
         let mut r = Router::default();
         for (i, patterns) in sites.iter().enumerate() {
             for p in patterns {
-                match p {
-                    HostPattern::Exact(h) => {
+                match p.kind() {
+                    HostMatch::Exact(h) => {
                         r.exact.entry(h.clone()).or_insert(i);
                     }
-                    HostPattern::Suffix(s) => r.suffixes.push((s.clone(), i)),
-                    HostPattern::Any => {
+                    HostMatch::Suffix(s) => r.suffixes.push((s.clone(), i)),
+                    HostMatch::Any => {
                         r.any.get_or_insert(i);
                     }
                 }

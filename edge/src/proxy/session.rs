@@ -15,7 +15,8 @@ use http::Response;
 use tokio::time::Instant;
 
 use super::phase::Modules;
-use super::{Downstream, ExchangeEnd, Fetched, Proxy, Runtime, Site, UpstreamRequest};
+use super::{ExchangeEnd, Fetched, Proxy, Runtime, Site, UpstreamRequest};
+use crate::http::Downstream;
 use crate::http::body::{ClientBody, ResponseBody};
 use crate::http::io::InflightGuard;
 

@@ -64,7 +64,7 @@ impl std::fmt::Debug for Connector {
 
 impl Connector {
     pub fn new(cfg: &PoolConfig) -> Result<Self, String> {
-        let any_tls = cfg.origins.iter().any(|o| o.url.starts_with("https:"));
+        let any_tls = cfg.origins.iter().any(|o| o.url.tls);
         let tls = if any_tls {
             Some(tls_connector(cfg)?)
         } else {

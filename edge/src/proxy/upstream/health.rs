@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::{Origin, Pool};
 use crate::config::{HealthCheckConfig, StatusSet};
 use crate::http::body::RequestBody;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, OriginLabels, OriginTransition};
 
 /// Milliseconds since the process started; the time base of health state.
 pub fn now_ms() -> u64 {
@@ -175,7 +175,7 @@ pub fn spawn_checkers(pool: Arc<Pool>, metrics: Arc<Metrics>) -> Vec<tokio::task
                         Err(_) => false,
                     };
                     if let Some(t) = origin.health.record_probe(ok, hc.rise, hc.fall, now_ms()) {
-                        crate::proxy::health_changed(&metrics, &pool, &origin, t, "probe");
+                        health_changed(&metrics, &pool, &origin, t, "probe");
                     }
                 }
             })
@@ -225,6 +225,32 @@ async fn probe(
     let status = resp.status().as_u16();
     let _ = crate::http::body::drain(resp.into_body(), 64 * 1024).await;
     Ok(status)
+}
+
+/// Logs and counts a health transition.
+pub fn health_changed(
+    metrics: &Metrics,
+    pool: &Pool,
+    origin: &Origin,
+    t: Transition,
+    by: &'static str,
+) {
+    tracing::warn!(pool = %pool.name, origin = %origin.label, to = t.label(), by, "origin health changed");
+    metrics
+        .origin_health_transitions
+        .get_or_create(&OriginTransition {
+            pool: pool.name.clone(),
+            origin: origin.label.clone(),
+            to: t.label(),
+        })
+        .inc();
+    metrics
+        .origin_healthy
+        .get_or_create(&OriginLabels {
+            pool: pool.name.clone(),
+            origin: origin.label.clone(),
+        })
+        .set(i64::from(t == Transition::Up));
 }
 
 #[cfg(test)]

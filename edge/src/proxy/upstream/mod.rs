@@ -11,72 +11,12 @@ pub mod select;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use http::uri::Authority;
-
+pub use crate::config::OriginAddr;
 use crate::config::{PoolConfig, Selection};
 use crate::metrics::{Metrics, OriginLabels};
 use health::Health;
 use retry::RetryBudget;
 use select::Selector;
-
-/// An origin's scheme, host and port, parsed from "http://host:port".
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OriginAddr {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    pub authority: Authority,
-}
-
-impl OriginAddr {
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-        let tls = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
-            _ => return Err(format!("{url:?}: the scheme must be http or https")),
-        };
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("{url:?} has no host"))?
-            .clone();
-        if authority.as_str().contains('@') {
-            return Err(format!(
-                "{url:?}: credentials in origin URLs are not supported"
-            ));
-        }
-        if uri
-            .path_and_query()
-            .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
-        {
-            return Err(format!("{url:?}: an origin URL has no path"));
-        }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        Ok(OriginAddr {
-            tls,
-            host,
-            port,
-            authority,
-        })
-    }
-
-    pub fn scheme(&self) -> &'static str {
-        if self.tls { "https" } else { "http" }
-    }
-}
-
-impl std::fmt::Display for OriginAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}://{}", self.scheme(), self.authority)
-    }
-}
 
 /// One origin server of a pool.
 #[derive(Debug)]
@@ -132,7 +72,7 @@ impl Pool {
         let connector = conn::Connector::new(config)?;
         let mut origins = Vec::with_capacity(config.origins.len());
         for (index, oc) in config.origins.iter().enumerate() {
-            let addr = OriginAddr::parse(&oc.url)?;
+            let addr = oc.url.clone();
             let label: Arc<str> = Arc::from(addr.to_string());
             let health = Health::new(config.health_check.is_some());
             if let Some(prev) = previous.and_then(|p| p.origins.iter().find(|o| o.addr == addr)) {

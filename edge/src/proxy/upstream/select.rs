@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 use super::Origin;
 use crate::config::Selection;
+pub use crate::util::hash64;
 
 /// Ring points per unit of weight.
 const POINTS_PER_WEIGHT: u32 = 160;
@@ -18,26 +19,6 @@ pub enum Selector {
     RoundRobin(Mutex<Vec<f64>>),
     LeastConnections(AtomicUsize),
     ConsistentHash(Vec<(u64, usize)>),
-}
-
-/// 64-bit FNV-1a with a final avalanche; stable across processes and
-/// versions, so every POP hashes a URL to the same origin.
-pub fn hash64(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for &b in *p {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    // splitmix64 finaliser.
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
 }
 
 /// Envoy's panic mode: when fewer than `threshold_percent` of a pool's
@@ -144,7 +125,7 @@ impl Selector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ConnPoolConfig, OriginConfig, PoolConfig};
+    use crate::config::{ConnPoolConfig, OriginAddr, OriginConfig, PoolConfig};
     use crate::proxy::upstream::Pool;
 
     fn pool(sel: Selection, weights: &[u32]) -> Pool {
@@ -163,7 +144,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &w)| OriginConfig {
-                url: format!("http://10.0.0.{}:80", i + 1),
+                url: OriginAddr::parse(&format!("http://10.0.0.{}:80", i + 1)).expect("url"),
                 weight: w,
             })
             .collect();
