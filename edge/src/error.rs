@@ -12,7 +12,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use crate::http::body::ResponseBody;
 use crate::metrics::{Metrics, Reason, UpstreamError};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::util::BoxError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]

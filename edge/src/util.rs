@@ -19,3 +19,6 @@ pub fn hash64(parts: &[&[u8]]) -> u64 {
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)
 }
+
+/// A boxed error of any kind, as bodies and causes carry them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -11,107 +11,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
-use super::acl::Cidr;
-use super::policy::{
-    self, CacheStatus, ConditionalResult, KeyOptions, PolicyConfig, StoredResponse,
-};
+pub use super::keys::{VARIANT_SEP, keys_of_url, split_variant};
+pub use super::meta::{for_policy, freshened, headers_of, meta_headers, stored_response};
+use super::policy::{self, CacheStatus, ConditionalResult, StoredResponse};
+pub use super::purge::{PurgeCounts, PurgeRequest, normalize_prefix};
 use super::range::{self, RangeRequest};
+pub use super::site::{CACHE_NAME, SitePolicy, downstream_headers};
 use super::spool::{Backing, Spool};
 use super::storage::{Hit, HitBody, ObjectMeta, ObjectWriter, Storage};
-use crate::config::{CacheConfig, SetCookie, SiteCache};
+use crate::config::SetCookie;
 use crate::http::body::ResponseBody;
 use crate::metrics::{CacheResult, Metrics, Reason};
 
-/// The name in `Cache-Status`.
-pub const CACHE_NAME: &str = "meridian";
-/// Separates a URL key from its Vary variant's secondary key.
-pub(crate) const VARIANT_SEP: char = '\u{1}';
-/// Stored header marking a soft purge: the object's age (seconds) at the purge.
-pub(crate) const SOFT_PURGE: &str = "meridian-soft-purge";
 /// The least memory a fill keeps for its client before it lets go of
 /// bytes that storage holds (see [`super::spool`]).
 pub(crate) const SPOOL_MEMORY: u64 = 4 << 20;
-
-/// A site's cache settings, built once per config generation.
-#[derive(Debug)]
-pub struct SitePolicy {
-    pub policy: PolicyConfig,
-    pub key: KeyOptions,
-    pub strip_tags: bool,
-    pub cache_status: bool,
-    pub lock_timeout: Duration,
-    pub hit_for_pass: Duration,
-    pub purge_allow: Vec<Cidr>,
-    /// Slice mode's slice size; 0 when off.
-    pub slice_size: u64,
-    pub set_cookie: SetCookie,
-    /// The largest object fetched whole for no client (see the config).
-    pub background_fill_max: u64,
-}
-
-impl SitePolicy {
-    pub fn new(site: &SiteCache, global: &CacheConfig) -> Self {
-        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
-        SitePolicy {
-            policy: PolicyConfig {
-                default_ttl: nonzero(site.default_ttl.get()),
-                default_stale_while_revalidate: nonzero(site.stale_while_revalidate.get()),
-                default_stale_if_error: nonzero(site.stale_if_error.get()),
-                stale_if_unreachable: nonzero(site.stale_if_unreachable.get()),
-                s_maxage_allows_origin_stale: site.s_maxage_allows_stale,
-                strip_surrogate_keys: site.strip_tags,
-                ..PolicyConfig::default()
-            },
-            key: KeyOptions {
-                sort_query: site.sort_query,
-                drop_params: site.ignore_params.clone(),
-            },
-            strip_tags: site.strip_tags,
-            cache_status: site.cache_status,
-            lock_timeout: global.lock_timeout.get(),
-            hit_for_pass: global.hit_for_pass.get(),
-            purge_allow: global.purge_allow.clone(),
-            slice_size: site.slice_size.get(),
-            set_cookie: site.set_cookie,
-            background_fill_max: global.background_fill_max.get(),
-        }
-    }
-}
-
-/// What a purge asks for (the admin API's JSON body).
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PurgeRequest {
-    #[serde(default)]
-    pub urls: Vec<String>,
-    #[serde(default)]
-    pub tags: Vec<String>,
-    #[serde(default)]
-    pub prefixes: Vec<String>,
-    #[serde(default)]
-    pub hosts: Vec<String>,
-    /// Mark stale instead of removing, so stale-while-revalidate and
-    /// stale-if-error still protect the origin.
-    #[serde(default)]
-    pub soft: bool,
-}
-
-/// How many objects a purge touched.
-#[derive(Debug, Default, serde::Serialize)]
-pub struct PurgeCounts {
-    pub urls: usize,
-    pub tags: usize,
-    pub prefixes: usize,
-    pub hosts: usize,
-    pub purged: usize,
-    pub soft: bool,
-}
 
 /// The shared cache: storage plus the in-flight fetches and hit-for-pass memory.
 pub struct HttpCache {
@@ -164,8 +84,8 @@ const MAX_PASS: usize = 100_000;
 
 impl HttpCache {
     pub fn new(storage: Storage, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new_cyclic(|me| HttpCache {
-            purges: super::purge::PurgeJobs::new(me.clone(), &storage, metrics.clone()),
+        Arc::new(HttpCache {
+            purges: super::purge::PurgeJobs::new(&storage, metrics.clone()),
             storage,
             flights: Mutex::default(),
             pass: Mutex::default(),
@@ -216,24 +136,24 @@ impl HttpCache {
 
     /// Every stored key of one URL: its own, its Vary variants', its slices',
     /// its stored part's.
-    pub(crate) fn keys_of_url(&self, key: &str) -> Vec<String> {
-        let mut ks: Vec<String> = self
-            .storage
-            .index()
-            .keys_with_prefix(key)
-            .into_iter()
-            .filter(|k| {
-                k.len() == key.len()
-                    || matches!(
-                        k[key.len()..].chars().next(),
-                        Some(VARIANT_SEP | super::slice::SLICE_SEP | super::partial::PART_SEP)
-                    )
-            })
+    pub fn keys_of_url(&self, key: &str) -> Vec<String> {
+        keys_of_url(&self.storage, key)
+    }
+
+    /// Accepts a purge (see [`super::purge::PurgeJobs::submit`]); `key_of`
+    /// gives an absolute URL's cache key.
+    pub async fn submit_purge(
+        &self,
+        key_of: &(dyn Fn(&str) -> Option<String> + Sync),
+        req: &PurgeRequest,
+    ) -> Result<Arc<super::purge::Job>, super::purge::PurgeError> {
+        let keys = req
+            .urls
+            .iter()
+            .filter_map(|u| key_of(u))
+            .flat_map(|k| self.keys_of_url(&k))
             .collect();
-        if !ks.iter().any(|k| k == key) {
-            ks.push(key.to_string());
-        }
-        ks
+        self.purges.submit(req, keys).await
     }
 
     /// Sets the occupancy gauges from the storage (called before a scrape).
@@ -373,7 +293,7 @@ impl HttpCache {
         let now = SystemTime::now();
         for k in keys {
             let done = if req.soft {
-                self.soft_purge(&k, now).await
+                super::meta::soft_purge(&self.storage, &k, now).await
             } else {
                 self.storage.remove(&k).await.unwrap_or(false)
             };
@@ -388,115 +308,11 @@ impl HttpCache {
             .inc_by(counts.purged as u64);
         counts
     }
-
-    pub(crate) async fn soft_purge(&self, key: &str, now: SystemTime) -> bool {
-        let Ok(Some(hit)) = self.storage.get(key).await else {
-            return false;
-        };
-        if hit.meta.status == 0 {
-            return false;
-        }
-        let stored = stored_response(&hit.meta);
-        let age = policy::current_age(&stored, now).as_secs();
-        let mut meta = hit.meta;
-        meta.headers.retain(|(n, _)| n != SOFT_PURGE);
-        meta.headers
-            .push((SOFT_PURGE.to_string(), age.to_string().into_bytes()));
-        self.storage.update_meta(key, meta).await.unwrap_or(false)
-    }
 }
 
 pub enum Found {
     Hit { key: String, hit: Hit },
     Miss { variant: Option<String> },
-}
-
-pub(crate) fn headers_of(meta: &ObjectMeta) -> HeaderMap {
-    let mut h = HeaderMap::with_capacity(meta.headers.len());
-    for (n, v) in &meta.headers {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(n.as_bytes()),
-            HeaderValue::from_bytes(v),
-        ) {
-            h.append(n, v);
-        }
-    }
-    h
-}
-
-pub(crate) fn meta_headers(h: &HeaderMap) -> Vec<(String, Vec<u8>)> {
-    h.iter()
-        .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
-        .collect()
-}
-
-pub fn stored_response(meta: &ObjectMeta) -> StoredResponse {
-    StoredResponse {
-        status: StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK),
-        headers: headers_of(meta),
-        request_time: meta.request_time,
-        response_time: meta.response_time,
-    }
-}
-
-/// The response as the policy should judge it: a soft-purged object has been
-/// stale since its purge, with its stale windows and revalidation rules kept.
-pub fn for_policy(mut stored: StoredResponse) -> StoredResponse {
-    let Some(age) = stored.headers.remove(SOFT_PURGE) else {
-        return stored;
-    };
-    let age = age
-        .to_str()
-        .ok()
-        .and_then(|a| a.parse::<u64>().ok())
-        .unwrap_or(0);
-    let d = policy::effective_response_directives(&stored.headers).directives;
-    let mut cc = format!("max-age={age}");
-    if let Some(s) = d.stale_while_revalidate {
-        cc.push_str(&format!(", stale-while-revalidate={s}"));
-    }
-    if let Some(s) = d.stale_if_error {
-        cc.push_str(&format!(", stale-if-error={s}"));
-    }
-    if d.must_revalidate {
-        cc.push_str(", must-revalidate");
-    }
-    if d.proxy_revalidate || d.s_maxage.is_some() {
-        cc.push_str(", proxy-revalidate");
-    }
-    if let Ok(v) = HeaderValue::from_str(&cc) {
-        stored.headers.insert(policy::MERIDIAN_CACHE_CONTROL, v);
-    }
-    stored
-}
-
-/// Lower-cases a prefix's scheme and host, as keys are.
-pub(crate) fn normalize_prefix(p: &str) -> String {
-    match p.split_once("://") {
-        Some((scheme, rest)) => {
-            let (host, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
-            let sep = if rest.contains('/') { "/" } else { "" };
-            format!(
-                "{}://{}{sep}{path}",
-                scheme.to_ascii_lowercase(),
-                host.to_ascii_lowercase()
-            )
-        }
-        None => p.to_string(),
-    }
-}
-
-/// Headers no client response carries: the targeted cache field consumed here,
-/// and (if configured) the surrogate keys.
-pub(crate) fn downstream_headers(h: &mut HeaderMap, sp: &SitePolicy) {
-    for n in policy::headers_to_strip_downstream(h, &sp.policy) {
-        h.remove(n);
-    }
-    h.remove(SOFT_PURGE);
-    if sp.strip_tags {
-        h.remove(policy::surrogate::SURROGATE_KEY);
-        h.remove(policy::surrogate::CACHE_TAG);
-    }
 }
 
 /// A stored object as a request holds it: its key (the URL's or its Vary
@@ -1053,43 +869,6 @@ pub(crate) fn whole_representation(h: &mut HeaderMap, range: bool) {
     if range {
         h.remove(header::RANGE);
     }
-}
-
-/// The URL key and, for a Vary variant, the variant key of a stored object.
-pub(crate) fn split_variant(obj_key: &str) -> (String, Option<String>) {
-    let key = obj_key
-        .split(VARIANT_SEP)
-        .next()
-        .unwrap_or(obj_key)
-        .to_string();
-    (
-        key,
-        obj_key.contains(VARIANT_SEP).then(|| obj_key.to_string()),
-    )
-}
-
-/// A stored object freshened by a 304 (RFC 9111 §4.3.4): the merged
-/// response, and the metadata to store. A soft purge ends here. A 304's
-/// `Set-Cookie` is stored only where a 200's would be.
-pub(crate) fn freshened(
-    meta: &ObjectMeta,
-    not_modified: &HeaderMap,
-    set_cookie: SetCookie,
-    request_time: SystemTime,
-    response_time: SystemTime,
-) -> (StoredResponse, ObjectMeta) {
-    let mut fresh = stored_response(meta);
-    fresh.headers.remove(SOFT_PURGE);
-    let mut update = not_modified.clone();
-    if set_cookie != SetCookie::Store {
-        update.remove(header::SET_COOKIE);
-    }
-    policy::freshen_stored_response(&mut fresh, &update, request_time, response_time);
-    let mut meta = meta.clone();
-    meta.headers = meta_headers(&fresh.headers);
-    meta.request_time = request_time;
-    meta.response_time = response_time;
-    (fresh, meta)
 }
 
 #[cfg(test)]

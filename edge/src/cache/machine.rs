@@ -32,8 +32,8 @@ use std::time::{Duration, SystemTime};
 use http::header::{self, HeaderMap};
 use http::{Method, StatusCode};
 
-use super::http::{CACHE_NAME, SitePolicy};
 use super::policy::{self, CacheStatus, FwdReason, Lookup, StoredResponse};
+use super::site::{CACHE_NAME, SitePolicy};
 use crate::config::SetCookie;
 
 /// How a request enters the cache, decided from its method and the site.

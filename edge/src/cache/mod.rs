@@ -6,11 +6,14 @@
 
 pub mod acl;
 pub mod http;
+pub mod keys;
 pub mod machine;
+pub mod meta;
 pub(crate) mod partial;
 pub mod policy;
 pub mod purge;
 pub mod range;
+pub mod site;
 pub mod slice;
 pub(crate) mod spool;
 pub mod storage;

@@ -4,7 +4,7 @@
 //!
 //! - A URL has at most one stored part: a contiguous run of bytes of one
 //!   representation, kept under its own key (the URL's key and
-//!   [`PART_SEP`]), so a part is never taken for the whole object.
+//!   [`PART_SEP`](super::keys::PART_SEP)), so a part is never taken for the whole object.
 //! - A new 206 combines with the stored part when both carry the same strong
 //!   `ETag` and the same complete length, and their ranges touch or overlap;
 //!   the most recent response's header fields are kept (§3.4). Otherwise the
@@ -27,23 +27,16 @@ use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
-use super::http::{
-    CACHE_NAME, HttpCache, SitePolicy, downstream_headers, headers_of, meta_headers,
-};
+use super::http::HttpCache;
+use super::keys::part_key;
 use super::machine::worth_storing;
+use super::meta::{headers_of, meta_headers};
 use super::policy::{self, CacheStatus, StoredResponse};
 use super::range::{self, RangeRequest};
+use super::site::{CACHE_NAME, SitePolicy, downstream_headers};
 use super::storage::{HitBody, ObjectMeta, Tier};
 use crate::config::SetCookie;
 use crate::http::body::ResponseBody;
-
-/// Separates a URL's key from its stored part's.
-pub(crate) const PART_SEP: char = '\u{3}';
-
-/// The key a URL's part is stored under.
-pub(crate) fn part_key(key: &str) -> String {
-    format!("{key}{PART_SEP}")
-}
 
 /// Bytes `first..=last` of a representation of `total` bytes.
 #[derive(Clone, Debug)]

@@ -14,16 +14,60 @@
 //! for `GET /purge/ID`.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
-use super::http::{HttpCache, PurgeRequest, normalize_prefix};
 use super::storage::{MAX_MARK_SELECTORS, PurgeMatch, PurgeSelectors, Storage, StorageError};
 use crate::metrics::{Metrics, Reason};
+
+/// What a purge asks for (the admin API's JSON body).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    #[serde(default)]
+    pub urls: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Mark stale instead of removing, so stale-while-revalidate and
+    /// stale-if-error still protect the origin.
+    #[serde(default)]
+    pub soft: bool,
+}
+
+/// How many objects a purge touched.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct PurgeCounts {
+    pub urls: usize,
+    pub tags: usize,
+    pub prefixes: usize,
+    pub hosts: usize,
+    pub purged: usize,
+    pub soft: bool,
+}
+
+/// Lower-cases a prefix's scheme and host, as keys are.
+pub fn normalize_prefix(p: &str) -> String {
+    match p.split_once("://") {
+        Some((scheme, rest)) => {
+            let (host, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
+            let sep = if rest.contains('/') { "/" } else { "" };
+            format!(
+                "{}://{}{sep}{path}",
+                scheme.to_ascii_lowercase(),
+                host.to_ascii_lowercase()
+            )
+        }
+        None => p.to_string(),
+    }
+}
 
 /// Most jobs waiting behind the running one.
 pub const MAX_QUEUED: usize = 16;
@@ -234,7 +278,6 @@ struct Worker {
 pub struct PurgeJobs {
     storage: Storage,
     metrics: Arc<Metrics>,
-    cache: Weak<HttpCache>,
     jobs: Mutex<VecDeque<Arc<Job>>>,
     tx: mpsc::Sender<Arc<Job>>,
     /// The worker's parts until it is started.
@@ -252,7 +295,7 @@ impl std::fmt::Debug for PurgeJobs {
 impl PurgeJobs {
     /// Takes over the purges a previous run left unfinished (markers still in the storage), and
     /// starts the worker if a tokio runtime is running (else at the first purge).
-    pub fn new(cache: Weak<HttpCache>, storage: &Storage, metrics: Arc<Metrics>) -> Self {
+    pub fn new(storage: &Storage, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel(MAX_QUEUED);
         let mut resumed = Vec::new();
         for (id, _) in storage.pending_purges() {
@@ -269,7 +312,6 @@ impl PurgeJobs {
         let jobs = PurgeJobs {
             storage: storage.clone(),
             metrics,
-            cache,
             jobs: Mutex::new(resumed.iter().cloned().collect()),
             tx,
             worker: Mutex::new(Some(Worker { rx, resumed })),
@@ -286,14 +328,13 @@ impl PurgeJobs {
         };
         let storage = self.storage.clone();
         let metrics = self.metrics.clone();
-        let cache = self.cache.clone();
         tokio::spawn(async move {
             let Worker { mut rx, resumed } = w;
             for job in resumed {
-                run(&job, &storage, &metrics, &cache).await;
+                run(&job, &storage, &metrics).await;
             }
             while let Some(job) = rx.recv().await {
-                run(&job, &storage, &metrics, &cache).await;
+                run(&job, &storage, &metrics).await;
             }
         });
     }
@@ -323,7 +364,7 @@ impl PurgeJobs {
 }
 
 /// Runs one job to its end.
-async fn run(job: &Arc<Job>, storage: &Storage, metrics: &Metrics, cache: &Weak<HttpCache>) {
+async fn run(job: &Arc<Job>, storage: &Storage, metrics: &Metrics) {
     job.start();
     let keys = std::mem::take(&mut *job.keys.lock());
     let reason = if job.soft { "soft" } else { "hard" };
@@ -332,18 +373,13 @@ async fn run(job: &Arc<Job>, storage: &Storage, metrics: &Metrics, cache: &Weak<
         .get_or_create(&Reason { reason })
         .clone();
     let result: Result<(), String> = async {
-        let soft_cache = if job.soft {
-            Some(cache.upgrade().ok_or("the cache has shut down")?)
-        } else {
-            None
-        };
         let now = SystemTime::now();
         for batch in keys.chunks(BATCH) {
             let mut n = 0;
             for k in batch {
-                let removed = match &soft_cache {
-                    Some(c) => c.soft_purge(k, now).await,
-                    None => storage
+                let removed = match job.soft {
+                    true => super::meta::soft_purge(storage, k, now).await,
+                    false => storage
                         .remove_purged(k, job.id)
                         .await
                         .map_err(|e| e.to_string())?,
@@ -369,21 +405,44 @@ async fn run(job: &Arc<Job>, storage: &Storage, metrics: &Metrics, cache: &Weak<
     job.finish(result);
 }
 
-impl HttpCache {
-    /// Accepts a purge: for a hard one, the objects it covers are misses when this returns, and
-    /// the purge survives a crash; their removal goes on in the background.
-    pub async fn submit_purge(
-        &self,
-        key_of: &(dyn Fn(&str) -> Option<String> + Sync),
-        req: &PurgeRequest,
-    ) -> Result<Arc<Job>, PurgeError> {
-        let jobs = &self.purges;
-        let mut sel = PurgeSelectors::default();
-        for url in &req.urls {
-            if let Some(k) = key_of(url) {
-                sel.keys.extend(self.keys_of_url(&k));
-            }
+/// Reads `POST /purge`'s query: `wait` (or `wait=true`) waits up to [`MAX_WAIT`], `wait=N` up
+/// to N seconds (at most [`MAX_WAIT`]); without it, the call does not wait.
+pub fn parse_wait(query: Option<&str>) -> Result<Option<Duration>, String> {
+    let Some(q) = query else { return Ok(None) };
+    let mut wait = None;
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k != "wait" {
+            return Err(format!("unknown query parameter {k:?}"));
         }
+        wait = match v {
+            "" | "true" => Some(MAX_WAIT),
+            "false" | "0" => None,
+            n => {
+                let secs: u64 = n
+                    .parse()
+                    .map_err(|_| format!("wait must be true, false or seconds, not {n:?}"))?;
+                Some(Duration::from_secs(secs).min(MAX_WAIT))
+            }
+        };
+    }
+    Ok(wait)
+}
+
+impl PurgeJobs {
+    /// Accepts a purge of `req`, whose URLs' keys are `url_keys`: for a
+    /// hard one, the objects it covers are misses when this returns, and the
+    /// purge survives a crash; their removal goes on in the background.
+    pub async fn submit(
+        &self,
+        req: &PurgeRequest,
+        url_keys: Vec<String>,
+    ) -> Result<Arc<Job>, PurgeError> {
+        let jobs = self;
+        let mut sel = PurgeSelectors {
+            keys: url_keys,
+            ..PurgeSelectors::default()
+        };
         sel.keys.sort_unstable();
         sel.keys.dedup();
         sel.tags = req.tags.clone();
@@ -415,30 +474,6 @@ impl HttpCache {
         permit.send(job.clone());
         Ok(job)
     }
-}
-
-/// Reads `POST /purge`'s query: `wait` (or `wait=true`) waits up to [`MAX_WAIT`], `wait=N` up
-/// to N seconds (at most [`MAX_WAIT`]); without it, the call does not wait.
-pub fn parse_wait(query: Option<&str>) -> Result<Option<Duration>, String> {
-    let Some(q) = query else { return Ok(None) };
-    let mut wait = None;
-    for pair in q.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k != "wait" {
-            return Err(format!("unknown query parameter {k:?}"));
-        }
-        wait = match v {
-            "" | "true" => Some(MAX_WAIT),
-            "false" | "0" => None,
-            n => {
-                let secs: u64 = n
-                    .parse()
-                    .map_err(|_| format!("wait must be true, false or seconds, not {n:?}"))?;
-                Some(Duration::from_secs(secs).min(MAX_WAIT))
-            }
-        };
-    }
-    Ok(wait)
 }
 
 #[cfg(test)]

@@ -13,12 +13,13 @@ use bytes::{Bytes, BytesMut};
 use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderValue};
 
-use super::http::{HttpCache, SitePolicy, headers_of, meta_headers};
+use super::http::HttpCache;
+pub(crate) use super::keys::{SLICE_SEP, slice_key};
+use super::meta::{headers_of, meta_headers};
 use super::policy;
+use super::site::SitePolicy;
 use super::storage::{HitBody, ObjectMeta};
 
-/// Separates an object's key from a slice number.
-pub(crate) const SLICE_SEP: char = '\u{2}';
 /// Stored with each slice: the whole object's length.
 pub(crate) const TOTAL: &str = "meridian-slice-total";
 
@@ -28,10 +29,6 @@ pub(crate) struct Slice {
     pub total: u64,
     pub headers: HeaderMap,
     pub hit: bool,
-}
-
-pub(crate) fn slice_key(key: &str, i: u64) -> String {
-    format!("{key}{SLICE_SEP}{i}")
 }
 
 /// The bytes slice `i` covers, `[i*s, i*s + s - 1]`, its end capped at
@@ -112,9 +109,6 @@ pub(crate) async fn cached_slice(
     })
 }
 
-/// Slice `i` of the object: from the cache, or fetched with a Range request
-/// (coalesced per slice) and stored.
-#[allow(clippy::too_many_arguments)]
 /// A fetched slice, stored as the representation's own response would be:
 /// if its method, request and headers allow it.
 pub(crate) struct SliceToStore<'a> {

@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::error::BoxError;
+use crate::util::BoxError;
 
 /// Why a streamed body stopped.
 #[derive(Debug, thiserror::Error)]

@@ -29,14 +29,20 @@ use std::task::Waker;
 use bytes::{BufMut, BytesMut};
 use http::{HeaderMap, StatusCode, header};
 
-use super::io::ConnShared;
-
 /// At most this many bytes of interim heads wait for one request.
 const MAX_QUEUED: usize = 16 * 1024;
 /// At most this many interim responses are forwarded for one request.
 const MAX_PER_REQUEST: u32 = 8;
 
-/// A connection's queue of encoded interim heads (in [`ConnShared`]).
+/// A connection's interim heads (in its `ConnShared`): the queue, and
+/// whether it holds bytes (checked without the lock on every write).
+#[derive(Debug, Default)]
+pub struct InterimShared {
+    pub(crate) queue: parking_lot::Mutex<InterimQueue>,
+    pub(crate) pending: std::sync::atomic::AtomicBool,
+}
+
+/// A connection's queue of encoded interim heads.
 #[derive(Debug, Default)]
 pub struct InterimQueue {
     /// Encoded heads not yet written to the client.
@@ -66,7 +72,7 @@ pub struct InterimSink(Sink);
 #[derive(Clone, Debug)]
 enum Sink {
     /// HTTP/1.1: encoded into the connection's queue (see the module docs).
-    H1(Weak<ConnShared>),
+    H1(Weak<InterimShared>),
     /// HTTP/3: to the request's task, which sends each as a HEADERS frame
     /// before the final one (RFC 9114 §4.1). Closed with the final response.
     H3(tokio::sync::mpsc::Sender<(StatusCode, HeaderMap)>),
@@ -91,17 +97,17 @@ impl InterimSink {
     }
 
     /// Opens the connection's queue for a new request.
-    pub fn open(conn: &Arc<ConnShared>) -> Self {
-        let mut q = conn.interim.lock();
+    pub fn open(conn: &Arc<InterimShared>) -> Self {
+        let mut q = conn.queue.lock();
         q.buf.clear();
         q.open = true;
         q.count = 0;
         q.waker = None;
-        conn.interim_pending.store(false, Ordering::Release);
+        conn.pending.store(false, Ordering::Release);
         InterimSink(Sink::H1(Arc::downgrade(conn)))
     }
 
-    fn h1(&self) -> Option<Arc<ConnShared>> {
+    fn h1(&self) -> Option<Arc<InterimShared>> {
         match &self.0 {
             Sink::H1(w) => w.upgrade(),
             Sink::H3(_) => None,
@@ -111,7 +117,7 @@ impl InterimSink {
     /// Remembers the task to wake when an interim response arrives.
     pub fn register(&self, waker: &Waker) {
         let Some(conn) = self.h1() else { return };
-        let mut q = conn.interim.lock();
+        let mut q = conn.queue.lock();
         match &q.waker {
             Some(w) if w.will_wake(waker) => {}
             _ => q.waker = Some(waker.clone()),
@@ -121,7 +127,7 @@ impl InterimSink {
     /// The request has its final response: nothing more is queued for it.
     pub fn close(&self) {
         let Some(conn) = self.h1() else { return };
-        let mut q = conn.interim.lock();
+        let mut q = conn.queue.lock();
         q.open = false;
         q.waker = None;
     }
@@ -169,14 +175,14 @@ impl InterimSink {
         }
         head.put_slice(b"\r\n");
         let waker = {
-            let mut q = conn.interim.lock();
+            let mut q = conn.queue.lock();
             if !q.open || q.count >= MAX_PER_REQUEST || q.buf.len() + head.len() > MAX_QUEUED {
                 tracing::debug!(status = code, "interim response dropped");
                 return;
             }
             q.count += 1;
             q.buf.put_slice(&head);
-            conn.interim_pending.store(true, Ordering::Release);
+            conn.pending.store(true, Ordering::Release);
             q.waker.clone()
         };
         if let Some(w) = waker {
@@ -216,40 +222,40 @@ mod tests {
 
     #[test]
     fn encodes_forwardable_interims_while_open() {
-        let conn = Arc::new(ConnShared::default());
+        let conn = Arc::new(InterimShared::default());
         let sink = InterimSink::open(&conn);
         sink.push(StatusCode::CONTINUE, &hints());
         sink.push(StatusCode::SWITCHING_PROTOCOLS, &hints());
         assert!(
-            conn.interim.lock().buf.is_empty(),
+            conn.queue.lock().buf.is_empty(),
             "100 and 101 are not forwarded"
         );
         sink.push(StatusCode::EARLY_HINTS, &hints());
         assert_eq!(
-            &conn.interim.lock().buf[..],
+            &conn.queue.lock().buf[..],
             b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n"
         );
-        assert!(conn.interim_pending.load(Ordering::Acquire));
+        assert!(conn.pending.load(Ordering::Acquire));
         sink.close();
         sink.push(StatusCode::PROCESSING, &HeaderMap::new());
         assert_eq!(
-            conn.interim.lock().buf.len(),
+            conn.queue.lock().buf.len(),
             57,
             "nothing is queued after the final response"
         );
         // The next request starts with an empty queue.
         let _next = InterimSink::open(&conn);
-        assert!(conn.interim.lock().buf.is_empty());
+        assert!(conn.queue.lock().buf.is_empty());
     }
 
     #[test]
     fn bounded_per_request() {
-        let conn = Arc::new(ConnShared::default());
+        let conn = Arc::new(InterimShared::default());
         let sink = InterimSink::open(&conn);
         for _ in 0..20 {
             sink.push(StatusCode::PROCESSING, &HeaderMap::new());
         }
         let expected = b"HTTP/1.1 102 Processing\r\n\r\n".len() * MAX_PER_REQUEST as usize;
-        assert_eq!(conn.interim.lock().buf.len(), expected);
+        assert_eq!(conn.queue.lock().buf.len(), expected);
     }
 }

@@ -33,9 +33,7 @@ pub struct ConnShared {
     pub hold: std::sync::OnceLock<ConnHold>,
     /// Interim (1xx) heads waiting to be written before the final response
     /// (HTTP/1.1 only; see [`super::interim`]).
-    pub(crate) interim: Mutex<super::interim::InterimQueue>,
-    /// Whether `interim` holds bytes: checked without the lock on every write.
-    pub(crate) interim_pending: AtomicBool,
+    pub(crate) interim: Arc<super::interim::InterimShared>,
 }
 
 /// See [`ConnShared::hold`].
@@ -245,7 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
 impl<S: AsyncWrite + Unpin> ClientIo<S> {
     /// Writes queued interim heads; Ready once none are left.
     fn poll_interim(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut q = self.shared.interim.lock();
+        let mut q = self.shared.interim.queue.lock();
         while !q.buf.is_empty() {
             match Pin::new(&mut self.inner).poll_write(cx, &q.buf) {
                 Poll::Ready(Ok(0)) => {
@@ -259,7 +257,7 @@ impl<S: AsyncWrite + Unpin> ClientIo<S> {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        self.shared.interim_pending.store(false, Ordering::Release);
+        self.shared.interim.pending.store(false, Ordering::Release);
         Poll::Ready(Ok(()))
     }
 
@@ -268,7 +266,7 @@ impl<S: AsyncWrite + Unpin> ClientIo<S> {
     /// yet; otherwise (the final head may be in this write, behind bytes of
     /// an earlier response) they are dropped.
     fn poll_interim_before_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.shared.interim_pending.load(Ordering::Acquire) {
+        if !self.shared.interim.pending.load(Ordering::Acquire) {
             self.clean = false;
             return Poll::Ready(Ok(()));
         }
@@ -278,10 +276,10 @@ impl<S: AsyncWrite + Unpin> ClientIo<S> {
                 return self.watch_write(r, cx);
             }
         } else {
-            let mut q = self.shared.interim.lock();
+            let mut q = self.shared.interim.queue.lock();
             if !q.is_open() {
                 q.buf.clear();
-                self.shared.interim_pending.store(false, Ordering::Release);
+                self.shared.interim.pending.store(false, Ordering::Release);
                 tracing::debug!("interim response dropped: the final response was already queued");
             }
         }
@@ -407,7 +405,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         // and before the final head is written the queue is either drained
         // or dropped (see `poll_interim_before_write`): interim heads queued
         // now precede the final response.
-        if this.shared.interim_pending.load(Ordering::Acquire) {
+        if this.shared.interim.pending.load(Ordering::Acquire) {
             let r = this.poll_interim(cx);
             if !matches!(r, Poll::Ready(Ok(()))) {
                 return this.watch_write(r, cx);

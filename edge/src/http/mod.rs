@@ -123,36 +123,28 @@ pub async fn serve_tcp<P: Service>(
                 }
             };
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_io(
-                stream,
-                Bytes::new(),
-                h2,
-                peer,
+            let ds = Downstream {
+                client: peer,
                 local,
-                true,
-                proxy,
-                limits,
-                shutdown,
-                shared,
-            )
-            .await;
+                tls: true,
+                proto: if h2 { Proto::H2 } else { Proto::H1 },
+                conn: shared,
+                early: false,
+            };
+            serve_io(stream, Bytes::new(), ds, proxy, limits, shutdown).await;
         }
         None => {
             match sniff_h2(&stream, limits.header_read_timeout.min(limits.idle_timeout)).await {
                 Some(h2) => {
-                    serve_io(
-                        stream,
-                        Bytes::new(),
-                        h2,
-                        peer,
+                    let ds = Downstream {
+                        client: peer,
                         local,
-                        false,
-                        proxy,
-                        limits,
-                        shutdown,
-                        shared,
-                    )
-                    .await
+                        tls: false,
+                        proto: if h2 { Proto::H2 } else { Proto::H1 },
+                        conn: shared,
+                        early: false,
+                    };
+                    serve_io(stream, Bytes::new(), ds, proxy, limits, shutdown).await;
                 }
                 None => tracing::debug!(%peer, "connection closed or silent before a request"),
             }
@@ -185,22 +177,21 @@ async fn sniff_h2(stream: &TcpStream, wait: Duration) -> Option<bool> {
     Some(false)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Serves one connection (HTTP/1.1 or HTTP/2, as `ds.proto` says) whose
+/// first bytes, already read, are `prefix`.
 pub async fn serve_io<S, P>(
     stream: S,
     prefix: Bytes,
-    h2: bool,
-    peer: SocketAddr,
-    local: SocketAddr,
-    tls: bool,
+    ds: Downstream,
     proxy: Arc<P>,
     limits: ConnLimits,
     shutdown: watch::Receiver<bool>,
-    shared: Arc<ConnShared>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     P: Service,
 {
+    let h2 = ds.proto == Proto::H2;
+    let peer = ds.client;
     let settings = IoSettings {
         http1: !h2,
         max_head: limits.max_header_bytes,
@@ -209,6 +200,7 @@ pub async fn serve_io<S, P>(
         head_timeout: limits.header_read_timeout,
         send_timeout: limits.send_timeout,
     };
+    let shared = ds.conn.clone();
     let io = ClientIo::new(
         stream,
         prefix,
@@ -217,14 +209,6 @@ pub async fn serve_io<S, P>(
         proxy.metrics().clone(),
     );
     let stop = shutdown_signal(shutdown, shared.clone(), limits.header_read_timeout);
-    let ds = Downstream {
-        client: peer,
-        local,
-        tls,
-        proto: if h2 { Proto::H2 } else { Proto::H1 },
-        conn: shared,
-        early: false,
-    };
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let ds = ds.clone();
@@ -234,7 +218,7 @@ pub async fn serve_io<S, P>(
             }
             // HTTP/1.1: the origin's 1xx interim responses reach the client
             // through the connection's I/O (see `interim`).
-            let sink = interim::InterimSink::open(&ds.conn);
+            let sink = interim::InterimSink::open(&ds.conn.interim);
             req.extensions_mut().insert(sink.clone());
             let mut handled = std::pin::pin!(proxy.handle(req.map(ClientBody::Hyper), &ds));
             let resp = std::future::poll_fn(|cx| {

@@ -778,6 +778,56 @@ impl Proxy {
     }
 }
 
+/// The session's parts that need the module lists (kept here, so that the
+/// session and the phases do not import each other).
+impl Session {
+    /// The modules of the routed site; before routing, the generation's.
+    pub fn site_modules(&self) -> Modules {
+        match self.site() {
+            Ok(site) => site.modules.clone(),
+            Err(_) => self.rt.modules.clone(),
+        }
+    }
+
+    /// response_filter: the modules on the client's response; a module's
+    /// failure replaces the response with its error's, which the later
+    /// modules then see.
+    pub async fn response_filter(&mut self, resp: &mut Response<ResponseBody>, modules: &Modules) {
+        for m in modules.iter() {
+            let r = match m.response_filter(self, resp) {
+                Some(f) => f.await,
+                None => Ok(()),
+            };
+            if let Err(e) = r {
+                *resp = self.error_response(e);
+            }
+        }
+    }
+
+    /// The end-of-exchange hook for the response body: it holds the plugin
+    /// contexts, the log record and the modules' logging phase.
+    pub(super) fn into_end(
+        self,
+        start: Instant,
+        inflight: InflightGuard,
+        modules: Modules,
+    ) -> ExchangeEnd {
+        let site = self.site().ok();
+        ExchangeEnd {
+            metrics: self.proxy.metrics.clone(),
+            site: site.map_or_else(|| Arc::from("-"), |s| s.name.clone()),
+            client_bytes: site.map(|s| s.bytes.client.clone()),
+            rec: Some(self.rec),
+            start,
+            proto: self.ds.proto,
+            modules,
+            _plugins: self.up.plugins,
+            _inflight: inflight,
+            rt: self.rt,
+        }
+    }
+}
+
 /// Copies bytes both ways between an upgraded client and origin connection,
 /// until either side closes or nothing moves either way for `idle` (the
 /// pool's idle timeout, as nginx's `proxy_read_timeout` bounds WebSockets).

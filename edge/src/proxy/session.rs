@@ -12,13 +12,10 @@ use crate::error::{ErrorKind, ErrorSource, ProxyError};
 use crate::http::body::RequestBody;
 
 use http::Response;
-use tokio::time::Instant;
 
-use super::phase::Modules;
-use super::{ExchangeEnd, Fetched, Proxy, Runtime, Site, UpstreamRequest};
+use super::{Fetched, Proxy, Runtime, Site, UpstreamRequest};
 use crate::http::Downstream;
 use crate::http::body::{ClientBody, ResponseBody};
-use crate::http::io::InflightGuard;
 
 /// A request on its way through the pipeline.
 pub struct Session {
@@ -82,14 +79,6 @@ impl Session {
         e.to_response(unknown)
     }
 
-    /// The modules of the routed site; before routing, the generation's.
-    pub fn site_modules(&self) -> Modules {
-        match self.site() {
-            Ok(site) => site.modules.clone(),
-            Err(_) => self.rt.modules.clone(),
-        }
-    }
-
     /// upstream_response_filter: the site's modules on an origin response,
     /// before the cache stores it.
     pub async fn upstream_response_filter(
@@ -103,44 +92,6 @@ impl Session {
             }
         }
         Ok(())
-    }
-
-    /// response_filter: the modules on the client's response; a module's
-    /// failure replaces the response with its error's, which the later
-    /// modules then see.
-    pub async fn response_filter(&mut self, resp: &mut Response<ResponseBody>, modules: &Modules) {
-        for m in modules.iter() {
-            let r = match m.response_filter(self, resp) {
-                Some(f) => f.await,
-                None => Ok(()),
-            };
-            if let Err(e) = r {
-                *resp = self.error_response(e);
-            }
-        }
-    }
-
-    /// The end-of-exchange hook for the response body: it holds the plugin
-    /// contexts, the log record and the modules' logging phase.
-    pub(super) fn into_end(
-        self,
-        start: Instant,
-        inflight: InflightGuard,
-        modules: Modules,
-    ) -> ExchangeEnd {
-        let site = self.site().ok();
-        ExchangeEnd {
-            metrics: self.proxy.metrics.clone(),
-            site: site.map_or_else(|| Arc::from("-"), |s| s.name.clone()),
-            client_bytes: site.map(|s| s.bytes.client.clone()),
-            rec: Some(self.rec),
-            start,
-            proto: self.ds.proto,
-            modules,
-            _plugins: self.up.plugins,
-            _inflight: inflight,
-            rt: self.rt,
-        }
     }
 
     /// Routes the session to site `idx` of its generation.
