@@ -533,8 +533,9 @@ pub async fn kill9(args: &Args) -> anyhow::Result<()> {
 
 /// The disk tier on a tmpfs of `--tmpfs-mb` (mounted here) that a ballast
 /// file fills; under load, every request must still be served (memory and
-/// origin), the write errors are logged a bounded number of times, and once
-/// the ballast goes the tier stores again.
+/// origin), the write errors are counted (`meridian_cache_disk_errors_total`)
+/// and logged a bounded number of times, and once the ballast goes the tier
+/// stores again: objects stored after that come back from the disk.
 pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
     let phase = Duration::from_secs(args.get("phase", 15u64)?);
     let mb: u64 = args.get("tmpfs-mb", 64u64)?;
@@ -659,19 +660,82 @@ pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
     let full_secs = full_start.elapsed().as_secs_f64();
     let during = cache(&admin_get(admin, "/cache").await?);
     let logged_full = edge_log_errors(&log) - logged_before;
+    let errors_full = metric(
+        &admin_get(admin, "/metrics").await.unwrap_or_default(),
+        "meridian_cache_disk_errors_total",
+        &[],
+    );
     std::fs::remove_file(&ballast)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let recovered_from = next.load(Ordering::Relaxed);
     run_phase("recovered").await;
     let after = cache(&admin_get(admin, "/cache").await?);
     let m = admin_get(admin, "/metrics").await.unwrap_or_default();
     let wb = |v: &serde_json::Value| v["disk"]["write_bytes"].as_f64().unwrap_or(0.0);
+    let hits = |v: &serde_json::Value| v["disk"]["hits"].as_u64().unwrap_or(0);
+    // Objects stored after the space returned come back from the disk: no new origin request,
+    // a disk hit each. Those followed by 250 to 450 others (of about 36 KiB on disk each): out
+    // of the 4 MiB memory tier, and well inside the disk tier's capacity (the phase may write
+    // more than that capacity).
+    let last = next.load(Ordering::Relaxed);
+    let first = last.saturating_sub(450).max(recovered_from);
+    let mut client = Client::new(Proto::H1, target.clone(), Duration::from_secs(10));
+    let (mut checked, mut restored, mut lost) = (0u64, 0u64, Vec::new());
+    for n in (first..last.saturating_sub(250)).step_by(5) {
+        let path = format!("/cc/d-{n}");
+        let before_n = origin
+            .stats
+            .by_path
+            .lock()
+            .await
+            .get(&path)
+            .copied()
+            .unwrap_or(0);
+        if before_n == 0 {
+            continue; // a number a re-read used up: never stored
+        }
+        checked += 1;
+        let r = Req::get(
+            format!("/cc/d-{n}?cc=public,max-age=3600&size=32768&seed=7&digest=1"),
+            Check::Digest { size: 32768 },
+            "restored",
+        );
+        let resp = client.send(&r).await?;
+        crate::load::verify(&r.check, &resp)
+            .map_err(|e| anyhow::anyhow!("reading back {}: {e}", r.path))?;
+        let after_n = origin
+            .stats
+            .by_path
+            .lock()
+            .await
+            .get(&path)
+            .copied()
+            .unwrap_or(0);
+        if resp.status == 200 && after_n == before_n {
+            restored += 1;
+        } else {
+            lost.push(format!("d-{n}"));
+        }
+    }
+    let end = cache(&admin_get(admin, "/cache").await?);
+    let disk_hits = hits(&end).saturating_sub(hits(&after));
+    let errors_total = metric(&m, "meridian_cache_disk_errors_total", &[]);
     println!(
-        "diskfull: ballast {} MiB on a {mb} MiB tmpfs; disk bytes written: {:.0} before, {:.0} while full, {:.0} after; warnings or errors logged while full: {logged_full} in {full_secs:.0} s; storage error metric: {}",
+        "diskfull: ballast {} MiB on a {mb} MiB tmpfs; disk bytes written: {:.0} before, {:.0} while full, {:.0} after; warnings or errors logged while full: {logged_full} in {full_secs:.0} s; storage error metric: {errors_full} after the full phase, {errors_total} at the end; disk writes skipped: {}; preallocated: {}",
         filled >> 20,
         wb(&before),
         wb(&during) - wb(&before),
         wb(&after) - wb(&during),
-        metric(&m, "meridian_cache_disk_errors_total", &[]),
+        end["disk"]["writes_skipped"],
+        end["disk"]["preallocated"],
+    );
+    println!(
+        "diskfull: {restored} of {checked} objects stored after the space returned were served without the origin, with {disk_hits} disk hits{}",
+        if lost.is_empty() {
+            String::new()
+        } else {
+            format!("; from the origin again: {}", lost.join(" "))
+        }
     );
     let mut problems = Vec::new();
     if filled == 0 {
@@ -679,6 +743,20 @@ pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
     }
     if wb(&after) <= wb(&during) {
         problems.push("the disk tier wrote nothing after space returned".into());
+    }
+    if errors_full < 1.0 {
+        problems.push("meridian_cache_disk_errors_total did not count the full disk".into());
+    }
+    // Recovery, as the clients see it: the objects come back, and from the disk.
+    if checked < 15 || restored * 10 < checked * 9 {
+        problems.push(format!(
+            "only {restored} of {checked} objects stored after the space returned were served from the cache"
+        ));
+    }
+    if disk_hits * 10 < restored * 9 {
+        problems.push(format!(
+            "{restored} objects stored after the space returned came back, but only {disk_hits} from the disk"
+        ));
     }
     // Once per interval: no more than one line a second while full.
     if logged_full as f64 > full_secs.ceil() + 2.0 {
