@@ -26,10 +26,15 @@
 //!   small disks still get several blocks; `open` fails if a block cannot hold a max entry or the
 //!   disk holds fewer than 4 blocks;
 //! * the flush buffer pool is max(16 MiB, 2 × max entry), and the submit queue limit 4 × that.
-//!   foyer drops (does not write) entries when the submit queue is over its limit; writers of
-//!   large objects wait for the disk flushers once more than half that limit is unflushed.
+//!   foyer drops (does not write) entries when the submit queue is over its limit; writers
+//!   (chunks and heads) wait for the disk flushers once more than half that limit is unflushed.
 //!
 //! With the default 1 MiB chunks the max entry is about 1.2 MiB and blocks are 16 MiB.
+//!
+//! # A full filesystem
+//! foyer's files are preallocated at open so that a filling filesystem cannot fail foyer's
+//! writes (after one, foyer 0.22.6's flusher dies); where that is impossible, entries stay in
+//! memory only while the free space is short. See the `space` module.
 
 mod codec;
 mod error;
