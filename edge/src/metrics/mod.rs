@@ -450,6 +450,13 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+/// Raises `counter` to `total`, a count kept elsewhere and read at scrape time (never lowers it).
+pub fn raise_counter(counter: &Counter, total: u64) {
+    counter
+        .inner()
+        .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,11 +480,4 @@ mod tests {
         );
         assert!(text.contains("# EOF"));
     }
-}
-
-/// Raises `counter` to `total`, a count kept elsewhere and read at scrape time (never lowers it).
-pub fn raise_counter(counter: &Counter, total: u64) {
-    counter
-        .inner()
-        .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
 }
