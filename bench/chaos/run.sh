@@ -14,6 +14,7 @@
 #   NAME: sent=… succeeded=… expected_failures=… unexpected_failures=… corrupt_bodies=…
 # and exits non-zero unless the last two are 0 and its other checks hold.
 # Server logs: $MERIDIAN_CHAOS_LOGS (default /tmp/meridian-chaos-logs/).
+# The builds go to $CARGO_TARGET_DIR when it is set (else ./target).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
@@ -29,7 +30,7 @@ flag=""; [ "$PROFILE" = release ] && flag="--release"
 # build), then the harness.
 cargo build $flag -p meridian-edge -p meridian-dns --bins >&2
 cargo build $flag -p meridian-e2e --bin meridian-chaos >&2
-BIN="$ROOT/target/$PROFILE"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
 export MERIDIAN_EDGE_BIN="$BIN/meridian-edge" MERIDIAN_DNS_BIN="$BIN/meridian-dns"
 
 CHAOS_PID=""

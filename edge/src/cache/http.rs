@@ -180,6 +180,8 @@ impl HttpCache {
         }
         m.cache_entries.set(s.entries as i64);
         m.cache_corrupt.set(s.corrupt_entries as i64);
+        crate::metrics::raise_counter(&m.cache_disk_errors, s.disk_errors);
+        crate::metrics::raise_counter(&m.cache_disk_writes_skipped, s.disk_writes_skipped);
     }
 
     /// The cache-stats document of the admin API.
@@ -198,6 +200,10 @@ impl HttpCache {
                 "write_ios": s.disk_write_ios,
                 "read_latency_avg_ms": s.disk_read_latency_avg.map(|d| d.as_secs_f64() * 1000.0),
                 "flush_wait_avg_ms": s.disk_flush_wait_avg.map(|d| d.as_secs_f64() * 1000.0),
+                "errors": s.disk_errors,
+                "writes_skipped": s.disk_writes_skipped,
+                "preallocated": s.disk_preallocated,
+                "admitting": s.disk_admitting,
             },
             "entries": s.entries,
             "misses": s.misses,

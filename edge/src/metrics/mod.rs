@@ -145,6 +145,10 @@ pub struct Metrics {
     pub cache_disk_io_bytes: Family<Reason, Gauge>,
     pub cache_disk_read_latency: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub cache_corrupt: Gauge,
+    /// The storage's disk write errors (a full disk); raised to the storage's count at scrape.
+    pub cache_disk_errors: Counter,
+    /// Entries kept in memory only while the disk tier's filesystem was short of space.
+    pub cache_disk_writes_skipped: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -213,6 +217,8 @@ impl Metrics {
             cache_disk_io_bytes: Family::default(),
             cache_disk_read_latency: Gauge::default(),
             cache_corrupt: Gauge::default(),
+            cache_disk_errors: Counter::default(),
+            cache_disk_writes_skipped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -421,6 +427,16 @@ impl Metrics {
             "Stored entries found corrupt and dropped",
             m.cache_corrupt.clone(),
         );
+        registry.register(
+            "cache_disk_errors",
+            "Failed disk writes of the cache storage (index log, preallocation), e.g. a full disk",
+            m.cache_disk_errors.clone(),
+        );
+        registry.register(
+            "cache_disk_writes_skipped",
+            "Entries kept in memory only because the disk tier's filesystem was short of space",
+            m.cache_disk_writes_skipped.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -441,6 +457,13 @@ pub fn status_class(status: u16) -> &'static str {
         400..=499 => "4xx",
         _ => "5xx",
     }
+}
+
+/// Raises `counter` to `total`, a count kept elsewhere and read at scrape time (never lowers it).
+pub fn raise_counter(counter: &Counter, total: u64) {
+    counter
+        .inner()
+        .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
 }
 
 #[cfg(test)]

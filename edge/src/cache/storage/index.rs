@@ -1069,7 +1069,11 @@ impl PurgeIndex {
     }
 
     /// Spawns the periodic writer of queued records; it ends when the index is dropped.
-    pub(super) fn spawn_flusher(&self) -> Option<tokio::task::JoinHandle<()>> {
+    /// Its errors (a full disk) are counted and logged at most once per interval by `health`.
+    pub(super) fn spawn_flusher(
+        &self,
+        health: Arc<super::space::DiskHealth>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         self.inner.log.as_ref()?;
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         Some(tokio::spawn(async move {
@@ -1080,7 +1084,7 @@ impl PurgeIndex {
                 let Some(inner) = weak.upgrade() else { break };
                 let index = PurgeIndex { inner };
                 if let Err(e) = index.sync(false).await {
-                    tracing::warn!(error = %e, "index log flush failed");
+                    health.error("index log flush failed", &e);
                 }
             }
         }))

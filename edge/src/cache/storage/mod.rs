@@ -26,16 +26,22 @@
 //!   small disks still get several blocks; `open` fails if a block cannot hold a max entry or the
 //!   disk holds fewer than 4 blocks;
 //! * the flush buffer pool is max(16 MiB, 2 × max entry), and the submit queue limit 4 × that.
-//!   foyer drops (does not write) entries when the submit queue is over its limit; writers of
-//!   large objects wait for the disk flushers once more than half that limit is unflushed.
+//!   foyer drops (does not write) entries when the submit queue is over its limit; writers
+//!   (chunks and heads) wait for the disk flushers once more than half that limit is unflushed.
 //!
 //! With the default 1 MiB chunks the max entry is about 1.2 MiB and blocks are 16 MiB.
+//!
+//! # A full filesystem
+//! foyer's files are preallocated at open so that a filling filesystem cannot fail foyer's
+//! writes (after one, foyer 0.22.6's flusher dies); where that is impossible, entries stay in
+//! memory only while the free space is short. See the `space` module.
 
 mod codec;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod index;
+mod space;
 mod writer;
 
 #[cfg(test)]
@@ -55,9 +61,11 @@ use std::{
 use bytes::Bytes;
 use foyer::{
     BlockEngineConfig, DeviceBuilder, FifoConfig, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
-    HybridCachePolicy, LfuConfig, LruConfig, PsyncIoEngineConfig, RecoverMode, S3FifoConfig,
-    SieveConfig, Source,
+    HybridCachePolicy, HybridCacheProperties, LfuConfig, Location, LruConfig, PsyncIoEngineConfig,
+    RecoverMode, S3FifoConfig, SieveConfig, Source,
 };
+
+use self::space::{DiskHealth, SpaceGuard};
 
 use self::codec::{Corrupt, HeadBody, HeadBodyRef, StoreKey};
 pub use self::{
@@ -257,6 +265,14 @@ pub struct StorageStats {
     pub disk_read_latency_avg: Option<Duration>,
     /// Mean time spent waiting for foyer's disk flushers (writer back-pressure, remove, flush).
     pub disk_flush_wait_avg: Option<Duration>,
+    /// Errors of the storage's own disk writes (index log, preallocation), e.g. a full disk.
+    pub disk_errors: u64,
+    /// Entries kept in memory only because the disk tier's filesystem was short of space.
+    pub disk_writes_skipped: u64,
+    /// Whether foyer's files are preallocated (writes cannot fail for want of space).
+    pub disk_preallocated: bool,
+    /// Whether new entries go to the disk now (false while short of space).
+    pub disk_admitting: bool,
 }
 
 #[derive(Default)]
@@ -300,11 +316,20 @@ struct Inner {
     flusher: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// A batched sync of lazy removals is scheduled.
     sync_scheduled: AtomicBool,
+    /// Disk errors and entries kept in memory for want of space.
+    health: Arc<DiskHealth>,
+    /// The disk tier's space guard (`None` without disk).
+    space: Option<Arc<SpaceGuard>>,
+    /// The guard's periodic check, while foyer's files are not preallocated.
+    space_task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(h) = self.flusher.lock().take() {
+            h.abort();
+        }
+        if let Some(h) = self.space_task.lock().take() {
             h.abort();
         }
     }
@@ -413,7 +438,7 @@ impl Storage {
         };
         let mut storage = builder.storage();
 
-        let (index, block_size, submit_queue) = match &cfg.disk_dir {
+        let (index, block_size, submit_queue, space) = match &cfg.disk_dir {
             Some(dir) => {
                 let plan = plan_disk(&cfg)?;
                 let capacity = usize::try_from(cfg.disk_capacity)
@@ -435,11 +460,27 @@ impl Storage {
                             .with_tombstone_log(true),
                     )
                     .with_recover_mode(RecoverMode::Quiet);
-                (index, plan.block_size, plan.submit_queue)
+                // The most foyer writes between two checks: the back-pressure bound (half the
+                // submit queue) plus its two IO buffers.
+                let margin = plan.submit_queue / 2 + 2 * plan.buffer_pool;
+                let guard = Arc::new(SpaceGuard::new(foyer_dir, margin));
+                (index, plan.block_size, plan.submit_queue, Some(guard))
             }
-            None => (PurgeIndex::in_memory(), 0, 0),
+            None => (PurgeIndex::in_memory(), 0, 0, None),
         };
         let cache = storage.build().await?;
+        let health = Arc::new(DiskHealth::default());
+        if let Some(guard) = &space {
+            // foyer has created its files: allocate them before the first write.
+            let (g, h) = (guard.clone(), health.clone());
+            let found = tokio::task::spawn_blocking(move || g.check(&h)).await?;
+            if !guard.is_allocated() {
+                tracing::warn!(
+                    ?found,
+                    "disk tier: its files could not be preallocated; guarding disk writes by the free space"
+                );
+            }
+        }
 
         let now_nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -449,7 +490,7 @@ impl Storage {
             .max(index.max_marker_bound())
             .max(1);
 
-        let flusher = index.spawn_flusher();
+        let flusher = index.spawn_flusher(health.clone());
         let inner = Inner {
             cache,
             index,
@@ -474,10 +515,46 @@ impl Storage {
             closed: AtomicBool::new(false),
             flusher: parking_lot::Mutex::new(flusher),
             sync_scheduled: AtomicBool::new(false),
+            health,
+            space,
+            space_task: parking_lot::Mutex::new(None),
         };
-        Ok(Storage {
+        let storage = Storage {
             inner: Arc::new(inner),
-        })
+        };
+        storage.spawn_space_task();
+        Ok(storage)
+    }
+
+    /// While foyer's files are not preallocated, checks the free space every
+    /// [`space::CHECK_INTERVAL`] (retrying the preallocation); ends once they are, or when the
+    /// storage is closed or dropped.
+    fn spawn_space_task(&self) {
+        let Some(guard) = self.inner.space.clone() else {
+            return;
+        };
+        if guard.is_allocated() {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(space::CHECK_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            while !guard.is_allocated() {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                if inner.closed.load(Ordering::Acquire) {
+                    break;
+                }
+                let (g, h) = (guard.clone(), inner.health.clone());
+                drop(inner);
+                if let Err(e) = tokio::task::spawn_blocking(move || g.check(&h)).await {
+                    tracing::warn!(error = %e, "disk tier: space check failed");
+                }
+            }
+        });
+        *self.inner.space_task.lock() = Some(task);
     }
 
     fn check_open(&self) -> Result<(), StorageError> {
@@ -516,22 +593,61 @@ impl Storage {
             .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
-    /// Inserts an encoded entry (memory, and disk on insertion), applying back-pressure.
-    async fn put_entry(&self, key: StoreKey, frame: Bytes) {
+    /// Inserts an encoded entry into memory, and queues it for the disk unless the disk
+    /// tier's filesystem is short of space (then it stays in memory only). Returns the bytes
+    /// queued for the disk, for [`Self::backpressure`].
+    fn insert_entry(&self, key: StoreKey, frame: Bytes) -> u64 {
         let len = frame.len() as u64;
-        self.inner.cache.insert(key, frame);
-        if self.inner.has_disk {
-            let pending = self.inner.unflushed.fetch_add(len, Ordering::Relaxed) + len;
-            if pending > self.inner.backpressure_bytes {
-                self.wait_disk().await;
+        match &self.inner.space {
+            Some(guard) if !guard.admits() => {
+                self.inner.health.skipped();
+                let memory_only = HybridCacheProperties::default().with_location(Location::InMem);
+                self.inner
+                    .cache
+                    .insert_with_properties(key, frame, memory_only);
+                0
+            }
+            Some(_) => {
+                self.inner.cache.insert(key, frame);
+                len
+            }
+            None => {
+                self.inner.cache.insert(key, frame);
+                0
             }
         }
+    }
+
+    /// Waits for foyer's flushers once more than the back-pressure bound is queued.
+    async fn backpressure(&self, queued: u64) {
+        if queued == 0 {
+            return;
+        }
+        let pending = self.inner.unflushed.fetch_add(queued, Ordering::Relaxed) + queued;
+        if pending > self.inner.backpressure_bytes {
+            self.wait_disk().await;
+        }
+    }
+
+    /// Inserts an encoded entry (memory, and disk on insertion), applying back-pressure.
+    async fn put_entry(&self, key: StoreKey, frame: Bytes) {
+        let queued = self.insert_entry(key, frame);
+        self.backpressure(queued).await;
     }
 
     fn drop_corrupt(&self, what: &StoreKey, why: Corrupt) {
         self.inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(key = ?what, reason = why.0, "corrupt cache entry; treating as a miss and removing it");
         self.inner.cache.remove(what);
+    }
+
+    /// Sets the space guard's verdict as a check finding the filesystem short of space (or
+    /// not) would (tests only).
+    #[cfg(test)]
+    pub(crate) fn force_disk_admission(&self, admit: bool) {
+        if let Some(g) = &self.inner.space {
+            g.force_admission(admit);
+        }
     }
 
     /// Drops one chunk, as an eviction or a failed write would (tests only).
@@ -828,7 +944,7 @@ impl Storage {
             if this.check_open().is_ok()
                 && let Err(e) = this.sync_removals().await
             {
-                tracing::warn!(error = %e, "syncing removals failed");
+                this.inner.health.error("syncing removals failed", &e);
             }
         });
     }
@@ -974,6 +1090,10 @@ impl Storage {
             too_large: l(&c.too_large),
             disk_read_latency_avg: avg(&c.disk_read_nanos, &c.disk_reads),
             disk_flush_wait_avg: avg(&c.flush_wait_nanos, &c.flush_waits),
+            disk_errors: i.health.errors(),
+            disk_writes_skipped: i.health.skipped_count(),
+            disk_preallocated: i.space.as_ref().is_some_and(|g| g.is_allocated()),
+            disk_admitting: i.space.as_ref().is_some_and(|g| g.admits()),
             ..Default::default()
         };
         if i.has_disk {
@@ -992,6 +1112,9 @@ impl Storage {
             return Ok(());
         }
         if let Some(h) = self.inner.flusher.lock().take() {
+            h.abort();
+        }
+        if let Some(h) = self.inner.space_task.lock().take() {
             h.abort();
         }
         self.inner.index.sync(true).await?;

@@ -452,6 +452,143 @@ async fn crash_persistence_kill_9() {
     s.close().await.unwrap();
 }
 
+const CONCURRENT_CRASH_ENV: &str = "MERIDIAN_STORAGE_CONCURRENT_CRASH_DIR";
+const CONCURRENT_WRITERS: usize = 5;
+/// Objects per writer reported to the parent, then written on until the kill.
+const CONCURRENT_REPORTED: usize = 400;
+const CONCURRENT_MAX: usize = 1000;
+
+fn concurrent_config(dir: &Path) -> StorageConfig {
+    // The edge's shape: a small memory tier over 16 MiB blocks, 7000 16 KiB objects in at most
+    // 150 MiB of disk (no block eviction).
+    StorageConfig {
+        memory_capacity: 2 * MIB as u64,
+        disk_capacity: 256 * MIB as u64,
+        ..config(Some(dir), DEFAULT_CHUNK_SIZE)
+    }
+}
+
+fn concurrent_key(w: usize, i: usize) -> String {
+    format!("https://concurrent.example/{w}/{i}")
+}
+
+/// Child half of `concurrent_writes_survive_kill_9`: does nothing unless run by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_crash_child() {
+    let Ok(dir) = std::env::var(CONCURRENT_CRASH_ENV) else {
+        return;
+    };
+    let s = Storage::open(concurrent_config(Path::new(&dir)))
+        .await
+        .unwrap();
+    let done: Arc<Vec<AtomicU64>> =
+        Arc::new((0..CONCURRENT_WRITERS).map(|_| AtomicU64::new(0)).collect());
+    for w in 0..CONCURRENT_WRITERS {
+        let (s, done) = (s.clone(), done.clone());
+        tokio::spawn(async move {
+            for i in 0..CONCURRENT_MAX {
+                let key = concurrent_key(w, i);
+                put(&s, &key, &pattern(&key, 0, 16 * KIB), meta(&[], &[])).await;
+                done[w].store(i as u64 + 1, Ordering::Release);
+                // About the edge's rate under the kill9 scenario: small flushes.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
+    // Every writer has finished `CONCURRENT_REPORTED` objects: tell the parent, which kills
+    // this process 2 s later while the writers go on.
+    for _ in 0..6000 {
+        if done
+            .iter()
+            .all(|d| d.load(Ordering::Acquire) >= CONCURRENT_REPORTED as u64)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("READY");
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
+/// Objects finished by concurrent writers 2 s before a `kill -9` (which lands while the writers
+/// go on) all come back.
+///
+/// Known defect (docs/soak-chaos.md, kill9): this fails in most runs, losing runs of
+/// consecutive objects (341 to 1596 of 2000 seen); not traced yet. Run it with `--ignored`.
+#[tokio::test]
+#[ignore = "known defect: objects written before a kill -9 are lost in runs (docs/soak-chaos.md)"]
+async fn concurrent_writes_survive_kill_9() {
+    use tokio::io::AsyncBufReadExt;
+    if std::env::var(CONCURRENT_CRASH_ENV).is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let here = module_path!()
+        .split_once("::")
+        .map_or(module_path!(), |(_, rest)| rest);
+    let child_test = format!("{here}::concurrent_crash_child");
+    let mut child = tokio::process::Command::new(exe)
+        .args([
+            "--exact",
+            child_test.as_str(),
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CONCURRENT_CRASH_ENV, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("READY") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap();
+    assert!(ready, "child did not get ready");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    child.start_kill().unwrap(); // SIGKILL
+    let status = child.wait().await.unwrap();
+    assert!(!status.success());
+
+    let s = Storage::open(concurrent_config(dir.path())).await.unwrap();
+    let total = CONCURRENT_WRITERS * CONCURRENT_REPORTED;
+    let mut lost = Vec::new();
+    for w in 0..CONCURRENT_WRITERS {
+        for i in 0..CONCURRENT_REPORTED {
+            let key = concurrent_key(w, i);
+            match s.get(&key).await.unwrap() {
+                Some(hit) => {
+                    assert_eq!(
+                        read_body(&s, &key, &hit).await.unwrap(),
+                        pattern(&key, 0, 16 * KIB)
+                    );
+                }
+                None => lost.push(key),
+            }
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {total} objects written 2 s before kill -9 lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    s.close().await.unwrap();
+}
+
 fn flip_bytes_under(dir: &Path, start: usize) -> usize {
     let mut flipped = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -1080,4 +1217,81 @@ async fn purge_markers_are_kept_by_compaction() {
     assert_eq!(markers[0].2.hosts, vec!["g.example".to_string()]);
     assert!(idx.generation_of("https://h.example/a").is_none());
     assert!(idx.contains("https://h.example/a"));
+}
+
+/// foyer's files are allocated at open, so a filling filesystem cannot fail foyer's writes.
+#[tokio::test]
+async fn disk_tier_files_are_preallocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(config(Some(dir.path()), 64 * KIB as u32))
+        .await
+        .unwrap();
+    let st = s.stats();
+    let foyer = dir.path().join("foyer");
+    match space::preallocate_dir(&foyer) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            // No fallocate here: the guard measures the free space instead.
+            assert!(!st.disk_preallocated);
+            assert!(st.disk_admitting);
+        }
+        _ => {
+            assert!(st.disk_preallocated);
+            assert!(st.disk_admitting);
+            assert_eq!(space::unallocated(&foyer).unwrap(), 0);
+        }
+    }
+    assert_eq!(st.disk_errors, 0);
+    s.close().await.unwrap();
+}
+
+/// While the disk tier is short of space, entries stay in memory only (counted), are served
+/// from there, and are not on disk after a restart; once space returns, entries reach the disk.
+#[tokio::test]
+async fn short_of_space_keeps_entries_in_memory_then_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(config(Some(dir.path()), 64 * KIB as u32))
+        .await
+        .unwrap();
+    s.force_disk_admission(false);
+    let small = "https://full.example/small";
+    let big = "https://full.example/big";
+    put(&s, small, &pattern(small, 0, 3000), meta(&[], &[])).await;
+    put(&s, big, &pattern(big, 0, 200 * KIB), meta(&[], &[])).await;
+    let st = s.stats();
+    // The small head; the big one's 4 chunks and head.
+    assert_eq!(st.disk_writes_skipped, 6);
+    assert!(!st.disk_admitting);
+    let hit = s.get(big).await.unwrap().unwrap();
+    assert_eq!(hit.tier, Tier::Memory);
+    assert_eq!(
+        read_body(&s, big, &hit).await.unwrap(),
+        pattern(big, 0, 200 * KIB)
+    );
+    s.flush().await.unwrap();
+    assert!(
+        !s.inner
+            .cache
+            .storage()
+            .may_contains(&StoreKey::Head(small.to_owned()))
+    );
+
+    // Space is back.
+    s.force_disk_admission(true);
+    let later = "https://full.example/later";
+    put(&s, later, &pattern(later, 0, 3000), meta(&[], &[])).await;
+    assert_eq!(s.stats().disk_writes_skipped, 6);
+    s.close().await.unwrap();
+
+    let s = Storage::open(config(Some(dir.path()), 64 * KIB as u32))
+        .await
+        .unwrap();
+    assert!(s.get(small).await.unwrap().is_none());
+    assert!(s.get(big).await.unwrap().is_none());
+    let hit = s.get(later).await.unwrap().unwrap();
+    assert_eq!(hit.tier, Tier::Disk);
+    assert_eq!(
+        read_body(&s, later, &hit).await.unwrap(),
+        pattern(later, 0, 3000)
+    );
+    s.close().await.unwrap();
 }

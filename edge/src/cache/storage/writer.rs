@@ -202,10 +202,10 @@ impl ObjectWriter {
         self.buf = BytesMut::new();
         let storage = self.storage.clone();
         let skey = StoreKey::Head(self.key.clone());
-        let inserted = {
+        let (inserted, queued) = {
             let _guard = storage.lock_key(&self.key).await;
             storage.check_open()?;
-            storage.inner.cache.insert(skey.clone(), frame);
+            let queued = storage.insert_entry(skey.clone(), frame);
             let inserted = storage.inner.index.insert_object(
                 &self.key,
                 &host,
@@ -218,7 +218,7 @@ impl ObjectWriter {
                 storage.inner.cache.remove(&skey);
                 storage.remove_chunks(&self.key, self.generation, self.chunks);
             }
-            inserted
+            (inserted, queued)
         };
         let old = inserted.old;
         self.state = State::Finished;
@@ -232,6 +232,8 @@ impl ObjectWriter {
         {
             storage.remove_chunks(&self.key, old.generation, old.chunks);
         }
+        // The head counts towards the back-pressure bound like the chunks.
+        storage.backpressure(queued).await;
         Ok(())
     }
 }

@@ -322,6 +322,24 @@ pub async fn flap(args: &Args) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------
 // 2. kill -9 of the edge.
 
+/// The kill9 edge's disk tier.
+const KILL9_DISK: u64 = 256 << 20;
+/// The share of objects (stored 2 s or more before a check, within half the disk's capacity)
+/// that may be lost, before or after a kill. Measured: none without a kill, up to 8.3% of 120
+/// across kills (docs/soak-chaos.md); 15% leaves room for the sampling noise of 120 objects
+/// (about 2.5 points) and still fails on the 35-45% of a systematic loss.
+const KILL9_MAX_LOSS_PCT: f64 = 15.0;
+
+#[derive(Default)]
+struct Kill9Counts {
+    kills: u64,
+    live_checked: u64,
+    live_restored: u64,
+    checked: u64,
+    restored: u64,
+    too_old: u64,
+}
+
 fn w_path(n: u64) -> String {
     format!("/cc/w-{n}?cc=public,max-age=3600&size=16384&seed=6&digest=1")
 }
@@ -329,8 +347,10 @@ fn w_path(n: u64) -> String {
 /// A write-heavy load (70% new objects, each written to the disk tier; 30%
 /// re-reads), `kill -9` of the edge every `every` seconds, restarted on the
 /// same ports. Every body must match the origin's digest; requests may fail
-/// only across a kill; after each restart, objects stored at least 2 s
-/// before the kill must be hits again without the origin.
+/// only across a kill; objects stored at least 2 s before a kill (and within
+/// half the disk's capacity of it) must be hits without the origin, asked for
+/// with the protocol that stored them: a sample just before the kill, another
+/// after the restart, each losing at most [`KILL9_MAX_LOSS_PCT`]%.
 pub async fn kill9(args: &Args) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.get("duration", 70u64)?);
     let every = Duration::from_secs(args.get("every", 20u64)?);
@@ -351,8 +371,9 @@ pub async fn kill9(args: &Args) -> anyhow::Result<()> {
             &pki,
             &origin.url(),
             &format!(
-                "[cache]\nmemory = \"2MiB\"\ndisk_dir = \"{}\"\ndisk = \"256MiB\"",
-                work.path().join("disk").display()
+                "[cache]\nmemory = \"2MiB\"\ndisk_dir = \"{}\"\ndisk = \"{}MiB\"",
+                work.path().join("disk").display(),
+                KILL9_DISK >> 20
             ),
             "",
             "",
@@ -365,8 +386,9 @@ pub async fn kill9(args: &Args) -> anyhow::Result<()> {
     let stats = Stats::new(false);
     let until = Instant::now() + duration;
     let next = Arc::new(AtomicU64::new(0));
-    // Objects whose fill completed, with when.
-    let done: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
+    // Objects whose fill completed, with when and by which protocol: the cache key's scheme is
+    // the connection's (http or https), so an object is asked for again the same way.
+    let done: Arc<Mutex<Vec<(u64, Instant, Proto)>>> = Arc::new(Mutex::new(Vec::new()));
     let mut set = tokio::task::JoinSet::new();
     for (w, proto) in [Proto::H1, Proto::H1, Proto::H1, Proto::H2, Proto::H2]
         .into_iter()
@@ -399,7 +421,7 @@ pub async fn kill9(args: &Args) -> anyhow::Result<()> {
                             .and_then(|p| p.split('?').next())
                             .and_then(|n| n.parse().ok())
                         {
-                            done2.lock().push((n, t1));
+                            done2.lock().push((n, t1, proto));
                         }
                         Verdict::Ok
                     }
@@ -410,119 +432,210 @@ pub async fn kill9(args: &Args) -> anyhow::Result<()> {
             .await
         });
     }
+    // Cumulative bytes the disk tier wrote (over every edge process), sampled every 250 ms:
+    // an object followed by more than half the disk's capacity may have been evicted by the
+    // disk tier itself, and is not counted as lost.
+    let written: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let sampler = {
+        let written = written.clone();
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, admin));
+        tokio::spawn(async move {
+            let (mut base, mut last_raw) = (0u64, 0u64);
+            while Instant::now() < until {
+                if let Ok(t) = admin_get(admin, "/cache").await {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+                    if let Some(raw) = v["disk"]["write_bytes"].as_u64() {
+                        if raw < last_raw {
+                            base += last_raw; // a new process
+                        }
+                        last_raw = raw;
+                        written.lock().push((Instant::now(), base + raw));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
     let killer = {
         let (down, done, origin_stats) = (down.clone(), done.clone(), origin.stats.clone());
+        let written = written.clone();
         let (cfg, log, edge_bin, target) =
             (cfg.clone(), log.clone(), edge_bin.clone(), target.clone());
         tokio::spawn(async move {
             let mut edge = edge;
             let mut problems: Vec<String> = Vec::new();
-            let (mut checked, mut restored, mut kills) = (0u64, 0u64, 0u64);
-            while Instant::now() + every < until {
-                tokio::time::sleep(every).await;
-                let cutoff = Instant::now() - Duration::from_secs(2);
-                let kill_at = Instant::now();
-                let stored: Vec<(u64, Duration)> = {
-                    let d = done.lock();
-                    let mut seen = HashSet::new();
-                    d.iter()
-                        .filter(|(_, t)| *t < cutoff)
-                        .filter(|(n, _)| seen.insert(*n))
-                        .map(|(n, t)| (*n, kill_at - *t))
-                        .collect()
-                };
-                down.open();
-                edge.kill9();
-                kills += 1;
-                match start_edge(&edge_bin, &cfg, &log) {
-                    Ok(e) => edge = e,
-                    Err(e) => {
-                        problems.push(format!("restart {kills}: {e:#}"));
-                        down.close();
-                        return (edge, problems, kills, checked, restored);
-                    }
-                }
-                down.close();
-                // Objects stored well before the kill come back from disk:
-                // hits, with no new origin request.
-                let mut c = Client::new(Proto::H1, target.clone(), Duration::from_secs(10));
-                let sample: Vec<(u64, Duration)> = stored
-                    .iter()
-                    .rev()
-                    .step_by((stored.len() / 40).max(1))
-                    .copied()
-                    .collect();
-                let mut lost = Vec::new();
-                for (n, age) in sample {
-                    let path = format!("/cc/w-{n}");
-                    let before = origin_stats
-                        .by_path
-                        .lock()
-                        .await
-                        .get(&path)
-                        .copied()
-                        .unwrap_or(0);
-                    let r = Req::get(w_path(n), Check::Digest { size: 16384 }, "restored");
-                    checked += 1;
-                    match c.send(&r).await {
-                        Ok(resp)
-                            if resp.status == 200
-                                && crate::load::verify(&r.check, &resp).is_ok() =>
-                        {
-                            let after = origin_stats
+            let mut counts = Kill9Counts::default();
+            // Asks for each object once; counts those served without a new origin request.
+            let check = |sample: Vec<(u64, Duration, Proto)>, when: &'static str, kills: u64| {
+                let (target, origin_stats) = (target.clone(), origin_stats.clone());
+                async move {
+                    let mut h1 = Client::new(Proto::H1, target.clone(), Duration::from_secs(10));
+                    let mut h2 = Client::new(Proto::H2, target, Duration::from_secs(10));
+                    let (mut restored, mut lost, mut problems) = (0u64, Vec::new(), Vec::new());
+                    for &(n, age, proto) in &sample {
+                        let c = if proto == Proto::H1 { &mut h1 } else { &mut h2 };
+                        let path = format!("/cc/w-{n}");
+                        let count = || async {
+                            origin_stats
                                 .by_path
                                 .lock()
                                 .await
                                 .get(&path)
                                 .copied()
-                                .unwrap_or(0);
-                            if after == before {
-                                restored += 1;
-                            } else {
-                                lost.push(format!(
-                                    "w-{n} stored {} ms before the kill: {}",
-                                    age.as_millis(),
-                                    resp.header("cache-status").unwrap_or("")
-                                ));
+                                .unwrap_or(0)
+                        };
+                        let before = count().await;
+                        let r = Req::get(w_path(n), Check::Digest { size: 16384 }, "restored");
+                        match c.send(&r).await {
+                            Ok(resp)
+                                if resp.status == 200
+                                    && crate::load::verify(&r.check, &resp).is_ok() =>
+                            {
+                                if count().await == before {
+                                    restored += 1;
+                                } else {
+                                    lost.push(format!(
+                                        "w-{n} ({proto:?}) stored {} ms before the kill",
+                                        age.as_millis()
+                                    ));
+                                }
+                            }
+                            Ok(resp) => problems.push(format!(
+                                "{when} kill {kills}: {} -> {} (or a bad body)",
+                                r.path, resp.status
+                            )),
+                            Err(e) => {
+                                problems.push(format!("{when} kill {kills}: {}: {e:#}", r.path))
                             }
                         }
-                        Ok(resp) => problems.push(format!(
-                            "after restart {kills}: {} -> {} (or a bad body)",
-                            r.path, resp.status
-                        )),
-                        Err(e) => {
-                            problems.push(format!("after restart {kills}: {}: {e:#}", r.path))
+                    }
+                    if !lost.is_empty() {
+                        println!(
+                            "kill9: {when} kill {kills}, {} of {} not served from the cache: {}",
+                            lost.len(),
+                            sample.len(),
+                            lost.join("; ")
+                        );
+                    }
+                    (sample.len() as u64, restored, problems)
+                }
+            };
+            while Instant::now() + every < until {
+                tokio::time::sleep(every).await;
+                let cutoff = Instant::now() - Duration::from_secs(2);
+                let now = Instant::now();
+                // Disk bytes written at a time (the last sample before it).
+                let bytes_at = |t: Instant| {
+                    let w = written.lock();
+                    w.iter()
+                        .take_while(|(at, _)| *at <= t)
+                        .last()
+                        .map_or(0, |(_, b)| *b)
+                };
+                let written_now = bytes_at(now);
+                let (mut stored, mut too_old) = (Vec::new(), 0u64);
+                {
+                    let d = done.lock();
+                    let mut seen = HashSet::new();
+                    for &(n, t, proto) in d.iter().filter(|(_, t, _)| *t < cutoff) {
+                        if !seen.insert((n, proto == Proto::H1)) {
+                            continue;
+                        }
+                        if written_now.saturating_sub(bytes_at(t)) > KILL9_DISK / 2 {
+                            too_old += 1;
+                        } else {
+                            stored.push((n, t, proto));
                         }
                     }
                 }
-                if !lost.is_empty() {
-                    println!(
-                        "kill9: after kill {kills}, not served from disk: {}",
-                        lost.join("; ")
-                    );
+                // Two disjoint samples of up to 40: one asked before the kill (lost while
+                // the edge ran), one after the restart (lost across the kill).
+                let sample: Vec<(u64, Instant, Proto)> = stored
+                    .iter()
+                    .rev()
+                    .step_by((stored.len() / 80).max(1))
+                    .copied()
+                    .collect();
+                let (live, after): (Vec<_>, Vec<_>) =
+                    sample.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+                let (live, after): (Vec<_>, Vec<_>) = (
+                    live.into_iter().map(|(_, x)| *x).collect(),
+                    after.into_iter().map(|(_, x)| *x).collect(),
+                );
+                let (c, r, p) = check(
+                    live.iter().map(|&(n, t, p)| (n, now - t, p)).collect(),
+                    "before",
+                    counts.kills + 1,
+                )
+                .await;
+                (counts.live_checked, counts.live_restored) =
+                    (counts.live_checked + c, counts.live_restored + r);
+                problems.extend(p);
+                let kill_at = Instant::now();
+                down.open();
+                edge.kill9();
+                counts.kills += 1;
+                counts.too_old += too_old;
+                match start_edge(&edge_bin, &cfg, &log) {
+                    Ok(e) => edge = e,
+                    Err(e) => {
+                        problems.push(format!("restart {}: {e:#}", counts.kills));
+                        down.close();
+                        return (edge, problems, counts);
+                    }
                 }
+                down.close();
+                let (c, r, p) = check(
+                    after.iter().map(|&(n, t, p)| (n, kill_at - t, p)).collect(),
+                    "after",
+                    counts.kills,
+                )
+                .await;
+                (counts.checked, counts.restored) = (counts.checked + c, counts.restored + r);
+                problems.extend(p);
             }
-            (edge, problems, kills, checked, restored)
+            (edge, problems, counts)
         })
     };
     while set.join_next().await.is_some() {}
-    let (edge, mut problems, kills, checked, restored) = killer.await?;
+    let (edge, mut problems, k) = killer.await?;
+    sampler.abort();
     let cache = admin_get(edge.admin()?, "/cache").await.unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(&cache).unwrap_or_default();
+    let share = |lost: u64, of: u64| {
+        if of == 0 {
+            0.0
+        } else {
+            100.0 * lost as f64 / of as f64
+        }
+    };
     println!(
-        "kill9: {kills} kills; {restored} of {checked} objects stored 2 s or more before a kill were served from disk after the restart; entries now {}, corrupt entries {}",
-        v["entries"], v["corrupt_entries"]
+        "kill9: {} kills; objects stored 2 s or more before a kill and within half the disk's capacity of it: before the kill {} of {} were served from the cache (lost {:.1}%), after the restart {} of {} (lost {:.1}%); {} older objects not checked; entries now {}, corrupt entries {}",
+        k.kills,
+        k.live_restored,
+        k.live_checked,
+        share(k.live_checked - k.live_restored, k.live_checked),
+        k.restored,
+        k.checked,
+        share(k.checked - k.restored, k.checked),
+        k.too_old,
+        v["entries"],
+        v["corrupt_entries"]
     );
-    if kills == 0 {
+    if k.kills == 0 {
         problems.push("the edge was never killed".into());
     }
-    // Entries come back: at least 90% of those sampled (a fill still being
-    // flushed when it was killed may be lost; it is then a miss, never a
-    // bad body).
-    if checked == 0 || restored * 10 < checked * 9 {
-        problems.push(format!(
-            "only {restored} of {checked} stored objects came back from disk"
-        ));
+    // Entries come back: at most KILL9_MAX_LOSS_PCT% of those sampled may be lost, before or
+    // after a kill (see docs/soak-chaos.md).
+    for (what, checked, restored) in [
+        ("before a kill", k.live_checked, k.live_restored),
+        ("after a restart", k.checked, k.restored),
+    ] {
+        if checked == 0 || share(checked - restored, checked) > KILL9_MAX_LOSS_PCT {
+            problems.push(format!(
+                "{what}: only {restored} of {checked} stored objects were served from the cache (at most {KILL9_MAX_LOSS_PCT}% may be lost)"
+            ));
+        }
     }
     drop(edge);
     finish("kill9", &stats, problems)
@@ -533,8 +646,9 @@ pub async fn kill9(args: &Args) -> anyhow::Result<()> {
 
 /// The disk tier on a tmpfs of `--tmpfs-mb` (mounted here) that a ballast
 /// file fills; under load, every request must still be served (memory and
-/// origin), the write errors are logged a bounded number of times, and once
-/// the ballast goes the tier stores again.
+/// origin), the write errors are counted (`meridian_cache_disk_errors_total`)
+/// and logged a bounded number of times, and once the ballast goes the tier
+/// stores again: objects stored after that come back from the disk.
 pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
     let phase = Duration::from_secs(args.get("phase", 15u64)?);
     let mb: u64 = args.get("tmpfs-mb", 64u64)?;
@@ -590,14 +704,22 @@ pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
     let cache = |t: &str| -> serde_json::Value { serde_json::from_str(t).unwrap_or_default() };
 
     // Phases: normal, full (ballast), recovered (ballast removed).
+    // The protocol each object was first stored by: the cache key's scheme is the connection's
+    // (http or https), so it is asked for again the same way.
+    let stored_by: Arc<Mutex<std::collections::HashMap<u64, Proto>>> = Arc::default();
     let run_phase = |name: &'static str| {
-        let (stats, next, target) = (stats.clone(), next.clone(), target.clone());
+        let (stats, next, target, stored_by) = (
+            stats.clone(),
+            next.clone(),
+            target.clone(),
+            stored_by.clone(),
+        );
         async move {
             let until = Instant::now() + phase;
             let mut set = tokio::task::JoinSet::new();
             for proto in [Proto::H1, Proto::H1, Proto::H2] {
                 let client = Client::new(proto, target.clone(), Duration::from_secs(10));
-                let (stats, next) = (stats.clone(), next.clone());
+                let (stats, next, stored_by) = (stats.clone(), next.clone(), stored_by.clone());
                 set.spawn(async move {
                     http_worker(
                         client,
@@ -618,8 +740,18 @@ pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
                                 name,
                             )
                         },
-                        |_, res, _, _| match status_of(res) {
-                            Some(200) => Verdict::Ok,
+                        move |r, res, _, _| match status_of(res) {
+                            Some(200) => {
+                                if let Some(n) = r
+                                    .path
+                                    .strip_prefix("/cc/d-")
+                                    .and_then(|p| p.split('?').next())
+                                    .and_then(|n| n.parse::<u64>().ok())
+                                {
+                                    stored_by.lock().entry(n).or_insert(proto);
+                                }
+                                Verdict::Ok
+                            }
                             _ => Verdict::Unexpected,
                         },
                     )
@@ -659,19 +791,85 @@ pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
     let full_secs = full_start.elapsed().as_secs_f64();
     let during = cache(&admin_get(admin, "/cache").await?);
     let logged_full = edge_log_errors(&log) - logged_before;
+    let errors_full = metric(
+        &admin_get(admin, "/metrics").await.unwrap_or_default(),
+        "meridian_cache_disk_errors_total",
+        &[],
+    );
     std::fs::remove_file(&ballast)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let recovered_from = next.load(Ordering::Relaxed);
     run_phase("recovered").await;
     let after = cache(&admin_get(admin, "/cache").await?);
     let m = admin_get(admin, "/metrics").await.unwrap_or_default();
     let wb = |v: &serde_json::Value| v["disk"]["write_bytes"].as_f64().unwrap_or(0.0);
+    let hits = |v: &serde_json::Value| v["disk"]["hits"].as_u64().unwrap_or(0);
+    // Objects stored after the space returned come back from the disk: no new origin request,
+    // a disk hit each. Those followed by 250 to 450 others (of about 36 KiB on disk each): out
+    // of the 4 MiB memory tier, and well inside the disk tier's capacity (the phase may write
+    // more than that capacity).
+    let last = next.load(Ordering::Relaxed);
+    let first = last.saturating_sub(450).max(recovered_from);
+    let mut h1 = Client::new(Proto::H1, target.clone(), Duration::from_secs(10));
+    let mut h2 = Client::new(Proto::H2, target.clone(), Duration::from_secs(10));
+    let (mut checked, mut restored, mut lost) = (0u64, 0u64, Vec::new());
+    for n in (first..last.saturating_sub(250)).step_by(5) {
+        let path = format!("/cc/d-{n}");
+        let before_n = origin
+            .stats
+            .by_path
+            .lock()
+            .await
+            .get(&path)
+            .copied()
+            .unwrap_or(0);
+        let proto = stored_by.lock().get(&n).copied();
+        let Some(proto) = proto.filter(|_| before_n > 0) else {
+            continue; // a number a re-read used up: never stored
+        };
+        let client = if proto == Proto::H1 { &mut h1 } else { &mut h2 };
+        checked += 1;
+        let r = Req::get(
+            format!("/cc/d-{n}?cc=public,max-age=3600&size=32768&seed=7&digest=1"),
+            Check::Digest { size: 32768 },
+            "restored",
+        );
+        let resp = client.send(&r).await?;
+        crate::load::verify(&r.check, &resp)
+            .map_err(|e| anyhow::anyhow!("reading back {}: {e}", r.path))?;
+        let after_n = origin
+            .stats
+            .by_path
+            .lock()
+            .await
+            .get(&path)
+            .copied()
+            .unwrap_or(0);
+        if resp.status == 200 && after_n == before_n {
+            restored += 1;
+        } else {
+            lost.push(format!("d-{n}"));
+        }
+    }
+    let end = cache(&admin_get(admin, "/cache").await?);
+    let disk_hits = hits(&end).saturating_sub(hits(&after));
+    let errors_total = metric(&m, "meridian_cache_disk_errors_total", &[]);
     println!(
-        "diskfull: ballast {} MiB on a {mb} MiB tmpfs; disk bytes written: {:.0} before, {:.0} while full, {:.0} after; warnings or errors logged while full: {logged_full} in {full_secs:.0} s; storage error metric: {}",
+        "diskfull: ballast {} MiB on a {mb} MiB tmpfs; disk bytes written: {:.0} before, {:.0} while full, {:.0} after; warnings or errors logged while full: {logged_full} in {full_secs:.0} s; storage error metric: {errors_full} after the full phase, {errors_total} at the end; disk writes skipped: {}; preallocated: {}",
         filled >> 20,
         wb(&before),
         wb(&during) - wb(&before),
         wb(&after) - wb(&during),
-        metric(&m, "meridian_cache_disk_errors_total", &[]),
+        end["disk"]["writes_skipped"],
+        end["disk"]["preallocated"],
+    );
+    println!(
+        "diskfull: {restored} of {checked} objects stored after the space returned were served without the origin, with {disk_hits} disk hits{}",
+        if lost.is_empty() {
+            String::new()
+        } else {
+            format!("; from the origin again: {}", lost.join(" "))
+        }
     );
     let mut problems = Vec::new();
     if filled == 0 {
@@ -679,6 +877,20 @@ pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
     }
     if wb(&after) <= wb(&during) {
         problems.push("the disk tier wrote nothing after space returned".into());
+    }
+    if errors_full < 1.0 {
+        problems.push("meridian_cache_disk_errors_total did not count the full disk".into());
+    }
+    // Recovery, as the clients see it: the objects come back, and from the disk.
+    if checked < 15 || restored * 10 < checked * 9 {
+        problems.push(format!(
+            "only {restored} of {checked} objects stored after the space returned were served from the cache"
+        ));
+    }
+    if disk_hits * 10 < restored * 9 {
+        problems.push(format!(
+            "{restored} objects stored after the space returned came back, but only {disk_hits} from the disk"
+        ));
     }
     // Once per interval: no more than one line a second while full.
     if logged_full as f64 > full_secs.ceil() + 2.0 {
