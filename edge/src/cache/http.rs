@@ -27,7 +27,7 @@ use super::spool::{Backing, Spool};
 use super::storage::{Hit, HitBody, ObjectMeta, ObjectWriter, Storage};
 use crate::config::SetCookie;
 use crate::http::body::ResponseBody;
-use crate::metrics::{CacheResult, Metrics, Reason};
+use crate::metrics::{CacheResult, KnownCounters, Metrics, Reason};
 
 /// The least memory a fill keeps for its client before it lets go of
 /// bytes that storage holds (see [`super::spool`]).
@@ -41,7 +41,42 @@ pub struct HttpCache {
     flights: Mutex<HashMap<String, watch::Receiver<bool>>>,
     pass: Mutex<HashMap<String, Instant>>,
     pub(crate) metrics: Arc<Metrics>,
+    /// `meridian_cache_requests_total` by result, resolved once.
+    results: KnownCounters<CacheResult>,
+    /// `meridian_cache_bytes_total` by tier (and `origin`), resolved once.
+    bytes: KnownCounters<Reason>,
 }
+
+/// Every result the cache counts; others are counted too, but looked up.
+const RESULTS: &[&str] = &[
+    "hit",
+    "hit-collapsed",
+    "hit-partial",
+    "miss",
+    "miss-head",
+    "miss-range",
+    "pass",
+    "stale",
+    "stale-while-revalidate",
+    "stale-if-error",
+    "stale-replaced",
+    "revalidated",
+    "revalidated-collapsed",
+    "uncacheable",
+    "stored",
+    "only-if-cached",
+    "range-unsatisfiable",
+    "background-fill",
+    "background-fill-failed",
+    "background-revalidation",
+    "background-revalidation-failed",
+    "fill-abandoned",
+    "fill-error",
+    "error",
+    "partial-stored",
+    "partial-not-stored",
+    "partial-complete",
+];
 
 impl std::fmt::Debug for HttpCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -89,6 +124,16 @@ impl HttpCache {
             storage,
             flights: Mutex::default(),
             pass: Mutex::default(),
+            results: KnownCounters::new(
+                &metrics.cache_requests,
+                |result| CacheResult { result },
+                RESULTS,
+            ),
+            bytes: KnownCounters::new(
+                &metrics.cache_bytes,
+                |reason| Reason { reason },
+                &["memory", "disk", "origin"],
+            ),
             metrics,
         })
     }
@@ -219,10 +264,13 @@ impl HttpCache {
     }
 
     pub fn count(&self, result: &'static str) {
-        self.metrics
-            .cache_requests
-            .get_or_create(&CacheResult { result })
-            .inc();
+        self.results.inc(result);
+    }
+
+    /// Counts bytes served from a tier (`memory`, `disk`) or read from
+    /// origins (`origin`).
+    pub fn count_bytes(&self, tier: &'static str, n: u64) {
+        self.bytes.inc_by(tier, n);
     }
 
     /// Finds the stored object for a request: the URL's entry, or through a
@@ -463,13 +511,7 @@ fn serve_hit(
     } else {
         body
     };
-    cache
-        .metrics
-        .cache_bytes
-        .get_or_create(&Reason {
-            reason: hit.tier.label(),
-        })
-        .inc_by(span.1 - span.0);
+    cache.count_bytes(hit.tier.label(), span.1 - span.0);
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
@@ -660,7 +702,8 @@ fn store_and_respond(
     tokio::spawn(fill(
         Fill {
             storage: cache.storage.clone(),
-            metrics: cache.metrics.clone(),
+            results: cache.results.clone(),
+            bytes: cache.bytes.clone(),
             key: obj_key,
             meta,
             vary_index,
@@ -737,7 +780,8 @@ fn store_and_respond(
 /// What a fill task needs besides the body, its writer and its spool.
 struct Fill {
     storage: Storage,
-    metrics: Arc<Metrics>,
+    results: KnownCounters<CacheResult>,
+    bytes: KnownCounters<Reason>,
     key: String,
     meta: ObjectMeta,
     vary_index: Option<(String, Vec<u8>)>,
@@ -758,12 +802,7 @@ async fn fill(mut f: Fill, writer: ObjectWriter, mut body: ResponseBody, spool: 
     let mut writer = Some(writer);
     let mut len: u64 = 0;
     let mut backed: u64 = 0;
-    let count = |result: &'static str| {
-        f.metrics
-            .cache_requests
-            .get_or_create(&CacheResult { result })
-            .inc();
-    };
+    let count = |result: &'static str| f.results.inc(result);
     let end = loop {
         let Some(frame) = body.frame().await else {
             break None;
@@ -808,10 +847,7 @@ async fn fill(mut f: Fill, writer: ObjectWriter, mut body: ResponseBody, spool: 
         }
         spool.room().await;
     };
-    f.metrics
-        .cache_bytes
-        .get_or_create(&Reason { reason: "origin" })
-        .inc_by(len);
+    f.bytes.inc_by("origin", len);
     if let Some(why) = end {
         if &*why != "fill abandoned" {
             count("fill-error");

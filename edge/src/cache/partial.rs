@@ -174,13 +174,7 @@ pub(crate) async fn serve(
             .append_to(&mut headers);
     }
     if let Some(tier) = part.tier {
-        cache
-            .metrics
-            .cache_bytes
-            .get_or_create(&crate::metrics::Reason {
-                reason: tier.label(),
-            })
-            .inc_by(b + 1 - a);
+        cache.count_bytes(tier.label(), b + 1 - a);
     }
     let start = usize::try_from(a - part.first).ok()?;
     let end = usize::try_from(b + 1 - part.first).ok()?;

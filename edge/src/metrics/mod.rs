@@ -449,6 +449,68 @@ impl Metrics {
     }
 }
 
+/// Counters of one family whose label is a `&'static str` from a known
+/// set, resolved once (when the owner is built) so that counting an event
+/// takes no lock on the family's map. A label outside the set is still
+/// counted, through the family.
+#[derive(Clone, Debug)]
+pub struct KnownCounters<L> {
+    known: Arc<std::collections::HashMap<&'static str, Counter>>,
+    family: Family<L, Counter>,
+    make: fn(&'static str) -> L,
+}
+
+impl<L> KnownCounters<L>
+where
+    L: Clone
+        + std::hash::Hash
+        + Eq
+        + prometheus_client::encoding::EncodeLabelSet
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    pub fn new(
+        family: &Family<L, Counter>,
+        make: fn(&'static str) -> L,
+        labels: &[&'static str],
+    ) -> Self {
+        let known = labels
+            .iter()
+            .map(|l| (*l, family.get_or_create(&make(l)).clone()))
+            .collect();
+        KnownCounters {
+            known: Arc::new(known),
+            family: family.clone(),
+            make,
+        }
+    }
+
+    /// The counter of `label`.
+    pub fn get(&self, label: &'static str) -> Counter {
+        match self.known.get(label) {
+            Some(c) => c.clone(),
+            None => self.family.get_or_create(&(self.make)(label)).clone(),
+        }
+    }
+
+    pub fn inc(&self, label: &'static str) {
+        self.inc_by(label, 1);
+    }
+
+    pub fn inc_by(&self, label: &'static str, n: u64) {
+        match self.known.get(label) {
+            Some(c) => {
+                c.inc_by(n);
+            }
+            None => {
+                self.family.get_or_create(&(self.make)(label)).inc_by(n);
+            }
+        }
+    }
+}
+
 pub fn status_class(status: u16) -> &'static str {
     match status {
         100..=199 => "1xx",

@@ -30,7 +30,7 @@ use crate::cache::policy::{self, CacheStatus, FwdReason, KeyOptions};
 use crate::cache::storage::Hit;
 use crate::error::{ErrorKind, ProxyError};
 use crate::http::body::{RequestBody, ResponseBody};
-use crate::metrics::{CacheResult, Reason};
+use crate::metrics::Reason;
 
 /// The cache phase of a request whose site caches with policy `sp`.
 pub(super) async fn handle(
@@ -543,13 +543,7 @@ fn spawn_revalidation(
         };
         let response_time = SystemTime::now();
         let status = fetched.resp.status();
-        cache
-            .metrics
-            .cache_requests
-            .get_or_create(&CacheResult {
-                result: "background-revalidation",
-            })
-            .inc();
+        cache.count("background-revalidation");
         if status == StatusCode::NOT_MODIFIED {
             let not_modified = fetched.resp.headers().clone();
             drain(fetched).await;

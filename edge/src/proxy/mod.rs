@@ -69,6 +69,50 @@ pub struct Site {
     pub modules: Modules,
     /// `meridian_site_bytes_total` for this site, resolved once per generation.
     pub bytes: SiteCounters,
+    /// `meridian_requests_total` for this site, resolved once per generation.
+    pub requests: Arc<SiteRequests>,
+}
+
+/// `meridian_requests_total` of one site, by protocol and status class:
+/// each resolved once, at its first request, then kept for the site's
+/// config generation.
+#[derive(Debug)]
+pub struct SiteRequests {
+    metrics: Arc<Metrics>,
+    site: Arc<str>,
+    cells: [[std::sync::OnceLock<Counter>; 5]; 3],
+}
+
+impl SiteRequests {
+    pub fn new(metrics: &Arc<Metrics>, site: &Arc<str>) -> Self {
+        SiteRequests {
+            metrics: metrics.clone(),
+            site: site.clone(),
+            cells: Default::default(),
+        }
+    }
+
+    /// Counts a request of `proto` answered with `status`.
+    pub fn count(&self, proto: Proto, status: u16) {
+        let p = match proto {
+            Proto::H1 => 0,
+            Proto::H2 => 1,
+            Proto::H3 => 2,
+        };
+        let c = usize::from((status / 100).clamp(1, 5) - 1);
+        self.cells[p][c]
+            .get_or_init(|| {
+                self.metrics
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        protocol: proto.label(),
+                        status_class: crate::metrics::status_class(status),
+                        site: self.site.clone(),
+                    })
+                    .clone()
+            })
+            .inc();
+    }
 }
 
 /// A site's byte counters: read from origins, sent to clients.
@@ -177,6 +221,7 @@ impl Runtime {
             }
             sites.push(Site {
                 bytes: SiteCounters::new(metrics, &name),
+                requests: Arc::new(SiteRequests::new(metrics, &name)),
                 name,
                 pool,
                 preserve_host: sc.preserve_host,
@@ -227,6 +272,10 @@ pub struct Proxy {
     alt_svc: ArcSwap<HashMap<u16, HeaderValue>>,
     /// The shared cache (its storage outlives config generations).
     pub cache: Option<Arc<crate::cache::http::HttpCache>>,
+    /// `meridian_requests_total` of requests no site took.
+    unrouted: Arc<SiteRequests>,
+    /// `meridian_request_duration_seconds` by protocol, resolved once.
+    durations: [prometheus_client::metrics::histogram::Histogram; 3],
 }
 
 impl std::fmt::Debug for Proxy {
@@ -248,7 +297,21 @@ impl Proxy {
         metrics: Arc<Metrics>,
         cache: Option<Arc<crate::cache::http::HttpCache>>,
     ) -> Arc<Self> {
+        let duration = |p: Proto| {
+            metrics
+                .request_duration
+                .get_or_create(&Protocol {
+                    protocol: p.label(),
+                })
+                .clone()
+        };
         Arc::new(Proxy {
+            unrouted: Arc::new(SiteRequests::new(&metrics, &Arc::from("-"))),
+            durations: [
+                duration(Proto::H1),
+                duration(Proto::H2),
+                duration(Proto::H3),
+            ],
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             draining: AtomicBool::new(false),
@@ -304,12 +367,12 @@ impl Proxy {
         // response_filter: every client response, in module order.
         let modules = s.site_modules();
         s.response_filter(&mut resp, &modules).await;
-        self.metrics
-            .request_duration
-            .get_or_create(&Protocol {
-                protocol: ds.proto.label(),
-            })
-            .observe(start.elapsed().as_secs_f64());
+        let d = match ds.proto {
+            Proto::H1 => &self.durations[0],
+            Proto::H2 => &self.durations[1],
+            Proto::H3 => &self.durations[2],
+        };
+        d.observe(start.elapsed().as_secs_f64());
         s.rec.status = resp.status().as_u16();
         let end = s.into_end(start, inflight, modules);
         resp.body_mut().on_end(end);
@@ -814,8 +877,7 @@ impl Session {
     ) -> ExchangeEnd {
         let site = self.site().ok();
         ExchangeEnd {
-            metrics: self.proxy.metrics.clone(),
-            site: site.map_or_else(|| Arc::from("-"), |s| s.name.clone()),
+            requests: site.map_or_else(|| self.proxy.unrouted.clone(), |s| s.requests.clone()),
             client_bytes: site.map(|s| s.bytes.client.clone()),
             rec: Some(self.rec),
             start,
@@ -1012,11 +1074,11 @@ pub struct PoolReturn {
 /// them runs their `on_log`).
 pub(crate) struct ExchangeEnd {
     rt: Arc<Runtime>,
-    metrics: Arc<Metrics>,
     rec: Option<LogRecord>,
     start: Instant,
     proto: Proto,
-    site: Arc<str>,
+    /// `meridian_requests_total` of the routed site.
+    requests: Arc<SiteRequests>,
     /// The routed site's client byte counter.
     client_bytes: Option<Counter>,
     modules: Modules,
@@ -1043,14 +1105,7 @@ impl OnBodyEnd for ExchangeEnd {
             if let Some(c) = &self.client_bytes {
                 c.inc_by(bytes);
             }
-            self.metrics
-                .requests
-                .get_or_create(&RequestLabels {
-                    protocol: self.proto.label(),
-                    status_class: crate::metrics::status_class(rec.status),
-                    site: self.site.clone(),
-                })
-                .inc();
+            self.requests.count(self.proto, rec.status);
             for m in self.modules.iter() {
                 m.logging(&rec);
             }
