@@ -640,3 +640,36 @@ async fn rfc9111_3_4_partial_responses_are_stored_and_combined() -> anyhow::Resu
     assert_eq!(changed_parts(), 3);
     Ok(())
 }
+
+/// RFC 9111 §4.2.4 and §5.2.1.2: a stale object the client accepts with
+/// `max-stale` is served as it is, without a request to the origin (the
+/// cache machine's `Lookup::Stale`); without `max-stale` it is revalidated.
+#[tokio::test]
+async fn rfc9111_5_2_1_2_max_stale_serves_a_stale_object_unrevalidated() -> anyhow::Result<()> {
+    let origin = Scripted::start(|req| {
+        Reply::new(
+            200,
+            &[("cache-control", "max-age=1"), ("etag", "\"v1\"")],
+            &format!("body #{}", req.n),
+        )
+    })
+    .await?;
+    let edge = Edge::start(&config(&origin.url()))?;
+    let path = "/max-stale";
+    let r1 = fetch(&edge, path, &[]).await?;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r2 = fetch(&edge, path, &[("cache-control", "max-stale=60")]).await?;
+    assert!(is_hit(&r2), "{}", cache_status(&r2));
+    assert!(
+        cache_status(&r2).contains("detail=max-stale"),
+        "{}",
+        cache_status(&r2)
+    );
+    assert_eq!(r2.body, r1.body);
+    assert_eq!(origin.count(path), 1, "no request to the origin");
+    // Too stale for the client's bound: revalidated.
+    let r3 = fetch(&edge, path, &[("cache-control", "max-stale=0")]).await?;
+    assert!(!is_hit(&r3), "{}", cache_status(&r3));
+    assert_eq!(origin.count(path), 2);
+    Ok(())
+}
