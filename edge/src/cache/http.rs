@@ -395,127 +395,117 @@ impl HttpCache {
         cs: CacheStatus,
         now: SystemTime,
     ) -> Response<ResponseBody> {
-        serve_hit(self, sp, client, obj, cs, now)
-    }
-}
-
-fn serve_hit(
-    cache: &HttpCache,
-    sp: &SitePolicy,
-    client: ClientRequest<'_>,
-    obj: StoredObject,
-    cs: CacheStatus,
-    now: SystemTime,
-) -> Response<ResponseBody> {
-    let (method, req) = (client.method, client.headers);
-    let StoredObject { key, stored, hit } = obj;
-    let stored = &stored;
-    let key = key.as_str();
-    let age = policy::age_header_value(stored, now);
-    let finish = |mut resp: Response<ResponseBody>| {
-        resp.headers_mut().insert(header::AGE, age.clone());
-        downstream_headers(resp.headers_mut(), sp);
-        if sp.cache_status {
-            cs.append_to(resp.headers_mut());
+        let cache = self;
+        let (method, req) = (client.method, client.headers);
+        let StoredObject { key, stored, hit } = obj;
+        let stored = &stored;
+        let key = key.as_str();
+        let age = policy::age_header_value(stored, now);
+        let finish = |mut resp: Response<ResponseBody>| {
+            resp.headers_mut().insert(header::AGE, age.clone());
+            downstream_headers(resp.headers_mut(), sp);
+            if sp.cache_status {
+                cs.append_to(resp.headers_mut());
+            }
+            resp
+        };
+        if policy::evaluate_client_conditionals(method, req, stored, now)
+            == ConditionalResult::NotModified
+        {
+            let mut resp = Response::new(ResponseBody::empty());
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            *resp.headers_mut() = policy::not_modified_response_headers(&stored.headers);
+            return finish(resp);
         }
-        resp
-    };
-    if policy::evaluate_client_conditionals(method, req, stored, now)
-        == ConditionalResult::NotModified
-    {
-        let mut resp = Response::new(ResponseBody::empty());
-        *resp.status_mut() = StatusCode::NOT_MODIFIED;
-        *resp.headers_mut() = policy::not_modified_response_headers(&stored.headers);
-        return finish(resp);
-    }
-    let len = hit.meta.body_len;
-    let mut headers = stored.headers.clone();
-    headers.remove(header::AGE);
-    headers.remove(header::TRANSFER_ENCODING);
-    let mut status = stored.status;
-    let mut span = (0, len);
-    let mut multipart = None;
-    if *method == Method::GET
-        && status == StatusCode::OK
-        && let Some(r) = req.get(header::RANGE)
-        && policy::if_range_matches(req, stored)
-    {
-        match range::parse(r.as_bytes(), len) {
-            RangeRequest::Ignore => {}
-            RangeRequest::Unsatisfiable => {
-                cache.count("range-unsatisfiable");
-                let mut resp = Response::new(ResponseBody::empty());
-                *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
-                resp.headers_mut()
-                    .insert(header::CONTENT_RANGE, range::unsatisfied(len));
-                resp.headers_mut()
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-                return finish(resp);
-            }
-            RangeRequest::Single(a, b) => {
-                status = StatusCode::PARTIAL_CONTENT;
-                span = (a, b + 1);
-                headers.insert(header::CONTENT_RANGE, range::content_range(a, b, len));
-            }
-            RangeRequest::Multi(ranges) => {
-                if let HitBody::Whole(body) = &hit.body {
-                    let ctype = headers.get(header::CONTENT_TYPE).cloned();
-                    let (boundary, body) = range::multipart(body, &ranges, ctype.as_ref());
-                    status = StatusCode::PARTIAL_CONTENT;
-                    if let Ok(v) =
-                        HeaderValue::from_str(&format!("multipart/byteranges; boundary={boundary}"))
-                    {
-                        headers.insert(header::CONTENT_TYPE, v);
-                    }
-                    multipart = Some(body);
+        let len = hit.meta.body_len;
+        let mut headers = stored.headers.clone();
+        headers.remove(header::AGE);
+        headers.remove(header::TRANSFER_ENCODING);
+        let mut status = stored.status;
+        let mut span = (0, len);
+        let mut multipart = None;
+        if *method == Method::GET
+            && status == StatusCode::OK
+            && let Some(r) = req.get(header::RANGE)
+            && policy::if_range_matches(req, stored)
+        {
+            match range::parse(r.as_bytes(), len) {
+                RangeRequest::Ignore => {}
+                RangeRequest::Unsatisfiable => {
+                    cache.count("range-unsatisfiable");
+                    let mut resp = Response::new(ResponseBody::empty());
+                    *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                    resp.headers_mut()
+                        .insert(header::CONTENT_RANGE, range::unsatisfied(len));
+                    resp.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+                    return finish(resp);
                 }
-                // A chunked object answers a multi-range request in full.
+                RangeRequest::Single(a, b) => {
+                    status = StatusCode::PARTIAL_CONTENT;
+                    span = (a, b + 1);
+                    headers.insert(header::CONTENT_RANGE, range::content_range(a, b, len));
+                }
+                RangeRequest::Multi(ranges) => {
+                    if let HitBody::Whole(body) = &hit.body {
+                        let ctype = headers.get(header::CONTENT_TYPE).cloned();
+                        let (boundary, body) = range::multipart(body, &ranges, ctype.as_ref());
+                        status = StatusCode::PARTIAL_CONTENT;
+                        if let Ok(v) = HeaderValue::from_str(&format!(
+                            "multipart/byteranges; boundary={boundary}"
+                        )) {
+                            headers.insert(header::CONTENT_TYPE, v);
+                        }
+                        multipart = Some(body);
+                    }
+                    // A chunked object answers a multi-range request in full.
+                }
             }
         }
+        let body = match (multipart, &hit.body) {
+            (Some(m), _) => {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(m.len()));
+                ResponseBody::full(m)
+            }
+            (None, HitBody::Whole(b)) => {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(span.1 - span.0));
+                let start = usize::try_from(span.0).unwrap_or(usize::MAX).min(b.len());
+                let end = usize::try_from(span.1).unwrap_or(usize::MAX).min(b.len());
+                ResponseBody::full(b.slice(start..end))
+            }
+            (
+                None,
+                HitBody::Chunked {
+                    chunk_size,
+                    chunks,
+                    generation,
+                },
+            ) => {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(span.1 - span.0));
+                let (tx, rx) = mpsc::channel(2);
+                spawn_chunk_reader(
+                    cache.storage.clone(),
+                    key.to_string(),
+                    *generation,
+                    u64::from(*chunk_size),
+                    *chunks,
+                    span,
+                    tx,
+                );
+                ResponseBody::channel(rx, Some(span.1 - span.0))
+            }
+        };
+        let body = if *method == Method::HEAD {
+            ResponseBody::empty()
+        } else {
+            body
+        };
+        cache.count_bytes(hit.tier.label(), span.1 - span.0);
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        finish(resp)
     }
-    let body = match (multipart, &hit.body) {
-        (Some(m), _) => {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(m.len()));
-            ResponseBody::full(m)
-        }
-        (None, HitBody::Whole(b)) => {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(span.1 - span.0));
-            let start = usize::try_from(span.0).unwrap_or(usize::MAX).min(b.len());
-            let end = usize::try_from(span.1).unwrap_or(usize::MAX).min(b.len());
-            ResponseBody::full(b.slice(start..end))
-        }
-        (
-            None,
-            HitBody::Chunked {
-                chunk_size,
-                chunks,
-                generation,
-            },
-        ) => {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(span.1 - span.0));
-            let (tx, rx) = mpsc::channel(2);
-            spawn_chunk_reader(
-                cache.storage.clone(),
-                key.to_string(),
-                *generation,
-                u64::from(*chunk_size),
-                *chunks,
-                span,
-                tx,
-            );
-            ResponseBody::channel(rx, Some(span.1 - span.0))
-        }
-    };
-    let body = if *method == Method::HEAD {
-        ResponseBody::empty()
-    } else {
-        body
-    };
-    cache.count_bytes(hit.tier.label(), span.1 - span.0);
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    *resp.headers_mut() = headers;
-    finish(resp)
 }
 
 /// Streams `span` of a chunked object from storage, one chunk at a time.
@@ -602,179 +592,170 @@ impl HttpCache {
         target: StoreTarget,
         resp: Response<ResponseBody>,
     ) -> Response<ResponseBody> {
-        store_and_respond(self, sp, req, target, resp)
-    }
-}
-
-fn store_and_respond(
-    cache: &Arc<HttpCache>,
-    sp: &SitePolicy,
-    req: Answered<'_>,
-    target: StoreTarget,
-    resp: Response<ResponseBody>,
-) -> Response<ResponseBody> {
-    let StoreTarget {
-        key,
-        variant,
-        request_time,
-        response_time,
-        guard,
-        cs,
-    } = target;
-    let (method, client_headers) = (req.method, req.client);
-    let (mut parts, body) = resp.into_parts();
-    let max = cache.storage.max_object_size();
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let vary = policy::vary_spec(&parts.headers);
-    let decision = super::machine::store_decision(
-        method,
-        req.origin,
-        parts.status,
-        &parts.headers,
-        response_time,
-        max,
-        sp,
-    );
-    if let super::machine::StoreDecision::DontStore {
-        reason,
-        hit_for_pass,
-    } = decision
-    {
-        // Remember, so later requests for it are not serialized behind a
-        // fetch; but only what the response says applies to other clients.
-        if hit_for_pass {
-            cache.mark_pass(&key, sp.hit_for_pass);
-        }
-        cache.count("uncacheable");
-        drop(guard);
-        downstream_headers(&mut parts.headers, sp);
-        if sp.cache_status {
-            cs.detail(reason).append_to(&mut parts.headers);
-        }
-        return Response::from_parts(parts, body);
-    }
-    // What is stored: the response head as received, minus what must not be.
-    let mut stored_headers = parts.headers.clone();
-    policy::prepare_headers_for_storage(&mut stored_headers);
-    stored_headers.remove(header::TRANSFER_ENCODING);
-    if sp.set_cookie != SetCookie::Store {
-        stored_headers.remove(header::SET_COOKIE);
-    }
-    let tags = policy::surrogate_keys(&stored_headers, policy::SurrogateKeyLimits::default());
-    let obj_key = match (&vary, variant) {
-        (policy::VarySpec::Fields(_), _) => {
-            let secondary =
-                policy::secondary_key(&stored_headers, client_headers).unwrap_or_default();
-            format!("{key}{VARIANT_SEP}{secondary}")
-        }
-        _ => key.clone(),
-    };
-    let meta = ObjectMeta {
-        status: parts.status.as_u16(),
-        headers: meta_headers(&stored_headers),
-        request_time,
-        response_time,
-        tags,
-        body_len: 0,
-    };
-    let vary_index = match &vary {
-        policy::VarySpec::Fields(_) => stored_headers
-            .get(header::VARY)
-            .map(|v| (key.clone(), v.as_bytes().to_vec())),
-        _ => None,
-    };
-    let writer = cache.storage.writer(&obj_key);
-    let chunk_size = cache.storage.chunk_size();
-    let spool = Spool::new(
-        Backing {
-            storage: cache.storage.clone(),
-            key: obj_key.clone(),
-            generation: writer.generation(),
-            chunk_size,
-        },
-        usize::try_from((2 * chunk_size).max(SPOOL_MEMORY)).unwrap_or(usize::MAX),
-    );
-    let client_body = spool.reader(declared);
-    tokio::spawn(fill(
-        Fill {
-            storage: cache.storage.clone(),
-            results: cache.results.clone(),
-            bytes: cache.bytes.clone(),
-            key: obj_key,
-            meta,
-            vary_index,
+        let cache = self;
+        let StoreTarget {
+            key,
+            variant,
+            request_time,
+            response_time,
             guard,
+            cs,
+        } = target;
+        let (method, client_headers) = (req.method, req.client);
+        let (mut parts, body) = resp.into_parts();
+        let max = cache.storage.max_object_size();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let vary = policy::vary_spec(&parts.headers);
+        let decision = super::machine::store_decision(
+            method,
+            req.origin,
+            parts.status,
+            &parts.headers,
+            response_time,
             max,
-            background_max: sp.background_fill_max,
-            declared,
-        },
-        writer,
-        body,
-        spool,
-    ));
+            sp,
+        );
+        if let super::machine::StoreDecision::DontStore {
+            reason,
+            hit_for_pass,
+        } = decision
+        {
+            // Remember, so later requests for it are not serialized behind a
+            // fetch; but only what the response says applies to other clients.
+            if hit_for_pass {
+                cache.mark_pass(&key, sp.hit_for_pass);
+            }
+            cache.count("uncacheable");
+            drop(guard);
+            downstream_headers(&mut parts.headers, sp);
+            if sp.cache_status {
+                cs.detail(reason).append_to(&mut parts.headers);
+            }
+            return Response::from_parts(parts, body);
+        }
+        // What is stored: the response head as received, minus what must not be.
+        let mut stored_headers = parts.headers.clone();
+        policy::prepare_headers_for_storage(&mut stored_headers);
+        stored_headers.remove(header::TRANSFER_ENCODING);
+        if sp.set_cookie != SetCookie::Store {
+            stored_headers.remove(header::SET_COOKIE);
+        }
+        let tags = policy::surrogate_keys(&stored_headers, policy::SurrogateKeyLimits::default());
+        let obj_key = match (&vary, variant) {
+            (policy::VarySpec::Fields(_), _) => {
+                let secondary =
+                    policy::secondary_key(&stored_headers, client_headers).unwrap_or_default();
+                format!("{key}{VARIANT_SEP}{secondary}")
+            }
+            _ => key.clone(),
+        };
+        let meta = ObjectMeta {
+            status: parts.status.as_u16(),
+            headers: meta_headers(&stored_headers),
+            request_time,
+            response_time,
+            tags,
+            body_len: 0,
+        };
+        let vary_index = match &vary {
+            policy::VarySpec::Fields(_) => stored_headers
+                .get(header::VARY)
+                .map(|v| (key.clone(), v.as_bytes().to_vec())),
+            _ => None,
+        };
+        let writer = cache.storage.writer(&obj_key);
+        let chunk_size = cache.storage.chunk_size();
+        let spool = Spool::new(
+            Backing {
+                storage: cache.storage.clone(),
+                key: obj_key.clone(),
+                generation: writer.generation(),
+                chunk_size,
+            },
+            usize::try_from((2 * chunk_size).max(SPOOL_MEMORY)).unwrap_or(usize::MAX),
+        );
+        let client_body = spool.reader(declared);
+        tokio::spawn(fill(
+            Fill {
+                storage: cache.storage.clone(),
+                results: cache.results.clone(),
+                bytes: cache.bytes.clone(),
+                key: obj_key,
+                meta,
+                vary_index,
+                guard,
+                max,
+                background_max: sp.background_fill_max,
+                declared,
+            },
+            writer,
+            body,
+            spool,
+        ));
 
-    // The client's answer, from the response now known.
-    let stored = StoredResponse {
-        status: parts.status,
-        headers: stored_headers,
-        request_time,
-        response_time,
-    };
-    let now = SystemTime::now();
-    downstream_headers(&mut parts.headers, sp);
-    let cs = cs.stored();
-    if policy::evaluate_client_conditionals(method, client_headers, &stored, now)
-        == ConditionalResult::NotModified
-    {
-        // The fill goes on in the background.
-        let mut h = policy::not_modified_response_headers(&stored.headers);
-        downstream_headers(&mut h, sp);
+        // The client's answer, from the response now known.
+        let stored = StoredResponse {
+            status: parts.status,
+            headers: stored_headers,
+            request_time,
+            response_time,
+        };
+        let now = SystemTime::now();
+        downstream_headers(&mut parts.headers, sp);
+        let cs = cs.stored();
+        if policy::evaluate_client_conditionals(method, client_headers, &stored, now)
+            == ConditionalResult::NotModified
+        {
+            // The fill goes on in the background.
+            let mut h = policy::not_modified_response_headers(&stored.headers);
+            downstream_headers(&mut h, sp);
+            if sp.cache_status {
+                cs.append_to(&mut h);
+            }
+            let mut resp = Response::new(ResponseBody::empty());
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            *resp.headers_mut() = h;
+            return resp;
+        }
+        let mut body = client_body;
+        if let (Some(r), Some(len)) = (client_headers.get(header::RANGE), declared)
+            && parts.status == StatusCode::OK
+            && policy::if_range_matches(client_headers, &stored)
+        {
+            match range::parse(r.as_bytes(), len) {
+                RangeRequest::Single(a, b) => {
+                    parts.status = StatusCode::PARTIAL_CONTENT;
+                    parts
+                        .headers
+                        .insert(header::CONTENT_RANGE, range::content_range(a, b, len));
+                    parts
+                        .headers
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(b + 1 - a));
+                    body = range::skip_take(body, a, b + 1 - a);
+                }
+                RangeRequest::Unsatisfiable => {
+                    parts.status = StatusCode::RANGE_NOT_SATISFIABLE;
+                    parts
+                        .headers
+                        .insert(header::CONTENT_RANGE, range::unsatisfied(len));
+                    parts
+                        .headers
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+                    body = ResponseBody::empty();
+                }
+                // Several ranges on a miss: the whole representation (RFC 9110 allows it).
+                RangeRequest::Multi(_) | RangeRequest::Ignore => {}
+            }
+        }
         if sp.cache_status {
-            cs.append_to(&mut h);
+            cs.append_to(&mut parts.headers);
         }
-        let mut resp = Response::new(ResponseBody::empty());
-        *resp.status_mut() = StatusCode::NOT_MODIFIED;
-        *resp.headers_mut() = h;
-        return resp;
+        Response::from_parts(parts, body)
     }
-    let mut body = client_body;
-    if let (Some(r), Some(len)) = (client_headers.get(header::RANGE), declared)
-        && parts.status == StatusCode::OK
-        && policy::if_range_matches(client_headers, &stored)
-    {
-        match range::parse(r.as_bytes(), len) {
-            RangeRequest::Single(a, b) => {
-                parts.status = StatusCode::PARTIAL_CONTENT;
-                parts
-                    .headers
-                    .insert(header::CONTENT_RANGE, range::content_range(a, b, len));
-                parts
-                    .headers
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(b + 1 - a));
-                body = range::skip_take(body, a, b + 1 - a);
-            }
-            RangeRequest::Unsatisfiable => {
-                parts.status = StatusCode::RANGE_NOT_SATISFIABLE;
-                parts
-                    .headers
-                    .insert(header::CONTENT_RANGE, range::unsatisfied(len));
-                parts
-                    .headers
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-                body = ResponseBody::empty();
-            }
-            // Several ranges on a miss: the whole representation (RFC 9110 allows it).
-            RangeRequest::Multi(_) | RangeRequest::Ignore => {}
-        }
-    }
-    if sp.cache_status {
-        cs.append_to(&mut parts.headers);
-    }
-    Response::from_parts(parts, body)
 }
 
 /// What a fill task needs besides the body, its writer and its spool.

@@ -504,14 +504,7 @@ fn spawn_background_fill(
             guard: Some(guard),
             cs: CacheStatus::forward(crate::cache::http::CACHE_NAME, FwdReason::UriMiss),
         };
-        let req = Answered {
-            method: &sub.up.parts.method,
-            origin: &sub.up.parts.headers,
-            client: &sub.up.parts.headers,
-        };
-        let resp = cache.store_and_respond(&sp, req, target, resp);
-        // Nobody reads this response: drive it to the end so the fill completes.
-        let _ = resp.into_body().collect().await;
+        store_for_nobody(&sub, &cache, &sp, target, resp).await;
     });
 }
 
@@ -574,15 +567,26 @@ fn spawn_revalidation(
             guard: None,
             cs: CacheStatus::forward(crate::cache::http::CACHE_NAME, FwdReason::Stale),
         };
-        let req = Answered {
-            method: &sub.up.parts.method,
-            origin: &sub.up.parts.headers,
-            client: &sub.up.parts.headers,
-        };
-        let resp = cache.store_and_respond(&sp, req, target, resp);
-        // Nobody reads this response: drive it to the end so the fill completes.
-        let _ = resp.into_body().collect().await;
+        store_for_nobody(&sub, &cache, &sp, target, resp).await;
     });
+}
+
+/// Stores a subrequest's response, which no client reads: its body is
+/// driven to the end so the fill completes.
+async fn store_for_nobody(
+    sub: &Session,
+    cache: &Arc<HttpCache>,
+    sp: &SitePolicy,
+    target: StoreTarget,
+    resp: Response<ResponseBody>,
+) {
+    let req = Answered {
+        method: &sub.up.parts.method,
+        origin: &sub.up.parts.headers,
+        client: &sub.up.parts.headers,
+    };
+    let resp = cache.store_and_respond(sp, req, target, resp);
+    let _ = resp.into_body().collect().await;
 }
 
 /// Reads a response body to its end (so its connection can be reused).

@@ -122,34 +122,20 @@ impl Session {
         up: &UpstreamRequest,
         body: RequestBody,
     ) -> Result<Fetched, ProxyError> {
-        let rt = self.rt.clone();
-        let site = self.site.and_then(|i| rt.sites.get(i)).ok_or_else(|| {
-            ProxyError::new(
-                ErrorKind::Internal,
-                ErrorSource::Internal,
-                "session without a site",
-            )
-        })?;
+        let pool = self.site()?.pool.clone();
         let proxy = self.proxy.clone();
         proxy
-            .fetch(&site.pool, up, body, &self.too_large, &mut self.rec)
+            .fetch(&pool, up, body, &self.too_large, &mut self.rec)
             .await
     }
 
     /// Sends the session's own request with its body.
     pub async fn fetch_own(&mut self) -> Result<Fetched, ProxyError> {
         let body = self.take_body();
-        let rt = self.rt.clone();
-        let site = self.site.and_then(|i| rt.sites.get(i)).ok_or_else(|| {
-            ProxyError::new(
-                ErrorKind::Internal,
-                ErrorSource::Internal,
-                "session without a site",
-            )
-        })?;
+        let pool = self.site()?.pool.clone();
         let proxy = self.proxy.clone();
         proxy
-            .fetch(&site.pool, &self.up, body, &self.too_large, &mut self.rec)
+            .fetch(&pool, &self.up, body, &self.too_large, &mut self.rec)
             .await
     }
 
