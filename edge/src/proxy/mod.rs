@@ -683,12 +683,7 @@ impl Proxy {
         upgrade: bool,
         origin_bytes: prometheus_client::metrics::counter::Counter,
     ) -> Result<(Response<Incoming>, PoolReturn), (ProxyError, Option<Request<RequestBody>>)> {
-        self.metrics
-            .upstream_requests
-            .get_or_create(&PoolLabels {
-                pool: pool.name.clone(),
-            })
-            .inc();
+        pool.requests.inc();
         let t = pool.config.timeouts.connect.get();
         let connect_start = Instant::now();
         let checkout = if upgrade {

@@ -57,6 +57,9 @@ pub struct Pool {
     pub selector: Selector,
     pub budget: RetryBudget,
     pub connector: conn::Connector,
+    /// `meridian_upstream_requests_total` of this pool, resolved once per
+    /// config generation.
+    pub requests: prometheus_client::metrics::counter::Counter,
 }
 
 impl Pool {
@@ -96,7 +99,12 @@ impl Pool {
             }));
         }
         let selector = Selector::new(config.selection, &origins);
+        let requests = metrics
+            .upstream_requests
+            .get_or_create(&crate::metrics::PoolLabels { pool: name.clone() })
+            .clone();
         Ok(Pool {
+            requests,
             budget: RetryBudget::new(config.retry.budget_ratio, config.retry.budget_min_per_sec),
             name,
             config: config.clone(),
