@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::metrics::{Metrics, Outcome, Transport};
+use crate::metrics::Metrics;
 use body::{ClientBody, ResponseBody};
 pub use downstream::{Downstream, Proto};
 pub use hop::strip_hop_by_hop;
@@ -85,16 +85,10 @@ pub async fn serve_tcp<P: Service>(
     hold: io::ConnHold,
 ) {
     let limits = proxy.limits();
-    let transport = if tls.is_some() { "tls" } else { "tcp" };
+    let t = crate::metrics::ConnHandles::transport(tls.is_some());
     let m = proxy.metrics().clone();
-    m.connections_total
-        .get_or_create(&Transport { transport })
-        .inc();
-    let active = io::Active::new(
-        m.connections_active
-            .get_or_create(&Transport { transport })
-            .clone(),
-    );
+    m.conn.total[t].inc();
+    let active = io::Active::new(m.conn.active[t].clone());
     let shared = Arc::new(ConnShared::default());
     let _ = shared.hold.set(Arc::new((hold, active)));
     match tls {
@@ -103,22 +97,16 @@ pub async fn serve_tcp<P: Service>(
                 tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await;
             let stream = match hs {
                 Ok(Ok(s)) => {
-                    m.tls_handshakes
-                        .get_or_create(&Outcome { result: "ok" })
-                        .inc();
+                    m.conn.tls_ok.inc();
                     s
                 }
                 Ok(Err(e)) => {
-                    m.tls_handshakes
-                        .get_or_create(&Outcome { result: "error" })
-                        .inc();
+                    m.conn.tls_error.inc();
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    m.tls_handshakes
-                        .get_or_create(&Outcome { result: "timeout" })
-                        .inc();
+                    m.conn.tls_timeout.inc();
                     return;
                 }
             };

@@ -131,6 +131,8 @@ pub struct Metrics {
     /// resolved once: they are counted on every request through a plugin.
     pub plugin_continue: Counter,
     pub plugin_response_continue: Counter,
+    /// The per-connection handles, resolved once.
+    pub conn: ConnHandles,
     pub plugin_metric: Family<PluginMetricLabels, Gauge>,
     pub plugin_histogram_count: Family<PluginMetricLabels, Gauge>,
     pub plugin_callbacks: Family<PluginLabels, Gauge>,
@@ -161,6 +163,29 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Labelled handles counted on every connection, resolved once when the
+/// metrics are built, so no connection looks them up in their families.
+#[derive(Clone, Debug)]
+pub struct ConnHandles {
+    /// `connections_total` for `tcp`, `tls`.
+    pub total: [Counter; 2],
+    /// `connections_active` for `tcp`, `tls`.
+    pub active: [Gauge; 2],
+    /// `tls_handshakes` for `ok`, `error`, `timeout`.
+    pub tls_ok: Counter,
+    pub tls_error: Counter,
+    pub tls_timeout: Counter,
+    /// `upstream_connects` for `ok`.
+    pub upstream_connect_ok: Counter,
+}
+
+impl ConnHandles {
+    /// The index of a transport in `total` and `active`.
+    pub fn transport(tls: bool) -> usize {
+        usize::from(tls)
+    }
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
@@ -172,17 +197,39 @@ impl Metrics {
         let resolved = |reason| plugin_results.get_or_create(&Reason { reason }).clone();
         let (plugin_continue, plugin_response_continue) =
             (resolved("continue"), resolved("response-continue"));
+        let connections_active: Family<Transport, Gauge> = Family::default();
+        let connections_total: Family<Transport, Counter> = Family::default();
+        let tls_handshakes: Family<Outcome, Counter> = Family::default();
+        let upstream_connects: Family<Outcome, Counter> = Family::default();
+        let outcome =
+            |f: &Family<Outcome, Counter>, result| f.get_or_create(&Outcome { result }).clone();
+        let conn = ConnHandles {
+            total: ["tcp", "tls"].map(|transport| {
+                connections_total
+                    .get_or_create(&Transport { transport })
+                    .clone()
+            }),
+            active: ["tcp", "tls"].map(|transport| {
+                connections_active
+                    .get_or_create(&Transport { transport })
+                    .clone()
+            }),
+            tls_ok: outcome(&tls_handshakes, "ok"),
+            tls_error: outcome(&tls_handshakes, "error"),
+            tls_timeout: outcome(&tls_handshakes, "timeout"),
+            upstream_connect_ok: outcome(&upstream_connects, "ok"),
+        };
         let m = Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
-            connections_active: Family::default(),
-            connections_total: Family::default(),
+            connections_active,
+            connections_total,
             connections_rejected: Counter::default(),
-            tls_handshakes: Family::default(),
+            tls_handshakes,
             bad_requests: Family::default(),
             client_timeouts: Family::default(),
             upstream_requests: Family::default(),
-            upstream_connects: Family::default(),
+            upstream_connects,
             upstream_errors: Family::default(),
             internal_errors: Family::default(),
             upstream_retries: Family::default(),
@@ -203,6 +250,7 @@ impl Metrics {
             plugin_results,
             plugin_continue,
             plugin_response_continue,
+            conn,
             plugin_metric: Family::default(),
             plugin_histogram_count: Family::default(),
             plugin_callbacks: Family::default(),

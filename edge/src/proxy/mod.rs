@@ -714,10 +714,7 @@ impl Proxy {
             }
         };
         if !checkout.reused {
-            self.metrics
-                .upstream_connects
-                .get_or_create(&crate::metrics::Outcome { result: "ok" })
-                .inc();
+            self.metrics.conn.upstream_connect_ok.inc();
             self.metrics
                 .upstream_connect_duration
                 .observe(connect_start.elapsed().as_secs_f64());
