@@ -397,8 +397,12 @@ impl HttpCache {
     ) -> Response<ResponseBody> {
         let cache = self;
         let (method, req) = (client.method, client.headers);
-        let StoredObject { key, stored, hit } = obj;
-        let stored = &stored;
+        let StoredObject {
+            key,
+            stored: owned,
+            hit,
+        } = obj;
+        let stored = &owned;
         let key = key.as_str();
         let age = policy::age_header_value(stored, now);
         let finish = |mut resp: Response<ResponseBody>| {
@@ -418,17 +422,22 @@ impl HttpCache {
             return finish(resp);
         }
         let len = hit.meta.body_len;
-        let mut headers = stored.headers.clone();
+        let range_applies = *method == Method::GET
+            && stored.status == StatusCode::OK
+            && req.contains_key(header::RANGE)
+            && policy::if_range_matches(req, stored);
+        // The stored object is this request's own copy: its head becomes
+        // the response's without another copy.
+        let StoredResponse {
+            mut status,
+            mut headers,
+            ..
+        } = owned;
         headers.remove(header::AGE);
         headers.remove(header::TRANSFER_ENCODING);
-        let mut status = stored.status;
         let mut span = (0, len);
         let mut multipart = None;
-        if *method == Method::GET
-            && status == StatusCode::OK
-            && let Some(r) = req.get(header::RANGE)
-            && policy::if_range_matches(req, stored)
-        {
+        if range_applies && let Some(r) = req.get(header::RANGE) {
             match range::parse(r.as_bytes(), len) {
                 RangeRequest::Ignore => {}
                 RangeRequest::Unsatisfiable => {

@@ -55,16 +55,15 @@ pub(super) async fn handle(
         s.up.parts.headers.clone(),
         key,
     );
-    Driver {
+    let mut driver = Driver {
         cache,
         m,
         obj: None,
         guard: None,
         follower: None,
         variant: None,
-    }
-    .run(s)
-    .await
+    };
+    driver.run(s).await
 }
 
 /// The cache_key phase: the key's scheme is the connection's, never the
@@ -101,7 +100,7 @@ struct Driver<'a> {
 }
 
 impl Driver<'_> {
-    async fn run(mut self, s: &mut Session) -> Result<Response<ResponseBody>, ProxyError> {
+    async fn run(&mut self, s: &mut Session) -> Result<Response<ResponseBody>, ProxyError> {
         let mut step = match self.find().await {
             Some(obj) => {
                 let step = self.m.on_lookup(
@@ -225,7 +224,11 @@ impl Driver<'_> {
             .serve_hit(self.m.policy(), client, obj, cs, SystemTime::now())
     }
 
-    async fn fetch(self, s: &mut Session, f: Fetch) -> Result<Response<ResponseBody>, ProxyError> {
+    async fn fetch(
+        &mut self,
+        s: &mut Session,
+        f: Fetch,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         match f.kind {
             FetchKind::Fill { variant } => {
                 self.cache.count(f.result);
@@ -252,7 +255,7 @@ impl Driver<'_> {
     /// unconditionally (the cache answers the client's own conditionals and
     /// ranges from it), and stores it while it streams to the client.
     async fn fill(
-        mut self,
+        &mut self,
         s: &mut Session,
         variant: Option<String>,
         cs: CacheStatus,
@@ -298,7 +301,7 @@ impl Driver<'_> {
     /// bytes, unless the object is small. Anything else is passed on, and
     /// marks nothing.
     async fn range_miss(
-        self,
+        &mut self,
         s: &mut Session,
         variant: Option<String>,
         cs: CacheStatus,
@@ -360,7 +363,7 @@ impl Driver<'_> {
     /// A stale object must be revalidated before use: a conditional
     /// request; a 304 freshens it, a new response replaces it, an error may
     /// serve it stale.
-    async fn revalidate(mut self, s: &mut Session) -> Result<Response<ResponseBody>, ProxyError> {
+    async fn revalidate(&mut self, s: &mut Session) -> Result<Response<ResponseBody>, ProxyError> {
         let Some(obj) = self.obj.take() else {
             return Err(internal("revalidation without an object"));
         };

@@ -42,6 +42,7 @@ pub struct Session {
 }
 
 impl Session {
+    #[inline]
     pub(super) fn new(
         proxy: Arc<Proxy>,
         rt: Arc<Runtime>,
