@@ -34,7 +34,8 @@ flag=""; [ "$PROFILE" = release ] && flag="--release"
 # build), then the harness.
 cargo build $flag -p meridian-edge -p meridian-dns --bins >&2
 cargo build $flag -p meridian-e2e --bin meridian-chaos >&2
-BIN="$ROOT/target/$PROFILE"
+# The builds go to $CARGO_TARGET_DIR when it is set (else ./target).
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
 mkdir -p "$OUT"
 
 CHAOS_PID=""
