@@ -251,12 +251,29 @@ pub trait OnBodyEnd: Send + Sync + 'static {
     fn finish(&mut self, complete: bool, bytes: u64);
 }
 
+/// A filter over a response body's data on its way to the client (the
+/// proxy's response_body_filter phase): one per response, called chunk by
+/// chunk, in order.
+pub trait BodyFilter: Send + Sync + 'static {
+    /// `chunk` is the next piece of data; the filter may change it, empty
+    /// it or grow it. It is called once more with `end_of_stream` true when
+    /// the data has ended (before any trailers), so it can add what it held
+    /// back; that last chunk is empty, or holds what the filters before it
+    /// added at their end, which it filters like any other data. An `Err` breaks the body (the client sees
+    /// a truncated response, as for an origin's broken body).
+    fn filter(&mut self, chunk: &mut Bytes, end_of_stream: bool) -> Result<(), BoxError>;
+}
+
 /// A response body on its way to the client.
 pub struct ResponseBody {
     kind: Kind,
     bytes: u64,
     done: bool,
     on_end: Vec<Box<dyn OnBodyEnd>>,
+    /// response_body_filter: empty for almost every response (no cost).
+    filters: Vec<Box<dyn BodyFilter>>,
+    /// The filters have seen the end of the data.
+    filtered_end: bool,
 }
 
 enum Kind {
@@ -323,7 +340,24 @@ impl ResponseBody {
             bytes: 0,
             done: false,
             on_end: Vec::new(),
+            filters: Vec::new(),
+            filtered_end: false,
         }
+    }
+
+    /// Adds a filter over the data (after those added before). A filter
+    /// may change the length: the body then reports no exact size, so a
+    /// module that filters must also drop `Content-Length` from the head.
+    pub fn add_filter(&mut self, f: Box<dyn BodyFilter>) {
+        self.filters.push(f);
+    }
+
+    /// Runs the filters over one chunk; `Err` breaks the body.
+    fn run_filters(&mut self, chunk: &mut Bytes, end: bool) -> Result<(), BodyError> {
+        for f in &mut self.filters {
+            f.filter(chunk, end).map_err(BodyError::Stream)?;
+        }
+        Ok(())
     }
 
     /// A body of frames (data, then perhaps trailers) fed through a bounded
@@ -366,6 +400,128 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        let r = match this.poll_kind(cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => return Poll::Pending,
+        };
+        // response_body_filter: data through the filters; at the end of the
+        // data (its last chunk, the first trailers, or the end), once more
+        // with an empty chunk, whose output goes out before what ended it.
+        let r = if this.filters.is_empty() || this.filtered_end {
+            r
+        } else {
+            match r {
+                Some(Ok(f)) if f.is_data() => {
+                    let mut d = f.into_data().unwrap_or_default();
+                    let last = this.kind_ended();
+                    match this.run_filters(&mut d, false) {
+                        Ok(()) if last => {
+                            this.filtered_end = true;
+                            let mut tail = Bytes::new();
+                            match this.run_filters(&mut tail, true) {
+                                Ok(()) if tail.is_empty() => Some(Ok(Frame::data(d))),
+                                Ok(()) => {
+                                    let mut joined = Vec::with_capacity(d.len() + tail.len());
+                                    joined.extend_from_slice(&d);
+                                    joined.extend_from_slice(&tail);
+                                    Some(Ok(Frame::data(Bytes::from(joined))))
+                                }
+                                Err(e) => Some(Err(e)),
+                            }
+                        }
+                        Ok(()) => Some(Ok(Frame::data(d))),
+                        Err(e) => Some(Err(e)),
+                    }
+                }
+                Some(Ok(f)) => {
+                    // Trailers: the data has ended.
+                    this.filtered_end = true;
+                    let mut tail = Bytes::new();
+                    match this.run_filters(&mut tail, true) {
+                        Ok(()) if tail.is_empty() => Some(Ok(f)),
+                        Ok(()) => {
+                            // The tail goes first; the trailers are dropped
+                            // rather than reordered (a filter that appends
+                            // at the end owns the body's framing).
+                            Some(Ok(Frame::data(tail)))
+                        }
+                        Err(e) => Some(Err(e)),
+                    }
+                }
+                None => {
+                    this.filtered_end = true;
+                    let mut tail = Bytes::new();
+                    match this.run_filters(&mut tail, true) {
+                        Ok(()) if tail.is_empty() => None,
+                        Ok(()) => {
+                            this.kind = Kind::Empty;
+                            Some(Ok(Frame::data(tail)))
+                        }
+                        Err(e) => Some(Err(e)),
+                    }
+                }
+                Some(Err(e)) => Some(Err(e)),
+            }
+        };
+        match &r {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if this.is_end_stream() {
+                    this.finish(true);
+                }
+            }
+            Some(Err(_)) => {
+                this.kind = Kind::Empty;
+                this.finish(false);
+            }
+            None => this.finish(true),
+        }
+        Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if !self.filters.is_empty() && !self.filtered_end {
+            // The filters may still add data at the end.
+            return false;
+        }
+        self.kind_ended()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if !self.filters.is_empty() {
+            // A filter may change the length.
+            return SizeHint::default();
+        }
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Channel { len, sent, .. } | Kind::Frames { len, sent, .. } => match len {
+                Some(l) => SizeHint::with_exact(l.saturating_sub(*sent)),
+                None => SizeHint::default(),
+            },
+        }
+    }
+}
+
+impl ResponseBody {
+    /// The underlying body has no more frames to give.
+    fn kind_ended(&self) -> bool {
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Channel { len, sent, .. } => len.is_some_and(|l| *sent >= l),
+            // Trailers may follow the data: only the channel's end says.
+            Kind::Frames { .. } => false,
+        }
+    }
+
+    /// The next frame of the underlying body.
+    fn poll_kind(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self;
         let r = match &mut this.kind {
             Kind::Empty => None,
             Kind::Full(b) => b.take().map(|b| Ok(Frame::data(b))),
@@ -405,45 +561,7 @@ impl Body for ResponseBody {
                 Poll::Pending => return Poll::Pending,
             },
         };
-        match &r {
-            Some(Ok(f)) => {
-                if let Some(d) = f.data_ref() {
-                    this.bytes += d.len() as u64;
-                }
-                if this.is_end_stream() {
-                    this.finish(true);
-                }
-            }
-            Some(Err(_)) => {
-                this.kind = Kind::Empty;
-                this.finish(false);
-            }
-            None => this.finish(true),
-        }
         Poll::Ready(r)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Empty => true,
-            Kind::Full(b) => b.is_none(),
-            Kind::Upstream { body, .. } => body.is_end_stream(),
-            Kind::Channel { len, sent, .. } => len.is_some_and(|l| *sent >= l),
-            // Trailers may follow the data: only the channel's end says.
-            Kind::Frames { .. } => false,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Empty => SizeHint::with_exact(0),
-            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream { body, .. } => body.size_hint(),
-            Kind::Channel { len, sent, .. } | Kind::Frames { len, sent, .. } => match len {
-                Some(l) => SizeHint::with_exact(l.saturating_sub(*sent)),
-                None => SizeHint::default(),
-            },
-        }
     }
 }
 
@@ -526,5 +644,86 @@ impl Body for H3Body {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// Doubles every chunk; appends "!" at the end; fails on "boom".
+    struct Twice(usize);
+
+    impl BodyFilter for Twice {
+        fn filter(&mut self, chunk: &mut Bytes, end: bool) -> Result<(), BoxError> {
+            if end {
+                // What earlier filters added at their end, doubled, then ours.
+                self.0 += 1;
+                let mark = format!("!{}", self.0);
+                *chunk = Bytes::from([chunk.as_ref(), chunk.as_ref(), mark.as_bytes()].concat());
+                return Ok(());
+            }
+            if chunk.as_ref() == b"boom" {
+                return Err("boom".into());
+            }
+            *chunk = Bytes::from([chunk.as_ref(), chunk.as_ref()].concat());
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn filters_see_each_chunk_then_the_end_once() {
+        let mut b = ResponseBody::full("ab");
+        b.add_filter(Box::new(Twice(0)));
+        assert_eq!(
+            b.size_hint().exact(),
+            None,
+            "a filter may change the length"
+        );
+        assert!(!b.is_end_stream());
+        let out = b.collect().await.expect("body").to_bytes();
+        assert_eq!(out.as_ref(), b"abab!1");
+
+        // Chunks from a channel, the end known only when it closes.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut b = ResponseBody::channel(rx, None);
+        b.add_filter(Box::new(Twice(0)));
+        b.add_filter(Box::new(Twice(0)));
+        tx.send(Ok(Bytes::from_static(b"x"))).await.expect("send");
+        tx.send(Ok(Bytes::from_static(b"y"))).await.expect("send");
+        drop(tx);
+        let out = b.collect().await.expect("body").to_bytes();
+        // Each filter doubles; the first's end mark goes through the second.
+        assert_eq!(out.as_ref(), b"xxxxyyyy!1!1!1");
+
+        // An empty body still gives the filters their end.
+        let mut b = ResponseBody::empty();
+        b.add_filter(Box::new(Twice(0)));
+        let out = b.collect().await.expect("body").to_bytes();
+        assert_eq!(out.as_ref(), b"!1");
+    }
+
+    #[tokio::test]
+    async fn a_failing_filter_breaks_the_body_and_finishes_it_incomplete() {
+        struct End(std::sync::Arc<parking_lot::Mutex<Option<bool>>>);
+        impl OnBodyEnd for End {
+            fn finish(&mut self, complete: bool, _bytes: u64) {
+                *self.0.lock() = Some(complete);
+            }
+        }
+        let seen = std::sync::Arc::new(parking_lot::Mutex::new(None));
+        let mut b = ResponseBody::full("boom");
+        b.on_end(End(seen.clone()));
+        b.add_filter(Box::new(Twice(0)));
+        assert!(b.collect().await.is_err());
+        assert_eq!(*seen.lock(), Some(false));
+    }
+
+    #[tokio::test]
+    async fn without_filters_the_size_stays_exact() {
+        let b = ResponseBody::full("abc");
+        assert_eq!(b.size_hint().exact(), Some(3));
+        assert!(!b.is_end_stream());
     }
 }

@@ -433,6 +433,9 @@ impl Proxy {
         for m in modules.iter() {
             m.upstream_request_filter(s)?;
         }
+        // upstream_peer: a module may choose the origin to try first.
+        let peer = modules.iter().find_map(|m| m.upstream_peer(s, &site.pool));
+        s.up.peer = peer.filter(|&i| i < site.pool.origins.len());
         s.up.path =
             s.up.parts
                 .uri
@@ -514,10 +517,14 @@ impl Proxy {
                     })
                     .inc();
             }
-            let idx = pool
-                .selector
-                .pick(&pool.origins, hash_key, now, slow, &tried, panic)
-                .ok_or_else(|| ProxyError::upstream(ErrorKind::NoHealthyOrigin, "select"))?;
+            let chosen = up.peer.filter(|&i| attempt == 1 && i < pool.origins.len());
+            let idx = match chosen {
+                Some(i) => i,
+                None => pool
+                    .selector
+                    .pick(&pool.origins, hash_key, now, slow, &tried, panic)
+                    .ok_or_else(|| ProxyError::upstream(ErrorKind::NoHealthyOrigin, "select"))?,
+            };
             let origin = pool.origins[idx].clone();
             tried.push(idx);
             rec.origin = Some(origin.label.clone());
@@ -625,6 +632,7 @@ impl Proxy {
             upgrade: false,
             tls: false,
             plugins: None,
+            peer: None,
         };
         let max = usize::try_from(rt.config.plugins.http_call_max_body.get()).unwrap_or(usize::MAX);
         let timeout = call
@@ -857,6 +865,12 @@ impl Session {
                 *resp = self.error_response(e);
             }
         }
+        // response_body_filter: the modules' filters over the body's data.
+        for m in modules.iter() {
+            if let Some(f) = m.response_body_filter(self, resp) {
+                resp.body_mut().add_filter(f);
+            }
+        }
     }
 
     /// The end-of-exchange hook for the response body: it holds the plugin
@@ -1032,6 +1046,9 @@ pub struct UpstreamRequest {
     pub tls: bool,
     /// The request's live plugin contexts, for the response phase.
     pub plugins: Option<crate::plugins::SharedExchange>,
+    /// The origin (index into the pool's origins) a module's upstream_peer
+    /// chose for the first attempt; None: the load balancer picks.
+    pub peer: Option<usize>,
 }
 
 impl UpstreamRequest {
@@ -1048,6 +1065,7 @@ impl UpstreamRequest {
             upgrade: false,
             tls,
             plugins: None,
+            peer: None,
         }
     }
 }
@@ -1178,5 +1196,190 @@ mod tests {
         assert_eq!(r.status(), 200);
         let body = r.into_body().collect().await.expect("body").to_bytes();
         assert!(!String::from_utf8_lossy(&body).contains("early-data"));
+    }
+}
+
+/// The upstream_peer and response_body_filter phases, through a proxy in
+/// front of two real origins.
+#[cfg(test)]
+mod phase_tests {
+    use super::phase::{HttpModule, PhaseFuture};
+    use super::*;
+    use crate::http::body::BodyFilter;
+    use crate::util::BoxError;
+    use bytes::Bytes;
+    use meridian_e2e::origin::TestOrigin;
+
+    /// Sends every request to the pool's second origin.
+    struct SecondOrigin;
+
+    impl HttpModule for SecondOrigin {
+        fn name(&self) -> &'static str {
+            "second-origin"
+        }
+        fn upstream_peer(&self, _s: &Session, pool: &Pool) -> Option<usize> {
+            (pool.origins.len() > 1).then_some(1)
+        }
+    }
+
+    /// Upper-cases the body and appends the count of chunks it saw.
+    struct Shout;
+
+    struct ShoutFilter {
+        chunks: usize,
+        ended: usize,
+    }
+
+    impl BodyFilter for ShoutFilter {
+        fn filter(&mut self, chunk: &mut Bytes, end: bool) -> Result<(), BoxError> {
+            if end {
+                self.ended += 1;
+                *chunk = Bytes::from(format!("\n[{} chunks, end {}]", self.chunks, self.ended));
+            } else {
+                self.chunks += 1;
+                *chunk = Bytes::from(chunk.to_ascii_uppercase());
+            }
+            Ok(())
+        }
+    }
+
+    impl HttpModule for Shout {
+        fn name(&self) -> &'static str {
+            "shout"
+        }
+        fn response_filter<'a>(
+            &'a self,
+            _s: &'a Session,
+            resp: &'a mut Response<ResponseBody>,
+        ) -> Option<PhaseFuture<'a, Result<(), ProxyError>>> {
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+            None
+        }
+        fn response_body_filter(
+            &self,
+            _s: &Session,
+            _resp: &Response<ResponseBody>,
+        ) -> Option<Box<dyn BodyFilter>> {
+            Some(Box::new(ShoutFilter {
+                chunks: 0,
+                ended: 0,
+            }))
+        }
+    }
+
+    async fn proxy_with(
+        a: &TestOrigin,
+        b: &TestOrigin,
+        extra: Vec<Arc<dyn HttpModule>>,
+    ) -> Arc<Proxy> {
+        let src = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[log]\naccess_log = \"off\"\n[[sites]]\nhosts = [\"*\"]\npool = \"o\"\n[pools.o]\norigins = [{{ url = \"{}\" }}, {{ url = \"{}\" }}]\n",
+            a.url(),
+            b.url()
+        );
+        let cfg = Arc::new(Config::from_toml(&src, "test").expect("config"));
+        let metrics = Metrics::new();
+        let mut rt = Runtime::build(cfg, None, &metrics).expect("runtime");
+        let mut mods: Vec<Arc<dyn HttpModule>> = rt.sites[0].modules.iter().cloned().collect();
+        mods.extend(extra);
+        rt.sites[0].modules = phase::ordered(mods);
+        Proxy::new(rt, metrics, None)
+    }
+
+    fn ds() -> crate::http::Downstream {
+        crate::http::Downstream {
+            client: "127.0.0.1:1".parse().expect("addr"),
+            local: "127.0.0.1:80".parse().expect("addr"),
+            tls: false,
+            proto: Proto::H1,
+            conn: Arc::default(),
+            early: false,
+        }
+    }
+
+    fn get(path: &str) -> Request<ClientBody> {
+        Request::builder()
+            .uri(format!("http://a.test{path}"))
+            .header("host", "a.test")
+            .body(ClientBody::Empty)
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn upstream_peer_chooses_the_origin_and_the_balancer_decides_by_default() {
+        let (a, b) = (
+            TestOrigin::start("a").await.expect("origin a"),
+            TestOrigin::start("b").await.expect("origin b"),
+        );
+        // Default: the balancer spreads the requests over both origins.
+        let proxy = proxy_with(&a, &b, vec![]).await;
+        for _ in 0..8 {
+            let r = proxy.handle(get("/echo"), &ds()).await;
+            assert_eq!(r.status(), 200);
+            r.into_body().collect().await.expect("body");
+        }
+        assert!(
+            a.requests() > 0 && b.requests() > 0,
+            "a {} b {}",
+            a.requests(),
+            b.requests()
+        );
+
+        let (a, b) = (
+            TestOrigin::start("a").await.expect("origin a"),
+            TestOrigin::start("b").await.expect("origin b"),
+        );
+        let proxy = proxy_with(&a, &b, vec![Arc::new(SecondOrigin)]).await;
+        for _ in 0..8 {
+            let r = proxy.handle(get("/echo"), &ds()).await;
+            assert_eq!(r.status(), 200);
+            r.into_body().collect().await.expect("body");
+        }
+        assert_eq!(
+            (a.requests(), b.requests()),
+            (0, 8),
+            "every request to the chosen origin"
+        );
+    }
+
+    #[tokio::test]
+    async fn upstream_peer_retries_go_through_the_balancer() {
+        let a = TestOrigin::start("a").await.expect("origin a");
+        // The chosen origin refuses connections: a closed port.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let dead_url = format!("http://{}", dead.local_addr().expect("addr"));
+        drop(dead);
+        let src = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[log]\naccess_log = \"off\"\n[[sites]]\nhosts = [\"*\"]\npool = \"o\"\n[pools.o]\norigins = [{{ url = \"{}\" }}, {{ url = \"{dead_url}\" }}]\n",
+            a.url()
+        );
+        let cfg = Arc::new(Config::from_toml(&src, "test").expect("config"));
+        let metrics = Metrics::new();
+        let mut rt = Runtime::build(cfg, None, &metrics).expect("runtime");
+        let mut mods: Vec<Arc<dyn HttpModule>> = rt.sites[0].modules.iter().cloned().collect();
+        mods.push(Arc::new(SecondOrigin));
+        rt.sites[0].modules = phase::ordered(mods);
+        let proxy = Proxy::new(rt, metrics, None);
+        let r = proxy.handle(get("/echo"), &ds()).await;
+        assert_eq!(r.status(), 200, "the retry went to the live origin");
+        r.into_body().collect().await.expect("body");
+        assert_eq!(a.requests(), 1);
+    }
+
+    #[tokio::test]
+    async fn response_body_filter_sees_every_chunk_and_the_end_once() {
+        let (a, b) = (
+            TestOrigin::start("a").await.expect("origin a"),
+            TestOrigin::start("b").await.expect("origin b"),
+        );
+        let proxy = proxy_with(&a, &b, vec![Arc::new(Shout)]).await;
+        let r = proxy.handle(get("/echo"), &ds()).await;
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().get(header::CONTENT_LENGTH).is_none());
+        let body = r.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("\"HEADERS\""), "upper-cased: {text}");
+        assert!(text.ends_with(", end 1]"), "the end, once: {text}");
+        assert!(!text.contains("\"headers\""));
     }
 }

@@ -17,9 +17,10 @@ use std::sync::Arc;
 use http::Response;
 
 use super::session::Session;
+use super::upstream::Pool;
 use crate::accesslog::LogRecord;
 use crate::error::ProxyError;
-use crate::http::body::ResponseBody;
+use crate::http::body::{BodyFilter, ResponseBody};
 
 /// A boxed phase future, for the modules whose phases wait.
 pub type PhaseFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -88,6 +89,20 @@ pub trait HttpModule: Send + Sync {
     /// Default: unchanged.
     fn cache_key(&self, _s: &Session, _key: &mut String) {}
 
+    /// **upstream_peer**: the origin of the site's pool to try first, as an
+    /// index into `pool.origins`, asked once per request after
+    /// upstream_request_filter; the first module with an answer decides,
+    /// and an index out of range is ignored. The choice holds for every
+    /// fetch of the request (a cache fill, a revalidation, a pass); only
+    /// the first attempt goes to it: a retry after a retry-safe failure
+    /// goes through the pool's load balancer, which skips the origins
+    /// already tried. The module owns the choice: a chosen origin is tried
+    /// even when its health checks fail. Default: `None`, the pool's load
+    /// balancer (its policy, health, slow start and panic mode) picks.
+    fn upstream_peer(&self, _s: &Session, _pool: &Pool) -> Option<usize> {
+        None
+    }
+
     /// **upstream_response_filter**: an origin's response, before the
     /// cache stores it. An `Err` fails the request. Default: unchanged.
     fn upstream_response_filter<'a>(
@@ -107,6 +122,21 @@ pub trait HttpModule: Send + Sync {
         _s: &'a Session,
         _resp: &'a mut Response<ResponseBody>,
     ) -> Option<PhaseFuture<'a, Result<(), ProxyError>>> {
+        None
+    }
+
+    /// **response_body_filter**: a filter for the data of this response's
+    /// body, created after every module's response_filter (so it sees the
+    /// final head), run chunk by chunk as the body streams to the client,
+    /// in module order, and once more at the end of the data (see
+    /// [`BodyFilter`]). A filter that changes the length must remove
+    /// `Content-Length` in its response_filter. Default: `None`, the body
+    /// passes untouched and nothing is allocated.
+    fn response_body_filter(
+        &self,
+        _s: &Session,
+        _resp: &Response<ResponseBody>,
+    ) -> Option<Box<dyn BodyFilter>> {
         None
     }
 
