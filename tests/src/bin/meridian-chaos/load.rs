@@ -324,21 +324,96 @@ pub struct Stats {
     pub unexpected: AtomicU64,
     pub corrupt: AtomicU64,
     lat_us: Mutex<Vec<u32>>,
-    all_lat_us: Mutex<Vec<(u64, u32)>>,
+    /// Per second of the run (`now_ms() / 1000`), a histogram of that second's
+    /// latencies: bounded memory (3.5 KiB a second) however long the run.
+    by_second: Mutex<Vec<(u64, LatHist)>>,
     pub samples: Mutex<Vec<String>>,
     keep_all: bool,
 }
 
 const MAX_EXAMPLES: usize = 20;
-/// Latencies kept for the quarter comparisons (a soak at 1000 req/s for an
-/// hour is 3.6 M entries, 29 MB).
-const MAX_KEPT: usize = 8_000_000;
+
+/// Sub-buckets per power of two: a latency is known within 1/32 (3%).
+const SUB: u32 = 32;
+const BUCKETS: usize = 28 * SUB as usize;
+
+/// A latency histogram (µs), log-linear: exact below 32 µs, then 32
+/// buckets per power of two.
+#[derive(Clone)]
+pub struct LatHist {
+    counts: Box<[u32; BUCKETS]>,
+    total: u64,
+}
+
+impl Default for LatHist {
+    fn default() -> Self {
+        LatHist {
+            counts: Box::new([0; BUCKETS]),
+            total: 0,
+        }
+    }
+}
+
+impl LatHist {
+    fn bucket(us: u32) -> usize {
+        if us < SUB {
+            return us as usize;
+        }
+        let e = 31 - us.leading_zeros(); // >= 5
+        let sub = (us >> (e - 5)) & (SUB - 1);
+        (e - 4) as usize * SUB as usize + sub as usize
+    }
+
+    /// The middle of bucket `b`, in µs.
+    fn value(b: usize) -> f64 {
+        let (g, sub) = (b / SUB as usize, (b % SUB as usize) as u64);
+        if g == 0 {
+            return sub as f64;
+        }
+        let shift = g as u32 - 1; // e - 5
+        let lo = (u64::from(SUB) + sub) << shift;
+        lo as f64 + ((1u64 << shift) as f64 - 1.0) / 2.0
+    }
+
+    pub fn add(&mut self, us: u32) {
+        self.counts[Self::bucket(us)] += 1;
+        self.total += 1;
+    }
+
+    pub fn merge(&mut self, other: &LatHist) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *a += b;
+        }
+        self.total += other.total;
+    }
+
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    /// The `q` quantile (0..=1) in milliseconds, as [`quantile_ms`] picks
+    /// it (the element at rank round((n-1)·q)); NaN when empty.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        if self.total == 0 {
+            return f64::NAN;
+        }
+        let rank = ((self.total as f64 - 1.0) * q).round() as u64;
+        let mut seen = 0u64;
+        for (b, &c) in self.counts.iter().enumerate() {
+            seen += u64::from(c);
+            if seen > rank {
+                return Self::value(b) / 1000.0;
+            }
+        }
+        Self::value(BUCKETS - 1) / 1000.0
+    }
+}
 
 impl Stats {
     pub fn new(keep_all: bool) -> Arc<Stats> {
         Arc::new(Stats {
             lat_us: Mutex::new(Vec::new()),
-            all_lat_us: Mutex::new(Vec::new()),
+            by_second: Mutex::new(Vec::new()),
             samples: Mutex::new(Vec::new()),
             keep_all,
             ..Default::default()
@@ -365,9 +440,15 @@ impl Stats {
             let us = latency.as_micros().min(u32::MAX as u128) as u32;
             self.lat_us.lock().push(us);
             if self.keep_all {
-                let mut all = self.all_lat_us.lock();
-                if all.len() < MAX_KEPT {
-                    all.push((crate::now_ms(), us));
+                let sec = crate::now_ms() / 1000;
+                let mut all = self.by_second.lock();
+                match all.last_mut() {
+                    Some((s, h)) if *s == sec => h.add(us),
+                    _ => {
+                        let mut h = LatHist::default();
+                        h.add(us);
+                        all.push((sec, h));
+                    }
                 }
             }
         }
@@ -378,14 +459,19 @@ impl Stats {
         std::mem::take(&mut *self.lat_us.lock())
     }
 
-    /// Every kept latency (ms since start, µs) in `[from_ms, to_ms)`.
-    pub fn latencies_between(&self, from_ms: u64, to_ms: u64) -> Vec<u32> {
-        self.all_lat_us
+    /// The latencies of the whole seconds in `[from_ms, to_ms)` (ms since
+    /// the harness started), as one histogram.
+    pub fn latencies_between(&self, from_ms: u64, to_ms: u64) -> LatHist {
+        let mut h = LatHist::default();
+        for (_, s) in self
+            .by_second
             .lock()
             .iter()
-            .filter(|(t, _)| *t >= from_ms && *t < to_ms)
-            .map(|(_, l)| *l)
-            .collect()
+            .filter(|(sec, _)| sec * 1000 >= from_ms && sec * 1000 < to_ms)
+        {
+            h.merge(s);
+        }
+        h
     }
 
     pub fn failures(&self) -> u64 {
@@ -522,4 +608,46 @@ fn humantime_now() -> String {
         s % 60,
         d.subsec_millis()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_within_three_percent() {
+        let mut exact: Vec<u32> = (0..100_000u32).map(|i| (i * 7919) % 250_000 + 1).collect();
+        let mut h = LatHist::default();
+        for &v in &exact {
+            h.add(v);
+        }
+        assert_eq!(h.len(), exact.len() as u64);
+        for q in [0.0, 0.5, 0.9, 0.99, 0.999, 1.0] {
+            let want = quantile_ms(&mut exact, q);
+            let got = h.quantile_ms(q);
+            assert!(
+                (got - want).abs() <= want * 0.035 + 0.001,
+                "q={q}: histogram {got} ms, exact {want} ms"
+            );
+        }
+        assert!(LatHist::default().quantile_ms(0.99).is_nan());
+        let mut big = LatHist::default();
+        big.add(u32::MAX);
+        big.add(0);
+        assert!(big.quantile_ms(1.0) > 4_000_000.0);
+        assert_eq!(big.quantile_ms(0.0), 0.0);
+    }
+
+    #[test]
+    fn latencies_between_merges_whole_seconds() {
+        let s = Stats::new(true);
+        for _ in 0..10 {
+            s.record(Verdict::Ok, Duration::from_millis(3), String::new);
+        }
+        let now = crate::now_ms();
+        let h = s.latencies_between(now.saturating_sub(5_000), now + 5_000);
+        assert_eq!(h.len(), 10);
+        assert!((h.quantile_ms(0.99) - 3.0).abs() < 0.1);
+        assert_eq!(s.latencies_between(now + 5_000, now + 9_000).len(), 0);
+    }
 }

@@ -547,11 +547,11 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     // p99 over every request of each quarter (not a mean of per-interval p99s).
     let ms = |r: &Row| start_ms + (r.t * 1000.0) as u64;
     let from_a = ms(first[0]) - SAMPLE.as_millis() as u64;
-    let mut lat_first = http.latencies_between(from_a, ms(first[q - 1]));
+    let lat_first = http.latencies_between(from_a, ms(first[q - 1]));
     let from_b = ms(last[0]) - SAMPLE.as_millis() as u64;
-    let mut lat_last = http.latencies_between(from_b, ms(last[q - 1]).max(end_ms));
-    let p99_first = quantile_ms(&mut lat_first, 0.99);
-    let p99_last = quantile_ms(&mut lat_last, 0.99);
+    let lat_last = http.latencies_between(from_b, ms(last[q - 1]).max(end_ms));
+    let p99_first = lat_first.quantile_ms(0.99);
+    let p99_last = lat_last.quantile_ms(0.99);
     let p99_drift = (p99_last - p99_first) / p99_first * 100.0;
     let _ = writeln!(
         report,
@@ -606,7 +606,13 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             "meridian-dns descriptors grew: {dfd_first} -> {dfd_last}"
         ));
     }
-    if p99_drift > 20.0 && p99_last - p99_first > 1.0 {
+    if lat_first.len() == 0 || lat_last.len() == 0 {
+        failures.push(format!(
+            "no latencies in a quarter ({} first, {} last): p99 drift unknown",
+            lat_first.len(),
+            lat_last.len()
+        ));
+    } else if p99_drift > 20.0 && p99_last - p99_first > 1.0 {
         failures.push(format!(
             "HTTP p99 drifted {p99_drift:.1}% ({p99_first:.2} -> {p99_last:.2} ms)"
         ));
