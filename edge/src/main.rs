@@ -11,6 +11,8 @@ use meridian_edge::{demo, server};
 
 /// mimalloc: per-thread free lists. With glibc's malloc a cache hit spent
 /// about a quarter of its instructions allocating and freeing (bench/RESULTS.md).
+/// `--no-default-features` builds with the system allocator instead.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -330,7 +332,25 @@ fn demo_main(a: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Transparent huge pages off for the process, unless `MIMALLOC_ALLOW_THP`
+/// is set (mimalloc's own switch). mimalloc asks for huge pages on its
+/// arenas, and khugepaged then makes a 2 MiB region with a single live page
+/// wholly resident: under the 30-minute soak the edge's RSS crept up for as
+/// long as it ran (124.7 → 169.2 MiB, +36%), while the same soak with the
+/// system allocator kept its heap flat (docs/soak-chaos.md). mimalloc does
+/// the same `prctl` when `MIMALLOC_ALLOW_THP=0`.
+#[cfg(feature = "mimalloc")]
+fn no_huge_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none()
+        && let Err(e) = nix::sys::prctl::set_thp_disable(true)
+    {
+        eprintln!("meridian-edge: cannot turn transparent huge pages off: {e}");
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(feature = "mimalloc")]
+    no_huge_pages();
     meridian_edge::install_crypto_provider();
     let cli = Cli::parse();
     let result = match cli.command {
