@@ -579,3 +579,48 @@ async fn readyz_fails_while_overloaded() -> anyhow::Result<()> {
     assert!(ok, "/readyz did not recover");
     Ok(())
 }
+
+/// The `THP_enabled` line of a process's /proc status (Linux 6.x).
+fn thp_enabled(pid: u32) -> anyhow::Result<Option<String>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim().to_string()))
+}
+
+/// The edge turns transparent huge pages off for itself (mimalloc's arenas
+/// otherwise creep up in RSS; docs/soak-chaos.md), unless
+/// `MIMALLOC_ALLOW_THP` is set.
+#[test]
+fn transparent_huge_pages_are_off_unless_mimalloc_allow_thp_is_set() -> anyhow::Result<()> {
+    let edge = Edge::start(&basic_config(&["http://127.0.0.1:9".into()], ""))?;
+    let off = thp_enabled(edge.proc.proc_id())?;
+    anyhow::ensure!(
+        off.is_some(),
+        "this kernel's /proc/PID/status has no THP_enabled line: the check cannot run"
+    );
+    assert_eq!(
+        off.as_deref(),
+        Some("0"),
+        "the default edge runs without THP"
+    );
+    drop(edge);
+
+    let dir = TempDir::new("thp")?;
+    let cfg = dir.path().join("edge.toml");
+    std::fs::write(&cfg, basic_config(&["http://127.0.0.1:9".into()], ""))?;
+    let cfg = cfg.to_str().ok_or_else(|| anyhow::anyhow!("path"))?;
+    let on = Proc::start_env(
+        bin(),
+        &["run", "--config", cfg],
+        "meridian-edge",
+        &[("MIMALLOC_ALLOW_THP", "1")],
+    )?;
+    assert_eq!(
+        thp_enabled(on.proc_id())?.as_deref(),
+        Some("1"),
+        "MIMALLOC_ALLOW_THP=1 keeps transparent huge pages"
+    );
+    Ok(())
+}
