@@ -270,10 +270,15 @@ pub struct ResponseBody {
     bytes: u64,
     done: bool,
     on_end: Vec<Box<dyn OnBodyEnd>>,
-    /// response_body_filter: empty for almost every response (no cost).
-    filters: Vec<Box<dyn BodyFilter>>,
-    /// The filters have seen the end of the data.
-    filtered_end: bool,
+    /// response_body_filter: `None` for almost every response (one word).
+    filters: Option<Box<Filters>>,
+}
+
+/// A body's filters, and whether they have seen the end of the data.
+#[derive(Default)]
+struct Filters {
+    list: Vec<Box<dyn BodyFilter>>,
+    ended: bool,
 }
 
 enum Kind {
@@ -340,8 +345,7 @@ impl ResponseBody {
             bytes: 0,
             done: false,
             on_end: Vec::new(),
-            filters: Vec::new(),
-            filtered_end: false,
+            filters: None,
         }
     }
 
@@ -349,13 +353,16 @@ impl ResponseBody {
     /// may change the length: the body then reports no exact size, so a
     /// module that filters must also drop `Content-Length` from the head.
     pub fn add_filter(&mut self, f: Box<dyn BodyFilter>) {
-        self.filters.push(f);
+        self.filters.get_or_insert_with(Box::default).list.push(f);
     }
 
     /// Runs the filters over one chunk; `Err` breaks the body.
     fn run_filters(&mut self, chunk: &mut Bytes, end: bool) -> Result<(), BodyError> {
-        for f in &mut self.filters {
-            f.filter(chunk, end).map_err(BodyError::Stream)?;
+        if let Some(fs) = &mut self.filters {
+            fs.ended |= end;
+            for f in &mut fs.list {
+                f.filter(chunk, end).map_err(BodyError::Stream)?;
+            }
         }
         Ok(())
     }
@@ -407,7 +414,7 @@ impl Body for ResponseBody {
         // response_body_filter: data through the filters; at the end of the
         // data (its last chunk, the first trailers, or the end), once more
         // with an empty chunk, whose output goes out before what ended it.
-        let r = if this.filters.is_empty() || this.filtered_end {
+        let r = if this.filters.as_ref().is_none_or(|f| f.ended) {
             r
         } else {
             match r {
@@ -416,7 +423,6 @@ impl Body for ResponseBody {
                     let last = this.kind_ended();
                     match this.run_filters(&mut d, false) {
                         Ok(()) if last => {
-                            this.filtered_end = true;
                             let mut tail = Bytes::new();
                             match this.run_filters(&mut tail, true) {
                                 Ok(()) if tail.is_empty() => Some(Ok(Frame::data(d))),
@@ -435,7 +441,6 @@ impl Body for ResponseBody {
                 }
                 Some(Ok(f)) => {
                     // Trailers: the data has ended.
-                    this.filtered_end = true;
                     let mut tail = Bytes::new();
                     match this.run_filters(&mut tail, true) {
                         Ok(()) if tail.is_empty() => Some(Ok(f)),
@@ -449,7 +454,6 @@ impl Body for ResponseBody {
                     }
                 }
                 None => {
-                    this.filtered_end = true;
                     let mut tail = Bytes::new();
                     match this.run_filters(&mut tail, true) {
                         Ok(()) if tail.is_empty() => None,
@@ -482,7 +486,7 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        if !self.filters.is_empty() && !self.filtered_end {
+        if self.filters.as_ref().is_some_and(|f| !f.ended) {
             // The filters may still add data at the end.
             return false;
         }
@@ -490,7 +494,7 @@ impl Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if !self.filters.is_empty() {
+        if self.filters.is_some() {
             // A filter may change the length.
             return SizeHint::default();
         }
@@ -508,6 +512,7 @@ impl Body for ResponseBody {
 
 impl ResponseBody {
     /// The underlying body has no more frames to give.
+    #[inline]
     fn kind_ended(&self) -> bool {
         match &self.kind {
             Kind::Empty => true,
@@ -520,6 +525,7 @@ impl ResponseBody {
     }
 
     /// The next frame of the underlying body.
+    #[inline]
     fn poll_kind(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self;
         let r = match &mut this.kind {

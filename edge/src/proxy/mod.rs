@@ -1267,15 +1267,15 @@ mod phase_tests {
         }
     }
 
-    async fn proxy_with(
-        a: &TestOrigin,
-        b: &TestOrigin,
-        extra: Vec<Arc<dyn HttpModule>>,
-    ) -> Arc<Proxy> {
+    /// A proxy over one pool of `urls`: its site's modules plus `extra`.
+    fn proxy_over(urls: &[String], extra: Vec<Arc<dyn HttpModule>>) -> Arc<Proxy> {
+        let origins: Vec<String> = urls
+            .iter()
+            .map(|u| format!("{{ url = \"{u}\" }}"))
+            .collect();
         let src = format!(
-            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[log]\naccess_log = \"off\"\n[[sites]]\nhosts = [\"*\"]\npool = \"o\"\n[pools.o]\norigins = [{{ url = \"{}\" }}, {{ url = \"{}\" }}]\n",
-            a.url(),
-            b.url()
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[log]\naccess_log = \"off\"\n[[sites]]\nhosts = [\"*\"]\npool = \"o\"\n[pools.o]\norigins = [{}]\n",
+            origins.join(", ")
         );
         let cfg = Arc::new(Config::from_toml(&src, "test").expect("config"));
         let metrics = Metrics::new();
@@ -1312,7 +1312,7 @@ mod phase_tests {
             TestOrigin::start("b").await.expect("origin b"),
         );
         // Default: the balancer spreads the requests over both origins.
-        let proxy = proxy_with(&a, &b, vec![]).await;
+        let proxy = proxy_over(&[a.url(), b.url()], vec![]);
         for _ in 0..8 {
             let r = proxy.handle(get("/echo"), &ds()).await;
             assert_eq!(r.status(), 200);
@@ -1329,7 +1329,7 @@ mod phase_tests {
             TestOrigin::start("a").await.expect("origin a"),
             TestOrigin::start("b").await.expect("origin b"),
         );
-        let proxy = proxy_with(&a, &b, vec![Arc::new(SecondOrigin)]).await;
+        let proxy = proxy_over(&[a.url(), b.url()], vec![Arc::new(SecondOrigin)]);
         for _ in 0..8 {
             let r = proxy.handle(get("/echo"), &ds()).await;
             assert_eq!(r.status(), 200);
@@ -1349,17 +1349,7 @@ mod phase_tests {
         let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let dead_url = format!("http://{}", dead.local_addr().expect("addr"));
         drop(dead);
-        let src = format!(
-            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[log]\naccess_log = \"off\"\n[[sites]]\nhosts = [\"*\"]\npool = \"o\"\n[pools.o]\norigins = [{{ url = \"{}\" }}, {{ url = \"{dead_url}\" }}]\n",
-            a.url()
-        );
-        let cfg = Arc::new(Config::from_toml(&src, "test").expect("config"));
-        let metrics = Metrics::new();
-        let mut rt = Runtime::build(cfg, None, &metrics).expect("runtime");
-        let mut mods: Vec<Arc<dyn HttpModule>> = rt.sites[0].modules.iter().cloned().collect();
-        mods.push(Arc::new(SecondOrigin));
-        rt.sites[0].modules = phase::ordered(mods);
-        let proxy = Proxy::new(rt, metrics, None);
+        let proxy = proxy_over(&[a.url(), dead_url], vec![Arc::new(SecondOrigin)]);
         let r = proxy.handle(get("/echo"), &ds()).await;
         assert_eq!(r.status(), 200, "the retry went to the live origin");
         r.into_body().collect().await.expect("body");
@@ -1372,7 +1362,7 @@ mod phase_tests {
             TestOrigin::start("a").await.expect("origin a"),
             TestOrigin::start("b").await.expect("origin b"),
         );
-        let proxy = proxy_with(&a, &b, vec![Arc::new(Shout)]).await;
+        let proxy = proxy_over(&[a.url(), b.url()], vec![Arc::new(Shout)]);
         let r = proxy.handle(get("/echo"), &ds()).await;
         assert_eq!(r.status(), 200);
         assert!(r.headers().get(header::CONTENT_LENGTH).is_none());
