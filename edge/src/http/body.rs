@@ -259,8 +259,10 @@ pub trait BodyFilter: Send + Sync + 'static {
     /// it or grow it. It is called once more with `end_of_stream` true when
     /// the data has ended (before any trailers), so it can add what it held
     /// back; that last chunk is empty, or holds what the filters before it
-    /// added at their end, which it filters like any other data. An `Err` breaks the body (the client sees
-    /// a truncated response, as for an origin's broken body).
+    /// added at their end, which it filters like any other data. If the
+    /// filters add data at the end of a body that has trailers, the data
+    /// goes out and the trailers are dropped. An `Err` breaks the body (the
+    /// client sees a truncated response, as for an origin's broken body).
     fn filter(&mut self, chunk: &mut Bytes, end_of_stream: bool) -> Result<(), BoxError>;
 }
 
