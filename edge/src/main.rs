@@ -269,9 +269,16 @@ fn run_config_with(
             .handover_socket
             .clone()
             .context("--takeover needs server.handover_socket in the config")?;
-        let (fds, stream) = handover::take_over(&p, std::time::Duration::from_secs(10))
+        let taken = handover::take_over(&p, std::time::Duration::from_secs(10))
             .with_context(|| format!("taking the sockets over {}", p.display()))?;
-        (Inherited::from_fds(fds)?, Some(stream))
+        // QUIC connection IDs of this process carry a tag the old one does
+        // not use, so each process's packets can be told apart.
+        meridian_edge::listener::steer::choose_tag(taken.old_tag);
+        let (inherited, give_back) = Inherited::from_fds(taken.fds, taken.old_tag)?;
+        (
+            inherited,
+            Some((taken.stream, taken.old_tag.is_some(), give_back)),
+        )
     } else {
         (
             Inherited::from_env().context("sockets from LISTEN_FDS")?,
@@ -281,8 +288,10 @@ fn run_config_with(
     init_logging(&cfg.log.level, cfg.log.format);
     let rt = runtime(cfg.server.worker_threads)?;
     rt.block_on(server::run_with(cfg, path, inherited, |b| {
-        if let Some(s) = &old
-            && let Err(e) = handover::say_ready(s)
+        // The old process's ends of the pairs close here once sent, so
+        // that forwarding stops when the old process exits.
+        if let Some((s, steered, give_back)) = old
+            && let Err(e) = handover::say_ready(&s, steered, &give_back)
         {
             eprintln!("meridian-edge: telling the old process that this one serves: {e}");
         }

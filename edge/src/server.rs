@@ -18,6 +18,7 @@ use crate::admin::{self, Admin, Control, Tokens};
 use crate::cache::http::HttpCache;
 use crate::cache::storage::{Storage, StorageConfig};
 use crate::config::{Config, ConfigError, ListenerConfig};
+use crate::listener::steer::{self, SteeredSocket};
 use crate::listener::tls::{CertSet, CertStore, TlsError, server_config};
 use crate::listener::{Inherited, bind_tcp};
 use crate::metrics::{Metrics, Outcome};
@@ -112,6 +113,9 @@ struct Listening {
     udp: Vec<quinn::Endpoint>,
     /// The endpoints' sockets (descriptors of the same sockets), to hand over.
     udp_socks: Vec<std::net::UdpSocket>,
+    /// The endpoints' steering (as `udp_socks`), to follow a new process
+    /// after a handover.
+    udp_steer: Vec<Arc<SteeredSocket>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     /// The QUIC endpoints' accept loops, when the listener serves HTTP/3.
@@ -146,6 +150,7 @@ struct Prepared {
     tcp: Arc<TcpListener>,
     udp: Vec<quinn::Endpoint>,
     udp_socks: Vec<std::net::UdpSocket>,
+    udp_steer: Vec<Arc<SteeredSocket>>,
     /// Whether `udp` comes from the running listener (then its server
     /// config is set at the swap) or was bound now.
     udp_reused: bool,
@@ -263,6 +268,7 @@ pub async fn run_with(
     let mut admin_addr = None;
     // The admin socket's descriptor, to hand over.
     let mut admin_fd = None;
+    let mut admin_task = None;
     if let Some(addr) = config.admin.listen {
         let l = match shared.take_tcp(addr) {
             Some(l) => l,
@@ -288,7 +294,7 @@ pub async fn run_with(
             control: control_tx.clone(),
             overloaded,
         };
-        tokio::spawn(admin::serve(l, a, admin_stop));
+        admin_task = Some(tokio::spawn(admin::serve(l, a, admin_stop)));
     }
     proxy.set_alt_svc(alt_svc_map(&listeners, &config));
     on_ready(&Bound {
@@ -397,6 +403,10 @@ pub async fn run_with(
         tracing::info!(drained = open, "all connections finished");
     }
     let _ = admin_stop_tx.send(true);
+    // Admin requests in flight are answered (admin::serve bounds the wait).
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
     if let Some(c) = &cache
         && let Err(e) = c.storage.close().await
     {
@@ -408,26 +418,42 @@ pub async fn run_with(
 /// Between the handover socket's task and the control loop.
 enum Handover {
     /// A new process asks: the descriptors of every listening socket.
-    Fds(oneshot::Sender<Vec<std::os::fd::OwnedFd>>),
+    Fds(oneshot::Sender<HandoverFds>),
     /// The new process serves: stop accepting and drain.
     Done,
 }
 
-/// Descriptors (duplicates) of every listening socket: each listener's TCP
-/// socket and QUIC UDP sockets, and the admin socket.
-fn handover_fds(
-    listeners: &[Listening],
-    admin: Option<&std::os::fd::OwnedFd>,
-) -> Vec<std::os::fd::OwnedFd> {
+/// What the running edge hands over: descriptors (duplicates) of every
+/// listening socket, and, at the same index, the steering of each QUIC
+/// socket (none for TCP and admin sockets).
+struct HandoverFds {
+    fds: Vec<std::os::fd::OwnedFd>,
+    steer: Vec<Option<Arc<SteeredSocket>>>,
+}
+
+/// Each listener's TCP socket and QUIC UDP sockets, and the admin socket.
+fn handover_fds(listeners: &[Listening], admin: Option<&std::os::fd::OwnedFd>) -> HandoverFds {
     use std::os::fd::AsFd;
-    let mut out = Vec::new();
+    let mut out = HandoverFds {
+        fds: Vec::new(),
+        steer: Vec::new(),
+    };
     for l in listeners {
-        out.extend(l.tcp.as_fd().try_clone_to_owned());
-        for u in &l.udp_socks {
-            out.extend(u.as_fd().try_clone_to_owned());
+        if let Ok(fd) = l.tcp.as_fd().try_clone_to_owned() {
+            out.fds.push(fd);
+            out.steer.push(None);
+        }
+        for (u, st) in l.udp_socks.iter().zip(&l.udp_steer) {
+            if let Ok(fd) = u.as_fd().try_clone_to_owned() {
+                out.fds.push(fd);
+                out.steer.push(Some(st.clone()));
+            }
         }
     }
-    out.extend(admin.and_then(|a| a.try_clone().ok()));
+    if let Some(fd) = admin.and_then(|a| a.try_clone().ok()) {
+        out.fds.push(fd);
+        out.steer.push(None);
+    }
     out
 }
 
@@ -463,7 +489,9 @@ async fn serve_handover(listener: tokio::net::UnixListener, control: mpsc::Sende
         if control.send(Handover::Fds(tx)).await.is_err() {
             return;
         }
-        let Ok(fds) = rx.await else { return };
+        let Ok(HandoverFds { fds, steer }) = rx.await else {
+            return;
+        };
         let n = fds.len();
         let std = match stream.into_std() {
             Ok(s) => s,
@@ -475,18 +503,37 @@ async fn serve_handover(listener: tokio::net::UnixListener, control: mpsc::Sende
         let r = tokio::task::spawn_blocking(move || {
             std.set_nonblocking(false)?;
             std.set_write_timeout(Some(Duration::from_secs(10)))?;
-            crate::listener::handover::send_fds(&std, &fds)?;
+            crate::listener::handover::send_fds(&std, &fds, steer::process_tag())?;
             drop(fds);
             Ok::<_, std::io::Error>(crate::listener::handover::wait_ready(&std, TAKEOVER_WAIT))
         })
         .await;
         match r {
-            Ok(Ok(true)) => {
-                tracing::info!(sockets = n, "handover: the new process serves; draining");
+            Ok(Ok(Some(pairs))) => {
+                // The new process reads the QUIC sockets from now on and
+                // forwards what belongs to this one's connections.
+                let mut steered = 0;
+                for (i, fd) in pairs {
+                    match steer.get(i) {
+                        Some(Some(st)) => match st.follow_successor(fd) {
+                            Ok(()) => steered += 1,
+                            Err(e) => tracing::warn!(error = %e, "handover: QUIC steering failed"),
+                        },
+                        _ => tracing::warn!(
+                            index = i,
+                            "handover: a forwarding pair for a socket that is not QUIC"
+                        ),
+                    }
+                }
+                tracing::info!(
+                    sockets = n,
+                    quic_steered = steered,
+                    "handover: the new process serves; draining"
+                );
                 let _ = control.send(Handover::Done).await;
                 return;
             }
-            Ok(Ok(false)) => {
+            Ok(Ok(None)) => {
                 tracing::warn!("handover: the new process went away before serving; still serving")
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "handover failed; still serving"),
@@ -579,7 +626,7 @@ impl Shared {
         self.inherited.lock().ok()?.take_tcp(addr)
     }
 
-    fn take_udp(&self, addr: SocketAddr) -> Vec<std::net::UdpSocket> {
+    fn take_udp(&self, addr: SocketAddr) -> Vec<(std::net::UdpSocket, Option<steer::Forward>)> {
         self.inherited
             .lock()
             .map(|mut i| i.take_udp(addr))
@@ -635,7 +682,8 @@ fn prepare_listener(
     } else {
         None
     };
-    let (mut udp, mut udp_socks, mut udp_reused, mut h3) = (Vec::new(), Vec::new(), false, None);
+    let (mut udp, mut udp_socks, mut udp_steer, mut udp_reused, mut h3) =
+        (Vec::new(), Vec::new(), Vec::new(), false, None);
     if l.tls && l.http3 {
         let sc = crate::http3::server_config(shared.certs.clone(), &cfg.http3)
             .map_err(|e| ServerError::Build(e.to_string()))?;
@@ -652,26 +700,37 @@ fn prepare_listener(
                     .map(std::net::UdpSocket::try_clone)
                     .collect::<Result<_, _>>()
                     .map_err(bind_err)?;
+                udp_steer = r.udp_steer.clone();
                 udp_reused = true;
             }
             _ => {
                 // HTTP/3 on the same address and (bound) port, over UDP:
                 // inherited sockets, else new ones.
-                udp_socks = shared.take_udp(bound);
-                if udp_socks.is_empty() {
-                    udp_socks = bind_udp(bound, cfg.http3.endpoints).map_err(|source| {
-                        ServerError::Build(format!("binding UDP {bound}: {source}"))
-                    })?;
+                let mut socks = shared.take_udp(bound);
+                if socks.is_empty() {
+                    socks = bind_udp(bound, cfg.http3.endpoints)
+                        .map_err(|source| {
+                            ServerError::Build(format!("binding UDP {bound}: {source}"))
+                        })?
+                        .into_iter()
+                        .map(|s| (s, None))
+                        .collect();
                 }
-                for s in &udp_socks {
-                    let ep = quinn::Endpoint::new(
-                        quinn::EndpointConfig::default(),
+                for (s, forward) in socks {
+                    // Tagged connection IDs and a steered socket: see
+                    // listener::steer (QUIC across a socket handover).
+                    let st = SteeredSocket::new(s.try_clone().map_err(bind_err)?, forward)
+                        .map_err(bind_err)?;
+                    let ep = quinn::Endpoint::new_with_abstract_socket(
+                        steer::endpoint_config(),
                         Some(sc.clone()),
-                        s.try_clone().map_err(bind_err)?,
+                        st.clone(),
                         Arc::new(quinn::TokioRuntime),
                     )
                     .map_err(bind_err)?;
                     udp.push(ep);
+                    udp_socks.push(s);
+                    udp_steer.push(st);
                 }
             }
         }
@@ -684,6 +743,7 @@ fn prepare_listener(
         tcp,
         udp,
         udp_socks,
+        udp_steer,
         udp_reused,
         acceptor,
         h3,
@@ -751,6 +811,7 @@ fn spawn_listener(p: Prepared, shared: &Arc<Shared>, cfg: &Config) -> Listening 
         tcp,
         udp,
         udp_socks,
+        udp_steer,
         udp_reused,
         acceptor,
         h3,
@@ -844,6 +905,7 @@ fn spawn_listener(p: Prepared, shared: &Arc<Shared>, cfg: &Config) -> Listening 
         tcp,
         udp,
         udp_socks,
+        udp_steer,
         stop,
         task,
         h3_tasks,

@@ -228,6 +228,19 @@ impl H3Conn {
         path: &str,
         body: Bytes,
     ) -> anyhow::Result<Resp> {
+        self.send_paced(method, authority, path, body, Duration::ZERO)
+            .await
+    }
+
+    /// As [`H3Conn::send`], with a pause of `gap` after each 64 KiB of the body.
+    pub async fn send_paced(
+        &mut self,
+        method: &str,
+        authority: &str,
+        path: &str,
+        body: Bytes,
+        gap: Duration,
+    ) -> anyhow::Result<Resp> {
         let fut = async {
             let req = Request::builder()
                 .method(method)
@@ -237,6 +250,9 @@ impl H3Conn {
             if !body.is_empty() {
                 for chunk in body.chunks(64 * 1024) {
                     stream.send_data(Bytes::copy_from_slice(chunk)).await?;
+                    if !gap.is_zero() {
+                        tokio::time::sleep(gap).await;
+                    }
                 }
             }
             stream.finish().await?;

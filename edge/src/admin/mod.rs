@@ -276,12 +276,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Serves the admin API on `listener` until `stop` turns true.
+/// Serves the admin API on `listener` until `stop` turns true. Then it
+/// stops accepting, lets each open connection finish the request it is
+/// serving (HTTP/1.1 graceful shutdown: idle ones close at once), and
+/// returns when they are done, or after [`ADMIN_DRAIN`]. A request accepted
+/// just before a socket handover is still answered by this process.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     admin: Admin,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -292,24 +297,77 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = stop.changed() => return,
+            _ = stopped(&mut stop) => break,
         };
+        while conns.try_join_next().is_some() {}
         let admin = admin.clone();
-        tokio::spawn(async move {
+        let mut stop = stop.clone();
+        conns.spawn(async move {
+            let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counted = requests.clone();
             let svc = service_fn(move |req| {
                 let admin = admin.clone();
+                counted.fetch_add(1, std::sync::atomic::Ordering::Release);
                 async move { Ok::<_, Infallible>(admin.handle(req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await {
+            tokio::pin!(conn);
+            let served = async {
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stopped(&mut stop) => {
+                        // A connection that has not sent its first request
+                        // yet (accepted just before the stop) gets a moment
+                        // to send it: it is answered, not dropped.
+                        let deadline = tokio::time::Instant::now() + ADMIN_FIRST_REQUEST;
+                        while requests.load(std::sync::atomic::Ordering::Acquire) == 0
+                            && tokio::time::Instant::now() < deadline
+                        {
+                            tokio::select! {
+                                r = conn.as_mut() => return r,
+                                _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+                            }
+                        }
+                        conn.as_mut().graceful_shutdown();
+                        conn.as_mut().await
+                    }
+                }
+            };
+            if let Err(e) = tokio::time::timeout(std::time::Duration::from_secs(60), served).await {
                 tracing::debug!(%peer, error = %e, "admin connection timed out");
             }
         });
     }
+    drop(listener);
+    if tokio::time::timeout(ADMIN_DRAIN, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::debug!(
+            left = conns.len(),
+            "admin connections still open at the end of the drain"
+        );
+    }
 }
+
+/// Resolves once `stop` turns true (never, if its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// How long a connection without a request yet may take to send its first
+/// one once the admin listener stops.
+const ADMIN_FIRST_REQUEST: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a stopping admin listener waits for its open connections.
+const ADMIN_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub fn local_addr(l: &tokio::net::TcpListener) -> Option<SocketAddr> {
     l.local_addr().ok()

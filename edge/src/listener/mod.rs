@@ -2,6 +2,7 @@
 //! while the old one drains), IPv4 and IPv6, and TLS via [`tls`].
 
 pub mod handover;
+pub mod steer;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -38,7 +39,14 @@ pub fn bind_tcp(
 #[derive(Debug, Default)]
 pub struct Inherited {
     tcp: Vec<(SocketAddr, std::net::TcpListener, String)>,
-    udp: Vec<(SocketAddr, std::net::UdpSocket, String)>,
+    /// With, for a socket handed over by a running edge that steers QUIC
+    /// packets, where the running edge's packets go ([`steer`]).
+    udp: Vec<(
+        SocketAddr,
+        std::net::UdpSocket,
+        String,
+        Option<steer::Forward>,
+    )>,
 }
 
 /// The first file descriptor systemd passes (SD_LISTEN_FDS_START).
@@ -80,14 +88,31 @@ impl Inherited {
         Ok(out)
     }
 
-    /// The sockets a running edge handed over (see [`handover`]).
-    pub fn from_fds(fds: Vec<std::os::fd::OwnedFd>) -> std::io::Result<Inherited> {
+    /// The sockets a running edge handed over (see [`handover`]). When the
+    /// running edge steers QUIC packets (`old_tag`: its connection-ID tag),
+    /// each UDP socket gets a unix datagram pair: this process keeps one end
+    /// to forward the running edge's packets, and returns the other with the
+    /// index of the socket in `fds`, to give back when it serves.
+    pub fn from_fds(
+        fds: Vec<std::os::fd::OwnedFd>,
+        old_tag: Option<u8>,
+    ) -> std::io::Result<(Inherited, Vec<(usize, std::os::fd::OwnedFd)>)> {
         let mut out = Inherited::default();
+        let mut give_back = Vec::new();
         for (i, fd) in fds.into_iter().enumerate() {
             let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            let udp_before = out.udp.len();
             out.add(Socket::from(fd), format!("handover#{i}"), raw)?;
+            if let Some(tag) = old_tag
+                && out.udp.len() > udp_before
+                && let Some(last) = out.udp.last_mut()
+            {
+                let (mine, theirs) = std::os::unix::net::UnixDatagram::pair()?;
+                last.3 = Some(steer::Forward::new(mine, tag)?);
+                give_back.push((i, std::os::fd::OwnedFd::from(theirs)));
+            }
         }
-        Ok(out)
+        Ok((out, give_back))
     }
 
     fn add(&mut self, s: Socket, name: String, fd: i32) -> std::io::Result<()> {
@@ -101,7 +126,7 @@ impl Inherited {
         })?;
         match s.r#type()? {
             Type::STREAM if s.is_listener()? => self.tcp.push((addr, s.into(), name)),
-            Type::DGRAM => self.udp.push((addr, s.into(), name)),
+            Type::DGRAM => self.udp.push((addr, s.into(), name, None)),
             _ => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
@@ -126,13 +151,17 @@ impl Inherited {
         tokio::net::TcpListener::from_std(l).ok()
     }
 
-    /// Every inherited UDP socket bound to `addr`.
-    pub fn take_udp(&mut self, addr: SocketAddr) -> Vec<std::net::UdpSocket> {
+    /// Every inherited UDP socket bound to `addr`, each with where the
+    /// running edge's QUIC packets go, if it steers them.
+    pub fn take_udp(
+        &mut self,
+        addr: SocketAddr,
+    ) -> Vec<(std::net::UdpSocket, Option<steer::Forward>)> {
         let mut out = Vec::new();
-        while let Some(i) = self.udp.iter().position(|(a, _, _)| *a == addr) {
-            let (_, s, name) = self.udp.swap_remove(i);
-            tracing::info!(%addr, name, "UDP (QUIC) socket inherited");
-            out.push(s);
+        while let Some(i) = self.udp.iter().position(|(a, ..)| *a == addr) {
+            let (_, s, name, fwd) = self.udp.swap_remove(i);
+            tracing::info!(%addr, name, steered = fwd.is_some(), "UDP (QUIC) socket inherited");
+            out.push((s, fwd));
         }
         out
     }
@@ -142,7 +171,7 @@ impl Inherited {
         self.tcp
             .iter()
             .map(|(a, _, n)| format!("tcp {a} {n}"))
-            .chain(self.udp.iter().map(|(a, _, n)| format!("udp {a} {n}")))
+            .chain(self.udp.iter().map(|(a, _, n, _)| format!("udp {a} {n}")))
             .collect()
     }
 }

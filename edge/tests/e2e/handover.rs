@@ -408,3 +408,133 @@ origins = [{{ url = "{}" }}]
     drop(status.1);
     Ok(())
 }
+
+/// A QUIC connection of the old process keeps working through a socket
+/// handover. From the handover on, both processes hold the same UDP socket:
+/// the new one reads it alone and forwards the packets of the old one's
+/// connections, which it tells by their connection ID's tag
+/// (`listener::steer`). Here an upload paced over about 3 s starts on the
+/// old process, and the new one takes over in its middle: the upload
+/// completes whole, and the client's packets are not lost. Without the
+/// steering, each packet the new process happened to read was dropped, as
+/// it knew no such connection (and a fresh-clone CI run once lost an h3
+/// handshake that way).
+#[tokio::test]
+async fn a_quic_connection_of_the_old_process_survives_the_handover() -> anyhow::Result<()> {
+    use meridian_e2e::harness::Proc;
+
+    let origin = TestOrigin::start("o").await?;
+    let dir = TempDir::new("quic-handover")?;
+    let pki = Pki::new(dir.path())?;
+    let sock = dir.path().join("handover.sock");
+    let config = |tls: &str, admin: &str| {
+        format!(
+            r#"[server]
+handover_socket = "{}"
+graceful_timeout = "20s"
+
+[admin]
+listen = "{admin}"
+
+[log]
+access_log = "off"
+
+[[listeners]]
+address = "{tls}"
+tls = true
+reuse_port = false
+
+[[tls.certificates]]
+cert = "{}"
+key = "{}"
+default = true
+
+[[sites]]
+hosts = ["*"]
+pool = "main"
+
+[pools.main]
+origins = [{{ url = "{}" }}]
+"#,
+            sock.display(),
+            pki.a.cert.display(),
+            pki.a.key.display(),
+            origin.url()
+        )
+    };
+    let mut old = crate::Edge::start_in(
+        TempDir::new("quic-handover-old")?,
+        &config("127.0.0.1:0", "127.0.0.1:0"),
+    )?;
+    let (tls, admin) = (old.https(), old.admin());
+    let client_tls = pki.tls("a.test", &[])?;
+    let mut c = H3Conn::connect(tls, &client_tls).await?;
+    let r = c.send("GET", "a.test", "/hello", Bytes::new()).await?;
+    assert_eq!(r.status, 200);
+
+    // 3 MiB in 64 KiB pieces, one every 60 ms: about 3 s on the old process.
+    const SIZE: usize = 48 * 64 * 1024;
+    let upload = tokio::spawn(async move {
+        let r = c
+            .send_paced(
+                "POST",
+                "a.test",
+                "/echo",
+                Bytes::from(vec![b'u'; SIZE]),
+                Duration::from_millis(60),
+            )
+            .await;
+        (r, c)
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let path = dir.path().join("edge-new.toml");
+    std::fs::write(&path, config(&tls.to_string(), &admin.to_string()))?;
+    let p = path
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("path"))?
+        .to_string();
+    let new = tokio::task::spawn_blocking(move || {
+        Proc::start(
+            bin(),
+            &["run", "--config", &p, "--takeover"],
+            "meridian-edge",
+        )
+    })
+    .await??;
+    assert_eq!(new.https(), tls);
+    // New connections go to the new process meanwhile.
+    let mut fresh = H3Conn::connect(tls, &client_tls).await?;
+    assert_eq!(
+        fresh
+            .send("GET", "a.test", "/hello", Bytes::new())
+            .await?
+            .status,
+        200
+    );
+
+    let (r, c) = upload.await?;
+    let r = r?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let echo: serde_json::Value = serde_json::from_slice(&r.body)?;
+    assert_eq!(echo["body_bytes"], SIZE as u64, "{echo}");
+    let stats = c.conn.stats();
+    // A few losses can come from a full queue between the processes; half
+    // of the packets after the handover (what the new process reads) cannot.
+    assert!(
+        stats.path.lost_packets * 50 <= stats.path.sent_packets,
+        "the client lost {} of {} packets",
+        stats.path.lost_packets,
+        stats.path.sent_packets
+    );
+    drop(c);
+    // The old process drains and exits 0.
+    let exit =
+        tokio::task::spawn_blocking(move || old.wait_exit(Duration::from_secs(30))).await??;
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "the old process did not exit 0: {exit:?}"
+    );
+    drop(new);
+    Ok(())
+}
