@@ -68,24 +68,8 @@ pub fn take_over(path: &Path, wait: Duration) -> std::io::Result<TakenOver> {
     stream.set_read_timeout(Some(wait))?;
     stream.set_write_timeout(Some(wait))?;
     let mut buf = [0u8; 64];
-    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let (n, fds) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_buf),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(io)?;
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().map_err(io)? {
-            if let ControlMessageOwned::ScmRights(r) = c {
-                fds.extend(r.into_iter().map(adopt));
-            }
-        }
-        (msg.bytes, fds)
-    };
+    let mut fds = Vec::new();
+    let n = recv_with_fds(&stream, &mut buf, &mut fds)?;
     let got = buf.get(..n).unwrap_or_default();
     let old_tag = if got == HELLO_V1 {
         None
@@ -119,24 +103,10 @@ pub fn wait_ready(stream: &UnixStream, wait: Duration) -> Option<Vec<(usize, Own
     stream.set_read_timeout(Some(wait)).ok()?;
     let mut text = Vec::with_capacity(64);
     let mut fds = Vec::new();
-    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS]);
     // "ready\n" then "fwd …\n": two lines, at most 2 KiB.
     while text.iter().filter(|&&b| b == b'\n').count() < 2 && text.len() < 2048 {
         let mut buf = [0u8; 512];
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_buf),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .ok()?;
-        for c in msg.cmsgs().ok()? {
-            if let ControlMessageOwned::ScmRights(r) = c {
-                fds.extend(r.into_iter().map(adopt));
-            }
-        }
-        let n = msg.bytes;
+        let n = recv_with_fds(stream, &mut buf, &mut fds).ok()?;
         if n == 0 {
             return None;
         }
@@ -182,6 +152,30 @@ pub fn say_ready(
         return Err(std::io::Error::other("short handover message"));
     }
     Ok(())
+}
+
+/// One `recvmsg` into `buf`; the descriptors that came with it (SCM_RIGHTS,
+/// close-on-exec) are added to `fds`. Returns the bytes read.
+fn recv_with_fds(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> std::io::Result<usize> {
+    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg_buf),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io)?;
+    for c in msg.cmsgs().map_err(io)? {
+        if let ControlMessageOwned::ScmRights(r) = c {
+            fds.extend(r.into_iter().map(adopt));
+        }
+    }
+    Ok(msg.bytes)
 }
 
 /// Owns a descriptor the kernel just installed in this process.

@@ -207,6 +207,54 @@ origins = [{{ url = "{}" }}]
     Ok(())
 }
 
+/// The config of an edge that hands its sockets over on `sock`: a TLS
+/// listener (h1, h2, h3), a plain one if `plain`, and the admin listener,
+/// none with SO_REUSEPORT, in front of `origin`.
+fn handover_config(
+    sock: &std::path::Path,
+    pki: &Pki,
+    origin: &str,
+    plain: Option<&str>,
+    tls: &str,
+    admin: &str,
+) -> String {
+    let plain = plain.map_or(String::new(), |p| {
+        format!("[[listeners]]\naddress = \"{p}\"\nreuse_port = false\n\n")
+    });
+    format!(
+        r#"[server]
+handover_socket = "{}"
+graceful_timeout = "20s"
+
+[admin]
+listen = "{admin}"
+
+[log]
+access_log = "off"
+
+{plain}[[listeners]]
+address = "{tls}"
+tls = true
+reuse_port = false
+
+[[tls.certificates]]
+cert = "{}"
+key = "{}"
+default = true
+
+[[sites]]
+hosts = ["*"]
+pool = "main"
+
+[pools.main]
+origins = [{{ url = "{origin}" }}]
+"#,
+        sock.display(),
+        pki.a.cert.display(),
+        pki.a.key.display(),
+    )
+}
+
 /// Counts of one kind of load.
 #[derive(Default)]
 struct Tally {
@@ -260,43 +308,7 @@ async fn upgrade_hands_every_socket_over_under_h1_h2_h3_load() -> anyhow::Result
     let pki = Pki::new(dir.path())?;
     let sock = dir.path().join("handover.sock");
     let config = |plain: &str, tls: &str, admin: &str| {
-        format!(
-            r#"[server]
-handover_socket = "{}"
-graceful_timeout = "20s"
-
-[admin]
-listen = "{admin}"
-
-[log]
-access_log = "off"
-
-[[listeners]]
-address = "{plain}"
-reuse_port = false
-
-[[listeners]]
-address = "{tls}"
-tls = true
-reuse_port = false
-
-[[tls.certificates]]
-cert = "{}"
-key = "{}"
-default = true
-
-[[sites]]
-hosts = ["*"]
-pool = "main"
-
-[pools.main]
-origins = [{{ url = "{}" }}]
-"#,
-            sock.display(),
-            pki.a.cert.display(),
-            pki.a.key.display(),
-            origin.url()
-        )
+        handover_config(&sock, &pki, &origin.url(), Some(plain), tls, admin)
     };
     let mut old = crate::Edge::start_in(
         TempDir::new("upgrade-old")?,
@@ -427,41 +439,8 @@ async fn a_quic_connection_of_the_old_process_survives_the_handover() -> anyhow:
     let dir = TempDir::new("quic-handover")?;
     let pki = Pki::new(dir.path())?;
     let sock = dir.path().join("handover.sock");
-    let config = |tls: &str, admin: &str| {
-        format!(
-            r#"[server]
-handover_socket = "{}"
-graceful_timeout = "20s"
-
-[admin]
-listen = "{admin}"
-
-[log]
-access_log = "off"
-
-[[listeners]]
-address = "{tls}"
-tls = true
-reuse_port = false
-
-[[tls.certificates]]
-cert = "{}"
-key = "{}"
-default = true
-
-[[sites]]
-hosts = ["*"]
-pool = "main"
-
-[pools.main]
-origins = [{{ url = "{}" }}]
-"#,
-            sock.display(),
-            pki.a.cert.display(),
-            pki.a.key.display(),
-            origin.url()
-        )
-    };
+    let config =
+        |tls: &str, admin: &str| handover_config(&sock, &pki, &origin.url(), None, tls, admin);
     let mut old = crate::Edge::start_in(
         TempDir::new("quic-handover-old")?,
         &config("127.0.0.1:0", "127.0.0.1:0"),
