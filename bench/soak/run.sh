@@ -9,6 +9,8 @@
 #   bash bench/soak/run.sh [SECONDS]     # default 1800; CI runs 120
 #   PROFILE=debug bash bench/soak/run.sh 120   # the debug build (what CI uses)
 #   OUT=DIR  LOAD=0.7  CALIBRATE=10   (output directory, load fraction, calibration seconds)
+#   EDGE_BIN=PATH   soak this meridian-edge binary instead of the one built
+#                   here (an allocator variant, say; see bench/RESULTS.md)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
@@ -43,7 +45,7 @@ cleanup() { [ -n "$CHAOS_PID" ] && kill "$CHAOS_PID" 2>/dev/null; wait 2>/dev/nu
 trap cleanup EXIT
 # The harness kills its servers when it exits, however it exits; `timeout`
 # bounds the whole run (calibration and the last samples included).
-MERIDIAN_EDGE_BIN="$BIN/meridian-edge" MERIDIAN_DNS_BIN="$BIN/meridian-dns" \
+MERIDIAN_EDGE_BIN="${EDGE_BIN:-$BIN/meridian-edge}" MERIDIAN_DNS_BIN="$BIN/meridian-dns" \
   timeout --signal=TERM $((DURATION + CALIBRATE + 180)) \
   "$BIN/meridian-chaos" soak --duration "$DURATION" --out "$OUT" --load "$LOAD" --calibrate "$CALIBRATE" \
   --rss-limit "${RSS_LIMIT:-5}" &
