@@ -26,6 +26,10 @@
 //!   handshake the old process had started completes on its Handshake
 //!   packets. When the old process exits, sends fail and forwarding stops.
 //!
+//! Only the previous process's packets are forwarded: after two handovers
+//! in quick succession, connections of the first process that are still
+//! draining when the third takes over lose their packets to it.
+//!
 //! The tag is the same for every connection of a process, so it tells an
 //! observer which process of one machine issued an ID, not which connection
 //! (the other 7 bytes are random), as QUIC-LB's server IDs do.
