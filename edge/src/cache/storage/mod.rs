@@ -38,6 +38,7 @@
 
 mod codec;
 mod error;
+mod eviction;
 #[doc(hidden)]
 pub mod fuzzing;
 mod index;
@@ -61,8 +62,8 @@ use std::{
 use bytes::Bytes;
 use foyer::{
     BlockEngineConfig, DeviceBuilder, FifoConfig, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
-    HybridCachePolicy, HybridCacheProperties, LfuConfig, Location, LruConfig, PsyncIoEngineConfig,
-    RecoverMode, S3FifoConfig, SieveConfig, Source,
+    HybridCachePolicy, HybridCacheProperties, InvalidRatioPicker, LfuConfig, Location, LruConfig,
+    PsyncIoEngineConfig, RecoverMode, S3FifoConfig, SieveConfig, Source,
 };
 
 use self::space::{DiskHealth, SpaceGuard};
@@ -322,6 +323,14 @@ struct Inner {
     space: Option<Arc<SpaceGuard>>,
     /// The guard's periodic check, while foyer's files are not preallocated.
     space_task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Held across every foyer call that takes a disk sequence number (an insert queued for
+    /// the disk, a removal). foyer 0.22.6 takes the number and then sends the entry to its
+    /// flusher in two steps, so two concurrent inserts can reach a block in the opposite
+    /// order of their numbers; on recovery foyer reads a block only up to the first entry
+    /// whose number goes down, and loses the rest of the block (up to `block_size` of
+    /// objects, written seconds before a crash). Under this lock numbers reach the flushers
+    /// in order.
+    disk_order: parking_lot::Mutex<()>,
 }
 
 impl Drop for Inner {
@@ -438,6 +447,7 @@ impl Storage {
         };
         let mut storage = builder.storage();
 
+        let mut opened = None;
         let (index, block_size, submit_queue, space) = match &cfg.disk_dir {
             Some(dir) => {
                 let plan = plan_disk(&cfg)?;
@@ -446,6 +456,12 @@ impl Storage {
                 let foyer_dir = dir.join("foyer");
                 tokio::fs::create_dir_all(&foyer_dir).await?;
                 let index = PurgeIndex::open(dir.join("index.log")).await?;
+                // The order the blocks on disk were filled in, read before foyer opens them.
+                let (d, b) = (foyer_dir.clone(), plan.block_size);
+                let order =
+                    tokio::task::spawn_blocking(move || eviction::recovered_order(&d, b)).await?;
+                let (picker, flag) = eviction::RestartFifo::new(order);
+                opened = Some(flag);
                 let device = FsDeviceBuilder::new(&foyer_dir)
                     .with_capacity(capacity)
                     .build()?;
@@ -457,7 +473,12 @@ impl Storage {
                             .with_buffer_pool_size(plan.buffer_pool as usize)
                             .with_submit_queue_size_threshold(plan.submit_queue as usize)
                             // Removals must survive a restart.
-                            .with_tombstone_log(true),
+                            .with_tombstone_log(true)
+                            // foyer's default pickers, but recovered blocks leave oldest first.
+                            .with_eviction_pickers(vec![
+                                Box::new(InvalidRatioPicker::new(0.8)),
+                                Box::new(picker),
+                            ]),
                     )
                     .with_recover_mode(RecoverMode::Quiet);
                 // The most foyer writes between two checks: the back-pressure bound (half the
@@ -469,6 +490,10 @@ impl Storage {
             None => (PurgeIndex::in_memory(), 0, 0, None),
         };
         let cache = storage.build().await?;
+        if let Some(flag) = opened {
+            // Recovery is over: blocks becoming evictable from now on were just written.
+            flag.store(true, Ordering::Release);
+        }
         let health = Arc::new(DiskHealth::default());
         if let Some(guard) = &space {
             // foyer has created its files: allocate them before the first write.
@@ -518,6 +543,7 @@ impl Storage {
             health,
             space,
             space_task: parking_lot::Mutex::new(None),
+            disk_order: parking_lot::Mutex::new(()),
         };
         let storage = Storage {
             inner: Arc::new(inner),
@@ -608,6 +634,7 @@ impl Storage {
                 0
             }
             Some(_) => {
+                let _order = self.inner.disk_order.lock();
                 self.inner.cache.insert(key, frame);
                 len
             }
@@ -635,10 +662,16 @@ impl Storage {
         self.backpressure(queued).await;
     }
 
+    /// Removes an entry from memory and disk (foyer writes a tombstone), in disk order.
+    fn remove_entry(&self, key: &StoreKey) {
+        let _order = self.inner.disk_order.lock();
+        self.inner.cache.remove(key);
+    }
+
     fn drop_corrupt(&self, what: &StoreKey, why: Corrupt) {
         self.inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(key = ?what, reason = why.0, "corrupt cache entry; treating as a miss and removing it");
-        self.inner.cache.remove(what);
+        self.remove_entry(what);
     }
 
     /// Sets the space guard's verdict as a check finding the filesystem short of space (or
@@ -653,7 +686,7 @@ impl Storage {
     /// Drops one chunk, as an eviction or a failed write would (tests only).
     #[cfg(test)]
     pub(crate) fn lose_chunk(&self, key: &str, generation: u64, index: u32) {
-        self.inner.cache.remove(&StoreKey::Chunk {
+        self.remove_entry(&StoreKey::Chunk {
             key: key.to_owned(),
             generation,
             index,
@@ -662,7 +695,7 @@ impl Storage {
 
     fn remove_chunks(&self, key: &str, generation: u64, chunks: u32) {
         for index in 0..chunks {
-            self.inner.cache.remove(&StoreKey::Chunk {
+            self.remove_entry(&StoreKey::Chunk {
                 key: key.to_owned(),
                 generation,
                 index,
@@ -848,7 +881,7 @@ impl Storage {
         )?;
         if inserted.purged {
             // A purge marker written meanwhile kills this version: drop it instead.
-            self.inner.cache.remove(&skey);
+            self.remove_entry(&skey);
             self.remove_chunks(key, head.generation, indexed.chunks);
             return Ok(false);
         }
@@ -897,7 +930,7 @@ impl Storage {
         let _guard = self.lock_key(key).await;
         let old = self.inner.index.remove_object(key);
         let present = self.inner.cache.contains(&skey);
-        self.inner.cache.remove(&skey);
+        self.remove_entry(&skey);
         if let Some(old) = &old {
             self.remove_chunks(key, old.generation, old.chunks);
         }
@@ -996,7 +1029,7 @@ impl Storage {
         }
         let skey = StoreKey::Head(key.to_owned());
         if let Some(old) = self.inner.index.remove_object(key) {
-            self.inner.cache.remove(&skey);
+            self.remove_entry(&skey);
             self.remove_chunks(key, old.generation, old.chunks);
             return Ok(true);
         }

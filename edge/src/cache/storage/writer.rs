@@ -215,7 +215,7 @@ impl ObjectWriter {
             )?;
             if inserted.purged {
                 // Fetched from before a purge that covers it: committed, then purged at once.
-                storage.inner.cache.remove(&skey);
+                storage.remove_entry(&skey);
                 storage.remove_chunks(&self.key, self.generation, self.chunks);
             }
             (inserted, queued)
