@@ -10,11 +10,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use wasmtime::{
-    Instance, InstancePre, Memory, ResourceLimiter, Store, Trap, TypedFunc, WasmParams, WasmResults,
+    Instance, InstancePre, Memory, ResourceLimiter, Store, Trap, TypedFunc, UpdateDeadline,
+    WasmParams, WasmResults,
 };
 
 use crate::PropertyResolver;
@@ -149,10 +150,12 @@ pub(crate) struct HostState {
     /// Bumped whenever the guest changes a header map or a body: data being
     /// returned to the guest must not change while its allocator runs.
     pub version: u64,
+    /// The running callback's CPU-time budget.
+    pub deadline: CpuDeadline,
 }
 
 impl HostState {
-    fn new(plugin: Arc<PluginShared>) -> Self {
+    fn new(plugin: Arc<PluginShared>, deadline: Duration) -> Self {
         let limit = plugin.memory_limit;
         Self {
             plugin,
@@ -167,6 +170,7 @@ impl HostState {
             ctx: Box::default(),
             scratch: Vec::new(),
             version: 0,
+            deadline: CpuDeadline::new(deadline),
         }
     }
 
@@ -388,13 +392,81 @@ impl Drop for SlotGuard {
     }
 }
 
+/// A callback's deadline, in CPU time of the thread that runs it.
+///
+/// The epoch ticker advances on wall-clock time, so a deadline counted in
+/// ticks fails a trivial callback whose thread was descheduled for longer
+/// (the soak saw it on a saturated machine). Instead every tick that lands
+/// in a callback calls [`CpuDeadline::on_tick`]: the first takes the
+/// thread's CPU time as the base, the later ones compare the CPU time used
+/// since with the budget. A callback that finishes within its first tick
+/// (nearly all) costs nothing more; a loop is cut after its budget plus at
+/// most one tick of CPU.
+#[derive(Debug)]
+pub(crate) struct CpuDeadline {
+    budget: Duration,
+    /// The thread's CPU time (or the wall clock, where that cannot be read)
+    /// at the running callback's first tick.
+    base: Option<Sample>,
+}
+
+/// A reading of the clock a [`CpuDeadline`] counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Sample {
+    Cpu(Duration),
+    Wall(Instant),
+}
+
+impl CpuDeadline {
+    pub(crate) fn new(budget: Duration) -> Self {
+        Self { budget, base: None }
+    }
+
+    /// A callback starts: its CPU time counts from its first tick.
+    pub(crate) fn start(&mut self) {
+        self.base = None;
+    }
+
+    /// An epoch tick landed in the running callback; `now` is its thread's
+    /// clock. Interrupts once the callback used its budget since its first
+    /// tick, else asks to be called at the next tick.
+    pub(crate) fn on_tick(&mut self, now: Sample) -> UpdateDeadline {
+        let used = match (self.base, now) {
+            (None, _) => {
+                self.base = Some(now);
+                return UpdateDeadline::Continue(1);
+            }
+            (Some(Sample::Cpu(b)), Sample::Cpu(n)) => n.saturating_sub(b),
+            (Some(Sample::Wall(b)), Sample::Wall(n)) => n.saturating_duration_since(b),
+            // The clock changed kind mid-callback: count from here.
+            (Some(_), _) => {
+                self.base = Some(now);
+                return UpdateDeadline::Continue(1);
+            }
+        };
+        if used >= self.budget {
+            UpdateDeadline::Interrupt
+        } else {
+            UpdateDeadline::Continue(1)
+        }
+    }
+}
+
+/// The calling thread's CPU time, or the wall clock where it cannot be read.
+pub(crate) fn thread_cpu_time() -> Sample {
+    use nix::time::{ClockId, clock_gettime};
+    match clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID) {
+        Ok(ts) => Sample::Cpu(Duration::from(ts)),
+        Err(_) => Sample::Wall(Instant::now()),
+    }
+}
+
 /// A live instance with its own store, root context and memory.
 pub(crate) struct PluginInstance {
     pub store: Store<HostState>,
     pub exports: Exports,
     next_context_id: u32,
     deadline: Duration,
-    deadline_ticks: u64,
     /// Last: fields drop in order, so the slot is released after the store
     /// has given its memory back to the pool.
     _slot: SlotGuard,
@@ -441,14 +513,17 @@ impl PluginInstance {
         plugin: &Arc<PluginShared>,
         pre: &InstancePre<HostState>,
         deadline: Duration,
-        deadline_ticks: u64,
         slot: SlotGuard,
     ) -> Result<Self> {
         let engine = pre.module().engine();
-        let mut store = Store::new(engine, HostState::new(plugin.clone()));
+        let mut store = Store::new(engine, HostState::new(plugin.clone(), deadline));
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(deadline_ticks);
+        // Every epoch tick that lands in a callback asks its CPU-time budget.
+        store.epoch_deadline_callback(|mut cx| {
+            Ok(cx.data_mut().deadline.on_tick(thread_cpu_time()))
+        });
+        store.data_mut().deadline.start();
+        store.set_epoch_deadline(1);
         let instance = pre.instantiate(&mut store).map_err(|e| {
             if store.data().limiter.hit {
                 PluginError::MemoryLimit {
@@ -501,7 +576,6 @@ impl PluginInstance {
             exports,
             next_context_id: ROOT_CONTEXT_ID + 1,
             deadline,
-            deadline_ticks,
             _slot: slot,
         };
         let root = ROOT_CONTEXT_ID as i32;
@@ -575,7 +649,8 @@ impl PluginInstance {
             .stats
             .callbacks
             .fetch_add(1, Ordering::Relaxed);
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        self.store.data_mut().deadline.start();
+        self.store.set_epoch_deadline(1);
         self.store.data_mut().limiter.hit = false;
         let r = func.call(&mut self.store, args);
         match r {
@@ -619,5 +694,93 @@ impl PluginInstance {
             callback,
             message: format!("{e:#}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu(ms: u64) -> Sample {
+        Sample::Cpu(Duration::from_millis(ms))
+    }
+
+    fn interrupts(u: UpdateDeadline) -> bool {
+        matches!(u, UpdateDeadline::Interrupt)
+    }
+
+    #[test]
+    fn a_descheduled_callback_is_not_failed() {
+        // The wall clock runs on (a tick every call) but the thread uses no CPU.
+        let mut d = CpuDeadline::new(Duration::from_millis(5));
+        d.start();
+        for _ in 0..1000 {
+            assert!(!interrupts(d.on_tick(cpu(100))));
+        }
+    }
+
+    #[test]
+    fn a_callback_is_cut_once_it_used_its_budget_since_its_first_tick() {
+        let mut d = CpuDeadline::new(Duration::from_millis(5));
+        d.start();
+        assert!(!interrupts(d.on_tick(cpu(100)))); // the base
+        assert!(!interrupts(d.on_tick(cpu(101))));
+        assert!(!interrupts(d.on_tick(cpu(104))));
+        assert!(interrupts(d.on_tick(cpu(105))));
+    }
+
+    #[test]
+    fn each_callback_counts_from_its_own_first_tick() {
+        let mut d = CpuDeadline::new(Duration::from_millis(5));
+        d.start();
+        assert!(!interrupts(d.on_tick(cpu(100))));
+        assert!(!interrupts(d.on_tick(cpu(104))));
+        d.start();
+        assert!(!interrupts(d.on_tick(cpu(200))));
+        assert!(!interrupts(d.on_tick(cpu(204))));
+        assert!(interrupts(d.on_tick(cpu(206))));
+    }
+
+    #[test]
+    fn the_wall_clock_stands_in_when_cpu_time_cannot_be_read() {
+        let t = Instant::now();
+        let mut d = CpuDeadline::new(Duration::from_millis(5));
+        d.start();
+        assert!(!interrupts(d.on_tick(Sample::Wall(t))));
+        assert!(!interrupts(
+            d.on_tick(Sample::Wall(t + Duration::from_millis(4)))
+        ));
+        assert!(interrupts(
+            d.on_tick(Sample::Wall(t + Duration::from_millis(5)))
+        ));
+        // A change of clock mid-callback restarts the count.
+        d.start();
+        assert!(!interrupts(d.on_tick(cpu(1))));
+        assert!(!interrupts(d.on_tick(Sample::Wall(t))));
+        assert!(interrupts(
+            d.on_tick(Sample::Wall(t + Duration::from_millis(6)))
+        ));
+    }
+
+    #[test]
+    fn thread_cpu_time_reads_the_threads_cpu_clock() {
+        let Sample::Cpu(a) = thread_cpu_time() else {
+            panic!("CLOCK_THREAD_CPUTIME_ID is readable on Linux");
+        };
+        let mut x = 0u64;
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(20) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let Sample::Cpu(b) = thread_cpu_time() else {
+            panic!("CLOCK_THREAD_CPUTIME_ID is readable on Linux");
+        };
+        assert!(b > a, "{a:?} -> {b:?}");
+        // A sleeping thread uses (almost) no CPU.
+        std::thread::sleep(Duration::from_millis(30));
+        let Sample::Cpu(c) = thread_cpu_time() else {
+            panic!("CLOCK_THREAD_CPUTIME_ID is readable on Linux");
+        };
+        assert!(c - b < Duration::from_millis(10), "{b:?} -> {c:?}");
     }
 }

@@ -12,7 +12,8 @@
 //! Engine: one `wasmtime::Engine` per host with the pooling instance allocator
 //! and epoch interruption; a background thread advances the epoch every
 //! [`HostConfig::epoch_tick`], and each callback runs under its plugin's
-//! [`Limits::callback_deadline`]. Modules are compiled once per load and
+//! [`Limits::callback_deadline`], counted in the CPU time of the thread that
+//! runs it (`instance::CpuDeadline`). Modules are compiled once per load and
 //! linked once into an `InstancePre`; requests reuse pre-configured instances
 //! from a per-plugin pool, each request getting a new proxy-wasm context id.
 //!
@@ -86,7 +87,7 @@ pub struct HostConfig {
     /// Ceiling on any plugin's linear memory; each plugin's
     /// [`Limits::memory_bytes`] must be at most this.
     pub max_memory_bytes: usize,
-    /// Epoch interval; deadlines are enforced with this granularity.
+    /// Epoch interval; deadlines are checked at this granularity.
     pub epoch_tick: Duration,
     /// Idle instances kept per plugin.
     pub max_idle_instances_per_plugin: usize,
@@ -277,8 +278,6 @@ impl PluginHost {
             .instantiate_pre(&module)
             .map_err(|e| invalid(format!("{e:#}")))?;
 
-        let tick = self.config.epoch_tick.as_nanos().max(1);
-        let deadline_ticks = (limits.callback_deadline.as_nanos().div_ceil(tick) as u64).max(1) + 1;
         let shared = Arc::new(PluginShared {
             name: name.to_owned(),
             vm_config: Bytes::new(),
@@ -296,7 +295,6 @@ impl PluginHost {
             pre,
             limits,
             policy,
-            deadline_ticks,
             max_idle: self.config.max_idle_instances_per_plugin,
             lock_wait: self.config.lock_wait,
             pool: Mutex::default(),

@@ -46,8 +46,10 @@ pub struct Limits {
     /// callback with [`PluginError::MemoryLimit`]. Must not exceed
     /// [`crate::HostConfig::max_memory_bytes`].
     pub memory_bytes: usize,
-    /// Wall-clock budget of one callback, enforced by epoch interruption with
-    /// the host's tick granularity (a callback may run up to one tick longer).
+    /// CPU-time budget of one callback (the CPU time of the thread that runs
+    /// it, so a descheduled callback is not failed), checked at each epoch
+    /// tick from the callback's first: a callback may use up to two ticks
+    /// more than its budget, never less.
     pub callback_deadline: Duration,
     /// Instantiate (and configure) a new instance for every request instead of
     /// sharing pooled ones. Stronger isolation, much higher cost, and the one
@@ -357,7 +359,6 @@ pub(crate) struct PluginInner {
     pub pre: InstancePre<HostState>,
     pub limits: Limits,
     pub policy: FailurePolicy,
-    pub deadline_ticks: u64,
     pub max_idle: usize,
     /// How long a callback waits for its instance's lock.
     pub lock_wait: Duration,
@@ -374,13 +375,7 @@ impl PluginInner {
         let slot = self
             .slots
             .take(std::ptr::from_ref(self), &self.shared.name, need)?;
-        PluginInstance::new(
-            &self.shared,
-            &self.pre,
-            self.limits.callback_deadline,
-            self.deadline_ticks,
-            slot,
-        )
+        PluginInstance::new(&self.shared, &self.pre, self.limits.callback_deadline, slot)
     }
 
     /// Pools `instance` as idle (the first instance, made at load time).

@@ -404,6 +404,91 @@ fn infinite_loop_hits_the_deadline() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pins the calling thread to `cpu`.
+#[allow(unsafe_code)]
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and
+    // sched_setaffinity get valid pointers to it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The deadline is the callback's CPU time: a callback whose thread is kept
+/// off its CPU for four times its deadline still completes. A real-time
+/// thread pinned to the same CPU preempts it for 200 ms. With the deadline
+/// counted in epoch ticks (wall-clock time) this failed with
+/// DeadlineExceeded. Needs CAP_SYS_NICE (root) for SCHED_FIFO, and fails
+/// without it.
+#[test]
+#[allow(unsafe_code)]
+fn a_descheduled_callback_does_not_miss_its_deadline() -> anyhow::Result<()> {
+    let host = host();
+    let limits = Limits {
+        callback_deadline: Duration::from_millis(50),
+        ..Limits::default()
+    };
+    // About 10 ms of CPU: a countdown of 10 million.
+    let body = r#"
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (local $n i32)
+        (local.set $n (i32.const 10000000))
+        (loop $l
+          (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+          (br_if $l (i32.ne (local.get $n) (i32.const 0))))
+        (i32.const 0))
+    "#;
+    let plugin = host.load("count", &module(body), b"", limits, FailurePolicy::Closed)?;
+    let mut ctx = plugin.request_context()?;
+    let mut h = HeaderList::new();
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).expect("sched_getcpu");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let hog = std::thread::spawn(move || {
+        pin_to(cpu);
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: a valid sched_param for the calling thread (0).
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+        let set = if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        let ok = set.is_ok();
+        tx.send(set).expect("send");
+        if ok {
+            // Let the callback start, then take the CPU from it for 200 ms.
+            std::thread::sleep(Duration::from_millis(3));
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_millis(200) {
+                std::hint::spin_loop();
+            }
+        }
+    });
+    pin_to(cpu);
+    rx.recv()?.map_err(|e| {
+        anyhow::anyhow!("SCHED_FIFO needs CAP_SYS_NICE (run the tests as root): {e}")
+    })?;
+    let start = Instant::now();
+    let r = ctx.on_request_headers(&mut h, true);
+    let took = start.elapsed();
+    hog.join().expect("hog");
+    assert!(
+        took >= Duration::from_millis(150),
+        "the callback was not descheduled ({took:?}): the test proves nothing"
+    );
+    assert_eq!(r?, Action::Continue, "took {took:?}");
+    assert_eq!(plugin.stats().deadline_exceeded, 0);
+    Ok(())
+}
+
 #[test]
 fn memory_growth_beyond_the_limit_fails() -> anyhow::Result<()> {
     let host = host();

@@ -983,11 +983,18 @@ const MISBEHAVING_PLUGIN: &str = r#"(module
     (i32.const 0))
 )"#;
 
+/// Clients sending the plugin scenario's misbehaving requests (each paced, so
+/// a loop that runs to its deadline does not slow the others).
+const PLUGIN_BAD_CLIENTS: u64 = 6;
+/// The plugin's `deadline` in the plugin scenario (`--deadline-ms`).
+const PLUGIN_DEADLINE_MS: u64 = 50;
+
 /// Every 100th request asks the plugin to trap, loop or exhaust its memory
 /// (in turn). Those, and only those, fail (500, the plugin is fail-closed);
 /// the others' throughput stays within 10% of a run with no misbehaviour.
 pub async fn plugin(args: &Args) -> anyhow::Result<()> {
     let phase = Duration::from_secs(args.get("phase", 15u64)?);
+    let deadline_ms: u64 = args.get("deadline-ms", PLUGIN_DEADLINE_MS)?;
     let edge_bin = bin_from_env("MERIDIAN_EDGE_BIN")?;
     let work = TempDir::new("chaos-plugin")?;
     let pki = pki(work.path())?;
@@ -1004,7 +1011,7 @@ pub async fn plugin(args: &Args) -> anyhow::Result<()> {
             &origin.url(),
             "[cache]\nmemory = \"64MiB\"",
             &format!(
-                "[[sites.plugins]]\npath = \"{}\"\nfailure = \"closed\"\nmemory = \"16MiB\"",
+                "[[sites.plugins]]\npath = \"{}\"\nfailure = \"closed\"\nmemory = \"16MiB\"\ndeadline = \"{deadline_ms}ms\"",
                 plugin.display()
             ),
             "",
@@ -1025,9 +1032,12 @@ pub async fn plugin(args: &Args) -> anyhow::Result<()> {
     .await?;
 
     let stats = Stats::new(false);
-    // Closed loop, so throughput is what the box does; `bad` turns the
-    // misbehaving requests on.
-    let run = |bad: bool| {
+    // The well-behaved load is closed-loop, so its throughput is what the box
+    // does. With `bad` (misbehaving requests per second), separate clients
+    // send the misbehaving requests, paced: a closed-loop client that waited
+    // for its own misbehaving request would send fewer good ones however
+    // well the server isolated the failure.
+    let run = |bad: Option<f64>| {
         let (stats, target) = (stats.clone(), target.clone());
         async move {
             let good = Arc::new(AtomicU64::new(0));
@@ -1047,42 +1057,70 @@ pub async fn plugin(args: &Args) -> anyhow::Result<()> {
                         until,
                         u64::MAX,
                         move |i| {
-                            let mut r = Req::get(
+                            Req::get(
                                 format!(
                                     "/cc/p-{}?cc=public,max-age=3600&size=4096&seed=8&digest=1",
                                     (i * 4 + w as u64) % 200
                                 ),
                                 Check::Digest { size: 4096 },
                                 "good",
-                            );
-                            if bad && i % 100 == 99 {
-                                let kind = ["trap", "loop", "memory"][((i / 100) % 3) as usize];
-                                r.headers.push(("x-misbehave", kind.into()));
-                                r.class = kind;
-                            }
-                            r
+                            )
                         },
                         move |r, res, _, _| match (r.class, status_of(res)) {
                             ("good", Some(200)) => {
                                 good.fetch_add(1, Ordering::Relaxed);
                                 Verdict::Ok
                             }
-                            ("trap" | "loop" | "memory", Some(500)) => Verdict::Expected,
                             _ => Verdict::Unexpected,
                         },
                     )
                     .await
                 });
             }
+            if let Some(rate) = bad {
+                for b in 0..PLUGIN_BAD_CLIENTS {
+                    let client = Client::new(Proto::H1, target.clone(), Duration::from_secs(10));
+                    let stats = stats.clone();
+                    set.spawn(async move {
+                        http_worker(
+                            client,
+                            stats,
+                            Some(rate / PLUGIN_BAD_CLIENTS as f64),
+                            until,
+                            u64::MAX,
+                            move |i| {
+                                let kind = ["trap", "loop", "memory"]
+                                    [((i * PLUGIN_BAD_CLIENTS + b) % 3) as usize];
+                                let mut r = Req::get(
+                                    format!(
+                                        "/cc/p-{}?cc=public,max-age=3600&size=4096&seed=8&digest=1",
+                                        i % 200
+                                    ),
+                                    Check::Digest { size: 4096 },
+                                    kind,
+                                );
+                                r.headers.push(("x-misbehave", kind.into()));
+                                r
+                            },
+                            move |r, res, _, _| match (r.class, status_of(res)) {
+                                ("trap" | "loop" | "memory", Some(500)) => Verdict::Expected,
+                                _ => Verdict::Unexpected,
+                            },
+                        )
+                        .await
+                    });
+                }
+            }
             while set.join_next().await.is_some() {}
             good.load(Ordering::Relaxed) as f64 / phase.as_secs_f64()
         }
     };
     // A warm-up run (instances, connections), counted but not measured.
-    run(false).await;
-    let base = run(false).await;
-    let with = run(true).await;
-    let again = run(false).await;
+    run(None).await;
+    let base = run(None).await;
+    // Every 100th request misbehaves: one misbehaving per 99 good ones.
+    let with = run(Some(base / 99.0)).await;
+    let again = run(None).await;
     let m = admin_get(edge.admin()?, "/metrics")
         .await
         .unwrap_or_default();
