@@ -373,13 +373,18 @@ fn trap_is_an_error_and_ten_thousand_traps_leave_the_host_healthy() -> anyhow::R
     Ok(())
 }
 
+/// The default limits with a callback deadline.
+fn deadline_of(deadline: Duration) -> Limits {
+    Limits {
+        callback_deadline: deadline,
+        ..Limits::default()
+    }
+}
+
 #[test]
 fn infinite_loop_hits_the_deadline() -> anyhow::Result<()> {
     let host = host();
-    let limits = Limits {
-        callback_deadline: Duration::from_millis(50),
-        ..Limits::default()
-    };
+    let limits = deadline_of(Duration::from_millis(50));
     let body = r#"
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
         (loop $l (br $l))
@@ -431,10 +436,7 @@ fn pin_to(cpu: usize) {
 #[allow(unsafe_code)]
 fn a_descheduled_callback_does_not_miss_its_deadline() -> anyhow::Result<()> {
     let host = host();
-    let limits = Limits {
-        callback_deadline: Duration::from_millis(50),
-        ..Limits::default()
-    };
+    let limits = deadline_of(Duration::from_millis(50));
     // About 10 ms of CPU: a countdown of 10 million.
     let body = r#"
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
