@@ -400,8 +400,9 @@ impl Drop for SlotGuard {
 /// in a callback calls [`CpuDeadline::on_tick`]: the first takes the
 /// thread's CPU time as the base, the later ones compare the CPU time used
 /// since with the budget. A callback that finishes within its first tick
-/// (nearly all) costs nothing more; a loop is cut after its budget plus at
-/// most one tick of CPU.
+/// (nearly all) costs nothing more. The CPU used before the first tick is
+/// not counted (at most one tick) and the budget is checked once a tick, so
+/// a loop is cut after its budget plus at most two ticks of CPU.
 #[derive(Debug)]
 pub(crate) struct CpuDeadline {
     budget: Duration,

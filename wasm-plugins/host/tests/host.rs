@@ -427,8 +427,8 @@ fn pin_to(cpu: usize) {
 }
 
 /// The deadline is the callback's CPU time: a callback whose thread is kept
-/// off its CPU for four times its deadline still completes. A real-time
-/// thread pinned to the same CPU preempts it for 200 ms. With the deadline
+/// off its CPU for three times its deadline still completes. A real-time
+/// thread pinned to the same CPU preempts it for 600 ms. With the deadline
 /// counted in epoch ticks (wall-clock time) this failed with
 /// DeadlineExceeded. Needs CAP_SYS_NICE (root) for SCHED_FIFO, and fails
 /// without it.
@@ -436,12 +436,14 @@ fn pin_to(cpu: usize) {
 #[allow(unsafe_code)]
 fn a_descheduled_callback_does_not_miss_its_deadline() -> anyhow::Result<()> {
     let host = host();
-    let limits = deadline_of(Duration::from_millis(50));
-    // About 10 ms of CPU: a countdown of 10 million.
+    let limits = deadline_of(Duration::from_millis(200));
+    // About 20 ms of CPU (6 ms per 10 million here): a countdown of 30 million,
+    // long enough to be preempted 1 ms in on a much faster machine, short
+    // enough to stay well inside its 200 ms on a much slower one.
     let body = r#"
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
         (local $n i32)
-        (local.set $n (i32.const 10000000))
+        (local.set $n (i32.const 30000000))
         (loop $l
           (local.set $n (i32.sub (local.get $n) (i32.const 1)))
           (br_if $l (i32.ne (local.get $n) (i32.const 0))))
@@ -466,10 +468,10 @@ fn a_descheduled_callback_does_not_miss_its_deadline() -> anyhow::Result<()> {
         let ok = set.is_ok();
         tx.send(set).expect("send");
         if ok {
-            // Let the callback start, then take the CPU from it for 200 ms.
-            std::thread::sleep(Duration::from_millis(3));
+            // Let the callback start, then take the CPU from it for 600 ms.
+            std::thread::sleep(Duration::from_millis(1));
             let t = Instant::now();
-            while t.elapsed() < Duration::from_millis(200) {
+            while t.elapsed() < Duration::from_millis(600) {
                 std::hint::spin_loop();
             }
         }
@@ -483,7 +485,7 @@ fn a_descheduled_callback_does_not_miss_its_deadline() -> anyhow::Result<()> {
     let took = start.elapsed();
     hog.join().expect("hog");
     assert!(
-        took >= Duration::from_millis(150),
+        took >= Duration::from_millis(450),
         "the callback was not descheduled ({took:?}): the test proves nothing"
     );
     assert_eq!(r?, Action::Continue, "took {took:?}");
