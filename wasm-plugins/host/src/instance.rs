@@ -777,11 +777,15 @@ mod tests {
             panic!("CLOCK_THREAD_CPUTIME_ID is readable on Linux");
         };
         assert!(b > a, "{a:?} -> {b:?}");
-        // A sleeping thread uses (almost) no CPU.
-        std::thread::sleep(Duration::from_millis(30));
+        // A sleeping thread uses (almost) no CPU: the clock is not the wall
+        // clock (the bound is loose: this only tells the two clocks apart).
+        std::thread::sleep(Duration::from_millis(60));
         let Sample::Cpu(c) = thread_cpu_time() else {
             panic!("CLOCK_THREAD_CPUTIME_ID is readable on Linux");
         };
-        assert!(c - b < Duration::from_millis(10), "{b:?} -> {c:?}");
+        assert!(
+            c.saturating_sub(b) < Duration::from_millis(40),
+            "{b:?} -> {c:?}"
+        );
     }
 }
