@@ -439,6 +439,11 @@ pub struct PluginConfig {
     /// CPU time one callback may take.
     #[serde(default = "default_plugin_deadline")]
     pub deadline: Dur,
+    /// After a missed deadline, for this long the plugin's callbacks get a
+    /// deadline fitted to what its successful callbacks needed (4x their
+    /// peak, at least 1ms); "0s" never clamps.
+    #[serde(default = "default_plugin_deadline_clamp")]
+    pub deadline_clamp: Dur,
     /// A fresh instance per request instead of pooled ones (stricter isolation, slower).
     #[serde(default)]
     pub fresh_instance: bool,
@@ -495,6 +500,7 @@ impl fmt::Debug for PluginConfig {
             .field("failure", &r.failure)
             .field("memory", &r.memory)
             .field("deadline", &r.deadline)
+            .field("deadline_clamp", &r.deadline_clamp)
             .field("fresh_instance", &r.fresh_instance)
             .field("every_response", &r.every_response)
             .field("body_buffer", &r.body_buffer)
@@ -549,6 +555,9 @@ fn default_plugin_memory() -> ByteSize {
 }
 fn default_plugin_deadline() -> Dur {
     Dur::millis(50)
+}
+fn default_plugin_deadline_clamp() -> Dur {
+    Dur::secs(10)
 }
 
 /// The shared cache: a memory tier and an optional disk tier.
@@ -1119,6 +1128,12 @@ impl Config {
                     bad(
                         path!["sites", i, "plugins", j, "deadline"],
                         "must be above zero".into(),
+                    );
+                }
+                if p.deadline_clamp.get() > std::time::Duration::from_secs(3600) {
+                    bad(
+                        path!["sites", i, "plugins", j, "deadline_clamp"],
+                        "must be at most 1h".into(),
                     );
                 }
                 if p.body_buffer.get() > 256 * 1024 * 1024 {

@@ -137,6 +137,7 @@ pub struct Metrics {
     pub plugin_histogram_count: Family<PluginMetricLabels, Gauge>,
     pub plugin_callbacks: Family<PluginLabels, Gauge>,
     pub plugin_failures: Family<PluginLabels, Gauge>,
+    pub plugin_deadline_clamp: Family<PluginLabels, Gauge>,
     pub plugin_instances: Family<PluginLabels, Gauge>,
     pub cache_coalesced: Counter,
     pub cache_purges: Family<Reason, Counter>,
@@ -255,6 +256,7 @@ impl Metrics {
             plugin_histogram_count: Family::default(),
             plugin_callbacks: Family::default(),
             plugin_failures: Family::default(),
+            plugin_deadline_clamp: Family::default(),
             plugin_instances: Family::default(),
             cache_coalesced: Counter::default(),
             cache_purges: Family::default(),
@@ -423,6 +425,11 @@ impl Metrics {
             "plugin_failures",
             "Wasm plugin failures and guest limits by kind (trap, deadline, memory, exit; instance-lost, overload, log-suppressed, shared-data-full)",
             m.plugin_failures.clone(),
+        );
+        registry.register(
+            "plugin_deadline_clamp",
+            "Wasm plugin deadline clamps after a missed deadline: clamps started, and whether the plugin is clamped now (clamped, 0 or 1)",
+            m.plugin_deadline_clamp.clone(),
         );
         registry.register(
             "plugin_instances",

@@ -57,6 +57,7 @@ pub fn load_chain(
         let limits = meridian_wasm_host::Limits {
             memory_bytes: c.memory.get() as usize,
             callback_deadline: c.deadline.get(),
+            deadline_clamp: c.deadline_clamp.get(),
             fresh_instance_per_request: c.fresh_instance,
         };
         let policy = if c.failure == "open" {

@@ -71,6 +71,18 @@ where
                     .set(g(v));
             }
             for (kind, v) in [
+                ("clamps", s.deadline_clamps),
+                ("clamped", u64::from(s.deadline_clamped)),
+            ] {
+                metrics
+                    .plugin_deadline_clamp
+                    .get_or_create(&PluginLabels {
+                        plugin: lp.name.clone(),
+                        kind,
+                    })
+                    .set(g(v));
+            }
+            for (kind, v) in [
                 ("live", s.live_instances),
                 ("idle", s.idle_instances as u64),
                 ("contexts", s.live_contexts),

@@ -620,3 +620,65 @@ async fn plugin_failures_go_through_the_one_error_path() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Loops forever on requests with an `x-loop` header; passes the others.
+const LOOP_ON_HEADER: &str = r#"
+  (data (i32.const 0) "x-loop")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eq (call $get_hdr (i32.const 0) (i32.const 0) (i32.const 6) (i32.const 16384) (i32.const 16388)) (i32.const 0))
+      (then (loop $l (br $l))))
+    (i32.const 0))
+"#;
+
+/// With the defaults (a 50 ms deadline, a 10 s clamp), a plugin that loops
+/// on some requests fails those with its policy's 500, and after its first
+/// miss its loops are cut at a clamped deadline (shown in
+/// `meridian_plugin_deadline_clamp`; the host's tests check the clamped
+/// deadline and its error) while its other requests pass.
+#[tokio::test]
+async fn a_looping_plugin_is_clamped_after_its_first_missed_deadline() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let dir = TempDir::new("plugins")?;
+    let looping = write_plugin(&dir, "loop", LOOP_ON_HEADER)?;
+    let edge = Edge::start(&with_plugins(&origin, &[(&looping, "closed")]))?;
+    let looped = || async {
+        let mut req = get("t", "/hello");
+        req.headers_mut().insert("x-loop", "1".parse()?);
+        anyhow::Ok(
+            Conn::plain(edge.http(), false)
+                .await?
+                .send(req)
+                .await?
+                .status,
+        )
+    };
+    assert_eq!(get_plain(edge.http(), "t", "/hello").await?.status, 200);
+    let m = edge.metrics().await?;
+    assert_eq!(
+        metric(&m, "meridian_plugin_deadline_clamp", &["kind=\"clamped\""]),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(looped().await?, 500);
+    for _ in 0..5 {
+        assert_eq!(get_plain(edge.http(), "t", "/hello").await?.status, 200);
+        assert_eq!(looped().await?, 500);
+    }
+    let m = edge.metrics().await?;
+    assert_eq!(
+        metric(&m, "meridian_plugin_deadline_clamp", &["kind=\"clamps\""]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "meridian_plugin_deadline_clamp", &["kind=\"clamped\""]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "meridian_plugin_failures", &["kind=\"deadline\""]),
+        6.0,
+        "{m}"
+    );
+    Ok(())
+}

@@ -86,11 +86,17 @@ pub enum PluginError {
         callback: &'static str,
         message: String,
     },
-    #[error("plugin {plugin}: {callback} exceeded its {deadline:?} deadline")]
+    #[error(
+        "plugin {plugin}: {callback} exceeded its {deadline:?} deadline{}",
+        clamp_note(*.clamped)
+    )]
     DeadlineExceeded {
         plugin: String,
         callback: &'static str,
         deadline: Duration,
+        /// The deadline was clamped after an earlier miss
+        /// ([`crate::Limits::deadline_clamp`]).
+        clamped: bool,
     },
     #[error("plugin {plugin}: {callback} exceeded the memory limit of {limit_bytes} bytes")]
     MemoryLimit {
@@ -145,6 +151,14 @@ impl PluginError {
                 | ErrorKind::MemoryLimit
                 | ErrorKind::Exited
         )
+    }
+}
+
+fn clamp_note(clamped: bool) -> &'static str {
+    if clamped {
+        " (clamped after a missed deadline)"
+    } else {
+        ""
     }
 }
 

@@ -36,6 +36,10 @@ pub(crate) struct PluginShared {
     pub tick_period_ms: AtomicU32,
     pub memory_limit: usize,
     pub stats: Stats,
+    /// The host's coarse clock (the epoch ticker's).
+    pub clock: Arc<crate::clamp::Clock>,
+    /// The deadline clamp after a missed deadline.
+    pub clamp: crate::clamp::Clamp,
     /// The rate limit on `proxy_log` and WASI `fd_write` lines.
     pub log_bucket: parking_lot::Mutex<crate::ratelimit::LogBucket>,
 }
@@ -409,6 +413,11 @@ pub(crate) struct CpuDeadline {
     /// The thread's CPU time (or the wall clock, where that cannot be read)
     /// at the running callback's first tick.
     base: Option<Sample>,
+    /// What a clamped callback is charged for its time before that tick.
+    credit: Duration,
+    /// For a clamped callback: when it started, and the most of the wall
+    /// time from then to its first tick to count too (one tick).
+    started: Option<(Instant, Duration)>,
 }
 
 /// A reading of the clock a [`CpuDeadline`] counts.
@@ -418,29 +427,76 @@ pub(crate) enum Sample {
     Wall(Instant),
 }
 
+impl Sample {
+    /// The time from `base` to `self`; `None` if the clock changed kind.
+    fn since(self, base: Sample) -> Option<Duration> {
+        match (base, self) {
+            (Sample::Cpu(b), Sample::Cpu(n)) => Some(n.saturating_sub(b)),
+            (Sample::Wall(b), Sample::Wall(n)) => Some(n.saturating_duration_since(b)),
+            _ => None,
+        }
+    }
+}
+
 impl CpuDeadline {
     pub(crate) fn new(budget: Duration) -> Self {
-        Self { budget, base: None }
+        Self {
+            budget,
+            base: None,
+            credit: Duration::ZERO,
+            started: None,
+        }
     }
 
-    /// A callback starts: its CPU time counts from its first tick.
-    pub(crate) fn start(&mut self) {
+    /// A callback starts with `budget`: its CPU time counts from its first
+    /// tick.
+    pub(crate) fn start(&mut self, budget: Duration) {
+        self.budget = budget;
         self.base = None;
+        self.credit = Duration::ZERO;
+        self.started = None;
+    }
+
+    /// A clamped callback starts with `budget`, at `now`: the wall time to
+    /// its first tick counts too, up to `credit` (a tick) and half the
+    /// budget, so that a loop
+    /// is not granted the CPU it burns before that tick. Reading the
+    /// thread's CPU time here would cost a system call per callback; the
+    /// wall clock is read in user space, and a thread descheduled before
+    /// its first tick is charged at most that for it.
+    pub(crate) fn start_clamped(&mut self, budget: Duration, now: Instant, credit: Duration) {
+        self.budget = budget;
+        self.base = None;
+        self.credit = Duration::ZERO;
+        self.started = Some((now, credit));
+    }
+
+    /// The running (or last) callback's budget.
+    pub(crate) fn budget(&self) -> Duration {
+        self.budget
+    }
+
+    /// The CPU time the callback used from its first tick to `now` (not
+    /// counting what a clamped callback was charged for the time before
+    /// it); `None` if no tick landed in it (it took less than a tick).
+    pub(crate) fn used(&self, now: Sample) -> Option<Duration> {
+        self.base.and_then(|b| now.since(b))
     }
 
     /// An epoch tick landed in the running callback; `now` is its thread's
     /// clock. Interrupts once the callback used its budget since its first
     /// tick, else asks to be called at the next tick.
     pub(crate) fn on_tick(&mut self, now: Sample) -> UpdateDeadline {
-        let used = match (self.base, now) {
-            (None, _) => {
-                self.base = Some(now);
-                return UpdateDeadline::Continue(1);
-            }
-            (Some(Sample::Cpu(b)), Sample::Cpu(n)) => n.saturating_sub(b),
-            (Some(Sample::Wall(b)), Sample::Wall(n)) => n.saturating_duration_since(b),
-            // The clock changed kind mid-callback: count from here.
-            (Some(_), _) => {
+        let used = match self.base.map(|b| now.since(b)) {
+            Some(Some(used)) => used + self.credit,
+            // The first tick, or the clock changed kind mid-callback: count
+            // from here.
+            None | Some(None) => {
+                // Never more than half the budget: the first tick alone
+                // never cuts a callback.
+                if let (None, Some((t0, cap))) = (self.base, self.started) {
+                    self.credit = t0.elapsed().min(cap).min(self.budget / 2);
+                }
                 self.base = Some(now);
                 return UpdateDeadline::Continue(1);
             }
@@ -467,7 +523,13 @@ pub(crate) struct PluginInstance {
     pub store: Store<HostState>,
     pub exports: Exports,
     next_context_id: u32,
+    /// The configured deadline of a callback.
     deadline: Duration,
+    /// Running the set-up callbacks (`_initialize`, `proxy_on_vm_start`,
+    /// `proxy_on_configure`...): the deadline clamp does not apply.
+    setup: bool,
+    /// Whether the running (or last) callback's deadline was clamped.
+    clamped: bool,
     /// Last: fields drop in order, so the slot is released after the store
     /// has given its memory back to the pool.
     _slot: SlotGuard,
@@ -523,7 +585,7 @@ impl PluginInstance {
         store.epoch_deadline_callback(|mut cx| {
             Ok(cx.data_mut().deadline.on_tick(thread_cpu_time()))
         });
-        store.data_mut().deadline.start();
+        store.data_mut().deadline.start(deadline);
         store.set_epoch_deadline(1);
         let instance = pre.instantiate(&mut store).map_err(|e| {
             if store.data().limiter.hit {
@@ -577,6 +639,8 @@ impl PluginInstance {
             exports,
             next_context_id: ROOT_CONTEXT_ID + 1,
             deadline,
+            setup: true,
+            clamped: false,
             _slot: slot,
         };
         let root = ROOT_CONTEXT_ID as i32;
@@ -617,6 +681,7 @@ impl PluginInstance {
         // Whatever the set-up callbacks left (a local response, queued
         // calls...) means nothing for the root context.
         *this.store.data_mut().ctx = ContextState::default();
+        this.setup = false;
         Ok(this)
     }
 
@@ -650,12 +715,38 @@ impl PluginInstance {
             .stats
             .callbacks
             .fetch_add(1, Ordering::Relaxed);
-        self.store.data_mut().deadline.start();
+        let (budget, clamped) = if self.setup {
+            (self.deadline, false)
+        } else {
+            let plugin = &self.store.data().plugin;
+            plugin.clamp.deadline(self.deadline, plugin.clock.now_ms())
+        };
+        self.clamped = clamped;
+        if clamped {
+            self.store.data_mut().deadline.start_clamped(
+                budget,
+                Instant::now(),
+                crate::clamp::FAST_TICK,
+            );
+        } else {
+            self.store.data_mut().deadline.start(budget);
+        }
         self.store.set_epoch_deadline(1);
         self.store.data_mut().limiter.hit = false;
         let r = func.call(&mut self.store, args);
         match r {
-            Ok(r) => Ok(Some(r)),
+            Ok(r) => {
+                // A callback that ran into a second tick (rare) tells the
+                // clamp what the plugin needs.
+                // Set-up callbacks (never clamped) do not count.
+                let st = self.store.data();
+                if !self.setup
+                    && let Some(used) = st.deadline.used(thread_cpu_time())
+                {
+                    st.plugin.clamp.succeeded(used, st.plugin.clock.now_ms());
+                }
+                Ok(Some(r))
+            }
             Err(e) => Err(self.classify(callback, e)),
         }
     }
@@ -683,10 +774,15 @@ impl PluginInstance {
         }
         if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
             stats.deadlines.fetch_add(1, Ordering::Relaxed);
+            let shared = &st.plugin;
+            if let Some(until) = shared.clamp.missed(shared.clock.now_ms()) {
+                shared.clock.fast_until(until);
+            }
             return PluginError::DeadlineExceeded {
                 plugin,
                 callback,
-                deadline: self.deadline,
+                deadline: st.deadline.budget(),
+                clamped: self.clamped,
             };
         }
         stats.traps.fetch_add(1, Ordering::Relaxed);
@@ -714,7 +810,7 @@ mod tests {
     fn a_descheduled_callback_is_not_failed() {
         // The wall clock runs on (a tick every call) but the thread uses no CPU.
         let mut d = CpuDeadline::new(Duration::from_millis(5));
-        d.start();
+        d.start(Duration::from_millis(5));
         for _ in 0..1000 {
             assert!(!interrupts(d.on_tick(cpu(100))));
         }
@@ -723,7 +819,7 @@ mod tests {
     #[test]
     fn a_callback_is_cut_once_it_used_its_budget_since_its_first_tick() {
         let mut d = CpuDeadline::new(Duration::from_millis(5));
-        d.start();
+        d.start(Duration::from_millis(5));
         assert!(!interrupts(d.on_tick(cpu(100)))); // the base
         assert!(!interrupts(d.on_tick(cpu(101))));
         assert!(!interrupts(d.on_tick(cpu(104))));
@@ -733,20 +829,66 @@ mod tests {
     #[test]
     fn each_callback_counts_from_its_own_first_tick() {
         let mut d = CpuDeadline::new(Duration::from_millis(5));
-        d.start();
+        d.start(Duration::from_millis(5));
         assert!(!interrupts(d.on_tick(cpu(100))));
         assert!(!interrupts(d.on_tick(cpu(104))));
-        d.start();
+        d.start(Duration::from_millis(5));
         assert!(!interrupts(d.on_tick(cpu(200))));
         assert!(!interrupts(d.on_tick(cpu(204))));
         assert!(interrupts(d.on_tick(cpu(206))));
     }
 
     #[test]
+    fn a_clamped_callback_is_charged_the_time_before_its_first_tick() {
+        let mut d = CpuDeadline::new(Duration::from_millis(50));
+        // Started 300 µs ago: charged min(300 µs, the 500 µs credit, half
+        // the 1 ms budget) = 300 µs at its first tick.
+        let started = Instant::now() - Duration::from_micros(300);
+        d.start_clamped(
+            Duration::from_millis(1),
+            started,
+            Duration::from_micros(500),
+        );
+        assert!(!interrupts(d.on_tick(cpu(100))));
+        // The charge counts against the budget, not in what it used.
+        assert_eq!(d.used(cpu(100)), Some(Duration::ZERO));
+        assert!(!interrupts(d.on_tick(Sample::Cpu(
+            Duration::from_millis(100) + Duration::from_micros(600)
+        ))));
+        assert!(interrupts(d.on_tick(Sample::Cpu(
+            Duration::from_millis(100) + Duration::from_micros(750)
+        ))));
+    }
+
+    #[test]
+    fn a_clamped_callback_descheduled_before_its_first_tick_is_charged_little() {
+        let mut d = CpuDeadline::new(Duration::from_millis(50));
+        // Off its CPU for a second before its first tick: charged half the
+        // budget at most, and never cut by the first tick.
+        let started = Instant::now() - Duration::from_secs(1);
+        d.start_clamped(
+            Duration::from_millis(1),
+            started,
+            Duration::from_micros(500),
+        );
+        assert!(!interrupts(d.on_tick(cpu(100))));
+        assert!(!interrupts(d.on_tick(Sample::Cpu(
+            Duration::from_millis(100) + Duration::from_micros(400)
+        ))));
+        assert!(interrupts(d.on_tick(Sample::Cpu(
+            Duration::from_millis(100) + Duration::from_micros(500)
+        ))));
+        // An unclamped start forgets the credit.
+        d.start(Duration::from_millis(1));
+        assert!(!interrupts(d.on_tick(cpu(200))));
+        assert_eq!(d.used(cpu(200)), Some(Duration::ZERO));
+    }
+
+    #[test]
     fn the_wall_clock_stands_in_when_cpu_time_cannot_be_read() {
         let t = Instant::now();
         let mut d = CpuDeadline::new(Duration::from_millis(5));
-        d.start();
+        d.start(Duration::from_millis(5));
         assert!(!interrupts(d.on_tick(Sample::Wall(t))));
         assert!(!interrupts(
             d.on_tick(Sample::Wall(t + Duration::from_millis(4)))
@@ -755,7 +897,7 @@ mod tests {
             d.on_tick(Sample::Wall(t + Duration::from_millis(5)))
         ));
         // A change of clock mid-callback restarts the count.
-        d.start();
+        d.start(Duration::from_millis(5));
         assert!(!interrupts(d.on_tick(cpu(1))));
         assert!(!interrupts(d.on_tick(Sample::Wall(t))));
         assert!(interrupts(

@@ -13,7 +13,9 @@
 //! and epoch interruption; a background thread advances the epoch every
 //! [`HostConfig::epoch_tick`], and each callback runs under its plugin's
 //! [`Limits::callback_deadline`], counted in the CPU time of the thread that
-//! runs it (`instance::CpuDeadline`). Modules are compiled once per load and
+//! runs it (`instance::CpuDeadline`); after a missed deadline, the plugin's
+//! deadline is clamped for a while ([`Limits::deadline_clamp`], `clamp`).
+//! Modules are compiled once per load and
 //! linked once into an `InstancePre`; requests reuse pre-configured instances
 //! from a per-plugin pool, each request getting a new proxy-wasm context id.
 //!
@@ -37,6 +39,7 @@
 //! [proxy-wasm ABI 0.2.1]: https://github.com/proxy-wasm/spec/tree/main/abi-versions/v0.2.1
 
 pub mod abi;
+mod clamp;
 mod error;
 mod hostcalls;
 mod instance;
@@ -142,32 +145,43 @@ impl std::fmt::Debug for HostConfig {
 /// and its plugins; stops when the last of them is dropped.
 pub(crate) struct Ticker {
     stop: Arc<AtomicBool>,
+    /// The coarse clock it advances (the deadline clamps read it).
+    pub(crate) clock: Arc<clamp::Clock>,
     handle: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Ticker {
-    fn start(engine: Engine, tick: Duration) -> std::io::Result<Self> {
+    fn start(engine: Engine, tick: Duration, clock: Arc<clamp::Clock>) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let ticking = clock.clone();
         let handle = std::thread::Builder::new()
             .name("wasm-epoch".into())
             .spawn(move || {
-                let mut next = Instant::now() + tick;
+                let clock = ticking;
+                let mut next = Instant::now() + clock.period(tick);
                 while !flag.load(Ordering::Relaxed) {
                     let now = Instant::now();
+                    // Fast ticks may have been asked for meanwhile (the
+                    // thread is then unparked): never sleep past one.
+                    let period = clock.period(tick);
+                    next = next.min(now + period);
                     if now < next {
                         std::thread::park_timeout(next - now);
                         continue;
                     }
                     engine.increment_epoch();
-                    next += tick;
+                    clock.advance(now);
+                    next += period;
                     if next < now {
-                        next = now + tick;
+                        next = now + period;
                     }
                 }
             })?;
+        clock.set_ticker(handle.thread().clone());
         Ok(Self {
             stop,
+            clock,
             handle: Mutex::new(Some(handle)),
         })
     }
@@ -220,8 +234,14 @@ impl PluginHost {
         let engine = Engine::new(&cfg).map_err(|e| engine_err(&e))?;
         let mut linker = Linker::new(&engine);
         let defined = hostcalls::add_to_linker(&mut linker).map_err(|e| engine_err(&e))?;
-        let ticker =
-            Arc::new(Ticker::start(engine.clone(), config.epoch_tick).map_err(|e| engine_err(&e))?);
+        let ticker = Arc::new(
+            Ticker::start(
+                engine.clone(),
+                config.epoch_tick,
+                Arc::new(clamp::Clock::new()),
+            )
+            .map_err(|e| engine_err(&e))?,
+        );
         Ok(Self {
             engine,
             linker,
@@ -288,6 +308,8 @@ impl PluginHost {
             tick_period_ms: AtomicU32::new(0),
             memory_limit: limits.memory_bytes,
             stats: Default::default(),
+            clock: self.ticker.clock.clone(),
+            clamp: clamp::Clamp::new(limits.deadline_clamp),
             log_bucket: Mutex::new(ratelimit::LogBucket::new(self.config.log_lines_per_second)),
         });
         let inner = Arc::new(plugin::PluginInner {

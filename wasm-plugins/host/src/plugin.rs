@@ -51,6 +51,16 @@ pub struct Limits {
     /// tick from the callback's first: a callback may use up to two ticks
     /// more than its budget, never less.
     pub callback_deadline: Duration,
+    /// After a callback misses its deadline, for this long (extended by each
+    /// later miss) the plugin's callbacks get a deadline of 4 times the most
+    /// CPU time a successful callback of the last 10–20 s used from its
+    /// first tick, at least 0.5 ms and at most `callback_deadline`, and the
+    /// epoch ticks every 0.5 ms. A plugin whose requests loop then costs
+    /// under a millisecond of CPU per loop, not its whole deadline, while its
+    /// legitimately heavy callbacks still get what they were seen to need.
+    /// Zero: never clamp. Set-up callbacks (`proxy_on_vm_start`,
+    /// `proxy_on_configure`) are never clamped.
+    pub deadline_clamp: Duration,
     /// Instantiate (and configure) a new instance for every request instead of
     /// sharing pooled ones. Stronger isolation, much higher cost, and the one
     /// case where a request holds an instance for its whole life: such
@@ -64,6 +74,7 @@ impl Default for Limits {
         Self {
             memory_bytes: 16 << 20,
             callback_deadline: Duration::from_millis(50),
+            deadline_clamp: Duration::from_secs(10),
             fresh_instance_per_request: false,
         }
     }
@@ -176,6 +187,10 @@ pub struct PluginStats {
     pub failures: u64,
     pub traps: u64,
     pub deadline_exceeded: u64,
+    /// Deadline clamps started (see [`Limits::deadline_clamp`]).
+    pub deadline_clamps: u64,
+    /// True while the plugin's deadline is clamped.
+    pub deadline_clamped: bool,
     pub memory_limit: u64,
     pub exits: u64,
     pub instances_created: u64,
@@ -575,6 +590,12 @@ impl Plugin {
             failures: s.failures.load(Ordering::Relaxed),
             traps: s.traps.load(Ordering::Relaxed),
             deadline_exceeded: s.deadlines.load(Ordering::Relaxed),
+            deadline_clamps: self.inner.shared.clamp.started.load(Ordering::Relaxed),
+            deadline_clamped: self
+                .inner
+                .shared
+                .clamp
+                .active(self.inner.shared.clock.now_ms()),
             memory_limit: s.memory_limits.load(Ordering::Relaxed),
             exits: s.exits.load(Ordering::Relaxed),
             instances_created: s.instances_created.load(Ordering::Relaxed),

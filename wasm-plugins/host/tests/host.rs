@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use meridian_wasm_host::{
     Action, ErrorKind, FailurePolicy, HeaderEdit, HeaderList, HostConfig, HttpCallResponse, Limits,
-    MetricKind, Plugin, PluginHost, PropertyResolver,
+    MetricKind, Plugin, PluginError, PluginHost, PropertyResolver,
 };
 
 /// Imports, memory, a wrap-around bump allocator at 32 KiB.., the ABI marker
@@ -384,7 +384,11 @@ fn deadline_of(deadline: Duration) -> Limits {
 #[test]
 fn infinite_loop_hits_the_deadline() -> anyhow::Result<()> {
     let host = host();
-    let limits = deadline_of(Duration::from_millis(50));
+    // Without the clamp, every loop runs to the configured deadline.
+    let limits = Limits {
+        deadline_clamp: Duration::ZERO,
+        ..deadline_of(Duration::from_millis(50))
+    };
     let body = r#"
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
         (loop $l (br $l))
@@ -405,7 +409,183 @@ fn infinite_loop_hits_the_deadline() -> anyhow::Result<()> {
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(plugin.stats().deadline_exceeded, 3);
+    let stats = plugin.stats();
+    assert_eq!(stats.deadline_exceeded, 3);
+    assert_eq!(stats.deadline_clamps, 0);
+    Ok(())
+}
+
+/// The calling thread's CPU time.
+#[allow(unsafe_code)]
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write to.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    Duration::new(
+        u64::try_from(ts.tv_sec).expect("tv_sec"),
+        u32::try_from(ts.tv_nsec).expect("tv_nsec"),
+    )
+}
+
+/// A filter that loops when the request has no headers, and otherwise
+/// counts down from `n` (about 6 ms of CPU per 10 million here).
+fn loop_or_count(n: u32) -> String {
+    format!(
+        r#"
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (local $n i32)
+        (if (i32.eqz (local.get 1)) (then (loop $l (br $l))))
+        (local.set $n (i32.const {n}))
+        (block $done
+          (loop $l
+            (br_if $done (i32.eqz (local.get $n)))
+            (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+            (br $l)))
+        (i32.const 0))
+    "#
+    )
+}
+
+/// Runs the filter's request headers; `looping` sends no headers (a loop).
+/// Returns the outcome and the CPU time the call used.
+fn run_filter(plugin: &Plugin, looping: bool) -> (meridian_wasm_host::Result<Action>, Duration) {
+    let mut h = if looping {
+        HeaderList::new()
+    } else {
+        headers(&[("x", "1")])
+    };
+    let start = thread_cpu();
+    let r = plugin
+        .request_context()
+        .and_then(|mut ctx| ctx.on_request_headers(&mut h, true));
+    (r, thread_cpu().saturating_sub(start))
+}
+
+/// After a missed deadline, the plugin's loops are cut after about a
+/// millisecond of CPU, not its whole deadline, while its quick callbacks go
+/// on succeeding; the error says the deadline was clamped. Without the clamp
+/// each loop used the whole 50 ms (the plugin chaos scenario: loops at 1% of
+/// the requests took all the CPU of the machine).
+#[test]
+fn a_missed_deadline_clamps_the_plugins_next_loops() -> anyhow::Result<()> {
+    let host = host();
+    let plugin = host.load(
+        "clamp",
+        &module(&loop_or_count(0)),
+        b"",
+        deadline_of(Duration::from_millis(50)),
+        FailurePolicy::Closed,
+    )?;
+    assert!(run_filter(&plugin, false).0.is_ok());
+    let (r, cpu) = run_filter(&plugin, true);
+    let err = r.expect_err("the loop fails");
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded, "{err}");
+    assert!(!err.to_string().contains("clamped"), "{err}");
+    assert!(cpu >= Duration::from_millis(45), "{cpu:?}");
+    let stats = plugin.stats();
+    assert_eq!((stats.deadline_clamps, stats.deadline_clamped), (1, true));
+    for _ in 0..5 {
+        let (r, _) = run_filter(&plugin, false);
+        assert_eq!(r?, Action::Continue);
+        let (r, cpu) = run_filter(&plugin, true);
+        let err = r.expect_err("the loop fails");
+        assert!(
+            matches!(
+                err,
+                PluginError::DeadlineExceeded { deadline, clamped: true, .. }
+                    if deadline == Duration::from_micros(500)
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("exceeded its 500µs deadline (clamped"),
+            "{err}"
+        );
+        // The 0.5 ms budget, checked every 0.5 ms, and the failure's cost.
+        assert!(
+            cpu < Duration::from_millis(15),
+            "a clamped loop used {cpu:?}"
+        );
+    }
+    let stats = plugin.stats();
+    assert_eq!(stats.deadline_exceeded, 6);
+    assert_eq!(stats.deadline_clamps, 1, "misses while clamped extend it");
+    Ok(())
+}
+
+/// A clamp leaves a plugin the CPU its successful callbacks were seen to
+/// need (4 times their peak): a callback of about 10 ms still succeeds,
+/// while a loop is cut far below the 300 ms deadline.
+#[test]
+fn a_clamp_leaves_room_for_what_the_plugin_needed() -> anyhow::Result<()> {
+    let host = host();
+    let plugin = host.load(
+        "heavy",
+        &module(&loop_or_count(16_000_000)),
+        b"",
+        deadline_of(Duration::from_millis(300)),
+        FailurePolicy::Closed,
+    )?;
+    let mut heavy = Duration::ZERO;
+    for _ in 0..3 {
+        let (r, cpu) = run_filter(&plugin, false);
+        assert_eq!(r?, Action::Continue);
+        heavy = heavy.max(cpu);
+    }
+    let (r, cpu) = run_filter(&plugin, true);
+    assert_eq!(r.expect_err("loops").kind(), ErrorKind::DeadlineExceeded);
+    assert!(cpu >= Duration::from_millis(290), "{cpu:?}");
+    for _ in 0..5 {
+        let (r, _) = run_filter(&plugin, false);
+        assert_eq!(r?, Action::Continue, "a heavy callback fails while clamped");
+    }
+    let (r, cpu) = run_filter(&plugin, true);
+    let err = r.expect_err("loops");
+    let PluginError::DeadlineExceeded {
+        deadline,
+        clamped: true,
+        ..
+    } = err
+    else {
+        panic!("{err}");
+    };
+    assert!(
+        deadline >= heavy * 2 && deadline < Duration::from_millis(300),
+        "clamped to {deadline:?} for callbacks of up to {heavy:?}"
+    );
+    assert!(cpu < Duration::from_millis(250), "{cpu:?}");
+    Ok(())
+}
+
+/// The clamp is per plugin: another plugin of the same host keeps its
+/// whole deadline.
+#[test]
+fn a_clamp_is_the_plugins_own() -> anyhow::Result<()> {
+    let host = host();
+    let load = |name: &str| {
+        host.load(
+            name,
+            &module(&loop_or_count(0)),
+            b"",
+            deadline_of(Duration::from_millis(30)),
+            FailurePolicy::Closed,
+        )
+    };
+    let (a, b) = (load("a")?, load("b")?);
+    assert!(run_filter(&a, true).0.is_err());
+    assert!(a.stats().deadline_clamped);
+    let (r, cpu) = run_filter(&b, true);
+    let err = r.expect_err("loops");
+    assert!(
+        matches!(err, PluginError::DeadlineExceeded { clamped: false, .. }),
+        "{err}"
+    );
+    assert!(cpu >= Duration::from_millis(28), "{cpu:?}");
     Ok(())
 }
 

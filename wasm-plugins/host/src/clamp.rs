@@ -1,0 +1,301 @@
+//! The deadline clamp: once a plugin misses its deadline, its callbacks get
+//! a deadline fitted to what its callbacks that succeeded needed, for a
+//! while.
+//!
+//! A callback that loops burns its whole deadline of CPU on the thread that
+//! runs it, an async worker of the embedder. One such request is harmless,
+//! but a steady share of them is not: at 1% of 16,000 requests a second,
+//! loops with the default 50 ms deadline ask for more CPU than two cores
+//! have, and every other request starves (the `plugin` chaos scenario went
+//! from 16,245 to 119 well-behaved requests a second). A short deadline for
+//! every plugin would fail legitimate heavy callbacks (an RSA signature
+//! check in wasm takes milliseconds), so the budget is cut only for a plugin
+//! that has just shown it loops:
+//!
+//! - every callback that ran into a second epoch tick measures the CPU it
+//!   used since its first, and a success records that as the plugin's peak
+//!   (kept over the last one to two windows);
+//! - a missed deadline clamps the plugin for one window (extended by each
+//!   later miss): its callbacks' deadline becomes [`CLAMP_FACTOR`] times the
+//!   peak, at least [`CLAMP_FLOOR`] and at most the configured deadline;
+//! - while any plugin is clamped, the epoch ticks every [`FAST_TICK`], so the
+//!   clamped deadline is checked that finely.
+//!
+//! Callbacks that end within their first tick, nearly all of them, record
+//! nothing; the per-callback cost is two relaxed atomic loads (three while
+//! clamped). The clamped deadline, like the configured one, counts the
+//! CPU time from the callback's first tick: a clamped loop costs at most
+//! about three fast ticks of CPU.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+/// A clamped deadline is this many times the plugin's peak.
+pub(crate) const CLAMP_FACTOR: u32 = 4;
+/// The least a clamped deadline can be (CPU time from the callback's first
+/// tick, so a looping callback then costs at most about three fast ticks).
+pub(crate) const CLAMP_FLOOR: Duration = Duration::from_micros(500);
+/// The epoch tick while any plugin of the host is clamped.
+pub(crate) const FAST_TICK: Duration = Duration::from_micros(500);
+
+/// The host's coarse clock, advanced by the epoch ticker thread, and its
+/// request for fast ticks.
+#[derive(Debug)]
+pub(crate) struct Clock {
+    start: Instant,
+    /// Milliseconds since `start`, as of the last tick.
+    now_ms: AtomicU64,
+    /// Tick every [`FAST_TICK`] until then (milliseconds since `start`).
+    fast_until_ms: AtomicU64,
+    /// The ticker thread, woken when fast ticks start.
+    ticker: OnceLock<Thread>,
+}
+
+impl Clock {
+    pub(crate) fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            now_ms: AtomicU64::new(0),
+            fast_until_ms: AtomicU64::new(0),
+            ticker: OnceLock::new(),
+        }
+    }
+
+    /// The thread that advances this clock (woken when fast ticks start).
+    pub(crate) fn set_ticker(&self, thread: Thread) {
+        let _ = self.ticker.set(thread);
+    }
+
+    /// The time as of the last tick (at most one tick behind).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.now_ms.load(Ordering::Relaxed)
+    }
+
+    /// Called by the ticker: the time now.
+    pub(crate) fn advance(&self, now: Instant) {
+        let ms = u64::try_from(now.saturating_duration_since(self.start).as_millis())
+            .unwrap_or(u64::MAX);
+        self.now_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// The tick period the ticker should sleep for now.
+    pub(crate) fn period(&self, tick: Duration) -> Duration {
+        if self.now_ms() < self.fast_until_ms.load(Ordering::Relaxed) {
+            tick.min(FAST_TICK)
+        } else {
+            tick
+        }
+    }
+
+    /// Asks for fast ticks until `until_ms`, and wakes the ticker if it
+    /// was ticking slowly (then returns true).
+    pub(crate) fn fast_until(&self, until_ms: u64) -> bool {
+        let before = self.fast_until_ms.fetch_max(until_ms, Ordering::Relaxed);
+        let news = before <= self.now_ms();
+        if news && let Some(t) = self.ticker.get() {
+            t.unpark();
+        }
+        news
+    }
+}
+
+/// One plugin's clamp state.
+#[derive(Debug)]
+pub(crate) struct Clamp {
+    /// How long a miss clamps the plugin (milliseconds); 0: never.
+    window_ms: u64,
+    /// Clamped while the clock is below this.
+    until_ms: AtomicU64,
+    /// The clamped deadline (nanoseconds), from the peaks as of the last
+    /// miss or slow success: callbacks read it without a lock.
+    budget_ns: AtomicU64,
+    peaks: Mutex<Peaks>,
+    /// Clamps started (a miss while clamped extends the clamp, not counted).
+    pub(crate) started: AtomicU64,
+}
+
+/// The most CPU time (from the first tick) a successful callback used, in
+/// the current window and the one before.
+#[derive(Debug, Default)]
+struct Peaks {
+    window_start_ms: u64,
+    current: Duration,
+    previous: Duration,
+}
+
+impl Peaks {
+    fn roll(&mut self, now_ms: u64, window_ms: u64) {
+        let window = window_ms.max(1);
+        let elapsed = now_ms.saturating_sub(self.window_start_ms);
+        if elapsed >= 2 * window {
+            self.previous = Duration::ZERO;
+            self.current = Duration::ZERO;
+            self.window_start_ms = now_ms;
+        } else if elapsed >= window {
+            self.previous = self.current;
+            self.current = Duration::ZERO;
+            self.window_start_ms += window;
+        }
+    }
+
+    /// The clamped deadline these peaks give.
+    fn budget(&self) -> Duration {
+        self.current
+            .max(self.previous)
+            .saturating_mul(CLAMP_FACTOR)
+            .max(CLAMP_FLOOR)
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Clamp {
+    pub(crate) fn new(window: Duration) -> Self {
+        Self {
+            window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+            until_ms: AtomicU64::new(0),
+            budget_ns: AtomicU64::new(nanos(CLAMP_FLOOR)),
+            peaks: Mutex::new(Peaks::default()),
+            started: AtomicU64::new(0),
+        }
+    }
+
+    /// True while the plugin is clamped.
+    pub(crate) fn active(&self, now_ms: u64) -> bool {
+        now_ms < self.until_ms.load(Ordering::Relaxed)
+    }
+
+    /// The deadline of a callback starting now: `deadline` (the configured
+    /// one) unless the plugin is clamped. The second value says whether it
+    /// was clamped. Lock-free: run per callback.
+    pub(crate) fn deadline(&self, deadline: Duration, now_ms: u64) -> (Duration, bool) {
+        if !self.active(now_ms) {
+            return (deadline, false);
+        }
+        let clamped = Duration::from_nanos(self.budget_ns.load(Ordering::Relaxed));
+        if clamped < deadline {
+            (clamped, true)
+        } else {
+            (deadline, false)
+        }
+    }
+
+    /// A callback that an epoch tick landed in succeeded, having used
+    /// `used` of CPU since that tick.
+    pub(crate) fn succeeded(&self, used: Duration, now_ms: u64) {
+        let mut p = self.peaks.lock();
+        p.roll(now_ms, self.window_ms);
+        p.current = p.current.max(used);
+        self.budget_ns.store(nanos(p.budget()), Ordering::Relaxed);
+    }
+
+    /// A callback missed its deadline: clamp the plugin from now for one
+    /// window. Returns the time the clamp ends (`None` when clamps are off).
+    pub(crate) fn missed(&self, now_ms: u64) -> Option<u64> {
+        if self.window_ms == 0 {
+            return None;
+        }
+        {
+            // Peaks older than two windows no longer count.
+            let mut p = self.peaks.lock();
+            p.roll(now_ms, self.window_ms);
+            self.budget_ns.store(nanos(p.budget()), Ordering::Relaxed);
+        }
+        let until = now_ms.saturating_add(self.window_ms);
+        let before = self.until_ms.fetch_max(until, Ordering::Relaxed);
+        if before <= now_ms {
+            self.started.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(until)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+    const DEADLINE: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn an_unclamped_plugin_keeps_its_deadline() {
+        let c = Clamp::new(Duration::from_secs(10));
+        c.succeeded(3 * MS, 0);
+        assert_eq!(c.deadline(DEADLINE, 5), (DEADLINE, false));
+    }
+
+    #[test]
+    fn a_miss_clamps_to_the_floor_when_no_callback_needed_a_tick() {
+        let c = Clamp::new(Duration::from_secs(10));
+        assert_eq!(c.missed(1_000), Some(11_000));
+        assert_eq!(c.deadline(DEADLINE, 1_001), (CLAMP_FLOOR, true));
+        assert_eq!(c.deadline(DEADLINE, 10_999), (CLAMP_FLOOR, true));
+        assert_eq!(c.deadline(DEADLINE, 11_000), (DEADLINE, false));
+        assert_eq!(c.started.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_clamp_leaves_room_for_the_slowest_success() {
+        let c = Clamp::new(Duration::from_secs(10));
+        c.succeeded(3 * MS, 100);
+        c.succeeded(2 * MS, 200);
+        c.missed(300);
+        assert_eq!(c.deadline(DEADLINE, 400), (12 * MS, true));
+        // A peak near the deadline leaves it as configured.
+        c.succeeded(20 * MS, 500);
+        assert_eq!(c.deadline(DEADLINE, 600), (DEADLINE, false));
+    }
+
+    #[test]
+    fn misses_extend_the_clamp_and_count_once() {
+        let c = Clamp::new(Duration::from_secs(10));
+        c.missed(0);
+        c.missed(5_000);
+        assert!(c.active(14_999));
+        assert!(!c.active(15_000));
+        assert_eq!(c.started.load(Ordering::Relaxed), 1);
+        c.missed(20_000);
+        assert_eq!(c.started.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn peaks_age_out_after_two_windows() {
+        let c = Clamp::new(Duration::from_secs(10));
+        c.succeeded(5 * MS, 1_000);
+        c.missed(12_000);
+        // The previous window's peak still counts...
+        assert_eq!(c.deadline(DEADLINE, 12_000), (20 * MS, true));
+        c.missed(25_000);
+        // ...not the one before it.
+        assert_eq!(c.deadline(DEADLINE, 25_000), (CLAMP_FLOOR, true));
+        c.missed(40_000);
+        assert_eq!(c.deadline(DEADLINE, 40_000), (CLAMP_FLOOR, true));
+    }
+
+    #[test]
+    fn a_zero_window_never_clamps() {
+        let c = Clamp::new(Duration::ZERO);
+        assert_eq!(c.missed(0), None);
+        assert_eq!(c.deadline(DEADLINE, 1), (DEADLINE, false));
+    }
+
+    #[test]
+    fn the_clock_ticks_fast_while_asked() {
+        let clock = Clock::new();
+        let tick = Duration::from_millis(5);
+        assert_eq!(clock.period(tick), tick);
+        assert!(clock.fast_until(1_000));
+        assert!(!clock.fast_until(900), "already fast");
+        assert_eq!(clock.period(tick), FAST_TICK);
+        clock.advance(clock.start + Duration::from_millis(1_000));
+        assert_eq!(clock.now_ms(), 1_000);
+        assert_eq!(clock.period(tick), tick);
+        assert!(clock.fast_until(2_000), "slow again: news");
+    }
+}
