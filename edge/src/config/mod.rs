@@ -441,7 +441,7 @@ pub struct PluginConfig {
     pub deadline: Dur,
     /// After a missed deadline, for this long the plugin's callbacks get a
     /// deadline fitted to what its successful callbacks needed (4x their
-    /// peak, at least 1ms); "0s" never clamps.
+    /// peak, at least 0.5ms); "0s" never clamps.
     #[serde(default = "default_plugin_deadline_clamp")]
     pub deadline_clamp: Dur,
     /// A fresh instance per request instead of pooled ones (stricter isolation, slower).

@@ -415,9 +415,8 @@ pub(crate) struct CpuDeadline {
     base: Option<Sample>,
     /// What a clamped callback is charged for its time before that tick.
     credit: Duration,
-    /// For a clamped callback: when it started, and the most of the wall
-    /// time from then to its first tick to count too (one tick).
-    started: Option<(Instant, Duration)>,
+    /// For a clamped callback: when it started.
+    started: Option<Instant>,
 }
 
 /// A reading of the clock a [`CpuDeadline`] counts.
@@ -458,17 +457,16 @@ impl CpuDeadline {
     }
 
     /// A clamped callback starts with `budget`, at `now`: the wall time to
-    /// its first tick counts too, up to `credit` (a tick) and half the
-    /// budget, so that a loop
-    /// is not granted the CPU it burns before that tick. Reading the
-    /// thread's CPU time here would cost a system call per callback; the
-    /// wall clock is read in user space, and a thread descheduled before
-    /// its first tick is charged at most that for it.
-    pub(crate) fn start_clamped(&mut self, budget: Duration, now: Instant, credit: Duration) {
+    /// its first tick counts too, up to half the budget, so that a loop is
+    /// not granted the CPU it burns before that tick. Reading the thread's
+    /// CPU time here would cost a system call per callback; the wall clock
+    /// is read in user space, and a thread descheduled before its first
+    /// tick is charged at most half its budget for it.
+    pub(crate) fn start_clamped(&mut self, budget: Duration, now: Instant) {
         self.budget = budget;
         self.base = None;
         self.credit = Duration::ZERO;
-        self.started = Some((now, credit));
+        self.started = Some(now);
     }
 
     /// The running (or last) callback's budget.
@@ -494,8 +492,8 @@ impl CpuDeadline {
             None | Some(None) => {
                 // Never more than half the budget: the first tick alone
                 // never cuts a callback.
-                if let (None, Some((t0, cap))) = (self.base, self.started) {
-                    self.credit = t0.elapsed().min(cap).min(self.budget / 2);
+                if let (None, Some(t0)) = (self.base, self.started) {
+                    self.credit = t0.elapsed().min(self.budget / 2);
                 }
                 self.base = Some(now);
                 return UpdateDeadline::Continue(1);
@@ -723,11 +721,13 @@ impl PluginInstance {
         };
         self.clamped = clamped;
         if clamped {
-            self.store.data_mut().deadline.start_clamped(
-                budget,
-                Instant::now(),
-                crate::clamp::FAST_TICK,
-            );
+            // Every callback of a clamped plugin is an epoch tick for the
+            // callbacks running on other threads (a loop among them).
+            self.store.engine().increment_epoch();
+            self.store
+                .data_mut()
+                .deadline
+                .start_clamped(budget, Instant::now());
         } else {
             self.store.data_mut().deadline.start(budget);
         }
@@ -775,9 +775,7 @@ impl PluginInstance {
         if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
             stats.deadlines.fetch_add(1, Ordering::Relaxed);
             let shared = &st.plugin;
-            if let Some(until) = shared.clamp.missed(shared.clock.now_ms()) {
-                shared.clock.fast_until(until);
-            }
+            shared.clamp.missed(shared.clock.now_ms());
             return PluginError::DeadlineExceeded {
                 plugin,
                 callback,
@@ -841,14 +839,10 @@ mod tests {
     #[test]
     fn a_clamped_callback_is_charged_the_time_before_its_first_tick() {
         let mut d = CpuDeadline::new(Duration::from_millis(50));
-        // Started 300 µs ago: charged min(300 µs, the 500 µs credit, half
-        // the 1 ms budget) = 300 µs at its first tick.
+        // Started 300 µs ago: charged min(300 µs, half the 1 ms budget) =
+        // 300 µs at its first tick.
         let started = Instant::now() - Duration::from_micros(300);
-        d.start_clamped(
-            Duration::from_millis(1),
-            started,
-            Duration::from_micros(500),
-        );
+        d.start_clamped(Duration::from_millis(1), started);
         assert!(!interrupts(d.on_tick(cpu(100))));
         // The charge counts against the budget, not in what it used.
         assert_eq!(d.used(cpu(100)), Some(Duration::ZERO));
@@ -866,11 +860,7 @@ mod tests {
         // Off its CPU for a second before its first tick: charged half the
         // budget at most, and never cut by the first tick.
         let started = Instant::now() - Duration::from_secs(1);
-        d.start_clamped(
-            Duration::from_millis(1),
-            started,
-            Duration::from_micros(500),
-        );
+        d.start_clamped(Duration::from_millis(1), started);
         assert!(!interrupts(d.on_tick(cpu(100))));
         assert!(!interrupts(d.on_tick(Sample::Cpu(
             Duration::from_millis(100) + Duration::from_micros(400)

@@ -159,26 +159,21 @@ impl Ticker {
             .name("wasm-epoch".into())
             .spawn(move || {
                 let clock = ticking;
-                let mut next = Instant::now() + clock.period(tick);
+                let mut next = Instant::now() + tick;
                 while !flag.load(Ordering::Relaxed) {
                     let now = Instant::now();
-                    // Fast ticks may have been asked for meanwhile (the
-                    // thread is then unparked): never sleep past one.
-                    let period = clock.period(tick);
-                    next = next.min(now + period);
                     if now < next {
                         std::thread::park_timeout(next - now);
                         continue;
                     }
                     engine.increment_epoch();
                     clock.advance(now);
-                    next += period;
+                    next += tick;
                     if next < now {
-                        next = now + period;
+                        next = now + tick;
                     }
                 }
             })?;
-        clock.set_ticker(handle.thread().clone());
         Ok(Self {
             stop,
             clock,

@@ -53,12 +53,14 @@ pub struct Limits {
     pub callback_deadline: Duration,
     /// After a callback misses its deadline, for this long (extended by each
     /// later miss) the plugin's callbacks get a deadline of 4 times the most
-    /// CPU time a successful callback of the last 10–20 s used from its
-    /// first tick, at least 0.5 ms and at most `callback_deadline`, and the
-    /// epoch ticks every 0.5 ms. A plugin whose requests loop then costs
-    /// under a millisecond of CPU per loop, not its whole deadline, while its
-    /// legitimately heavy callbacks still get what they were seen to need.
-    /// Zero: never clamp. Set-up callbacks (`proxy_on_vm_start`,
+    /// CPU time a successful callback of the last 10–20 s was seen to use,
+    /// at least 0.5 ms and at most `callback_deadline`, counted from their
+    /// start; and each of its callbacks advances the epoch as it starts, so
+    /// a loop is checked at every callback the plugin starts elsewhere. A
+    /// plugin whose requests loop then costs about its clamped deadline of
+    /// CPU per loop on a busy host, not its whole deadline, while its
+    /// legitimately heavy callbacks keep what they were seen to need. Zero:
+    /// never clamp. Set-up callbacks (`proxy_on_vm_start`,
     /// `proxy_on_configure`) are never clamped.
     pub deadline_clamp: Duration,
     /// Instantiate (and configure) a new instance for every request instead of

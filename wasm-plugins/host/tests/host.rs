@@ -373,6 +373,17 @@ fn trap_is_an_error_and_ten_thousand_traps_leave_the_host_healthy() -> anyhow::R
     Ok(())
 }
 
+/// Held by the tests that burn CPU in loops and measure CPU time, so that
+/// they do not take the CPU from each other (the test harness runs tests
+/// on parallel threads).
+static CPU_HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn cpu_heavy() -> std::sync::MutexGuard<'static, ()> {
+    CPU_HEAVY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The default limits with a callback deadline.
 fn deadline_of(deadline: Duration) -> Limits {
     Limits {
@@ -383,6 +394,7 @@ fn deadline_of(deadline: Duration) -> Limits {
 
 #[test]
 fn infinite_loop_hits_the_deadline() -> anyhow::Result<()> {
+    let _cpu = cpu_heavy();
     let host = host();
     // Without the clamp, every loop runs to the configured deadline.
     let limits = Limits {
@@ -451,17 +463,20 @@ fn loop_or_count(n: u32) -> String {
 }
 
 /// Runs the filter's request headers; `looping` sends no headers (a loop).
-/// Returns the outcome and the CPU time the call used.
+/// Returns the outcome and the CPU time the callback used (the context,
+/// and the instance it may need, are made before).
 fn run_filter(plugin: &Plugin, looping: bool) -> (meridian_wasm_host::Result<Action>, Duration) {
     let mut h = if looping {
         HeaderList::new()
     } else {
         headers(&[("x", "1")])
     };
+    let mut ctx = match plugin.request_context() {
+        Ok(ctx) => ctx,
+        Err(e) => return (Err(e), Duration::ZERO),
+    };
     let start = thread_cpu();
-    let r = plugin
-        .request_context()
-        .and_then(|mut ctx| ctx.on_request_headers(&mut h, true));
+    let r = ctx.on_request_headers(&mut h, true);
     (r, thread_cpu().saturating_sub(start))
 }
 
@@ -472,6 +487,7 @@ fn run_filter(plugin: &Plugin, looping: bool) -> (meridian_wasm_host::Result<Act
 /// the requests took all the CPU of the machine).
 #[test]
 fn a_missed_deadline_clamps_the_plugins_next_loops() -> anyhow::Result<()> {
+    let _cpu = cpu_heavy();
     let host = host();
     let plugin = host.load(
         "clamp",
@@ -518,11 +534,62 @@ fn a_missed_deadline_clamps_the_plugins_next_loops() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// While a plugin is clamped, each of its callbacks is an epoch tick for the
+/// others: a loop on one thread is cut about as soon as it has used its
+/// 0.5 ms when the plugin's callbacks keep starting on another thread, not
+/// at the next 5 ms tick of the ticker.
+#[test]
+fn a_clamped_loop_is_checked_at_the_plugins_other_callbacks() -> anyhow::Result<()> {
+    let _cpu = cpu_heavy();
+    let host = host();
+    let plugin = host.load(
+        "busy",
+        &module(&loop_or_count(0)),
+        b"",
+        deadline_of(Duration::from_millis(50)),
+        FailurePolicy::Closed,
+    )?;
+    assert!(run_filter(&plugin, true).0.is_err());
+    assert!(plugin.stats().deadline_clamped);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let quick = {
+        let (plugin, stop) = (plugin.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(10);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                let _ = run_filter(&plugin, false);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    let mut used = Vec::new();
+    for _ in 0..11 {
+        let (r, cpu) = run_filter(&plugin, true);
+        assert!(
+            matches!(r, Err(PluginError::DeadlineExceeded { clamped: true, .. })),
+            "{r:?}"
+        );
+        used.push(cpu);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    quick.join().expect("quick callbacks");
+    used.sort();
+    // The median: a loop whose neighbour thread was off its CPU meanwhile
+    // (other tests run beside this one) waits for a 5 ms tick, which
+    // without the neighbour's ticks every loop did (5 to 10 ms each).
+    assert!(
+        used[5] < Duration::from_millis(3),
+        "clamped loops used {used:?} with the plugin's callbacks running beside them"
+    );
+    Ok(())
+}
+
 /// A clamp leaves a plugin the CPU its successful callbacks were seen to
 /// need (4 times their peak): a callback of about 10 ms still succeeds,
 /// while a loop is cut far below the 300 ms deadline.
 #[test]
 fn a_clamp_leaves_room_for_what_the_plugin_needed() -> anyhow::Result<()> {
+    let _cpu = cpu_heavy();
     let host = host();
     let plugin = host.load(
         "heavy",
@@ -566,6 +633,7 @@ fn a_clamp_leaves_room_for_what_the_plugin_needed() -> anyhow::Result<()> {
 /// whole deadline.
 #[test]
 fn a_clamp_is_the_plugins_own() -> anyhow::Result<()> {
+    let _cpu = cpu_heavy();
     let host = host();
     let load = |name: &str| {
         host.load(
@@ -615,6 +683,7 @@ fn pin_to(cpu: usize) {
 #[test]
 #[allow(unsafe_code)]
 fn a_descheduled_callback_does_not_miss_its_deadline() -> anyhow::Result<()> {
+    let _cpu = cpu_heavy();
     let host = host();
     let limits = deadline_of(Duration::from_millis(200));
     // About 20 ms of CPU (6 ms per 10 million here): a countdown of 30 million,

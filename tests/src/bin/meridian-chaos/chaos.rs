@@ -991,9 +991,13 @@ const PLUGIN_DEADLINE_MS: u64 = 50;
 
 /// Every 100th request asks the plugin to trap, loop or exhaust its memory
 /// (in turn). Those, and only those, fail (500, the plugin is fail-closed);
-/// the others' throughput stays within 10% of a run with no misbehaviour.
+/// the others' throughput stays within 10% of runs with no misbehaviour
+/// (`--rounds` runs with it, each between two without, `--phase` seconds
+/// each).
 pub async fn plugin(args: &Args) -> anyhow::Result<()> {
-    let phase = Duration::from_secs(args.get("phase", 15u64)?);
+    let phase = Duration::from_secs(args.get("phase", 5u64)?);
+    let rounds: u32 = args.get("rounds", 3u32)?;
+    anyhow::ensure!(rounds >= 1, "--rounds must be at least 1");
     let deadline_ms: u64 = args.get("deadline-ms", PLUGIN_DEADLINE_MS)?;
     let edge_bin = bin_from_env("MERIDIAN_EDGE_BIN")?;
     let work = TempDir::new("chaos-plugin")?;
@@ -1117,21 +1121,38 @@ pub async fn plugin(args: &Args) -> anyhow::Result<()> {
     };
     // A warm-up run (instances, connections), counted but not measured.
     run(None).await;
-    let base = run(None).await;
-    // Every 100th request misbehaves: one misbehaving per 99 good ones.
-    let with = run(Some(base / 99.0)).await;
-    let again = run(None).await;
+    // Then runs alone and with misbehaviour (one misbehaving request per 99
+    // good ones, at the rate of the run alone just before) take turns,
+    // starting and ending alone, so that a drift of the machine's speed
+    // (frequency, neighbours) weighs on both sides alike.
+    let mut alone = vec![run(None).await];
+    let mut with_bad = Vec::new();
+    for _ in 0..rounds {
+        let before = alone.last().copied().unwrap_or_default();
+        with_bad.push(run(Some(before / 99.0)).await);
+        alone.push(run(None).await);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (baseline, with) = (mean(&alone), mean(&with_bad));
     let m = admin_get(edge.admin()?, "/metrics")
         .await
         .unwrap_or_default();
-    let baseline = (base + again) / 2.0;
+    let rates = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!(
-        "plugin: well-behaved throughput {base:.0} req/s alone, {with:.0} req/s with every 100th request misbehaving ({:+.1}%), {again:.0} req/s after; plugin failures: trap {}, deadline {}, memory {}, instance-lost {}",
+        "plugin: well-behaved throughput {baseline:.0} req/s alone ({}), {with:.0} req/s with every 100th request misbehaving ({}; {:+.1}%); plugin failures: trap {}, deadline {}, memory {}, instance-lost {}; deadline clamps {}",
+        rates(&alone),
+        rates(&with_bad),
         (with - baseline) / baseline * 100.0,
         metric(&m, "meridian_plugin_failures", &["kind=\"trap\""]),
         metric(&m, "meridian_plugin_failures", &["kind=\"deadline\""]),
         metric(&m, "meridian_plugin_failures", &["kind=\"memory\""]),
         metric(&m, "meridian_plugin_failures", &["kind=\"instance-lost\""]),
+        metric(&m, "meridian_plugin_deadline_clamp", &["kind=\"clamps\""]),
     );
     let mut problems = Vec::new();
     if with < baseline * 0.9 {
