@@ -462,6 +462,22 @@ fn loop_or_count(n: u32) -> String {
     )
 }
 
+/// Loads [`loop_or_count`]`(n)`, fail-closed, with a callback deadline.
+fn load_loop_or_count(
+    host: &PluginHost,
+    name: &str,
+    n: u32,
+    deadline: Duration,
+) -> meridian_wasm_host::Result<Plugin> {
+    host.load(
+        name,
+        &module(&loop_or_count(n)),
+        b"",
+        deadline_of(deadline),
+        FailurePolicy::Closed,
+    )
+}
+
 /// Runs the filter's request headers; `looping` sends no headers (a loop).
 /// Returns the outcome and the CPU time the callback used (the context,
 /// and the instance it may need, are made before).
@@ -489,13 +505,7 @@ fn run_filter(plugin: &Plugin, looping: bool) -> (meridian_wasm_host::Result<Act
 fn a_missed_deadline_clamps_the_plugins_next_loops() -> anyhow::Result<()> {
     let _cpu = cpu_heavy();
     let host = host();
-    let plugin = host.load(
-        "clamp",
-        &module(&loop_or_count(0)),
-        b"",
-        deadline_of(Duration::from_millis(50)),
-        FailurePolicy::Closed,
-    )?;
+    let plugin = load_loop_or_count(&host, "clamp", 0, Duration::from_millis(50))?;
     assert!(run_filter(&plugin, false).0.is_ok());
     let (r, cpu) = run_filter(&plugin, true);
     let err = r.expect_err("the loop fails");
@@ -542,13 +552,7 @@ fn a_missed_deadline_clamps_the_plugins_next_loops() -> anyhow::Result<()> {
 fn a_clamped_loop_is_checked_at_the_plugins_other_callbacks() -> anyhow::Result<()> {
     let _cpu = cpu_heavy();
     let host = host();
-    let plugin = host.load(
-        "busy",
-        &module(&loop_or_count(0)),
-        b"",
-        deadline_of(Duration::from_millis(50)),
-        FailurePolicy::Closed,
-    )?;
+    let plugin = load_loop_or_count(&host, "busy", 0, Duration::from_millis(50))?;
     assert!(run_filter(&plugin, true).0.is_err());
     assert!(plugin.stats().deadline_clamped);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -591,13 +595,7 @@ fn a_clamped_loop_is_checked_at_the_plugins_other_callbacks() -> anyhow::Result<
 fn a_clamp_leaves_room_for_what_the_plugin_needed() -> anyhow::Result<()> {
     let _cpu = cpu_heavy();
     let host = host();
-    let plugin = host.load(
-        "heavy",
-        &module(&loop_or_count(16_000_000)),
-        b"",
-        deadline_of(Duration::from_millis(300)),
-        FailurePolicy::Closed,
-    )?;
+    let plugin = load_loop_or_count(&host, "heavy", 16_000_000, Duration::from_millis(300))?;
     let mut heavy = Duration::ZERO;
     for _ in 0..3 {
         let (r, cpu) = run_filter(&plugin, false);
@@ -635,15 +633,7 @@ fn a_clamp_leaves_room_for_what_the_plugin_needed() -> anyhow::Result<()> {
 fn a_clamp_is_the_plugins_own() -> anyhow::Result<()> {
     let _cpu = cpu_heavy();
     let host = host();
-    let load = |name: &str| {
-        host.load(
-            name,
-            &module(&loop_or_count(0)),
-            b"",
-            deadline_of(Duration::from_millis(30)),
-            FailurePolicy::Closed,
-        )
-    };
+    let load = |name: &str| load_loop_or_count(&host, name, 0, Duration::from_millis(30));
     let (a, b) = (load("a")?, load("b")?);
     assert!(run_filter(&a, true).0.is_err());
     assert!(a.stats().deadline_clamped);
