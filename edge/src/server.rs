@@ -988,8 +988,11 @@ async fn reload(
             return Ok(());
         };
         // 1. Build.
-        let (cfg, certs) = load_config(path.clone()).await?;
+        let (mut cfg, certs) = load_config(path.clone()).await?;
         let old = shared.proxy.runtime();
+        if let Some(host) = &old.plugin_host {
+            keep_plugin_host_settings(&mut cfg, host.config());
+        }
         let cfg = Arc::new(cfg);
         let new_tokens = Tokens::load(&cfg.admin)?;
         let rt = Runtime::build(cfg.clone(), Some(&old), m)?;
@@ -1026,6 +1029,30 @@ async fn reload(
         }
     }
     result
+}
+
+/// The Wasm host (one engine per process) outlives reloads, so
+/// `[plugins] max_instances` and `instance_wait` change on restart only: a
+/// reload that changes them keeps the running values, says so in the log,
+/// and `GET /config` shows the values in force.
+fn keep_plugin_host_settings(cfg: &mut Config, host: &meridian_wasm_host::HostConfig) {
+    let p = &mut cfg.plugins;
+    if p.max_instances != host.max_instances {
+        tracing::warn!(
+            configured = p.max_instances,
+            running = host.max_instances,
+            "[plugins] max_instances changes on restart only; the running value stays"
+        );
+        p.max_instances = host.max_instances;
+    }
+    if p.instance_wait.get() != host.lock_wait {
+        tracing::warn!(
+            configured = ?p.instance_wait.get(),
+            running = ?host.lock_wait,
+            "[plugins] instance_wait changes on restart only; the running value stays"
+        );
+        p.instance_wait = crate::config::Dur(host.lock_wait);
+    }
 }
 
 async fn reload_certs(shared: &Arc<Shared>, cfg: &Config) {

@@ -682,3 +682,46 @@ async fn a_looping_plugin_is_clamped_after_its_first_missed_deadline() -> anyhow
     );
     Ok(())
 }
+
+/// The Wasm host outlives reloads: a reload that changes `[plugins]
+/// max_instances` or `instance_wait` is applied otherwise, keeps the
+/// running values of those two, and `GET /config` shows what is in force
+/// (before, it showed the new values, which nothing applied).
+#[tokio::test]
+async fn plugin_host_settings_change_on_restart_only() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let dir = TempDir::new("plugins")?;
+    let add = write_plugin(&dir, "add", ADD_HEADER)?;
+    let cfg = |max: u32, wait: &str, header: &str| {
+        with_plugins(&origin, &[(&add, "closed")]).replacen(
+            "[[listeners]]",
+            &format!(
+                "[plugins]\nmax_instances = {max}\ninstance_wait = \"{wait}\"\n\n[[listeners]]"
+            ),
+            1,
+        ) + &format!("\n# {header}\n")
+    };
+    let edge = Edge::start(&cfg(64, "1s", "first"))?;
+    assert_eq!(get_plain(edge.http(), "t", "/hello").await?.status, 200);
+    let pinned = cfg(32, "2s", "second")
+        .replace(
+            "address = \"127.0.0.1:0\"",
+            &format!("address = \"{}\"", edge.http()),
+        )
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{}\"", edge.admin()),
+            1,
+        );
+    edge.rewrite(&pinned)?;
+    let r = Conn::plain(edge.admin(), false)
+        .await?
+        .send(meridian_e2e::client::req("POST", "admin", "/reload", ""))
+        .await?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let config = get_plain(edge.admin(), "admin", "/config").await?.text();
+    assert!(config.contains("max_instances = 64"), "{config}");
+    assert!(config.contains("instance_wait = \"1s\""), "{config}");
+    assert_eq!(get_plain(edge.http(), "t", "/hello").await?.status, 200);
+    Ok(())
+}

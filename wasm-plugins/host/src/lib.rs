@@ -251,6 +251,11 @@ impl PluginHost {
         &self.engine
     }
 
+    /// The settings the host was built with.
+    pub fn config(&self) -> &HostConfig {
+        &self.config
+    }
+
     /// Compile `wasm` (binary format) once, link it, create the first instance
     /// and run its root context through `proxy_on_vm_start` and
     /// `proxy_on_configure` (with `plugin_config` as `PLUGIN_CONFIGURATION`).
