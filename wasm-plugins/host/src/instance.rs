@@ -736,8 +736,8 @@ impl PluginInstance {
         let r = func.call(&mut self.store, args);
         match r {
             Ok(r) => {
-                // A callback that ran into a second tick (rare) tells the
-                // clamp what the plugin needs.
+                // A callback an epoch tick landed in (rare, unless the
+                // plugin is clamped) tells the clamp what the plugin needs.
                 // Set-up callbacks (never clamped) do not count.
                 let st = self.store.data();
                 if !self.setup
