@@ -87,8 +87,9 @@ pub enum PluginError {
         message: String,
     },
     #[error(
-        "plugin {plugin}: {callback} exceeded its {deadline:?} deadline{}",
-        clamp_note(*.clamped)
+        "plugin {plugin}: {callback} exceeded its {deadline:?} deadline{}{}",
+        clamp_note(*.clamped),
+        used_note(*.used)
     )]
     DeadlineExceeded {
         plugin: String,
@@ -97,6 +98,9 @@ pub enum PluginError {
         /// The deadline was clamped after an earlier miss
         /// ([`crate::Limits::deadline_clamp`]).
         clamped: bool,
+        /// The CPU time the callback was charged when it was cut (`None`
+        /// if no check had measured it).
+        used: Option<Duration>,
     },
     #[error("plugin {plugin}: {callback} exceeded the memory limit of {limit_bytes} bytes")]
     MemoryLimit {
@@ -152,6 +156,11 @@ impl PluginError {
                 | ErrorKind::Exited
         )
     }
+}
+
+fn used_note(used: Option<Duration>) -> String {
+    used.map(|u| format!(", after {u:?} of CPU"))
+        .unwrap_or_default()
 }
 
 fn clamp_note(clamped: bool) -> &'static str {

@@ -396,6 +396,14 @@ impl Drop for SlotGuard {
     }
 }
 
+/// Below this much budget left when a clamped callback's alarm fires, the
+/// callback is checked at each of its epoch checks instead of by a timer.
+const ALARM_POLL: Duration = Duration::from_micros(50);
+
+/// How much more CPU time a clamped callback found over its budget may use
+/// before it is cut (see [`CpuDeadline::start_alarmed`]).
+const ALARM_CONFIRM: Duration = Duration::from_micros(50);
+
 /// A callback's deadline, in CPU time of the thread that runs it.
 ///
 /// The epoch ticker advances on wall-clock time, so a deadline counted in
@@ -417,6 +425,14 @@ pub(crate) struct CpuDeadline {
     credit: Duration,
     /// For a clamped callback: when it started.
     started: Option<Instant>,
+    /// The thread's alarm is armed for the running callback (see
+    /// [`crate::alarm`]).
+    alarmed: bool,
+    /// A tick (or the alarm) landed in the running callback.
+    ticked: bool,
+    /// The CPU time an alarmed callback had used when a check first found
+    /// it over its budget.
+    over: Option<Duration>,
 }
 
 /// A reading of the clock a [`CpuDeadline`] counts.
@@ -444,6 +460,9 @@ impl CpuDeadline {
             base: None,
             credit: Duration::ZERO,
             started: None,
+            alarmed: false,
+            ticked: false,
+            over: None,
         }
     }
 
@@ -454,6 +473,54 @@ impl CpuDeadline {
         self.base = None;
         self.credit = Duration::ZERO;
         self.started = None;
+        self.alarmed = false;
+        self.ticked = false;
+        self.over = None;
+    }
+
+    /// A clamped callback starts with `budget`, its thread's CPU time
+    /// `cpu`, and its thread's alarm armed for the budget: every tick (the
+    /// alarm's firing is one, see [`crate::alarm`]) counts the CPU time
+    /// from its start, so a callback descheduled meanwhile is never charged
+    /// for it. Once a check finds it over its budget, it is checked at each
+    /// of its epoch checks, and cut when it has used [`ALARM_CONFIRM`] more:
+    /// a loop goes on using CPU, while a callback of microseconds that a
+    /// check found over its budget was charged for a hiccup (on a virtual
+    /// machine, the thread's CPU clock can jump by a millisecond, the time
+    /// its virtual CPU was stopped) and ends first.
+    pub(crate) fn start_alarmed(&mut self, budget: Duration, cpu: Sample) {
+        self.start(budget);
+        self.base = Some(cpu);
+        self.alarmed = true;
+    }
+
+    /// The CPU time the callback was charged at `now` (what it used since
+    /// its first tick, or since its start when alarmed, and the credit for
+    /// the time before); `None` if no tick landed in it.
+    pub(crate) fn charged(&self, now: Sample) -> Option<Duration> {
+        self.used(now).map(|u| u + self.credit)
+    }
+
+    /// What is left of the budget at `now`: the wall time until the budget
+    /// can have been used.
+    pub(crate) fn left(&self, now: Sample) -> Duration {
+        let used = self.base.and_then(|b| now.since(b)).unwrap_or_default() + self.credit;
+        self.budget.saturating_sub(used)
+    }
+
+    /// Whether a tick (or the alarm) landed in the running callback.
+    pub(crate) fn ticked(&self) -> bool {
+        self.ticked
+    }
+
+    /// Whether a check found the running (alarmed) callback over its budget.
+    pub(crate) fn over(&self) -> bool {
+        self.over.is_some()
+    }
+
+    /// Whether the running callback has the thread's alarm armed.
+    pub(crate) fn alarmed(&self) -> bool {
+        self.alarmed
     }
 
     /// A clamped callback starts with `budget`, at `now`: the wall time to
@@ -467,6 +534,9 @@ impl CpuDeadline {
         self.base = None;
         self.credit = Duration::ZERO;
         self.started = Some(now);
+        self.alarmed = false;
+        self.ticked = false;
+        self.over = None;
     }
 
     /// The running (or last) callback's budget.
@@ -478,13 +548,26 @@ impl CpuDeadline {
     /// counting what a clamped callback was charged for the time before
     /// it); `None` if no tick landed in it (it took less than a tick).
     pub(crate) fn used(&self, now: Sample) -> Option<Duration> {
-        self.base.and_then(|b| now.since(b))
+        self.base.filter(|_| self.ticked).and_then(|b| now.since(b))
     }
 
     /// An epoch tick landed in the running callback; `now` is its thread's
     /// clock. Interrupts once the callback used its budget since its first
     /// tick, else asks to be called at the next tick.
     pub(crate) fn on_tick(&mut self, now: Sample) -> UpdateDeadline {
+        self.ticked = true;
+        if self.alarmed
+            && let Some(Some(used)) = self.base.map(|b| now.since(b))
+        {
+            if used < self.budget {
+                return UpdateDeadline::Continue(1);
+            }
+            let over = *self.over.get_or_insert(used);
+            if used >= over + ALARM_CONFIRM {
+                return UpdateDeadline::Interrupt;
+            }
+            return UpdateDeadline::Continue(0);
+        }
         let used = match self.base.map(|b| now.since(b)) {
             Some(Some(used)) => used + self.credit,
             // The first tick, or the clock changed kind mid-callback: count
@@ -580,8 +663,36 @@ impl PluginInstance {
         let mut store = Store::new(engine, HostState::new(plugin.clone(), deadline));
         store.limiter(|s| &mut s.limiter);
         // Every epoch tick that lands in a callback asks its CPU-time budget.
+        // A clamped callback's alarm is a tick too; when it finds budget
+        // left (the thread was off its CPU), it is armed again for that.
         store.epoch_deadline_callback(|mut cx| {
-            Ok(cx.data_mut().deadline.on_tick(thread_cpu_time()))
+            let deadline = &mut cx.data_mut().deadline;
+            let now = thread_cpu_time();
+            let update = deadline.on_tick(now);
+            if deadline.alarmed() && matches!(update, UpdateDeadline::Continue(_)) {
+                if deadline.over() {
+                    // Over its budget: checked at every epoch check until it
+                    // has used `ALARM_CONFIRM` more, or ends.
+                    return Ok(update);
+                }
+                if crate::alarm::fired() {
+                    let left = deadline.left(now);
+                    if left < ALARM_POLL {
+                        // Too little left for a timer (setting it takes
+                        // microseconds on a virtual machine): check at
+                        // every epoch check until it is used.
+                        return Ok(UpdateDeadline::Continue(0));
+                    }
+                    crate::alarm::rearm(left);
+                }
+                // An alarm that fired while this ran advanced the epoch
+                // before the deadline below is set from it: that advance
+                // is spent, so check again at once.
+                if crate::alarm::fired() {
+                    return Ok(UpdateDeadline::Continue(0));
+                }
+            }
+            Ok(update)
         });
         store.data_mut().deadline.start(deadline);
         store.set_epoch_deadline(1);
@@ -720,27 +831,47 @@ impl PluginInstance {
             plugin.clamp.deadline(self.deadline, plugin.clock.now_ms())
         };
         self.clamped = clamped;
-        if clamped {
-            // Every callback of a clamped plugin is an epoch tick for the
-            // callbacks running on other threads (a loop among them).
+        // The deadline is set before the alarm is armed: an alarm that
+        // fires at once (a timer kept from an earlier callback) must find
+        // its epoch advance counted against it, not spent by setting it.
+        self.store.set_epoch_deadline(1);
+        // A clamped callback is checked by its thread's alarm as soon as it
+        // can have used its budget, however busy the machine.
+        // The CPU time is read before the timer is set, so that when the
+        // timer fires after the budget a thread that ran throughout has used
+        // it all, and is cut at that first check.
+        let cpu = clamped.then(thread_cpu_time);
+        let alarmed = cpu.is_some() && crate::alarm::arm(self.store.engine(), budget);
+        if let (true, Some(cpu)) = (alarmed, cpu) {
+            self.store.data_mut().deadline.start_alarmed(budget, cpu);
+        } else if clamped {
+            let now = Instant::now();
+            // Without the alarm: every callback of a clamped plugin is an
+            // epoch tick for the callbacks running on other threads (a loop
+            // among them).
             self.store.engine().increment_epoch();
-            self.store
-                .data_mut()
-                .deadline
-                .start_clamped(budget, Instant::now());
+            self.store.set_epoch_deadline(1);
+            self.store.data_mut().deadline.start_clamped(budget, now);
         } else {
             self.store.data_mut().deadline.start(budget);
         }
-        self.store.set_epoch_deadline(1);
         self.store.data_mut().limiter.hit = false;
         let r = func.call(&mut self.store, args);
+        if alarmed {
+            crate::alarm::release();
+        }
         match r {
             Ok(r) => {
-                // A callback an epoch tick landed in (rare, unless the
-                // plugin is clamped) tells the clamp what the plugin needs.
-                // Set-up callbacks (never clamped) do not count.
+                // A callback an epoch tick (or its alarm) landed in tells
+                // the clamp what the plugin needs; the CPU time is read
+                // only then. Set-up callbacks (never clamped) do not count,
+                // nor one a check found over its budget that ended before
+                // it was cut (a hiccup of its thread's CPU clock, which
+                // would hold the clamp wide open).
                 let st = self.store.data();
                 if !self.setup
+                    && st.deadline.ticked()
+                    && !st.deadline.over()
                     && let Some(used) = st.deadline.used(thread_cpu_time())
                 {
                     st.plugin.clamp.succeeded(used, st.plugin.clock.now_ms());
@@ -781,6 +912,7 @@ impl PluginInstance {
                 callback,
                 deadline: st.deadline.budget(),
                 clamped: self.clamped,
+                used: st.deadline.charged(thread_cpu_time()),
             };
         }
         stats.traps.fetch_add(1, Ordering::Relaxed);
@@ -872,6 +1004,38 @@ mod tests {
         d.start(Duration::from_millis(1));
         assert!(!interrupts(d.on_tick(cpu(200))));
         assert_eq!(d.used(cpu(200)), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn an_alarmed_callback_counts_from_its_start_and_is_cut_at_the_second_check_over() {
+        let mut d = CpuDeadline::new(Duration::from_millis(50));
+        let us = |n: u64| Sample::Cpu(Duration::from_micros(n));
+        d.start_alarmed(Duration::from_micros(500), us(1_000));
+        // Under its budget: continues, with what is left.
+        assert!(!interrupts(d.on_tick(us(1_300))));
+        assert!(!d.over());
+        assert_eq!(d.left(us(1_300)), Duration::from_micros(200));
+        // Over it: not yet cut, but checked at every epoch check...
+        assert!(matches!(d.on_tick(us(1_500)), UpdateDeadline::Continue(0)));
+        assert!(d.over());
+        assert_eq!(d.left(us(1_500)), Duration::ZERO);
+        assert!(!interrupts(d.on_tick(us(1_540))));
+        // ...and cut once it has used 50 µs more.
+        assert!(interrupts(d.on_tick(us(1_550))));
+        assert_eq!(d.charged(us(1_550)), Some(Duration::from_micros(550)));
+        // A hiccup: found far over once, then the callback ends before it
+        // has used 50 µs more.
+        d.start_alarmed(Duration::from_micros(500), us(10_000));
+        assert!(!interrupts(d.on_tick(us(11_200))));
+        assert!(!interrupts(d.on_tick(us(11_210))));
+        assert!(d.over());
+        // The next callback starts afresh.
+        d.start_alarmed(Duration::from_micros(500), us(20_000));
+        assert!(!d.over());
+        assert!(!interrupts(d.on_tick(us(20_600))));
+        // Unclamped callbacks are not alarmed.
+        d.start(Duration::from_micros(500));
+        assert!(!d.alarmed() && !d.over());
     }
 
     #[test]

@@ -39,6 +39,7 @@
 //! [proxy-wasm ABI 0.2.1]: https://github.com/proxy-wasm/spec/tree/main/abi-versions/v0.2.1
 
 pub mod abi;
+mod alarm;
 mod clamp;
 mod error;
 mod hostcalls;

@@ -18,7 +18,7 @@ use crate::Args;
 use crate::dns::{DnsClient, NOERROR, SERVFAIL};
 use crate::load::{Check, Client, Mutex, Proto, Req, Stats, Target, Verdict, http_worker};
 use crate::procs::{
-    Server, admin_get, bin_from_env, dns_config, free_port, metric, start_dns, start_edge,
+    Server, admin_get, bin_from_env, dns_config, free_port, metric, proc_cpu, start_dns, start_edge,
 };
 
 /// Intervals during which a fault was injected, to tell an expected failure
@@ -999,6 +999,24 @@ pub async fn plugin(args: &Args) -> anyhow::Result<()> {
     let rounds: u32 = args.get("rounds", 3u32)?;
     anyhow::ensure!(rounds >= 1, "--rounds must be at least 1");
     let deadline_ms: u64 = args.get("deadline-ms", PLUGIN_DEADLINE_MS)?;
+    // Which misbehaviours take turns (all three by default); one alone tells
+    // what each costs the others.
+    let kinds: Vec<&'static str> = match args.str("kinds") {
+        None => vec!["trap", "loop", "memory"],
+        Some(v) => v
+            .split(',')
+            .map(|k| match k.trim() {
+                "trap" => Ok("trap"),
+                "loop" => Ok("loop"),
+                "memory" => Ok("memory"),
+                other => Err(anyhow::anyhow!(
+                    "--kinds: unknown misbehaviour {other:?} (trap, loop, memory)"
+                )),
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    anyhow::ensure!(!kinds.is_empty(), "--kinds needs at least one misbehaviour");
+    let kinds: Arc<[&'static str]> = kinds.into();
     let edge_bin = bin_from_env("MERIDIAN_EDGE_BIN")?;
     let work = TempDir::new("chaos-plugin")?;
     let pki = pki(work.path())?;
@@ -1041,9 +1059,17 @@ pub async fn plugin(args: &Args) -> anyhow::Result<()> {
     // send the misbehaving requests, paced: a closed-loop client that waited
     // for its own misbehaving request would send fewer good ones however
     // well the server isolated the failure.
-    let run = |bad: Option<f64>| {
-        let (stats, target) = (stats.clone(), target.clone());
+    let edge_pid = edge.pid();
+    // Each run gives the well-behaved throughput (req/s) and the edge's CPU
+    // time per well-behaved request (µs, over every request it served).
+    // `side` requests a second go to separate, paced clients in every run;
+    // with `misbehave` they misbehave, else they are the same requests
+    // without the header, so that a run alone and one with misbehaviour
+    // differ only by the misbehaviour (not by connections or requests).
+    let run = |side: f64, misbehave: bool| {
+        let (stats, target, kinds) = (stats.clone(), target.clone(), kinds.clone());
         async move {
+            let cpu0 = proc_cpu(edge_pid);
             let good = Arc::new(AtomicU64::new(0));
             let until = Instant::now() + phase;
             let mut set = tokio::task::JoinSet::new();
@@ -1081,10 +1107,11 @@ pub async fn plugin(args: &Args) -> anyhow::Result<()> {
                     .await
                 });
             }
-            if let Some(rate) = bad {
+            if side > 0.0 {
+                let rate = side;
                 for b in 0..PLUGIN_BAD_CLIENTS {
                     let client = Client::new(Proto::H1, target.clone(), Duration::from_secs(10));
-                    let stats = stats.clone();
+                    let (stats, kinds) = (stats.clone(), kinds.clone());
                     set.spawn(async move {
                         http_worker(
                             client,
@@ -1093,8 +1120,12 @@ pub async fn plugin(args: &Args) -> anyhow::Result<()> {
                             until,
                             u64::MAX,
                             move |i| {
-                                let kind = ["trap", "loop", "memory"]
-                                    [((i * PLUGIN_BAD_CLIENTS + b) % 3) as usize];
+                                let kind = if misbehave {
+                                    kinds[((i * PLUGIN_BAD_CLIENTS + b) % kinds.len() as u64)
+                                        as usize]
+                                } else {
+                                    "side"
+                                };
                                 let mut r = Req::get(
                                     format!(
                                         "/cc/p-{}?cc=public,max-age=3600&size=4096&seed=8&digest=1",
@@ -1108,6 +1139,7 @@ pub async fn plugin(args: &Args) -> anyhow::Result<()> {
                             },
                             move |r, res, _, _| match (r.class, status_of(res)) {
                                 ("trap" | "loop" | "memory", Some(500)) => Verdict::Expected,
+                                ("side", Some(200)) => Verdict::Ok,
                                 _ => Verdict::Unexpected,
                             },
                         )
@@ -1116,38 +1148,47 @@ pub async fn plugin(args: &Args) -> anyhow::Result<()> {
                 }
             }
             while set.join_next().await.is_some() {}
-            good.load(Ordering::Relaxed) as f64 / phase.as_secs_f64()
+            let good = good.load(Ordering::Relaxed) as f64;
+            let cpu = proc_cpu(edge_pid).saturating_sub(cpu0);
+            (
+                good / phase.as_secs_f64(),
+                cpu.as_secs_f64() * 1e6 / good.max(1.0),
+            )
         }
     };
     // A warm-up run (instances, connections), counted but not measured.
-    run(None).await;
+    let warm = run(0.0, false).await.0;
     // Then runs alone and with misbehaviour (one misbehaving request per 99
     // good ones, at the rate of the run alone just before) take turns,
     // starting and ending alone, so that a drift of the machine's speed
     // (frequency, neighbours) weighs on both sides alike.
-    let mut alone = vec![run(None).await];
+    let mut alone = vec![run(warm / 99.0, false).await];
     let mut with_bad = Vec::new();
     for _ in 0..rounds {
-        let before = alone.last().copied().unwrap_or_default();
-        with_bad.push(run(Some(before / 99.0)).await);
-        alone.push(run(None).await);
+        let before = alone.last().map(|r| r.0).unwrap_or_default();
+        with_bad.push(run(before / 99.0, true).await);
+        alone.push(run(before / 99.0, false).await);
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let (baseline, with) = (mean(&alone), mean(&with_bad));
+    let mean = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+        v.iter().map(f).sum::<f64>() / v.len().max(1) as f64
+    };
+    let (baseline, with) = (mean(&alone, |r| r.0), mean(&with_bad, |r| r.0));
+    let (cpu_alone, cpu_with) = (mean(&alone, |r| r.1), mean(&with_bad, |r| r.1));
     let m = admin_get(edge.admin()?, "/metrics")
         .await
         .unwrap_or_default();
-    let rates = |v: &[f64]| {
+    let rates = |v: &[(f64, f64)]| {
         v.iter()
-            .map(|r| format!("{r:.0}"))
+            .map(|r| format!("{:.0}", r.0))
             .collect::<Vec<_>>()
             .join(", ")
     };
     println!(
-        "plugin: well-behaved throughput {baseline:.0} req/s alone ({}), {with:.0} req/s with every 100th request misbehaving ({}; {:+.1}%); plugin failures: trap {}, deadline {}, memory {}, instance-lost {}; deadline clamps {}",
+        "plugin: well-behaved throughput {baseline:.0} req/s alone ({}), {with:.0} req/s with every 100th request misbehaving ({}; {:+.1}%); edge CPU per well-behaved request {cpu_alone:.1} µs alone, {cpu_with:.1} µs with ({:+.1}%); plugin failures: trap {}, deadline {}, memory {}, instance-lost {}; deadline clamps {}",
         rates(&alone),
         rates(&with_bad),
         (with - baseline) / baseline * 100.0,
+        (cpu_with - cpu_alone) / cpu_alone.max(f64::MIN_POSITIVE) * 100.0,
         metric(&m, "meridian_plugin_failures", &["kind=\"trap\""]),
         metric(&m, "meridian_plugin_failures", &["kind=\"deadline\""]),
         metric(&m, "meridian_plugin_failures", &["kind=\"memory\""]),

@@ -198,6 +198,27 @@ pub fn proc_usage(pid: i32) -> (u64, u64, u64) {
     (field("VmRSS:"), fds, field("Threads:"))
 }
 
+/// The CPU time (user and system) `pid` has used, from `/proc/PID/stat`
+/// (clock ticks of 1/100 s, as Linux reports them to user space).
+pub fn proc_cpu(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces: count from after it.
+    let ticks = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15; `rest` starts at field 3.
+            let at = |i: usize| {
+                f.get(i - 3)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            at(14) + at(15)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
 /// GET `path` on an admin listener, as text.
 pub async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
     let r = get_plain(admin, "admin", path).await?;
