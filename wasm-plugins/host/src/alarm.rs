@@ -232,9 +232,10 @@ mod imp {
             return false;
         }
         ALARM.with(|a| {
+            // The cell is borrowed only inside these functions, never
+            // across a callback (callbacks do not nest on a thread); should
+            // it ever be, the callback falls back to the epoch ticks.
             let Ok(mut a) = a.try_borrow_mut() else {
-                // A callback nested in a callback on this thread: the outer
-                // one owns the alarm.
                 return false;
             };
             if a.is_none() {

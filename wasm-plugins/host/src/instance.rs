@@ -1007,7 +1007,7 @@ mod tests {
     }
 
     #[test]
-    fn an_alarmed_callback_counts_from_its_start_and_is_cut_at_the_second_check_over() {
+    fn an_alarmed_callback_counts_from_its_start_and_is_cut_once_it_used_more_past_its_budget() {
         let mut d = CpuDeadline::new(Duration::from_millis(50));
         let us = |n: u64| Sample::Cpu(Duration::from_micros(n));
         d.start_alarmed(Duration::from_micros(500), us(1_000));
