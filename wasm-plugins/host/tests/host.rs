@@ -373,6 +373,51 @@ fn trap_is_an_error_and_ten_thousand_traps_leave_the_host_healthy() -> anyhow::R
     Ok(())
 }
 
+/// With `x-secret`, writes a marker in its first page, and in a page past
+/// the part of a freed memory the host zeroes in place (it grows its memory
+/// for that), then traps; without, checks that its memory is one page of
+/// zeros there (else traps).
+const SECRET_THEN_TRAP: &str = r#"
+  (data (i32.const 0) "x-secret")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eq (call $get_hdr (i32.const 0) (i32.const 0) (i32.const 8) (i32.const 16384) (i32.const 16388)) (i32.const 0))
+      (then
+        (i32.store (i32.const 20000) (i32.const 0x5ec12e7))
+        (drop (memory.grow (i32.const 15)))
+        (i32.store (i32.const 900000) (i32.const 0x5ec12e7))
+        unreachable))
+    (if (i32.ne (memory.size) (i32.const 1)) (then unreachable))
+    (if (i32.ne (i32.load (i32.const 20000)) (i32.const 0)) (then unreachable))
+    (i32.const 0))
+"#;
+
+#[test]
+fn a_failed_instances_memory_is_reset_before_the_next_request_sees_it() -> anyhow::Result<()> {
+    // The page at 900000 is past MEMORY_KEEP_RESIDENT: both ways of
+    // resetting a freed memory (zeroing in place, and madvise) are crossed.
+    const { assert!(900_000 > meridian_wasm_host::MEMORY_KEEP_RESIDENT) };
+    let host = host();
+    let plugin = load(&host, SECRET_THEN_TRAP);
+    for round in 0..50 {
+        let mut ctx = plugin.request_context()?;
+        let mut h = headers(&[("x-secret", "1")]);
+        let err = ctx.on_request_headers(&mut h, true).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Trap, "{err}");
+        drop(ctx);
+        let mut ctx = plugin.request_context()?;
+        let mut h = headers(&[(":path", "/")]);
+        assert_eq!(
+            ctx.on_request_headers(&mut h, true)
+                .map_err(|e| anyhow::anyhow!(
+                    "round {round}: the next request saw the failed one's memory: {e}"
+                ))?,
+            Action::Continue
+        );
+    }
+    assert_eq!(plugin.stats().instances_discarded, 50);
+    Ok(())
+}
+
 /// Held by the tests that burn CPU in loops and measure CPU time, so that
 /// they do not take the CPU from each other (the test harness runs tests
 /// on parallel threads).
