@@ -535,7 +535,8 @@ impl Pacer {
 }
 
 /// Runs one HTTP worker until `until`: `make(i)` gives the i-th request,
-/// `judge` classifies what came back.
+/// `judge` classifies what came back. Gives the client back (with its
+/// connection, if it still has one) for another run.
 pub async fn http_worker<M, J>(
     mut client: Client,
     stats: Arc<Stats>,
@@ -544,7 +545,8 @@ pub async fn http_worker<M, J>(
     max_requests: u64,
     mut make: M,
     judge: J,
-) where
+) -> Client
+where
     M: FnMut(u64) -> Req,
     J: Fn(&Req, &anyhow::Result<Resp>, Instant, Instant) -> Verdict,
 {
@@ -593,6 +595,7 @@ pub async fn http_worker<M, J>(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    client
 }
 
 /// The wall-clock time as `HH:MM:SS.mmm` UTC (to match server logs).

@@ -273,7 +273,7 @@ fn spawn_load(
                 move |i| soak_request(i, w as u64, &misses),
                 soak_judge,
             )
-            .await
+            .await;
         });
     }
     let udp = rig.dns.udp;
