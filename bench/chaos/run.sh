@@ -5,7 +5,7 @@
 #   bash bench/chaos/run.sh kill9     [--duration 70] [--every 20]   # 2. kill -9 of the edge under writes
 #   bash bench/chaos/run.sh diskfull  [--phase 15] [--tmpfs-mb 64]   # 3. the disk tier's tmpfs fills (root)
 #   bash bench/chaos/run.sh netem     [--phase 15]                   # 4. delay, loss, partition (root, sch_netem)
-#   bash bench/chaos/run.sh plugin    [--phase 5] [--rounds 3] [--deadline-ms 50] [--kinds trap,loop,memory]  # 5. every 100th request: trap/loop/OOM
+#   bash bench/chaos/run.sh plugin    [--phase 3] [--rounds 7] [--deadline-ms 50] [--kinds trap,loop,memory] [--every 100]  # 5. every 100th request: trap/loop/OOM
 #   bash bench/chaos/run.sh dnsflap   [--duration 40] [--rate 1000]  # 6. DNS health checks flap
 #   bash bench/chaos/run.sh all                                      # every scenario, in turn
 #
