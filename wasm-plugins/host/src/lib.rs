@@ -86,12 +86,13 @@ pub trait PropertyResolver: Send + Sync {
 /// How much of a freed linear memory is zeroed in place (the pages it
 /// wrote, with `PAGEMAP_SCAN`; else its first bytes) rather than given back
 /// with `madvise`. A failed callback discards its instance, so a plugin
-/// failing on 1% of 16,000 requests a second frees 160 memories a second:
-/// with `madvise` (wasmtime's default), the edge's CPU per well-behaved
-/// request rose about 35% with traps on every 10th request (the `plugin`
-/// chaos scenario, `--every 10 --kinds trap`; see docs/soak-chaos.md). Freed
-/// slots keep at most this much resident each, for at most wasmtime's
-/// `max_unused_warm_slots` (100) slots.
+/// failing on 1% of 16,000 requests a second frees 160 memories a second.
+/// With traps on every 10th request (the `plugin` chaos scenario,
+/// `--every 10`), wasmtime's default `madvise` took 5.4% of the edge's CPU
+/// and the reset in place takes 1.2%, and the edge CPU per failed request
+/// fell from 97–176 µs to 70–96 µs (three runs each; docs/soak-chaos.md).
+/// Freed slots keep at most this much resident each, for at most
+/// wasmtime's `max_unused_warm_slots` (100) slots.
 pub const MEMORY_KEEP_RESIDENT: usize = 256 << 10;
 /// The same for a freed table.
 pub const TABLE_KEEP_RESIDENT: usize = 64 << 10;
@@ -241,8 +242,9 @@ impl PluginHost {
             // zeroing the pages it wrote (found with `PAGEMAP_SCAN`, Linux
             // 6.7+), up to these many bytes, instead of `madvise`: each
             // `madvise` in a process whose other threads run on other CPUs
-            // is a TLB shootdown, and on a virtual machine those cost every
-            // thread far more than the zeroing. See `MEMORY_KEEP_RESIDENT`.
+            // is a TLB shootdown, which interrupts those threads (on a
+            // virtual machine, through the hypervisor). See
+            // `MEMORY_KEEP_RESIDENT`.
             .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
             .table_keep_resident(TABLE_KEEP_RESIDENT)
             .pagemap_scan(wasmtime::Enabled::Auto);
