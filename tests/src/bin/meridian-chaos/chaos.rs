@@ -1198,7 +1198,10 @@ pub async fn plugin(args: &Args) -> anyhow::Result<()> {
     let (throughput_change, cpu_change) = (median(&throughput), median(&cpu));
     // What the misbehaving requests cost the edge, each: the extra CPU per
     // well-behaved request, times the well-behaved requests per misbehaving one.
-    let per_bad = cpu_change / 100.0 * cpu_alone * good_per_bad;
+    let per_bad = match cpu_change / 100.0 * cpu_alone * good_per_bad {
+        c if c > 0.0 => format!("about {c:.0} µs more per misbehaving request"),
+        _ => "no more per misbehaving request than the runs' noise".to_string(),
+    };
     let m = admin_get(edge.admin()?, "/metrics")
         .await
         .unwrap_or_default();
@@ -1210,7 +1213,7 @@ pub async fn plugin(args: &Args) -> anyhow::Result<()> {
     };
     let column = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| v.iter().map(f).collect::<Vec<_>>();
     println!(
-        "plugin: well-behaved throughput, median change {throughput_change:+.1}% (each run with misbehaviour against the runs alone around it: {}); edge CPU per well-behaved request, median change {cpu_change:+.1}% ({}), about {per_bad:.0} µs more per misbehaving request; runs alone {baseline:.0} req/s, {cpu_alone:.1} µs ({}; {}), with every {every}th request misbehaving {with:.0} req/s, {cpu_with:.1} µs ({}; {}); plugin failures: trap {}, deadline {}, memory {}, instance-lost {}; deadline clamps {}",
+        "plugin: well-behaved throughput, median change {throughput_change:+.1}% (each run with misbehaviour against the runs alone around it: {}); edge CPU per well-behaved request, median change {cpu_change:+.1}% ({}), {per_bad}; runs alone {baseline:.0} req/s, {cpu_alone:.1} µs ({}; {}), with every {every}th request misbehaving {with:.0} req/s, {cpu_with:.1} µs ({}; {}); plugin failures: trap {}, deadline {}, memory {}, instance-lost {}; deadline clamps {}",
         list(&throughput, 1),
         list(&cpu, 1),
         list(&column(&alone, |r| r.0), 0),
