@@ -24,7 +24,7 @@ if ! python3 -c "import aioquic" 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check aioquic \
     || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages aioquic
 fi
-for tool in curl kdig python3 ip bird birdc systemd-analyze; do
+for tool in curl kdig python3 ip bird birdc systemd-analyze fiu-ctrl; do
   command -v "$tool" >/dev/null || { echo "required tool $tool is missing after install" >&2; exit 1; }
 done
 python3 -c "import aioquic" || { echo "aioquic did not install" >&2; exit 1; }
@@ -59,6 +59,7 @@ RSS_LIMIT=25 PROFILE=debug bash bench/soak/run.sh 120
 PROFILE=debug bash bench/chaos/run.sh flap --duration 30
 PROFILE=debug bash bench/chaos/run.sh dnsflap --duration 30
 PROFILE=debug bash bench/chaos/run.sh kill9 --duration 45 --every 15
+PROFILE=debug bash bench/chaos/run.sh diskerror --phase 10
 
 echo "== deployment files"
 bash infra/systemd/verify.sh

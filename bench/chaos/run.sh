@@ -4,6 +4,7 @@
 #   bash bench/chaos/run.sh flap      [--duration 60] [--period 5]   # 1. the origin flaps (stale-if-error)
 #   bash bench/chaos/run.sh kill9     [--duration 70] [--every 20]   # 2. kill -9 of the edge under writes
 #   bash bench/chaos/run.sh diskfull  [--phase 15] [--tmpfs-mb 64]   # 3. the disk tier's tmpfs fills (root)
+#   bash bench/chaos/run.sh diskerror [--phase 15]                   # 3b. the disk tier's reads and writes fail (EIO; fiu-utils)
 #   bash bench/chaos/run.sh netem     [--phase 15]                   # 4. delay, loss, partition (root, sch_netem)
 #   bash bench/chaos/run.sh plugin    [--phase 3] [--rounds 7] [--deadline-ms 50] [--kinds trap,loop,memory] [--every 100]  # 5. every 100th request: trap/loop/OOM
 #   bash bench/chaos/run.sh dnsflap   [--duration 40] [--rate 1000]  # 6. DNS health checks flap
@@ -18,11 +19,11 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
-[ $# -ge 1 ] || { sed -n '2,18p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,19p' "$0" >&2; exit 2; }
 SCENARIO="$1"; shift
 PROFILE="${PROFILE:-release}"
 case "$SCENARIO" in
-  flap|kill9|diskfull|netem|plugin|dnsflap|all) ;;
+  flap|kill9|diskfull|diskerror|netem|plugin|dnsflap|all) ;;
   *) echo "unknown scenario $SCENARIO" >&2; exit 2 ;;
 esac
 flag=""; [ "$PROFILE" = release ] && flag="--release"
@@ -49,7 +50,7 @@ run() {
 
 if [ "$SCENARIO" = all ]; then
   failed=()
-  for s in flap kill9 diskfull netem plugin dnsflap; do
+  for s in flap kill9 diskfull diskerror netem plugin dnsflap; do
     echo "== chaos: $s"
     run "$s" || failed+=("$s")
   done

@@ -280,7 +280,8 @@ impl HttpCache {
             Ok(Some(h)) => h,
             Ok(None) => return Found::Miss { variant: None },
             Err(e) => {
-                tracing::warn!(error = %e, "cache read failed; going to the origin");
+                // The storage counts its disk errors and warns about them at most once per 10 s.
+                tracing::debug!(error = %e, "cache read failed; going to the origin");
                 self.count("error");
                 return Found::Miss { variant: None };
             }

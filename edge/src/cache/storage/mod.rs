@@ -33,8 +33,14 @@
 //!
 //! # A full filesystem
 //! foyer's files are preallocated at open so that a filling filesystem cannot fail foyer's
-//! writes (after one, foyer 0.22.6's flusher dies); where that is impossible, entries stay in
-//! memory only while the free space is short. See the `space` module.
+//! writes; where that is impossible, entries stay in memory only while the free space is short.
+//! See the `space` module.
+//!
+//! # A failing disk
+//! foyer-storage is vendored with a fix (`vendor/foyer-storage/MERIDIAN-PATCH.md`): a failed
+//! write no longer stops its flusher. The entries of a failed write, or behind a failed read,
+//! are misses. Every IO error is counted and logged (at most once per 10 s) by the `io` module's
+//! wrapper of foyer's IO engine.
 
 mod codec;
 mod error;
@@ -42,6 +48,7 @@ mod eviction;
 #[doc(hidden)]
 pub mod fuzzing;
 mod index;
+mod io;
 mod space;
 mod writer;
 
@@ -63,7 +70,7 @@ use bytes::Bytes;
 use foyer::{
     BlockEngineConfig, DeviceBuilder, FifoConfig, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
     HybridCachePolicy, HybridCacheProperties, InvalidRatioPicker, LfuConfig, Location, LruConfig,
-    PsyncIoEngineConfig, RecoverMode, S3FifoConfig, SieveConfig, Source,
+    RecoverMode, S3FifoConfig, SieveConfig, Source,
 };
 
 use self::space::{DiskHealth, SpaceGuard};
@@ -416,6 +423,25 @@ impl Storage {
     /// Opens the storage; with a disk directory, recovers foyer's disk tier (in `disk_dir/foyer`)
     /// and replays the purge index log (`disk_dir/index.log`).
     pub async fn open(cfg: StorageConfig) -> Result<Storage, StorageError> {
+        Self::open_with(cfg, io::CountingIoEngineConfig::new).await
+    }
+
+    /// [`Storage::open`], with write faults injected into the disk tier.
+    #[cfg(test)]
+    async fn open_with_faults(
+        cfg: StorageConfig,
+        faults: Arc<io::faults::WriteFaults>,
+    ) -> Result<Storage, StorageError> {
+        Self::open_with(cfg, |h| {
+            io::CountingIoEngineConfig::new(h).with_faults(Some(faults))
+        })
+        .await
+    }
+
+    async fn open_with(
+        cfg: StorageConfig,
+        io_engine: impl FnOnce(Arc<DiskHealth>) -> io::CountingIoEngineConfig,
+    ) -> Result<Storage, StorageError> {
         if cfg.chunk_size == 0 || cfg.chunk_size > 64 * 1024 * 1024 {
             return Err(StorageError::InvalidConfig(
                 "chunk_size must be in 1..=64 MiB".into(),
@@ -447,6 +473,7 @@ impl Storage {
         };
         let mut storage = builder.storage();
 
+        let health = Arc::new(DiskHealth::default());
         let mut opened = None;
         let (index, block_size, submit_queue, space) = match &cfg.disk_dir {
             Some(dir) => {
@@ -466,7 +493,8 @@ impl Storage {
                     .with_capacity(capacity)
                     .build()?;
                 storage = storage
-                    .with_io_engine_config(PsyncIoEngineConfig::new())
+                    .with_io_engine_config(Box::new(io_engine(health.clone()))
+                        as Box<dyn foyer_storage::IoEngineConfig>)
                     .with_engine_config(
                         BlockEngineConfig::new(device)
                             .with_block_size(plan.block_size as usize)
@@ -494,7 +522,6 @@ impl Storage {
             // Recovery is over: blocks becoming evictable from now on were just written.
             flag.store(true, Ordering::Release);
         }
-        let health = Arc::new(DiskHealth::default());
         if let Some(guard) = &space {
             // foyer has created its files: allocate them before the first write.
             let (g, h) = (guard.clone(), health.clone());

@@ -1,9 +1,9 @@
 //! Keeping the disk tier alive when its filesystem fills.
 //!
-//! foyer 0.22.6's block engine does not survive a failed write: after `ENOSPC` its flusher
-//! task panics (a buffer is left taken when a write future is dropped on the error), every
-//! later insert logs "sending on a disconnected channel", and the disk tier never writes again
-//! until a restart. So foyer must never meet a full filesystem:
+//! foyer 0.22.6's block engine did not survive a failed write: its flusher task panicked (a
+//! buffer was left taken when a write future was dropped on the error), and the disk tier never
+//! wrote again until a restart. The vendored foyer-storage fixes that (the `io` module's docs),
+//! but writes that fail lose their entries, so foyer should still not meet a full filesystem:
 //!
 //! 1. **Preallocation.** At open, every file of foyer's device (blocks and tombstone log) is
 //!    allocated with `fallocate(2)`: foyer then only writes into blocks the filesystem already

@@ -1369,3 +1369,99 @@ async fn short_of_space_keeps_entries_in_memory_then_recovers() {
     );
     s.close().await.unwrap();
 }
+
+/// A disk whose writes fail (`EIO`, every other write of each batch, while others of the same
+/// batch are still running) does not stop the disk tier: objects written meanwhile read back
+/// whole or miss, the errors are counted, and once the disk works again new objects reach it.
+/// foyer 0.22.6's flusher panicked after such a batch (a cancelled write still held its IO
+/// buffer) and the disk tier never wrote again until a restart: `vendor/foyer-storage`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_disk_writes_do_not_stop_the_disk_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(io::faults::WriteFaults::default());
+    let cfg = || StorageConfig {
+        disk_block_size: Some(MIB as u64),
+        ..config(Some(dir.path()), 64 * KIB as u32)
+    };
+    let bounded = |what: &'static str| {
+        move |r: Result<Result<(), StorageError>, tokio::time::error::Elapsed>| match r {
+            Ok(r) => r.unwrap_or_else(|e| panic!("{what}: {e}")),
+            Err(_) => panic!("{what}: no answer in 20 s"),
+        }
+    };
+    let s = Storage::open_with_faults(cfg(), faults.clone())
+        .await
+        .unwrap();
+
+    faults.set(true);
+    let mut during = Vec::new();
+    for round in 0..8 {
+        // Concurrent writers: several entries, chunks and heads, in each of foyer's batches.
+        let mut writers = tokio::task::JoinSet::new();
+        for w in 0..4 {
+            let key = format!("https://eio.example/during/{round}/{w}");
+            let s = s.clone();
+            during.push(key.clone());
+            writers.spawn(async move {
+                put(&s, &key, &pattern(&key, 0, 150 * KIB + w), meta(&[], &[])).await;
+            });
+        }
+        while let Some(r) = writers.join_next().await {
+            r.unwrap();
+        }
+    }
+    let wait = tokio::time::timeout(Duration::from_secs(20), s.flush()).await;
+    bounded("flush while writes fail")(wait);
+    faults.set(false);
+    let failed = faults.failed();
+    assert!(failed > 0, "no write failed");
+    assert!(
+        s.stats().disk_errors >= failed,
+        "{} errors counted, {failed} writes failed",
+        s.stats().disk_errors
+    );
+
+    // The disk works again.
+    let after = put_many(&s, "after", 30).await;
+    let wait = tokio::time::timeout(Duration::from_secs(20), s.flush()).await;
+    bounded("flush after the faults")(wait);
+    for (i, key) in during.iter().enumerate() {
+        if let Some(hit) = s.get(key).await.unwrap()
+            && let Some(body) = read_body(&s, key, &hit).await
+        {
+            assert_eq!(body, pattern(key, 0, 150 * KIB + i % 4), "{key}");
+        }
+    }
+    s.close().await.unwrap();
+
+    // After a restart, what was written once the disk recovered is on the disk.
+    let s = Storage::open(cfg()).await.unwrap();
+    let mut from_disk = 0;
+    for key in &after {
+        let hit = s
+            .get(key)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{key} lost"));
+        assert_eq!(hit.tier, Tier::Disk);
+        assert_eq!(
+            read_body(&s, key, &hit).await.as_deref(),
+            Some(&pattern(key, 0, 16 * KIB)[..]),
+            "{key}"
+        );
+        from_disk += 1;
+    }
+    assert_eq!(from_disk, after.len());
+    for (i, key) in during.iter().enumerate() {
+        if let Some(hit) = s.get(key).await.unwrap()
+            && let Some(body) = read_body(&s, key, &hit).await
+        {
+            assert_eq!(
+                body,
+                pattern(key, 0, 150 * KIB + i % 4),
+                "{key} after the restart"
+            );
+        }
+    }
+    s.close().await.unwrap();
+}

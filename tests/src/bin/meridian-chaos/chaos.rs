@@ -18,7 +18,8 @@ use crate::Args;
 use crate::dns::{DnsClient, NOERROR, SERVFAIL};
 use crate::load::{Check, Client, Mutex, Proto, Req, Stats, Target, Verdict, http_worker};
 use crate::procs::{
-    Server, admin_get, bin_from_env, dns_config, free_port, metric, proc_cpu, start_dns, start_edge,
+    Server, admin_get, bin_from_env, dns_config, free_port, metric, proc_cpu, start_dns,
+    start_edge, start_edge_with_env,
 };
 
 /// Intervals during which a fault was injected, to tell an expected failure
@@ -695,8 +696,161 @@ pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
         }
     }
     let _unmount = Unmount(mnt.clone());
+    disk_scenario(
+        "diskfull",
+        phase,
+        &edge_bin,
+        &work,
+        &mnt,
+        mb * 3 / 4,
+        DiskFault::Full {
+            ballast: mnt.join("ballast"),
+            mb,
+        },
+    )
+    .await
+}
+
+/// The disk tier's reads and writes fail: half of the edge's `pread`s and
+/// `pwrite`s answer `EIO` for `--phase` seconds, injected with libfiu
+/// (`fiu-utils`: its `LD_PRELOAD` library and `fiu-ctrl`). The same load and
+/// checks as `diskfull`: every request is served (memory and origin), the
+/// errors are counted and logged a bounded number of times, and once the
+/// faults stop the tier stores again. Needs no root.
+pub async fn diskerror(args: &Args) -> anyhow::Result<()> {
+    let phase = Duration::from_secs(args.get("phase", 15u64)?);
+    let edge_bin = bin_from_env("MERIDIAN_EDGE_BIN")?;
+    anyhow::ensure!(
+        Path::new(FIU_POSIX_PRELOAD).exists() && Path::new(FIU_RUN_PRELOAD).exists(),
+        "diskerror needs libfiu's preload libraries ({FIU_POSIX_PRELOAD}): apt-get install fiu-utils"
+    );
+    let work = TempDir::new("chaos-diskerror")?;
+    let disk = work.path().join("disk");
+    std::fs::create_dir_all(&disk)?;
+    let fifo = work.path().join("fiu");
+    disk_scenario(
+        "diskerror",
+        phase,
+        &edge_bin,
+        &work,
+        &disk,
+        48,
+        DiskFault::Eio { fifo },
+    )
+    .await
+}
+
+const FIU_RUN_PRELOAD: &str = "/usr/lib/fiu/fiu_run_preload.so";
+const FIU_POSIX_PRELOAD: &str = "/usr/lib/fiu/fiu_posix_preload.so";
+
+/// How a disk scenario breaks the disk tier.
+enum DiskFault {
+    /// A file fills the filesystem until `ENOSPC`.
+    Full { ballast: PathBuf, mb: u64 },
+    /// libfiu fails half of the edge's `pread`s and `pwrite`s with `EIO`; `fifo` is the base
+    /// name of its remote control.
+    Eio { fifo: PathBuf },
+}
+
+impl DiskFault {
+    /// Breaks the disk; says what it did.
+    async fn inject(&self, edge_pid: u32) -> anyhow::Result<String> {
+        match self {
+            DiskFault::Full { ballast, mb } => {
+                let mb = *mb;
+                let filled = tokio::task::spawn_blocking({
+                    let ballast = ballast.clone();
+                    move || -> u64 {
+                        use std::io::Write;
+                        let Ok(mut f) = std::fs::File::create(&ballast) else {
+                            return 0;
+                        };
+                        let chunk = vec![0u8; 1 << 20];
+                        let mut n = 0u64;
+                        for _ in 0..(mb * 2) {
+                            match f.write(&chunk) {
+                                Ok(0) | Err(_) => break,
+                                Ok(k) => n += k as u64,
+                            }
+                        }
+                        let _ = f.sync_all();
+                        n
+                    }
+                })
+                .await?;
+                anyhow::ensure!(filled > 0, "could not write the ballast");
+                Ok(format!("ballast {} MiB on a {mb} MiB tmpfs", filled >> 20))
+            }
+            DiskFault::Eio { fifo } => {
+                for point in ["pwrite", "pread"] {
+                    fiu_ctrl(
+                        fifo,
+                        edge_pid,
+                        &format!(
+                            "enable_random name=posix/io/rw/{point},probability=0.5,failinfo={EIO}"
+                        ),
+                    )
+                    .await?;
+                }
+                Ok("half of the edge's preads and pwrites fail with EIO".into())
+            }
+        }
+    }
+
+    /// Mends the disk.
+    async fn clear(&self, edge_pid: u32) -> anyhow::Result<()> {
+        match self {
+            DiskFault::Full { ballast, .. } => Ok(std::fs::remove_file(ballast)?),
+            DiskFault::Eio { fifo } => {
+                for point in ["pwrite", "pread"] {
+                    fiu_ctrl(fifo, edge_pid, &format!("disable name=posix/io/rw/{point}")).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `EIO` on Linux: libfiu's `failinfo` is the errno a failed call sets.
+const EIO: i32 = 5;
+
+/// Sends one remote-control command to a process that runs with libfiu preloaded.
+async fn fiu_ctrl(fifo: &Path, pid: u32, command: &str) -> anyhow::Result<()> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new("fiu-ctrl")
+            .arg("-f")
+            .arg(fifo)
+            .arg("-c")
+            .arg(command)
+            .arg(pid.to_string())
+            .output(),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("fiu-ctrl {command:?}: no answer in 10 s"))?
+    .map_err(|e| anyhow::anyhow!("fiu-ctrl (apt-get install fiu-utils): {e}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "fiu-ctrl {command:?}: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// The load, phases and checks of `diskfull` and `diskerror`: the disk tier in `disk`
+/// (`disk_mb` of it), normal for `phase`, broken by `fault` for `phase`, then mended.
+async fn disk_scenario(
+    name: &'static str,
+    phase: Duration,
+    edge_bin: &Path,
+    work: &TempDir,
+    disk: &Path,
+    disk_mb: u64,
+    fault: DiskFault,
+) -> anyhow::Result<()> {
     let pki = pki(work.path())?;
-    let origin = TestOrigin::start("diskfull").await?;
+    let origin = TestOrigin::start(name).await?;
     let cfg = work.path().join("edge.toml");
     std::fs::write(
         &cfg,
@@ -705,16 +859,30 @@ pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
             &pki,
             &origin.url(),
             &format!(
-                "[cache]\nmemory = \"4MiB\"\ndisk_dir = \"{}\"\ndisk = \"{}MiB\"",
-                mnt.display(),
-                mb * 3 / 4
+                "[cache]\nmemory = \"4MiB\"\ndisk_dir = \"{}\"\ndisk = \"{disk_mb}MiB\"",
+                disk.display(),
             ),
             "",
             "",
         ),
     )?;
-    let log = log_path("diskfull-edge");
-    let edge = start_edge(&edge_bin, &cfg, &log)?;
+    let log = log_path(&format!("{name}-edge"));
+    let edge = match &fault {
+        DiskFault::Full { .. } => start_edge(edge_bin, &cfg, &log)?,
+        DiskFault::Eio { fifo } => start_edge_with_env(
+            edge_bin,
+            &cfg,
+            &log,
+            &[
+                (
+                    "LD_PRELOAD",
+                    format!("{FIU_RUN_PRELOAD} {FIU_POSIX_PRELOAD}"),
+                ),
+                ("FIU_CTRL_FIFO", fifo.display().to_string()),
+            ],
+        )?,
+    };
+    let edge_pid = edge.child.id();
     let admin = edge.admin()?;
     let target = target(&edge, &pki.tls)?;
     let stats = Stats::new(false);
@@ -781,28 +949,7 @@ pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
     };
     run_phase("normal").await;
     let before = cache(&admin_get(admin, "/cache").await?);
-    // Fill the tmpfs: a ballast file written until ENOSPC.
-    let ballast = mnt.join("ballast");
-    let filled = tokio::task::spawn_blocking({
-        let ballast = ballast.clone();
-        move || -> u64 {
-            use std::io::Write;
-            let Ok(mut f) = std::fs::File::create(&ballast) else {
-                return 0;
-            };
-            let chunk = vec![0u8; 1 << 20];
-            let mut n = 0u64;
-            for _ in 0..(mb * 2) {
-                match f.write(&chunk) {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => n += k as u64,
-                }
-            }
-            let _ = f.sync_all();
-            n
-        }
-    })
-    .await?;
+    let what = fault.inject(edge_pid).await?;
     let logged_before = edge_log_errors(&log);
     let full_start = Instant::now();
     run_phase("full").await;
@@ -814,7 +961,7 @@ pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
         "meridian_cache_disk_errors_total",
         &[],
     );
-    std::fs::remove_file(&ballast)?;
+    fault.clear(edge_pid).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let recovered_from = next.load(Ordering::Relaxed);
     run_phase("recovered").await;
@@ -873,8 +1020,7 @@ pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
     let disk_hits = hits(&end).saturating_sub(hits(&after));
     let errors_total = metric(&m, "meridian_cache_disk_errors_total", &[]);
     println!(
-        "diskfull: ballast {} MiB on a {mb} MiB tmpfs; disk bytes written: {:.0} before, {:.0} while full, {:.0} after; warnings or errors logged while full: {logged_full} in {full_secs:.0} s; storage error metric: {errors_full} after the full phase, {errors_total} at the end; disk writes skipped: {}; preallocated: {}",
-        filled >> 20,
+        "{name}: {what}; disk bytes written: {:.0} before, {:.0} while broken, {:.0} after; warnings or errors logged while broken: {logged_full} in {full_secs:.0} s; storage error metric: {errors_full} after the broken phase, {errors_total} at the end; disk writes skipped: {}; preallocated: {}",
         wb(&before),
         wb(&during) - wb(&before),
         wb(&after) - wb(&during),
@@ -882,7 +1028,7 @@ pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
         end["disk"]["preallocated"],
     );
     println!(
-        "diskfull: {restored} of {checked} objects stored after the space returned were served without the origin, with {disk_hits} disk hits{}",
+        "{name}: {restored} of {checked} objects stored after the disk was mended were served without the origin, with {disk_hits} disk hits{}",
         if lost.is_empty() {
             String::new()
         } else {
@@ -890,34 +1036,41 @@ pub async fn diskfull(args: &Args) -> anyhow::Result<()> {
         }
     );
     let mut problems = Vec::new();
-    if filled == 0 {
-        problems.push("could not write the ballast".into());
+    let panics = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("panicked at")
+        .count();
+    if panics > 0 {
+        problems.push(format!(
+            "{panics} panics in the edge's log ({})",
+            log.display()
+        ));
     }
     if wb(&after) <= wb(&during) {
-        problems.push("the disk tier wrote nothing after space returned".into());
+        problems.push("the disk tier wrote nothing after the disk was mended".into());
     }
     if errors_full < 1.0 {
-        problems.push("meridian_cache_disk_errors_total did not count the full disk".into());
+        problems.push("meridian_cache_disk_errors_total did not count the broken disk".into());
     }
     // Recovery, as the clients see it: the objects come back, and from the disk.
     if checked < 15 || restored * 10 < checked * 9 {
         problems.push(format!(
-            "only {restored} of {checked} objects stored after the space returned were served from the cache"
+            "only {restored} of {checked} objects stored after the disk was mended were served from the cache"
         ));
     }
     if disk_hits * 10 < restored * 9 {
         problems.push(format!(
-            "{restored} objects stored after the space returned came back, but only {disk_hits} from the disk"
+            "{restored} objects stored after the disk was mended came back, but only {disk_hits} from the disk"
         ));
     }
     // Once per interval: no more than one line a second while full.
     if logged_full as f64 > full_secs.ceil() + 2.0 {
-        problems.push(format!("{logged_full} warning/error lines in {full_secs:.0} s while the disk was full (want at most one per second)"));
+        problems.push(format!("{logged_full} warning/error lines in {full_secs:.0} s while the disk was broken (want at most one per second)"));
     }
     if logged_full == 0 {
-        problems.push("nothing was logged while the disk was full".into());
+        problems.push("nothing was logged while the disk was broken".into());
     }
-    finish("diskfull", &stats, problems)
+    finish(name, &stats, problems)
 }
 
 /// Warning and error lines (and panics) in an edge log.

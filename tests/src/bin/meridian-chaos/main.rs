@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! meridian-chaos soak --duration SECS --out DIR [--load 0.7] [--calibrate SECS]
-//! meridian-chaos flap | kill9 | diskfull | netem | plugin | dnsflap [--duration SECS]
+//! meridian-chaos flap | kill9 | diskfull | diskerror | netem | plugin | dnsflap [--duration SECS]
 //! meridian-chaos origin --listen ADDR      (the test origin alone, for netem)
 //! ```
 //! The binaries come from `MERIDIAN_EDGE_BIN` and `MERIDIAN_DNS_BIN`
@@ -68,7 +68,7 @@ fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = argv.first().cloned() else {
         eprintln!(
-            "usage: meridian-chaos soak|flap|kill9|diskfull|netem|plugin|dnsflap|origin [--key value]…"
+            "usage: meridian-chaos soak|flap|kill9|diskfull|diskerror|netem|plugin|dnsflap|origin [--key value]…"
         );
         std::process::exit(2);
     };
@@ -95,6 +95,7 @@ fn main() {
             "flap" => chaos::flap(&args).await,
             "kill9" => chaos::kill9(&args).await,
             "diskfull" => chaos::diskfull(&args).await,
+            "diskerror" => chaos::diskerror(&args).await,
             "netem" => chaos::netem(&args).await,
             "plugin" => chaos::plugin(&args).await,
             "dnsflap" => chaos::dnsflap(&args).await,

@@ -146,6 +146,26 @@ pub fn start_edge(bin: &Path, config: &Path, log: &Path) -> anyhow::Result<Serve
     Server::spawn(cmd, "meridian-edge", log)
 }
 
+/// [`start_edge`] with `env` set for the edge only (through `env(1)`, so that a preloaded
+/// library is loaded by the edge, not by `setpriv`).
+pub fn start_edge_with_env(
+    bin: &Path,
+    config: &Path,
+    log: &Path,
+    env: &[(&str, String)],
+) -> anyhow::Result<Server> {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--pdeathsig", "KILL", "--", "env"]);
+    for (k, v) in env {
+        cmd.arg(format!("{k}={v}"));
+    }
+    cmd.arg(bin).arg("run").arg("--config").arg(config);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "warn");
+    }
+    Server::spawn(cmd, "meridian-edge", log)
+}
+
 /// `meridian-dns run --config FILE` on 127.0.0.1:0 with an admin listener.
 pub fn start_dns(bin: &Path, config: &Path, log: &Path) -> anyhow::Result<Server> {
     let mut cmd = dies_with_us(bin);
