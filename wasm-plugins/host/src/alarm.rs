@@ -36,7 +36,7 @@
 //! starts is left as it is (the check then comes early, and is followed by
 //! another for what is left), and a callback that ends does not disarm its
 //! timer: it only withdraws its engine. A busy thread therefore sets its
-//! timer at most about once a budget (0.5 ms by default), and a timer that
+//! timer at most about once a budget (0.25 ms at least), and a timer that
 //! fires outside a callback only marks itself fired. Its signal interrupts
 //! whatever the thread was doing then; `SA_RESTART` restarts most system
 //! calls, and the few that return `EINTR` regardless (`epoll_wait`, sleeps)

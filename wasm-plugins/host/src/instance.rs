@@ -425,13 +425,6 @@ pub(crate) struct CpuDeadline {
     credit: Duration,
     /// For a clamped callback: when it started.
     started: Option<Instant>,
-    /// When the running callback started, for its sample (see
-    /// [`CpuDeadline::sample`]); `None` when its CPU time counts from its
-    /// start (alarmed).
-    began: Option<Instant>,
-    /// The wall time from the callback's start to its first tick: added to
-    /// its sample, not charged against its budget.
-    lead: Duration,
     /// The thread's alarm is armed for the running callback (see
     /// [`crate::alarm`]).
     alarmed: bool,
@@ -467,28 +460,19 @@ impl CpuDeadline {
             base: None,
             credit: Duration::ZERO,
             started: None,
-            began: None,
-            lead: Duration::ZERO,
             alarmed: false,
             ticked: false,
             over: None,
         }
     }
 
-    /// A callback starts at `began` with `budget`: its CPU time counts from
-    /// its first tick.
-    pub(crate) fn start(&mut self, budget: Duration, began: Instant) {
-        self.reset(budget);
-        self.began = Some(began);
-    }
-
-    fn reset(&mut self, budget: Duration) {
+    /// A callback starts with `budget`: its CPU time counts from its first
+    /// tick.
+    pub(crate) fn start(&mut self, budget: Duration) {
         self.budget = budget;
         self.base = None;
         self.credit = Duration::ZERO;
         self.started = None;
-        self.began = None;
-        self.lead = Duration::ZERO;
         self.alarmed = false;
         self.ticked = false;
         self.over = None;
@@ -505,7 +489,7 @@ impl CpuDeadline {
     /// machine, the thread's CPU clock can jump by a millisecond, the time
     /// its virtual CPU was stopped) and ends first.
     pub(crate) fn start_alarmed(&mut self, budget: Duration, cpu: Sample) {
-        self.reset(budget);
+        self.start(budget);
         self.base = Some(cpu);
         self.alarmed = true;
     }
@@ -546,9 +530,13 @@ impl CpuDeadline {
     /// is read in user space, and a thread descheduled before its first
     /// tick is charged at most half its budget for it.
     pub(crate) fn start_clamped(&mut self, budget: Duration, now: Instant) {
-        self.reset(budget);
+        self.budget = budget;
+        self.base = None;
+        self.credit = Duration::ZERO;
         self.started = Some(now);
-        self.began = Some(now);
+        self.alarmed = false;
+        self.ticked = false;
+        self.over = None;
     }
 
     /// The running (or last) callback's budget.
@@ -561,15 +549,6 @@ impl CpuDeadline {
     /// it); `None` if no tick landed in it (it took less than a tick).
     pub(crate) fn used(&self, now: Sample) -> Option<Duration> {
         self.base.filter(|_| self.ticked).and_then(|b| now.since(b))
-    }
-
-    /// What the whole callback took, for the clamp: the CPU time from its
-    /// first tick to `now` plus the wall time before that tick (or, when
-    /// alarmed, the CPU time from its start); `None` if no tick landed in
-    /// it. Whole, so that every sample of a heavy callback is about its
-    /// full cost, which the clamp's robust peak relies on.
-    pub(crate) fn sample(&self, now: Sample) -> Option<Duration> {
-        self.used(now).map(|u| u + self.lead)
     }
 
     /// An epoch tick landed in the running callback; `now` is its thread's
@@ -596,14 +575,8 @@ impl CpuDeadline {
             None | Some(None) => {
                 // Never more than half the budget: the first tick alone
                 // never cuts a callback.
-                if self.base.is_none()
-                    && let Some(t0) = self.began
-                {
-                    let lead = t0.elapsed();
-                    self.lead = lead;
-                    if self.started.is_some() {
-                        self.credit = lead.min(self.budget / 2);
-                    }
+                if let (None, Some(t0)) = (self.base, self.started) {
+                    self.credit = t0.elapsed().min(self.budget / 2);
                 }
                 self.base = Some(now);
                 return UpdateDeadline::Continue(1);
@@ -721,7 +694,7 @@ impl PluginInstance {
             }
             Ok(update)
         });
-        store.data_mut().deadline.start(deadline, Instant::now());
+        store.data_mut().deadline.start(deadline);
         store.set_epoch_deadline(1);
         let instance = pre.instantiate(&mut store).map_err(|e| {
             if store.data().limiter.hit {
@@ -880,7 +853,7 @@ impl PluginInstance {
             self.store.set_epoch_deadline(1);
             self.store.data_mut().deadline.start_clamped(budget, now);
         } else {
-            self.store.data_mut().deadline.start(budget, Instant::now());
+            self.store.data_mut().deadline.start(budget);
         }
         self.store.data_mut().limiter.hit = false;
         let r = func.call(&mut self.store, args);
@@ -899,9 +872,9 @@ impl PluginInstance {
                 if !self.setup
                     && st.deadline.ticked()
                     && !st.deadline.over()
-                    && let Some(sample) = st.deadline.sample(thread_cpu_time())
+                    && let Some(used) = st.deadline.used(thread_cpu_time())
                 {
-                    st.plugin.clamp.succeeded(sample, st.plugin.clock.now_ms());
+                    st.plugin.clamp.succeeded(used, st.plugin.clock.now_ms());
                 }
                 Ok(Some(r))
             }
@@ -967,7 +940,7 @@ mod tests {
     fn a_descheduled_callback_is_not_failed() {
         // The wall clock runs on (a tick every call) but the thread uses no CPU.
         let mut d = CpuDeadline::new(Duration::from_millis(5));
-        d.start(Duration::from_millis(5), Instant::now());
+        d.start(Duration::from_millis(5));
         for _ in 0..1000 {
             assert!(!interrupts(d.on_tick(cpu(100))));
         }
@@ -976,7 +949,7 @@ mod tests {
     #[test]
     fn a_callback_is_cut_once_it_used_its_budget_since_its_first_tick() {
         let mut d = CpuDeadline::new(Duration::from_millis(5));
-        d.start(Duration::from_millis(5), Instant::now());
+        d.start(Duration::from_millis(5));
         assert!(!interrupts(d.on_tick(cpu(100)))); // the base
         assert!(!interrupts(d.on_tick(cpu(101))));
         assert!(!interrupts(d.on_tick(cpu(104))));
@@ -986,10 +959,10 @@ mod tests {
     #[test]
     fn each_callback_counts_from_its_own_first_tick() {
         let mut d = CpuDeadline::new(Duration::from_millis(5));
-        d.start(Duration::from_millis(5), Instant::now());
+        d.start(Duration::from_millis(5));
         assert!(!interrupts(d.on_tick(cpu(100))));
         assert!(!interrupts(d.on_tick(cpu(104))));
-        d.start(Duration::from_millis(5), Instant::now());
+        d.start(Duration::from_millis(5));
         assert!(!interrupts(d.on_tick(cpu(200))));
         assert!(!interrupts(d.on_tick(cpu(204))));
         assert!(interrupts(d.on_tick(cpu(206))));
@@ -1028,7 +1001,7 @@ mod tests {
             Duration::from_millis(100) + Duration::from_micros(500)
         ))));
         // An unclamped start forgets the credit.
-        d.start(Duration::from_millis(1), Instant::now());
+        d.start(Duration::from_millis(1));
         assert!(!interrupts(d.on_tick(cpu(200))));
         assert_eq!(d.used(cpu(200)), Some(Duration::ZERO));
     }
@@ -1061,7 +1034,7 @@ mod tests {
         assert!(!d.over());
         assert!(!interrupts(d.on_tick(us(20_600))));
         // Unclamped callbacks are not alarmed.
-        d.start(Duration::from_micros(500), Instant::now());
+        d.start(Duration::from_micros(500));
         assert!(!d.alarmed() && !d.over());
     }
 
@@ -1069,7 +1042,7 @@ mod tests {
     fn the_wall_clock_stands_in_when_cpu_time_cannot_be_read() {
         let t = Instant::now();
         let mut d = CpuDeadline::new(Duration::from_millis(5));
-        d.start(Duration::from_millis(5), Instant::now());
+        d.start(Duration::from_millis(5));
         assert!(!interrupts(d.on_tick(Sample::Wall(t))));
         assert!(!interrupts(
             d.on_tick(Sample::Wall(t + Duration::from_millis(4)))
@@ -1078,7 +1051,7 @@ mod tests {
             d.on_tick(Sample::Wall(t + Duration::from_millis(5)))
         ));
         // A change of clock mid-callback restarts the count.
-        d.start(Duration::from_millis(5), Instant::now());
+        d.start(Duration::from_millis(5));
         assert!(!interrupts(d.on_tick(cpu(1))));
         assert!(!interrupts(d.on_tick(Sample::Wall(t))));
         assert!(interrupts(

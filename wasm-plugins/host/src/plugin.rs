@@ -52,9 +52,10 @@ pub struct Limits {
     /// more than its budget, never less.
     pub callback_deadline: Duration,
     /// After a callback misses its deadline, for this long (extended by each
-    /// later miss) the plugin's callbacks get a deadline of 4 times the most
-    /// CPU time a successful callback of the last 10–20 s was seen to use,
-    /// at least 0.5 ms and at most `callback_deadline`, counted from their
+    /// later miss) the plugin's callbacks get a deadline of 4 times the
+    /// third-largest time a successful callback of the last 10–20 s was
+    /// seen to take (one measurement alone cannot widen it), at least
+    /// 0.25 ms and at most `callback_deadline`, counted from their
     /// start; and each of its callbacks advances the epoch as it starts, so
     /// a loop is checked at every callback the plugin starts elsewhere. A
     /// plugin whose requests loop then costs about its clamped deadline of

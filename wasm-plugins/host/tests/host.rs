@@ -568,16 +568,16 @@ fn a_missed_deadline_clamps_the_plugins_next_loops() -> anyhow::Result<()> {
             matches!(
                 err,
                 PluginError::DeadlineExceeded { deadline, clamped: true, .. }
-                    if deadline == Duration::from_micros(500)
+                    if deadline == Duration::from_micros(250)
             ),
             "{err}"
         );
         assert!(
             err.to_string()
-                .contains("exceeded its 500µs deadline (clamped"),
+                .contains("exceeded its 250µs deadline (clamped"),
             "{err}"
         );
-        // The 0.5 ms budget, checked every 0.5 ms, and the failure's cost.
+        // The 0.25 ms budget, checked by its thread's alarm, and the failure's cost.
         assert!(
             cpu < Duration::from_millis(15),
             "a clamped loop used {cpu:?}"
@@ -589,7 +589,7 @@ fn a_missed_deadline_clamps_the_plugins_next_loops() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A clamped loop is cut about as soon as it has used its 0.5 ms while the
+/// A clamped loop is cut about as soon as it has used its 0.25 ms while the
 /// plugin's quick callbacks keep starting (and arming and disarming their
 /// own alarms) on another thread: each thread's alarm is its own. (Without
 /// the alarm, each of those callbacks advances the epoch, which checks the
@@ -634,7 +634,7 @@ fn a_clamped_loop_is_checked_at_the_plugins_other_callbacks() -> anyhow::Result<
     Ok(())
 }
 
-/// A clamped loop is cut as soon as it has used its 0.5 ms budget: its
+/// A clamped loop is cut as soon as it has used its 0.25 ms budget: its
 /// thread's alarm fires when that much wall time has passed, with no other
 /// callbacks beside it and between the epoch ticker's 5 ms ticks. With the
 /// ticks alone, each loop used 5 to 10 ms; the kernel's CPU-time timers
@@ -728,15 +728,19 @@ fn every_clamped_loop_is_cut_by_its_alarm() -> anyhow::Result<()> {
 }
 
 /// A clamp leaves a plugin the CPU its successful callbacks were seen to
-/// need (4 times their peak): a callback of about 10 ms still succeeds,
-/// while a loop is cut far below the 300 ms deadline.
+/// need (4 times their peak, the third-largest sample): a heavy callback
+/// seen a few times still succeeds, while a loop is cut far below the
+/// 300 ms deadline.
 #[test]
 fn a_clamp_leaves_room_for_what_the_plugin_needed() -> anyhow::Result<()> {
     let _cpu = cpu_heavy();
     let host = host();
     let plugin = load_loop_or_count(&host, "heavy", 16_000_000, Duration::from_millis(300))?;
     let mut heavy = Duration::ZERO;
-    for _ in 0..3 {
+    // A sample counts from the callback's first tick: part of its cost.
+    // With 9, the third-largest is at least a quarter of it but about once
+    // in 10,000 runs (the ticks are 5 ms apart).
+    for _ in 0..9 {
         let (r, cpu) = run_filter(&plugin, false);
         assert_eq!(r?, Action::Continue);
         heavy = heavy.max(cpu);
