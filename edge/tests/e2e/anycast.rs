@@ -405,15 +405,18 @@ fn anycast_failover_with_bird_in_network_namespaces() -> anyhow::Result<()> {
         .iter()
         .filter(|l| l.split_whitespace().nth(1).is_none_or(|c| c != "200"))
         .collect();
-    anyhow::ensure!(
-        failed.is_empty(),
-        "{} of {} requests failed across the drain: {failed:?}",
-        failed.len(),
-        lines.len()
-    );
     let drain_t = drained_at
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs_f64();
+    // On failure, the whole client log and the SIGTERM's time: whether a
+    // request failed when the route moved, or when A stopped listening at
+    // the end of its drain delay, shows there.
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} of {} requests failed across the drain (SIGTERM at {drain_t:.3}): {failed:?}; the client's log: {lines:?}",
+        failed.len(),
+        lines.len()
+    );
     let first_b = lines
         .iter()
         .filter(|l| l.contains("pop-b"))
