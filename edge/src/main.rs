@@ -9,10 +9,19 @@ use clap::{Args, Parser, Subcommand};
 use meridian_edge::config::{Config, LogFormat};
 use meridian_edge::{demo, server};
 
-/// mimalloc: per-thread free lists. With glibc's malloc a cache hit spent
-/// about a quarter of its instructions allocating and freeing (bench/RESULTS.md).
-/// `--no-default-features` builds with the system allocator instead.
-#[cfg(feature = "mimalloc")]
+/// The global allocator: jemalloc (the `jemalloc` feature, on by default).
+/// Both it and mimalloc cost a cache hit the same user-space instructions
+/// (57.5 thousand; glibc's malloc 74 thousand, a quarter of them in malloc
+/// and free). In the soak mimalloc v3 kept memory its heap no longer used
+/// and the edge's RSS crept up for 20 minutes (+8.6% in 20 minutes), where
+/// jemalloc's stayed within 2.5% (docs/soak-chaos.md). jemalloc's heap
+/// statistics are on the admin listener (`meridian_allocator_bytes`).
+/// `--no-default-features --features mimalloc` builds with mimalloc, and
+/// `--no-default-features` with the system allocator.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -341,16 +350,16 @@ fn demo_main(a: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Transparent huge pages off for the process, unless `MIMALLOC_ALLOW_THP`
-/// is set (mimalloc's own switch). mimalloc asks for huge pages on its
-/// arenas, and khugepaged then makes a 2 MiB region with a single live page
-/// wholly resident: under the 30-minute soak the edge's RSS crept up for as
-/// long as it ran (124.7 → 169.2 MiB, +36%), while the same soak with the
-/// system allocator kept its heap flat (docs/soak-chaos.md). mimalloc does
-/// the same `prctl` when `MIMALLOC_ALLOW_THP=0`.
-#[cfg(feature = "mimalloc")]
+/// Transparent huge pages off for the process, unless `MERIDIAN_ALLOW_THP`
+/// (or mimalloc's own switch, `MIMALLOC_ALLOW_THP`) is set. khugepaged
+/// makes a 2 MiB region with a single live page wholly resident: when the
+/// edge allocated with mimalloc, which asks for huge pages on its arenas,
+/// its RSS crept up for as long as the 30-minute soak ran (124.7 → 169.2
+/// MiB, +36%; docs/soak-chaos.md). jemalloc does not ask for them, but a
+/// system with THP set to `always` would give them anyway.
 fn no_huge_pages() {
-    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none()
+    if std::env::var_os("MERIDIAN_ALLOW_THP").is_none()
+        && std::env::var_os("MIMALLOC_ALLOW_THP").is_none()
         && let Err(e) = nix::sys::prctl::set_thp_disable(true)
     {
         eprintln!("meridian-edge: cannot turn transparent huge pages off: {e}");
@@ -358,8 +367,9 @@ fn no_huge_pages() {
 }
 
 fn main() -> ExitCode {
-    #[cfg(feature = "mimalloc")]
     no_huge_pages();
+    #[cfg(feature = "jemalloc")]
+    meridian_edge::metrics::jemalloc_is_global();
     meridian_edge::install_crypto_provider();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -203,6 +203,7 @@ impl Admin {
                     &self.proxy.metrics,
                     self.proxy.runtime().sites.iter().map(|s| &s.plugins[..]),
                 );
+                self.proxy.metrics.update_allocator();
                 let mut r = text(StatusCode::OK, self.proxy.metrics.encode());
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,

@@ -33,6 +33,28 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// Set by the `meridian-edge` binary when jemalloc is its global allocator:
+/// a test or fuzz binary that links this library with the `jemalloc`
+/// feature allocates with something else, and jemalloc's counts would not
+/// be its heap.
+#[cfg(feature = "jemalloc")]
+static JEMALLOC_IS_GLOBAL: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// The binary's global allocator is jemalloc: `meridian_allocator_bytes`
+/// reads its statistics from now on.
+#[cfg(feature = "jemalloc")]
+pub fn jemalloc_is_global() {
+    JEMALLOC_IS_GLOBAL.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// One of the allocator's byte counts (`allocated`, `active`, `resident`,
+/// `mapped`, `retained`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AllocatorStat {
+    pub stat: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PluginLabels {
     pub plugin: Arc<str>,
@@ -152,6 +174,9 @@ pub struct Metrics {
     pub cache_disk_errors: Counter,
     /// Entries kept in memory only while the disk tier's filesystem was short of space.
     pub cache_disk_writes_skipped: Counter,
+    /// jemalloc's byte counts, read at scrape (`update_allocator`); not
+    /// registered when the edge is built with another allocator.
+    pub allocator_bytes: Family<AllocatorStat, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -269,6 +294,7 @@ impl Metrics {
             cache_corrupt: Gauge::default(),
             cache_disk_errors: Counter::default(),
             cache_disk_writes_skipped: Counter::default(),
+            allocator_bytes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -492,8 +518,51 @@ impl Metrics {
             "Entries kept in memory only because the disk tier's filesystem was short of space",
             m.cache_disk_writes_skipped.clone(),
         );
+        #[cfg(feature = "jemalloc")]
+        registry.register(
+            "allocator_bytes",
+            "The heap allocator's (jemalloc's) bytes: allocated (live objects), active (their pages), resident (an upper bound of its pages in RAM, metadata included), mapped, and retained (address space unmapped but kept)",
+            m.allocator_bytes.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
+
+    /// Reads jemalloc's statistics into `allocator_bytes` (at scrape; a
+    /// read costs a few microseconds, under jemalloc's own locks). A
+    /// failed read leaves the last values.
+    #[cfg(feature = "jemalloc")]
+    pub fn update_allocator(&self) {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        if !JEMALLOC_IS_GLOBAL.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = epoch::advance() {
+            tracing::debug!("reading jemalloc's statistics: {e}");
+            return;
+        }
+        type Read = fn() -> tikv_jemalloc_ctl::Result<usize>;
+        let reads: [(&'static str, Read); 5] = [
+            ("allocated", stats::allocated::read),
+            ("active", stats::active::read),
+            ("resident", stats::resident::read),
+            ("mapped", stats::mapped::read),
+            ("retained", stats::retained::read),
+        ];
+        for (stat, read) in reads {
+            match read() {
+                Ok(v) => {
+                    self.allocator_bytes
+                        .get_or_create(&AllocatorStat { stat })
+                        .set(i64::try_from(v).unwrap_or(i64::MAX));
+                }
+                Err(e) => tracing::debug!("reading jemalloc's {stat} bytes: {e}"),
+            }
+        }
+    }
+
+    /// With another allocator there is nothing to read.
+    #[cfg(not(feature = "jemalloc"))]
+    pub fn update_allocator(&self) {}
 
     /// The registry in Prometheus text format.
     pub fn encode(&self) -> String {
