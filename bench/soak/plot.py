@@ -32,6 +32,7 @@ def main():
     t = [x / 60.0 for x in col("t_s")]
     panels = [
         ("RSS (MiB)", [("edge", [v / 1024 for v in col("edge_rss_kb")]),
+                       ("edge heap allocated", [v / 1048576 for v in col("edge_heap_allocated_bytes")]),
                        ("dns", [v / 1024 for v in col("dns_rss_kb")])]),
         ("open file descriptors", [("edge", col("edge_fds")), ("dns", col("dns_fds"))]),
         ("edge threads (tokio tasks are not exported)", [("threads", col("edge_threads"))]),

@@ -305,14 +305,17 @@ struct Row {
     memory_bytes: f64,
     disk_written: f64,
     disk_hits: f64,
+    /// jemalloc's `allocated` and `resident` bytes (NaN with another allocator).
+    heap_allocated: f64,
+    heap_resident: f64,
 }
 
-const HEADER: &str = "t_s,http_rps,http_p50_ms,http_p99_ms,dns_qps,dns_p50_ms,dns_p99_ms,errors_total,edge_rss_kb,edge_fds,edge_threads,dns_rss_kb,dns_fds,cache_entries,cache_memory_bytes,cache_disk_written_bytes,cache_disk_hits";
+const HEADER: &str = "t_s,http_rps,http_p50_ms,http_p99_ms,dns_qps,dns_p50_ms,dns_p99_ms,errors_total,edge_rss_kb,edge_fds,edge_threads,dns_rss_kb,dns_fds,cache_entries,cache_memory_bytes,cache_disk_written_bytes,cache_disk_hits,edge_heap_allocated_bytes,edge_heap_resident_bytes";
 
 impl Row {
     fn csv(&self) -> String {
         format!(
-            "{:.0},{:.1},{:.3},{:.3},{:.1},{:.3},{:.3},{},{},{},{},{},{},{},{},{},{}",
+            "{:.0},{:.1},{:.3},{:.3},{:.1},{:.3},{:.3},{},{},{},{},{},{},{},{},{},{},{},{}",
             self.t,
             self.http_rps,
             self.http_p50,
@@ -329,7 +332,9 @@ impl Row {
             self.entries,
             self.memory_bytes,
             self.disk_written,
-            self.disk_hits
+            self.disk_hits,
+            self.heap_allocated,
+            self.heap_resident
         )
     }
 }
@@ -557,6 +562,21 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             }
         };
         let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+        // The edge's heap (jemalloc's statistics): what it holds against
+        // what it keeps resident, to tell a leak from the allocator's
+        // retention.
+        let metrics = admin_get(admin, "/metrics").await.unwrap_or_default();
+        let heap = |stat: &str| {
+            if metrics.contains("meridian_allocator_bytes{") {
+                metric(
+                    &metrics,
+                    "meridian_allocator_bytes",
+                    &[&format!("stat=\"{stat}\"")],
+                )
+            } else {
+                f64::NAN
+            }
+        };
         let row = Row {
             t: (now - start).as_secs_f64(),
             http_rps: (h - last_h) as f64 / dt,
@@ -575,6 +595,8 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             memory_bytes: f(&cache["memory"]["used_bytes"]),
             disk_written: f(&cache["disk"]["write_bytes"]),
             disk_hits: f(&cache["disk"]["hits"]),
+            heap_allocated: heap("allocated"),
+            heap_resident: heap("resident"),
         };
         (last_h, last_d) = (h, d);
         csv.push_str(&row.csv());
@@ -610,6 +632,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let drss_first = mean(&first.iter().map(|r| r.dns_rss as f64).collect::<Vec<_>>());
     let drss_last = mean(&last.iter().map(|r| r.dns_rss as f64).collect::<Vec<_>>());
     let drss_growth = (drss_last - drss_first) / drss_first * 100.0;
+    // The heap (informational: the bound is on RSS).
+    let heap_first = mean(&first.iter().map(|r| r.heap_allocated).collect::<Vec<_>>());
+    let heap_last = mean(&last.iter().map(|r| r.heap_allocated).collect::<Vec<_>>());
     let fd_first = first.iter().map(|r| r.edge_fds).max().unwrap_or(0);
     let fd_last = last.iter().map(|r| r.edge_fds).min().unwrap_or(0);
     let dfd_first = first.iter().map(|r| r.dns_fds).max().unwrap_or(0);
@@ -644,6 +669,15 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         drss_first / 1024.0,
         drss_last / 1024.0
     );
+    if heap_first.is_finite() && heap_last.is_finite() && heap_first > 0.0 {
+        let _ = writeln!(
+            report,
+            "soak: edge heap allocated (jemalloc) {:.1} MiB -> {:.1} MiB ({:+.1}%)",
+            heap_first / 1048576.0,
+            heap_last / 1048576.0,
+            (heap_last - heap_first) / heap_first * 100.0
+        );
+    }
     let _ = writeln!(
         report,
         "soak: edge fds {fd_first} (first quarter max) -> {fd_last} (last quarter min); dns fds {dfd_first} -> {dfd_last}"
