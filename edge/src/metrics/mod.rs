@@ -527,9 +527,9 @@ impl Metrics {
         Arc::new(Metrics { registry, ..m })
     }
 
-    /// Reads jemalloc's statistics into `allocator_bytes` (at scrape; a
-    /// read costs a few microseconds, under jemalloc's own locks). A
-    /// failed read leaves the last values.
+    /// Reads jemalloc's statistics into `allocator_bytes`, at scrape only
+    /// (an epoch advance and five `mallctl` reads, under jemalloc's own
+    /// locks; not timed). A failed read leaves the last values.
     #[cfg(feature = "jemalloc")]
     pub fn update_allocator(&self) {
         use tikv_jemalloc_ctl::{epoch, stats};
