@@ -11,10 +11,10 @@ use meridian_edge::{demo, server};
 
 /// The global allocator: jemalloc (the `jemalloc` feature, on by default).
 /// Both it and mimalloc cost a cache hit the same user-space instructions
-/// (57.5 thousand; glibc's malloc 74 thousand, a quarter of them in malloc
-/// and free). In the soak mimalloc v3 kept memory its heap no longer used
-/// and the edge's RSS crept up for 20 minutes (+8.6% in 20 minutes), where
-/// jemalloc's stayed within 2.5% (docs/soak-chaos.md). jemalloc's heap
+/// (about 57.5 thousand; glibc's malloc 74 thousand in a 26 November
+/// build, a quarter of them in malloc and free). In the soak mimalloc v3
+/// kept memory its heap no longer used, and the edge's RSS grew 8.6% in 20
+/// minutes, where jemalloc's grew 2.5% (docs/soak-chaos.md). jemalloc's heap
 /// statistics are on the admin listener (`meridian_allocator_bytes`).
 /// `--no-default-features --features mimalloc` builds with mimalloc, and
 /// `--no-default-features` with the system allocator.
