@@ -51,8 +51,9 @@ cargo test --workspace 2>&1 | tee "$test_log"
 
 echo "== soak (2 minutes) and the chaos scenarios that fit CI's time (docs/soak-chaos.md)"
 # The debug binaries `cargo test` built; kill9 runs 45 s here (two kills);
-# diskfull, netem and plugin run only from bench/chaos/run.sh
-# (docs/soak-chaos.md says why).
+# diskfull and netem need root (bench/chaos/run.sh runs them through sudo
+# otherwise); plugin runs only from bench/chaos/run.sh (docs/soak-chaos.md
+# says why).
 # Two minutes are mostly warm-up: RSS may grow up to 25% here (a gross leak
 # still fails); the 5% bound is for the 30-minute soak.
 RSS_LIMIT=25 PROFILE=debug bash bench/soak/run.sh 120
@@ -60,6 +61,8 @@ PROFILE=debug bash bench/chaos/run.sh flap --duration 30
 PROFILE=debug bash bench/chaos/run.sh dnsflap --duration 30
 PROFILE=debug bash bench/chaos/run.sh kill9 --duration 45 --every 15
 PROFILE=debug bash bench/chaos/run.sh diskerror --phase 10
+PROFILE=debug bash bench/chaos/run.sh diskfull --phase 10
+PROFILE=debug bash bench/chaos/run.sh netem --phase 10
 
 echo "== deployment files"
 bash infra/systemd/verify.sh

@@ -5,7 +5,7 @@
 #   bash bench/chaos/run.sh kill9     [--duration 70] [--every 20]   # 2. kill -9 of the edge under writes
 #   bash bench/chaos/run.sh diskfull  [--phase 15] [--tmpfs-mb 64]   # 3. the disk tier's tmpfs fills (root)
 #   bash bench/chaos/run.sh diskerror [--phase 15]                   # 3b. the disk tier's reads and writes fail (EIO; fiu-utils)
-#   bash bench/chaos/run.sh netem     [--phase 15]                   # 4. delay, loss, partition (root, sch_netem)
+#   bash bench/chaos/run.sh netem     [--phase 15] [--burst 500] [--link auto|netem|wire]  # 4. delay, loss, partition (root)
 #   bash bench/chaos/run.sh plugin    [--phase 3] [--rounds 7] [--deadline-ms 50] [--kinds trap,loop,memory] [--every 100]  # 5. every 100th request: trap/loop/OOM
 #   bash bench/chaos/run.sh dnsflap   [--duration 40] [--rate 1000]  # 6. DNS health checks flap
 #   bash bench/chaos/run.sh all                                      # every scenario, in turn
@@ -38,10 +38,24 @@ CHAOS_PID=""
 cleanup() { [ -n "$CHAOS_PID" ] && kill "$CHAOS_PID" 2>/dev/null; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
+# diskfull (a tmpfs) and netem (network namespaces) need root: as another
+# user, the binaries built above run through sudo (cargo does not).
+as_root() {
+  case "$1" in
+    diskfull|netem) if [ "$(id -u)" != 0 ]; then
+        echo "chaos: $1 needs root: running it through sudo" >&2
+        sudo env MERIDIAN_EDGE_BIN="$MERIDIAN_EDGE_BIN" MERIDIAN_DNS_BIN="$MERIDIAN_DNS_BIN" \
+          ${MERIDIAN_CHAOS_LOGS:+MERIDIAN_CHAOS_LOGS="$MERIDIAN_CHAOS_LOGS"} "${@:2}"
+        return
+      fi ;;
+  esac
+  "${@:2}"
+}
+
 # run NAME ARGS… : one scenario, bounded by `timeout`; its servers die with it.
 run() {
   local status=0
-  timeout --signal=TERM 900 "$BIN/meridian-chaos" "$@" &
+  as_root "$1" timeout --signal=TERM 900 "$BIN/meridian-chaos" "$@" &
   CHAOS_PID=$!
   wait "$CHAOS_PID" || status=$?
   CHAOS_PID=""

@@ -18,6 +18,7 @@ mod load;
 mod netem;
 mod procs;
 mod soak;
+mod wire;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

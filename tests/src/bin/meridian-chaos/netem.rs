@@ -71,36 +71,64 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     sh(&["ip", "netns", "add", &ns.edge])
         .map_err(|e| anyhow::anyhow!("network namespaces need root: {e:#}"))?;
     sh(&["ip", "netns", "add", &ns.origin])?;
-    sh(&[
-        "ip", "link", "add", &dev_e, "type", "veth", "peer", "name", &dev_o,
-    ])?;
+    for n in [&ns.edge, &ns.origin] {
+        sh(&["ip", "-n", n, "link", "set", "lo", "up"])?;
+    }
+    // netem if this kernel has it (sch_netem), else the user-space wire
+    // (`--link netem` insists on netem; `--link wire` on the wire).
+    let netem_here = sh(&[
+        "ip", "netns", "exec", &ns.origin, "tc", "qdisc", "add", "dev", "lo", "root", "netem",
+        "delay", "1ms",
+    ]);
+    let link = match (args.str("link").unwrap_or("auto"), &netem_here) {
+        ("netem", Err(e)) => {
+            anyhow::bail!("tc netem is not available here (the kernel needs sch_netem): {e:#}")
+        }
+        ("netem", Ok(())) | ("auto", Ok(())) => Link::Netem,
+        ("wire", _) => Link::Wire,
+        ("auto", Err(e)) => {
+            println!(
+                "netem: no netem in this kernel ({e:#}); the link is meridian-chaos's \
+                 user-space wire (TUN devices), with the same delay, loss and partition"
+            );
+            Link::Wire
+        }
+        (other, _) => anyhow::bail!("--link {other}: auto, netem or wire"),
+    };
+    if netem_here.is_ok() {
+        sh(&[
+            "ip", "netns", "exec", &ns.origin, "tc", "qdisc", "del", "dev", "lo", "root",
+        ])?;
+    }
+    let wire = match link {
+        Link::Netem => {
+            sh(&[
+                "ip", "link", "add", &dev_e, "type", "veth", "peer", "name", &dev_o,
+            ])?;
+            None
+        }
+        Link::Wire => {
+            let (a, b) = (crate::wire::tun(&dev_e)?, crate::wire::tun(&dev_o)?);
+            Some(crate::wire::Wire::start(a, b)?)
+        }
+    };
     sh(&["ip", "link", "set", &dev_e, "netns", &ns.edge])?;
     sh(&["ip", "link", "set", &dev_o, "netns", &ns.origin])?;
-    for (n, dev, ip) in [(&ns.edge, &dev_e, EDGE_IP), (&ns.origin, &dev_o, ORIGIN_IP)] {
-        sh(&["ip", "-n", n, "link", "set", "lo", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            n,
-            "addr",
-            "add",
-            &format!("{ip}/30"),
-            "dev",
-            dev,
-        ])?;
+    for (n, dev, ip, peer) in [
+        (&ns.edge, &dev_e, EDGE_IP, ORIGIN_IP),
+        (&ns.origin, &dev_o, ORIGIN_IP, EDGE_IP),
+    ] {
+        let addr = format!("{ip}/30");
+        let mut a = vec!["ip", "-n", n, "addr", "add"];
+        match link {
+            Link::Netem => a.push(&addr),
+            // A point-to-point device: the other end is the peer.
+            Link::Wire => a.extend([ip, "peer", peer]),
+        }
+        a.extend(["dev", dev]);
+        sh(&a)?;
         sh(&["ip", "-n", n, "link", "set", dev, "up"])?;
     }
-    // netem must exist in this kernel (sch_netem); no silent fallback.
-    sh(&[
-        "ip", "netns", "exec", &ns.origin, "tc", "qdisc", "add", "dev", &dev_o, "root", "netem",
-        "delay", "1ms",
-    ])
-    .map_err(|e| {
-        anyhow::anyhow!("tc netem is not available here (the kernel needs sch_netem): {e:#}")
-    })?;
-    sh(&[
-        "ip", "netns", "exec", &ns.origin, "tc", "qdisc", "del", "dev", &dev_o, "root",
-    ])?;
 
     let me = std::env::current_exe()?;
     let mut origin_cmd = Command::new("ip");
@@ -163,20 +191,93 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             &ns.origin,
             "--dev-origin",
             &dev_o,
+            "--link",
+            link.name(),
         ])
-        .stdin(Stdio::null());
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
     let mut child = Kill(inner.spawn()?);
+    // The inner run's output, passed on; its `@wire` lines set the wire,
+    // each answered on its stdin once applied.
+    let (Some(mut to_inner), Some(from_inner)) = (child.0.stdin.take(), child.0.stdout.take())
+    else {
+        anyhow::bail!("no pipes to the inner run");
+    };
+    let control_wire = wire.clone();
+    let relay = std::thread::spawn(move || -> anyhow::Result<()> {
+        use std::io::Write;
+        for line in BufReader::new(from_inner).lines() {
+            let line = line?;
+            let Some(cmd) = line.strip_prefix("@wire ") else {
+                println!("{line}");
+                continue;
+            };
+            let w = control_wire
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("{line:?} without a wire"))?;
+            let (delay, loss) = parse_wire(cmd)?;
+            w.set(delay, loss);
+            writeln!(to_inner, "ok")?;
+            to_inner.flush()?;
+        }
+        Ok(())
+    });
     let deadline = Instant::now() + Duration::from_secs(phase * 6 + 120);
     loop {
         if let Some(st) = child.0.try_wait()? {
+            let relayed = relay
+                .join()
+                .map_err(|_| anyhow::anyhow!("the relay of the inner run panicked"))?;
+            if let Some(w) = &wire {
+                let c = &w.counts;
+                println!(
+                    "netem: wire: {} packets forwarded, {} lost, {} over the queue limit",
+                    c.forwarded.load(Ordering::Relaxed),
+                    c.lost.load(Ordering::Relaxed),
+                    c.overflow.load(Ordering::Relaxed)
+                );
+            }
             anyhow::ensure!(st.success(), "the netem scenario failed ({st})");
-            return Ok(());
+            return relayed;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
             "the netem scenario did not finish in time"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Link {
+    /// A veth pair, with `tc netem` on both ends.
+    Netem,
+    /// Two TUN devices joined by [`crate::wire::Wire`] in the outer run.
+    Wire,
+}
+
+impl Link {
+    fn name(self) -> &'static str {
+        match self {
+            Link::Netem => "netem",
+            Link::Wire => "wire",
+        }
+    }
+}
+
+/// `delay_ms=D loss=L` (percent).
+fn parse_wire(cmd: &str) -> anyhow::Result<(Duration, f64)> {
+    let (mut delay, mut loss) = (None, None);
+    for kv in cmd.split_whitespace() {
+        match kv.split_once('=') {
+            Some(("delay_ms", v)) => delay = Some(Duration::from_millis(v.parse()?)),
+            Some(("loss", v)) => loss = Some(v.parse::<f64>()?),
+            _ => anyhow::bail!("bad wire setting {kv:?}"),
+        }
+    }
+    match (delay, loss) {
+        (Some(d), Some(l)) => Ok((d, l)),
+        _ => anyhow::bail!("bad wire command {cmd:?}"),
     }
 }
 
@@ -188,10 +289,31 @@ fn qdisc(ns: &str, dev: &str, netem: &[&str]) -> anyhow::Result<()> {
     sh(&a)
 }
 
-fn both(args: &Args, netem: &[&str]) -> anyhow::Result<()> {
+/// The link from now on: `delay` each way and `loss_pct` percent of the
+/// packets lost each way; as netem on both ends, or through the outer run's
+/// wire (asked on stdout, applied when it answers on stdin).
+async fn both(
+    args: &Args,
+    answers: &mut tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>,
+    delay: Duration,
+    loss_pct: f64,
+) -> anyhow::Result<()> {
     let need = |k: &str| args.str(k).ok_or_else(|| anyhow::anyhow!("--{k}"));
-    qdisc(need("ns-edge")?, need("dev-edge")?, netem)?;
-    qdisc(need("ns-origin")?, need("dev-origin")?, netem)
+    if args.str("link") == Some("wire") {
+        println!("@wire delay_ms={} loss={loss_pct}", delay.as_millis());
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        let ok = tokio::time::timeout(Duration::from_secs(5), answers.next_line()).await;
+        anyhow::ensure!(
+            matches!(&ok, Ok(Ok(Some(l))) if l == "ok"),
+            "the wire did not answer: {ok:?}"
+        );
+        return Ok(());
+    }
+    let (d, l) = (format!("{}ms", delay.as_millis()), format!("{loss_pct}%"));
+    let netem = ["delay", d.as_str(), "loss", l.as_str()];
+    qdisc(need("ns-edge")?, need("dev-edge")?, &netem)?;
+    qdisc(need("ns-origin")?, need("dev-origin")?, &netem)
 }
 
 /// Upstream requests and retries so far (the edge's metrics).
@@ -205,6 +327,9 @@ async fn upstream(admin: SocketAddr) -> (f64, f64) {
 
 async fn inner(args: &Args) -> anyhow::Result<()> {
     let phase = Duration::from_secs(args.get("phase", 15u64)?);
+    // Misses sent at once when the partition starts: enough that retrying
+    // every one would pass the retry budget.
+    let burst: u64 = args.get("burst", 500u64)?;
     let edge_bin = bin_from_env("MERIDIAN_EDGE_BIN")?;
     let work = TempDir::new("chaos-netem")?;
     let ca = TestCa::new(work.path())?;
@@ -337,33 +462,70 @@ timeouts = {{ connect = "3s", header = "3s" }}
         })
     };
     let at = |when: Instant| -> (f64, f64) {
-        series
-            .lock()
-            .iter()
+        // One lock: `or`'s argument is evaluated while the guard lives.
+        let s = series.lock();
+        s.iter()
             .rev()
             .find(|(t, _, _)| *t <= when)
-            .or(series.lock().first())
+            .or(s.first())
             .map(|(_, r, t)| (*r, *t))
             .unwrap_or((0.0, 0.0))
     };
     let mut problems = Vec::new();
+    let mut answers =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tokio::io::stdin()));
+    let ms = Duration::from_millis;
     for (i, name) in phases.iter().enumerate() {
         let before = upstream(admin).await;
         let t = Instant::now();
+        let mut bursting = tokio::task::JoinSet::new();
         match i {
-            1 => both(args, &["delay", "200ms"])?,
-            2 => both(args, &["loss", "5%"])?,
+            1 => both(args, &mut answers, ms(200), 0.0).await?,
+            2 => both(args, &mut answers, ms(0), 5.0).await?,
             3 => {
                 partition.open();
-                both(args, &["loss", "100%"])?
+                both(args, &mut answers, ms(0), 100.0).await?;
+                // Each on its own connection, so the edge has `burst`
+                // upstream attempts in flight that all time out.
+                for b in 0..burst {
+                    let client = Client::new(Proto::H1, target.clone(), Duration::from_secs(15));
+                    let (stats, partition, slowest) =
+                        (stats.clone(), partition.clone(), slowest_fresh.clone());
+                    bursting.spawn(http_worker(
+                        client,
+                        stats,
+                        None,
+                        t + phase,
+                        1,
+                        move |_| {
+                            Req::get(
+                                format!(
+                                    "/cc/b-{b}?cc=public,max-age=60&size=1024&seed=11&digest=1"
+                                ),
+                                Check::Digest { size: 1024 },
+                                "burst",
+                            )
+                        },
+                        move |_, res, t0, t1| {
+                            slowest.fetch_max((t1 - t0).as_millis() as u64, Ordering::Relaxed);
+                            match res.as_ref().ok().map(|r| r.status) {
+                                Some(502..=504) if partition.overlaps(t0, t1, Duration::ZERO) => {
+                                    Verdict::Expected
+                                }
+                                _ => Verdict::Unexpected,
+                            }
+                        },
+                    ));
+                }
             }
             4 => {
-                both(args, &["delay", "0ms"])?;
+                both(args, &mut answers, ms(0), 0.0).await?;
                 partition.close();
             }
             _ => {}
         }
         tokio::time::sleep(phase).await;
+        while bursting.join_next().await.is_some() {}
         let after = upstream(admin).await;
         let (reqs, retries) = (after.0 - before.0, after.1 - before.1);
         // The budget (retry.budget_ratio 0.2, budget_min_per_sec 10): in
@@ -382,13 +544,34 @@ timeouts = {{ connect = "3s", header = "3s" }}
                 "phase {name}: {retries} retries over the budget {budget:.0}"
             ));
         }
+        if i == 3 {
+            // Every miss of the burst fails its first attempt, and with
+            // attempts = 2 each would be retried: the budget must refuse
+            // some of those retries.
+            println!(
+                "netem: partition: {burst} misses at once, {retries:.0} retries in the phase \
+                 (without a retry budget at least {burst})"
+            );
+            if retries >= burst as f64 {
+                problems.push(format!(
+                    "partition: {retries} retries for a burst of {burst} misses: the budget did not bound them"
+                ));
+            }
+        }
     }
     while set.join_next().await.is_some() {}
     sampler.abort();
+    // The worst a miss may take: 2 attempts, each its connect timeout
+    // (3 s) and its header timeout (3 s), each packet 200 ms late at most.
+    let slowest = slowest_fresh.load(Ordering::Relaxed);
     println!(
-        "netem: slowest answer to a miss {} ms (connect timeout 3 s, header timeout 3 s, 2 attempts)",
-        slowest_fresh.load(Ordering::Relaxed)
+        "netem: slowest answer to a miss {slowest} ms (connect timeout 3 s, header timeout 3 s, 2 attempts: at most 13000 ms)"
     );
+    if slowest > 13_000 {
+        problems.push(format!(
+            "a miss took {slowest} ms, past its timeouts (13000 ms)"
+        ));
+    }
     drop(edge);
     println!("{}", stats.line("netem"));
     if stats.failures() > 0 {
