@@ -581,3 +581,25 @@ timeouts = {{ connect = "3s", header = "3s" }}
     println!("netem: PASS");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_commands_parse_and_bad_ones_are_refused() {
+        let (d, l) = parse_wire("delay_ms=200 loss=5").expect("valid");
+        assert_eq!((d, l), (Duration::from_millis(200), 5.0));
+        let (d, l) = parse_wire("loss=100 delay_ms=0").expect("valid");
+        assert_eq!((d, l), (Duration::ZERO, 100.0));
+        for bad in [
+            "",
+            "delay_ms=200",
+            "loss=5",
+            "delay_ms=x loss=5",
+            "delay=1 loss=5",
+        ] {
+            assert!(parse_wire(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

@@ -208,3 +208,19 @@ impl Rng {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_decisions_are_uniform_enough() {
+        // 5% of 200,000 draws below 50,000 ppm, within 0.3 points.
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ 1);
+        let lost = (0..200_000)
+            .filter(|_| rng.next() % 1_000_000 < 50_000)
+            .count();
+        let pct = lost as f64 / 2000.0;
+        assert!((4.7..=5.3).contains(&pct), "{pct}% lost");
+    }
+}
