@@ -1,9 +1,11 @@
 //! Scenario 4: the network between the edge and its origin degrades. Two
 //! network namespaces made here (the edge's and the origin's) joined by a
-//! veth pair with addresses only inside them (10.213.0.1/30, .2/30); `tc
-//! netem` on both ends adds 200 ms of delay, then 5% loss, then drops
-//! everything (a partition), then heals. The load client and the edge run
-//! in the edge's namespace (this binary re-executes itself there), the test
+//! link with addresses only inside them (10.213.0.1, .2): a veth pair with
+//! `tc netem` on both ends where the kernel has `sch_netem`, else the
+//! user-space wire of [`crate::wire`]. It adds 200 ms of delay, then 5%
+//! loss, then drops everything (a partition, with a burst of misses to
+//! test the retry budget), then heals. The load client and the edge run in
+//! the edge's namespace (this binary re-executes itself there), the test
 //! origin in the origin's.
 
 use std::io::{BufRead, BufReader};
