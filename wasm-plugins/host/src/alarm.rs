@@ -7,9 +7,9 @@
 //! thread itself* can have used its budget, whatever else runs.
 //!
 //! So a clamped callback arms a POSIX timer of its own thread
-//! (`SIGEV_THREAD_ID`) on the monotonic clock, for its budget: a thread
-//! cannot use more CPU time than the wall time that passed, so no check is
-//! needed before. When it fires, the check reads the thread's CPU time; a
+//! (`SIGEV_THREAD_ID`) on the monotonic clock: a thread cannot use more CPU
+//! time than the wall time that passed, so no check is needed before its
+//! budget. When it fires, the check reads the thread's CPU time; a
 //! callback that was descheduled meanwhile has budget left, and the alarm is
 //! armed again for what is left. The monotonic clock is used because the
 //! kernel runs timers on a thread's CPU-time clock only at its scheduler
@@ -32,12 +32,19 @@
 //! machine it reprograms the virtual CPU's timer (a VM exit, several
 //! microseconds on Firecracker): arming and disarming it per callback made
 //! each request through a clamped plugin cost about 7 µs instead of 0.5.
-//! So a timer that is already due within the budget of a callback that
-//! starts is left as it is (the check then comes early, and is followed by
-//! another for what is left), and a callback that ends does not disarm its
-//! timer: it only withdraws its engine. A busy thread therefore sets its
-//! timer at most about once a budget (0.25 ms at least), and a timer that
-//! fires outside a callback only marks itself fired. Its signal interrupts
+//! So a timer that is already due within the time a callback asks for is
+//! left as it is (the check then comes early, and is followed by another
+//! for what is left), and a callback that ends does not disarm its timer:
+//! it only withdraws its engine. A timer that fires outside a callback only
+//! marks itself fired. A busy thread therefore sets its timer, and takes its
+//! signal, about once per the time its callbacks ask for; each such round
+//! costs it about 24 µs on a virtual machine here. Callbacks ask for 1 ms
+//! (`ALARM_BACKSTOP` in `instance.rs`), not their 0.25 ms budget: at the
+//! budget, the rounds alone (4,500 a second) cost the well-behaved requests
+//! of the `plugin` chaos scenario about 20% of their throughput. A loop is
+//! usually checked much sooner, by the epoch advance of any callback of
+//! the plugin that starts on another thread; the alarm is the backstop for
+//! a loop that nothing else checks. Its signal interrupts
 //! whatever the thread was doing then; `SA_RESTART` restarts most system
 //! calls, and the few that return `EINTR` regardless (`epoll_wait`, sleeps)
 //! are retried by tokio and the standard library. Callbacks of plugins that
@@ -51,13 +58,23 @@ pub(crate) fn available() -> bool {
     imp::available()
 }
 
-/// Arms the calling thread's alarm to fire within `budget` (wall time) from
+/// How [`arm`] left the calling thread's alarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Armed {
+    /// The timer was set now, to fire in the time asked.
+    Set,
+    /// A timer already due within the time asked was kept.
+    Kept,
+    /// No alarm (the caller falls back to epoch ticks).
+    Unavailable,
+}
+
+/// Arms the calling thread's alarm to fire within `within` (wall time) from
 /// now, advancing `engine`'s epoch when it fires: a timer already due in
-/// that time is kept. `false` if the alarm is not available (the caller
-/// falls back to epoch ticks). [`release`] must be called before `engine`
-/// can be dropped.
-pub(crate) fn arm(engine: &wasmtime::Engine, budget: Duration) -> bool {
-    imp::arm(engine, budget)
+/// that time is kept. [`release`] must be called before `engine` can be
+/// dropped.
+pub(crate) fn arm(engine: &wasmtime::Engine, within: Duration) -> Armed {
+    imp::arm(engine, within)
 }
 
 /// Arms the calling thread's alarm again, for the same engine, to fire in
@@ -71,6 +88,12 @@ pub(crate) fn rearm(after: Duration) -> bool {
 /// a callback; the timer itself runs on (see the module's documentation).
 pub(crate) fn release() {
     imp::release()
+}
+
+/// How many times the calling thread set its timer (each time, a system
+/// call, and later a signal).
+pub(crate) fn sets() -> u64 {
+    imp::sets()
 }
 
 /// Whether the calling thread's timer fired since it was last set (which
@@ -93,6 +116,8 @@ mod imp {
     use nix::sys::timer::{Expiration, Timer, TimerSetTimeFlags};
     use nix::time::ClockId;
 
+    use super::Armed;
+
     const SIGNAL: Signal = Signal::SIGURG;
 
     /// What the handler reads: the signal's `si_value` points at it.
@@ -114,6 +139,12 @@ mod imp {
         /// `None` until the thread's first clamped callback; stays `None` if
         /// the timer could not be created.
         static ALARM: RefCell<Option<ThreadAlarm>> = const { RefCell::new(None) };
+        /// How many times this thread set its timer.
+        static SETS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    pub(super) fn sets() -> u64 {
+        SETS.with(|n| n.get())
     }
 
     /// Installs the handler once per process; `false` if `SIGURG` already
@@ -214,6 +245,7 @@ mod imp {
     /// Sets `alarm` to fire once, in `after` (at least 1 µs: a zero
     /// expiration would disarm it).
     fn set(alarm: &mut ThreadAlarm, after: Duration, now: Instant) -> bool {
+        SETS.with(|n| n.set(n.get() + 1));
         alarm.slot.fired.store(false, Ordering::Relaxed);
         let after = after.max(Duration::from_micros(1));
         let ok = alarm
@@ -227,22 +259,22 @@ mod imp {
         ok
     }
 
-    pub(super) fn arm(engine: &wasmtime::Engine, budget: Duration) -> bool {
+    pub(super) fn arm(engine: &wasmtime::Engine, within: Duration) -> Armed {
         if !available() {
-            return false;
+            return Armed::Unavailable;
         }
         ALARM.with(|a| {
             // The cell is borrowed only inside these functions, never
             // across a callback (callbacks do not nest on a thread); should
             // it ever be, the callback falls back to the epoch ticks.
             let Ok(mut a) = a.try_borrow_mut() else {
-                return false;
+                return Armed::Unavailable;
             };
             if a.is_none() {
                 *a = thread_alarm();
             }
             let Some(alarm) = a.as_mut() else {
-                return false;
+                return Armed::Unavailable;
             };
             alarm.slot.engine.store(
                 engine as *const wasmtime::Engine as *mut wasmtime::Engine,
@@ -257,23 +289,23 @@ mod imp {
             // then ran to the next 5 ms tick.)
             std::sync::atomic::compiler_fence(Ordering::SeqCst);
             let now = Instant::now();
-            // A timer due within the budget will check this callback in
+            // A timer due within that time will check this callback in
             // time. Its mark is left as it is: a stale mark only costs one
             // early check, which sets the timer again.
             if let Some(due) = alarm.due
                 && now < due
-                && due <= now + budget
+                && due <= now + within
             {
-                return true;
+                return Armed::Kept;
             }
-            if set(alarm, budget, now) {
-                true
+            if set(alarm, within, now) {
+                Armed::Set
             } else {
                 alarm
                     .slot
                     .engine
                     .store(std::ptr::null_mut(), Ordering::Relaxed);
-                false
+                Armed::Unavailable
             }
         })
     }
@@ -322,8 +354,11 @@ mod imp {
     pub(super) fn available() -> bool {
         false
     }
-    pub(super) fn arm(_: &wasmtime::Engine, _: Duration) -> bool {
-        false
+    pub(super) fn arm(_: &wasmtime::Engine, _: Duration) -> super::Armed {
+        super::Armed::Unavailable
+    }
+    pub(super) fn sets() -> u64 {
+        0
     }
     pub(super) fn rearm(_: Duration) -> bool {
         false
@@ -350,7 +385,7 @@ mod tests {
     fn the_alarm_fires_after_its_time() {
         assert!(available(), "the alarm's handler could not be installed");
         let engine = wasmtime::Engine::default();
-        assert!(arm(&engine, Duration::from_millis(2)));
+        assert_eq!(arm(&engine, Duration::from_millis(2)), Armed::Set);
         assert!(!fired());
         sleep_ms(20);
         assert!(fired(), "the alarm did not fire in 20 ms");
@@ -369,21 +404,21 @@ mod tests {
         assert!(available());
         let engine = wasmtime::Engine::default();
         // Due in 40 ms; a callback with a 200 ms budget keeps it...
-        assert!(arm(&engine, Duration::from_millis(40)));
+        assert_eq!(arm(&engine, Duration::from_millis(40)), Armed::Set);
         release();
-        assert!(arm(&engine, Duration::from_millis(200)));
+        assert_eq!(arm(&engine, Duration::from_millis(200)), Armed::Kept);
         sleep_ms(60);
         assert!(fired(), "the kept 40 ms timer did not fire in 60 ms");
         release();
         // ...but one with a 2 ms budget sets it earlier.
-        assert!(arm(&engine, Duration::from_secs(10)));
+        assert_eq!(arm(&engine, Duration::from_secs(10)), Armed::Set);
         release();
-        assert!(arm(&engine, Duration::from_millis(2)));
+        assert_eq!(arm(&engine, Duration::from_millis(2)), Armed::Set);
         sleep_ms(20);
         assert!(fired(), "a timer due in 10 s was kept for a 2 ms budget");
         release();
         // A timer that fired is set again.
-        assert!(arm(&engine, Duration::from_millis(2)));
+        assert_eq!(arm(&engine, Duration::from_millis(2)), Armed::Set);
         assert!(!fired());
         sleep_ms(20);
         assert!(fired());
@@ -394,7 +429,7 @@ mod tests {
     fn each_thread_has_its_own_alarm() {
         assert!(available());
         let engine = wasmtime::Engine::default();
-        assert!(arm(&engine, Duration::from_millis(1)));
+        assert_eq!(arm(&engine, Duration::from_millis(1)), Armed::Set);
         std::thread::scope(|s| {
             s.spawn(|| {
                 assert!(!fired(), "a new thread's alarm was never armed");

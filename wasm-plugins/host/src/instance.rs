@@ -396,6 +396,23 @@ impl Drop for SlotGuard {
     }
 }
 
+/// A clamped callback's thread's alarm is due within this (or its budget, if
+/// longer): the longest a loop that no other callback checks runs past its
+/// budget. Each firing costs its thread about 24 µs on a virtual machine
+/// here (setting the timer, its interrupt and the signal: a C loop lost 9%
+/// of its work to 3,700 of them a second), and a busy thread's timer fires
+/// about once per this time while its plugin is clamped. With the budget
+/// (0.25 ms) instead, the clamp alone cost the `plugin` chaos scenario's
+/// well-behaved requests about 20% of their throughput.
+pub(crate) const ALARM_BACKSTOP: Duration = Duration::from_millis(1);
+
+/// A check that finds an alarmed callback without a CPU-time base younger
+/// than this (wall time) reads nothing: nearly every callback ends sooner,
+/// and the checks that other callbacks' starts cause land in them. At most
+/// half the clamp's floor, so that the credit charged at the first real
+/// check (up to half the budget) covers it.
+pub(crate) const ALARM_AFTER: Duration = Duration::from_micros(50);
+
 /// Below this much budget left when a clamped callback's alarm fires, the
 /// callback is checked at each of its epoch checks instead of by a timer.
 const ALARM_POLL: Duration = Duration::from_micros(50);
@@ -478,20 +495,42 @@ impl CpuDeadline {
         self.over = None;
     }
 
-    /// A clamped callback starts with `budget`, its thread's CPU time
-    /// `cpu`, and its thread's alarm armed for the budget: every tick (the
-    /// alarm's firing is one, see [`crate::alarm`]) counts the CPU time
-    /// from its start, so a callback descheduled meanwhile is never charged
-    /// for it. Once a check finds it over its budget, it is checked at each
-    /// of its epoch checks, and cut when it has used [`ALARM_CONFIRM`] more:
-    /// a loop goes on using CPU, while a callback of microseconds that a
-    /// check found over its budget was charged for a hiccup (on a virtual
-    /// machine, the thread's CPU clock can jump by a millisecond, the time
-    /// its virtual CPU was stopped) and ends first.
-    pub(crate) fn start_alarmed(&mut self, budget: Duration, cpu: Sample) {
+    /// A clamped callback starts with `budget`, at `started`, with its
+    /// thread's alarm armed (see [`crate::alarm`]); `cpu` is its thread's CPU
+    /// time if it set the timer itself, `None` if it kept one set earlier.
+    ///
+    /// With `cpu`, every check counts the CPU time from its start, so a
+    /// callback descheduled meanwhile is never charged for it. Without,
+    /// checks that find it younger than [`ALARM_AFTER`] do nothing (see
+    /// [`Self::young`]); the first that does not takes the CPU time as its
+    /// base and charges the wall time before, up to half the budget (as
+    /// [`Self::start_clamped`]). Once a check finds it over its budget, it
+    /// is checked at each of its epoch checks, and cut when it has used
+    /// [`ALARM_CONFIRM`] more: a loop goes on using CPU, while a callback of
+    /// microseconds that a check found over its budget was charged for a
+    /// hiccup (on a virtual machine, the thread's CPU clock can jump by a
+    /// millisecond, the time its virtual CPU was stopped) and ends first.
+    pub(crate) fn start_alarmed(
+        &mut self,
+        budget: Duration,
+        cpu: Option<Sample>,
+        started: Instant,
+    ) {
         self.start(budget);
-        self.base = Some(cpu);
+        self.base = cpu;
+        self.started = Some(started);
         self.alarmed = true;
+    }
+
+    /// Whether the running callback is alarmed, has no CPU-time base yet,
+    /// and started less than [`ALARM_AFTER`] before `now`: a check that
+    /// lands in it has nothing to do.
+    pub(crate) fn young(&self, now: Instant) -> bool {
+        self.alarmed
+            && self.base.is_none()
+            && self
+                .started
+                .is_some_and(|t0| now.saturating_duration_since(t0) < ALARM_AFTER)
     }
 
     /// The CPU time the callback was charged at `now` (what it used since
@@ -556,8 +595,19 @@ impl CpuDeadline {
     /// tick, else asks to be called at the next tick.
     pub(crate) fn on_tick(&mut self, now: Sample) -> UpdateDeadline {
         self.ticked = true;
+        if self.alarmed && self.base.is_none() {
+            // The first check of a callback that kept its thread's timer:
+            // the base, and the wall time before it charged (at most half
+            // the budget, so that this check alone never cuts it).
+            self.credit = self
+                .started
+                .map(|t0| t0.elapsed().min(self.budget / 2))
+                .unwrap_or_default();
+            self.base = Some(now);
+            return UpdateDeadline::Continue(1);
+        }
         if self.alarmed
-            && let Some(Some(used)) = self.base.map(|b| now.since(b))
+            && let Some(Some(used)) = self.base.map(|b| now.since(b).map(|u| u + self.credit))
         {
             if used < self.budget {
                 return UpdateDeadline::Continue(1);
@@ -667,6 +717,17 @@ impl PluginInstance {
         // left (the thread was off its CPU), it is armed again for that.
         store.epoch_deadline_callback(|mut cx| {
             let deadline = &mut cx.data_mut().deadline;
+            if deadline.young(Instant::now()) {
+                // An alarmed callback younger than `ALARM_AFTER`, checked
+                // because another callback started (or a tick): it has not
+                // used its budget, and nothing is read. If its own thread's
+                // timer fired (one kept from an earlier callback), it is
+                // set again, so that this callback keeps its backstop.
+                if crate::alarm::fired() {
+                    crate::alarm::rearm(deadline.budget().max(ALARM_BACKSTOP));
+                }
+                return Ok(UpdateDeadline::Continue(1));
+            }
             let now = thread_cpu_time();
             let update = deadline.on_tick(now);
             if deadline.alarmed() && matches!(update, UpdateDeadline::Continue(_)) {
@@ -831,26 +892,43 @@ impl PluginInstance {
             plugin.clamp.deadline(self.deadline, plugin.clock.now_ms())
         };
         self.clamped = clamped;
+        let now = Instant::now();
+        if clamped {
+            // Every callback of a clamped plugin is an epoch tick for the
+            // callbacks running on other threads (a loop among them): on a
+            // busy machine, a loop is checked within microseconds of each
+            // of these, and cut about as soon as it has used its budget.
+            // (A relaxed `fetch_add`; the checks it causes in the quick
+            // callbacks running elsewhere read no clock but the wall one.)
+            self.store.engine().increment_epoch();
+        }
         // The deadline is set before the alarm is armed: an alarm that
         // fires at once (a timer kept from an earlier callback) must find
         // its epoch advance counted against it, not spent by setting it.
         self.store.set_epoch_deadline(1);
-        // A clamped callback is checked by its thread's alarm as soon as it
-        // can have used its budget, however busy the machine.
-        // The CPU time is read before the timer is set, so that when the
-        // timer fires after the budget a thread that ran throughout has used
-        // it all, and is cut at that first check.
-        let cpu = clamped.then(thread_cpu_time);
-        let alarmed = cpu.is_some() && crate::alarm::arm(self.store.engine(), budget);
-        if let (true, Some(cpu)) = (alarmed, cpu) {
-            self.store.data_mut().deadline.start_alarmed(budget, cpu);
+        // A clamped callback also has its thread's alarm due within
+        // `ALARM_BACKSTOP` (or its budget, if longer), for a loop that no
+        // other callback checks (a quiet machine, or all its threads in
+        // loops). A timer already due in that time is kept; only a callback
+        // that sets it reads its thread's CPU time (before the timer would
+        // have been set, that is a system call per callback), the others
+        // take it at their first check that finds them older than
+        // `ALARM_AFTER` (see `CpuDeadline::start_alarmed`).
+        let armed = if clamped {
+            crate::alarm::arm(self.store.engine(), budget.max(ALARM_BACKSTOP))
+        } else {
+            crate::alarm::Armed::Unavailable
+        };
+        let alarmed = armed != crate::alarm::Armed::Unavailable;
+        if alarmed {
+            let cpu = (armed == crate::alarm::Armed::Set).then(thread_cpu_time);
+            self.store
+                .data_mut()
+                .deadline
+                .start_alarmed(budget, cpu, now);
         } else if clamped {
-            let now = Instant::now();
-            // Without the alarm: every callback of a clamped plugin is an
-            // epoch tick for the callbacks running on other threads (a loop
-            // among them).
-            self.store.engine().increment_epoch();
-            self.store.set_epoch_deadline(1);
+            // Without the alarm: the epoch ticks, and the other threads'
+            // callbacks (above), check it.
             self.store.data_mut().deadline.start_clamped(budget, now);
         } else {
             self.store.data_mut().deadline.start(budget);
@@ -1010,7 +1088,7 @@ mod tests {
     fn an_alarmed_callback_counts_from_its_start_and_is_cut_once_it_used_more_past_its_budget() {
         let mut d = CpuDeadline::new(Duration::from_millis(50));
         let us = |n: u64| Sample::Cpu(Duration::from_micros(n));
-        d.start_alarmed(Duration::from_micros(500), us(1_000));
+        d.start_alarmed(Duration::from_micros(500), Some(us(1_000)), Instant::now());
         // Under its budget: continues, with what is left.
         assert!(!interrupts(d.on_tick(us(1_300))));
         assert!(!d.over());
@@ -1025,17 +1103,62 @@ mod tests {
         assert_eq!(d.charged(us(1_550)), Some(Duration::from_micros(550)));
         // A hiccup: found far over once, then the callback ends before it
         // has used 50 µs more.
-        d.start_alarmed(Duration::from_micros(500), us(10_000));
+        d.start_alarmed(Duration::from_micros(500), Some(us(10_000)), Instant::now());
         assert!(!interrupts(d.on_tick(us(11_200))));
         assert!(!interrupts(d.on_tick(us(11_210))));
         assert!(d.over());
         // The next callback starts afresh.
-        d.start_alarmed(Duration::from_micros(500), us(20_000));
+        d.start_alarmed(Duration::from_micros(500), Some(us(20_000)), Instant::now());
         assert!(!d.over());
         assert!(!interrupts(d.on_tick(us(20_600))));
         // Unclamped callbacks are not alarmed.
         d.start(Duration::from_micros(500));
         assert!(!d.alarmed() && !d.over());
+    }
+
+    #[test]
+    fn an_alarmed_callback_that_kept_its_threads_timer_takes_its_base_at_its_first_check() {
+        let mut d = CpuDeadline::new(Duration::from_millis(50));
+        let us = |n: u64| Sample::Cpu(Duration::from_micros(n));
+        // Just started: a check finds it young, and reads nothing.
+        let now = Instant::now();
+        d.start_alarmed(Duration::from_micros(250), None, now);
+        assert!(d.young(now + ALARM_AFTER / 2));
+        assert!(!d.young(now + ALARM_AFTER));
+        // Started 80 µs ago: its first check takes the base and charges
+        // those 80 µs, so it is over after 170 µs more, and cut once it
+        // has used 50 µs past that.
+        d.start_alarmed(
+            Duration::from_micros(250),
+            None,
+            Instant::now() - Duration::from_micros(80),
+        );
+        assert!(!d.young(Instant::now()));
+        assert!(!interrupts(d.on_tick(us(1_000))));
+        assert!(d.ticked() && !d.over());
+        assert_eq!(d.used(us(1_000)), Some(Duration::ZERO));
+        assert!(d.charged(us(1_000)) >= Some(Duration::from_micros(80)));
+        assert!(d.left(us(1_000)) <= Duration::from_micros(170));
+        assert!(!interrupts(d.on_tick(us(1_100))));
+        assert!(matches!(d.on_tick(us(1_200)), UpdateDeadline::Continue(0)));
+        assert!(d.over());
+        assert!(interrupts(d.on_tick(us(1_250))));
+        // Off its CPU for a second before its first check: charged half
+        // its budget, no more.
+        d.start_alarmed(
+            Duration::from_micros(250),
+            None,
+            Instant::now() - Duration::from_secs(1),
+        );
+        assert!(!interrupts(d.on_tick(us(5_000))));
+        assert_eq!(d.charged(us(5_000)), Some(Duration::from_micros(125)));
+        assert!(!interrupts(d.on_tick(us(5_100))));
+        assert!(!d.over());
+        // A callback that set the timer counts from its start, never young.
+        d.start_alarmed(Duration::from_micros(250), Some(us(9_000)), Instant::now());
+        assert!(!d.young(Instant::now()));
+        assert!(matches!(d.on_tick(us(9_260)), UpdateDeadline::Continue(0)));
+        assert!(d.over());
     }
 
     #[test]

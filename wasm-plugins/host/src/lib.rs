@@ -69,6 +69,14 @@ pub use plugin::{
 };
 pub use shared::SharedData;
 
+/// How many times the calling thread set the timer that checks its clamped
+/// plugin callbacks (a system call each, and a signal when it fires): for
+/// tests of what a clamp costs.
+#[doc(hidden)]
+pub fn alarm_timers_set_on_this_thread() -> u64 {
+    alarm::sets()
+}
+
 use instance::{HostState, PluginShared};
 
 /// Supplies property values (`proxy_get_property`) that the host does not
