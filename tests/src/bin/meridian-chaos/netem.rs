@@ -51,6 +51,35 @@ impl Drop for Netns {
     }
 }
 
+/// A TERM, INT or HUP (`timeout`, Ctrl-C, a closed terminal) ends the run
+/// without unwinding, so `Netns`'s drop would not run and the namespaces
+/// (with the TUN devices or veth pair in them) would be left behind: this
+/// deletes them, then exits with 128 + the signal's number. The edge, origin
+/// and inner harness die with this process (`setpriv --pdeathsig KILL`).
+fn delete_on_signal(ns: &Netns) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let names = [ns.edge.clone(), ns.origin.clone()];
+    tokio::spawn(async move {
+        let (name, code) = tokio::select! {
+            _ = term.recv() => ("TERM", 128 + 15),
+            _ = int.recv() => ("INT", 128 + 2),
+            _ = hup.recv() => ("HUP", 128 + 1),
+        };
+        for n in &names {
+            let _ = sh(&["ip", "netns", "del", n]);
+        }
+        eprintln!(
+            "meridian-chaos: netem: SIG{name}: deleted the network namespaces {} and {}",
+            names[0], names[1]
+        );
+        std::process::exit(code);
+    });
+    Ok(())
+}
+
 struct Kill(Child);
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -70,6 +99,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         origin: format!("mchaos-o{id}"),
     };
     let (dev_e, dev_o) = (format!("mce{id}"), format!("mco{id}"));
+    delete_on_signal(&ns)?;
     sh(&["ip", "netns", "add", &ns.edge])
         .map_err(|e| anyhow::anyhow!("network namespaces need root: {e:#}"))?;
     sh(&["ip", "netns", "add", &ns.origin])?;
