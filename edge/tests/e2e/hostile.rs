@@ -506,13 +506,22 @@ async fn a_post_answer_that_names_itself_is_reused_for_gets() -> anyhow::Result<
         .send(meridian_e2e::client::req("POST", "h.test", path, "form=1"))
         .await?;
     assert_eq!((r.status, r.text()), (200, "posted".to_string()));
-    let hit = eventually(Duration::from_secs(5), || async {
-        get_with(edge.http(), path, &[])
+    // The answer is stored once its body has gone to the client, so a GET
+    // sent at once can come first and go to the origin (seen once in CI):
+    // wait until the cache holds it, then one GET must be a hit.
+    let stored = eventually(Duration::from_secs(5), || async {
+        edge.metrics()
             .await
-            .is_ok_and(|r| is_hit(&r) && r.text() == "posted")
+            .is_ok_and(|m| metric(&m, "meridian_cache_entries", &[]) >= 1.0)
     })
     .await;
-    assert!(hit, "the GET is answered from the POST's response");
+    assert!(stored, "the POST's answer was never stored");
+    let r = get_with(edge.http(), path, &[]).await?;
+    assert!(
+        is_hit(&r) && r.text() == "posted",
+        "the GET is answered from the POST's response: {}",
+        cache_status(&r)
+    );
     assert_eq!(origin.count("/cc/post").await, 1);
     // Without Content-Location naming the target, nothing is stored.
     let other = "/cc/post2?cc=max-age%3D60&text=posted";
