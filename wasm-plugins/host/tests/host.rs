@@ -1355,6 +1355,60 @@ fn bench_on_request_headers() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a clamp costs quick callbacks: two threads run requests through a
+/// plugin (context, `on_request_headers`, done) back to back for 1 s,
+/// unclamped and clamped in turn, three times; requests per second of each
+/// pair of threads, and the timers the clamped threads set.
+#[test]
+#[ignore = "benchmark: run with --release --ignored --nocapture"]
+fn bench_clamped_quick_callbacks_two_threads() -> anyhow::Result<()> {
+    let host = host();
+    let plugin = load_loop_or_count(&host, "steady", 0, Duration::from_millis(50))?;
+    let run = |plugin: &Plugin| -> (u64, u64) {
+        let phase = Duration::from_secs(1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let sets0 = meridian_wasm_host::alarm_timers_set_on_this_thread();
+                        let t0 = Instant::now();
+                        let mut n = 0u64;
+                        while t0.elapsed() < phase && n < 100_000_000 {
+                            let _ = run_filter(plugin, false);
+                            n += 1;
+                        }
+                        (
+                            n,
+                            meridian_wasm_host::alarm_timers_set_on_this_thread() - sets0,
+                        )
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or((0, 0)))
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        })
+    };
+    for round in 0..3 {
+        let (free, _) = run(&plugin);
+        // One loop clamps the plugin for 10 s (the default window).
+        assert!(run_filter(&plugin, true).0.is_err());
+        assert!(plugin.stats().deadline_clamped);
+        let (clamped, sets) = run(&plugin);
+        println!(
+            "round {round}: unclamped {free} req/s, clamped {clamped} req/s ({:+.1}%), {sets} timers set",
+            (clamped as f64 / free.max(1) as f64 - 1.0) * 100.0
+        );
+        // Let the clamp end before the next unclamped run.
+        let until = Instant::now() + Duration::from_secs(12);
+        while plugin.stats().deadline_clamped && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
 /// Memory per live instance of the real example plugins (built by
 /// `wasm-plugins/build`): 200 requests in flight at once, each holding its
 /// own instance, RSS before and after.
