@@ -909,11 +909,11 @@ impl PluginInstance {
         // A clamped callback also has its thread's alarm due within
         // `ALARM_BACKSTOP` (or its budget, if longer), for a loop that no
         // other callback checks (a quiet machine, or all its threads in
-        // loops). A timer already due in that time is kept; only a callback
-        // that sets it reads its thread's CPU time (before the timer would
-        // have been set, that is a system call per callback), the others
-        // take it at their first check that finds them older than
-        // `ALARM_AFTER` (see `CpuDeadline::start_alarmed`).
+        // loops). A timer already due in that time is kept. Only a callback
+        // that sets the timer reads its thread's CPU time at its start (a
+        // system call: read by every callback, it was one per callback);
+        // the others read it at their first check that finds them older
+        // than `ALARM_AFTER` (see `CpuDeadline::start_alarmed`).
         let armed = if clamped {
             crate::alarm::arm(self.store.engine(), budget.max(ALARM_BACKSTOP))
         } else {
