@@ -151,6 +151,10 @@ put("h3_request", "no-path", h3(base[:3]))
 put("h3_request", "host-and-authority", h3(base + [(b"host", b"other.test")]))
 # Raw: a HEADERS frame with the static-table GET https / (QPACK indexed fields).
 put("h3_request", "raw-static", b"\x01" + b"\x01\x08\x00\x00\xd1\xd7\xc1\x50\x01a")
+# Raw: found by CI's fuzzing (5 December): a HEADERS frame, then a DATA frame
+# header announcing 4 bytes, then the end of the stream. h3 0.0.8 panicked
+# (vendor/h3/MERIDIAN-PATCH.md); now it is H3_FRAME_ERROR.
+put("h3_request", "truncated-data-frame", b"\x01" + b"\x01\x08\x0b\x00\xd3\xd7\xc1\x50\x01\x65" + b"\x00\x04")
 
 # --- wasm_hostcalls: 44-byte records (u32 opcode, ten i32 arguments)
 NUM_IMPORTS = 44
