@@ -995,7 +995,15 @@ async fn reload(
         }
         let cfg = Arc::new(cfg);
         let new_tokens = Tokens::load(&cfg.admin)?;
-        let rt = Runtime::build(cfg.clone(), Some(&old), m)?;
+        // Building reads files, compiles changed plugins and opens
+        // databases: blocking work, kept off the async workers (on a
+        // one-worker runtime it would stall every connection meanwhile).
+        let rt = {
+            let (cfg, m) = (cfg.clone(), m.clone());
+            tokio::task::spawn_blocking(move || Runtime::build(cfg, Some(&old), &m))
+                .await
+                .map_err(|e| format!("building the new config: {e}"))??
+        };
         // 2. Bind (on failure, `rt` and everything bound so far drop here).
         let plans = plan_listeners(&cfg, listeners, shared).map_err(|e| e.to_string())?;
         // 3. Swap: nothing below can fail.

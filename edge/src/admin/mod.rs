@@ -199,9 +199,11 @@ impl Admin {
                 if let Some(c) = &self.proxy.cache {
                     c.update_gauges();
                 }
+                let rt = self.proxy.runtime();
                 crate::plugins::update_metrics(
                     &self.proxy.metrics,
-                    self.proxy.runtime().sites.iter().map(|s| &s.plugins[..]),
+                    rt.sites.iter().map(|s| &s.plugins[..]),
+                    rt.plugin_host.as_deref(),
                 );
                 self.proxy.metrics.update_allocator();
                 let mut r = text(StatusCode::OK, self.proxy.metrics.encode());

@@ -161,6 +161,9 @@ pub struct Metrics {
     pub plugin_failures: Family<PluginLabels, Gauge>,
     pub plugin_deadline_clamp: Family<PluginLabels, Gauge>,
     pub plugin_instances: Family<PluginLabels, Gauge>,
+    /// Plugin loads that compiled their module, and those that reused the
+    /// module of a plugin still loaded (a reload that kept the file).
+    pub plugin_module_loads: Family<Outcome, Gauge>,
     pub cache_coalesced: Counter,
     pub cache_purges: Family<Reason, Counter>,
     pub cache_bytes: Family<Reason, Counter>,
@@ -283,6 +286,7 @@ impl Metrics {
             plugin_failures: Family::default(),
             plugin_deadline_clamp: Family::default(),
             plugin_instances: Family::default(),
+            plugin_module_loads: Family::default(),
             cache_coalesced: Counter::default(),
             cache_purges: Family::default(),
             cache_bytes: Family::default(),
@@ -461,6 +465,11 @@ impl Metrics {
             "plugin_instances",
             "Wasm plugin instances, live (pooled or serving) and idle, and the request contexts they host (contexts)",
             m.plugin_instances.clone(),
+        );
+        registry.register(
+            "plugin_module_loads",
+            "Wasm plugin loads since start: compiled (the module was compiled) or reused (a plugin still loaded had the same bytes, as after a reload that kept the file)",
+            m.plugin_module_loads.clone(),
         );
         registry.register("cache_requests", "Cache lookups and their results (hit, miss, stale-while-revalidate, stale-if-error, revalidated, pass, uncacheable, stored...)", m.cache_requests.clone());
         registry.register(

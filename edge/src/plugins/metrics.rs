@@ -8,12 +8,24 @@ use super::LoadedPlugin;
 use crate::metrics::Metrics;
 
 /// Exports each plugin's own metrics and the host's counters for it, for
-/// the plugins of `chains` (every site's chain).
-pub fn update_metrics<'a, C>(metrics: &Metrics, chains: C)
-where
+/// the plugins of `chains` (every site's chain), and the host's module loads.
+pub fn update_metrics<'a, C>(
+    metrics: &Metrics,
+    chains: C,
+    host: Option<&meridian_wasm_host::PluginHost>,
+) where
     C: IntoIterator<Item = &'a [Arc<LoadedPlugin>]>,
 {
-    use crate::metrics::{PluginLabels, PluginMetricLabels};
+    use crate::metrics::{Outcome, PluginLabels, PluginMetricLabels};
+    if let Some(h) = host {
+        let s = h.module_stats();
+        for (result, v) in [("compiled", s.compiled), ("reused", s.reused)] {
+            metrics
+                .plugin_module_loads
+                .get_or_create(&Outcome { result })
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
+    }
     metrics.plugin_metric.clear();
     metrics.plugin_histogram_count.clear();
     metrics.plugin_callbacks.clear();

@@ -15,8 +15,9 @@
 //! [`Limits::callback_deadline`], counted in the CPU time of the thread that
 //! runs it (`instance::CpuDeadline`); after a missed deadline, the plugin's
 //! deadline is clamped for a while ([`Limits::deadline_clamp`], `clamp`).
-//! Modules are compiled once per load and
-//! linked once into an `InstancePre`; requests reuse pre-configured instances
+//! Modules are compiled once (a load of the same bytes while a plugin
+//! compiled from them is loaded reuses its module: [`PluginHost::module_stats`]) and
+//! linked once per load into an `InstancePre`; requests reuse pre-configured instances
 //! from a per-plugin pool, each request getting a new proxy-wasm context id.
 //!
 //! Instances host many request contexts at once, as Envoy's VMs do: a
@@ -49,8 +50,9 @@ mod plugin;
 mod ratelimit;
 mod shared;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -223,6 +225,56 @@ pub struct PluginHost {
     ticker: Arc<Ticker>,
     slots: Arc<instance::Slots>,
     config: HostConfig,
+    modules: ModuleCache,
+}
+
+/// Compiled modules by the SHA-256 of their bytes, kept for as long as a
+/// loaded plugin uses them: a config reload that keeps a plugin's file loads
+/// it without compiling it again (compiling is most of a load's cost: tens to
+/// hundreds of milliseconds of CPU in a release build, seconds in a debug
+/// one). Nothing is kept for a module no plugin uses any more.
+#[derive(Default)]
+struct ModuleCache {
+    by_digest: Mutex<HashMap<[u8; 32], Weak<Module>>>,
+    compiled: AtomicU64,
+    reused: AtomicU64,
+}
+
+/// How [`PluginHost::load`] came by its plugins' modules.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ModuleStats {
+    /// Loads that compiled their module.
+    pub compiled: u64,
+    /// Loads that reused the module of a plugin still loaded, with the same bytes.
+    pub reused: u64,
+}
+
+impl ModuleCache {
+    /// The module for `wasm`: a live one with the same digest, else `compile`'s.
+    fn get_or_compile(
+        &self,
+        wasm: &[u8],
+        compile: impl FnOnce() -> Result<Module>,
+    ) -> Result<Arc<Module>> {
+        let digest: [u8; 32] = {
+            let d = ring::digest::digest(&ring::digest::SHA256, wasm);
+            let mut out = [0; 32];
+            out.copy_from_slice(d.as_ref());
+            out
+        };
+        if let Some(m) = self.by_digest.lock().get(&digest).and_then(Weak::upgrade) {
+            self.reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(m);
+        }
+        // Compiled without the lock: two loads of the same new bytes at once
+        // both compile (the second's entry wins), which is rare and harmless.
+        let module = Arc::new(compile()?);
+        self.compiled.fetch_add(1, Ordering::Relaxed);
+        let mut map = self.by_digest.lock();
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(digest, Arc::downgrade(&module));
+        Ok(module)
+    }
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -277,7 +329,16 @@ impl PluginHost {
             ticker,
             slots: instance::Slots::new(config.max_instances),
             config,
+            modules: ModuleCache::default(),
         })
+    }
+
+    /// How many loads compiled their module, and how many reused one.
+    pub fn module_stats(&self) -> ModuleStats {
+        ModuleStats {
+            compiled: self.modules.compiled.load(Ordering::Relaxed),
+            reused: self.modules.reused.load(Ordering::Relaxed),
+        }
     }
 
     pub fn engine(&self) -> &Engine {
@@ -315,9 +376,11 @@ impl PluginHost {
                 ),
             });
         }
-        let module = Module::new(&self.engine, wasm).map_err(|e| PluginError::Compile {
-            plugin: name.to_owned(),
-            message: format!("{e:#}"),
+        let module = self.modules.get_or_compile(wasm, || {
+            Module::new(&self.engine, wasm).map_err(|e| PluginError::Compile {
+                plugin: name.to_owned(),
+                message: format!("{e:#}"),
+            })
         })?;
         check_exports(&module).map_err(invalid)?;
 
@@ -355,6 +418,7 @@ impl PluginHost {
             pool: Mutex::default(),
             slots: self.slots.clone(),
             _ticker: self.ticker.clone(),
+            _module: module,
         });
         let first = inner.instantiate(instance::Need::First)?;
         self.slots.register(&inner);

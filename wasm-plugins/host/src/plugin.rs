@@ -385,6 +385,8 @@ pub(crate) struct PluginInner {
     pub pool: Mutex<Pool>,
     pub slots: Arc<Slots>,
     pub _ticker: Arc<Ticker>,
+    /// Keeps the module in the host's cache while this plugin is loaded.
+    pub _module: Arc<wasmtime::Module>,
 }
 
 impl PluginInner {

@@ -1838,3 +1838,37 @@ fn shared_data_and_log_lines_are_bounded() -> anyhow::Result<()> {
     assert_eq!(plugin.shared_data().max_bytes(), 64);
     Ok(())
 }
+
+/// A load of bytes that a loaded plugin was compiled from reuses its module
+/// (a config reload that keeps a plugin's file does not compile it again);
+/// other bytes compile, and once no plugin uses a module it is forgotten.
+#[test]
+fn a_load_of_the_same_bytes_reuses_the_module_while_a_plugin_uses_it() -> anyhow::Result<()> {
+    let host = host();
+    let stats = |c, r| meridian_wasm_host::ModuleStats {
+        compiled: c,
+        reused: r,
+    };
+    let first = load(&host, ADD_HEADER);
+    assert_eq!(host.module_stats(), stats(1, 0));
+    // A reload: the new generation loads while the old one is still loaded.
+    let second = load(&host, ADD_HEADER);
+    assert_eq!(host.module_stats(), stats(1, 1));
+    // Each load is its own plugin (own instances, config and counters) and works.
+    for p in [&first, &second] {
+        let mut ctx = p.request_context()?;
+        let mut h = headers(&[]);
+        assert_eq!(ctx.on_request_headers(&mut h, true)?, Action::Continue);
+        assert_eq!(get(&h, "x-added"), Some(&b"yes"[..]));
+    }
+    assert_eq!(second.stats().callbacks, 1);
+    // Other bytes compile.
+    let other = load(&host, "");
+    assert_eq!(host.module_stats(), stats(2, 1));
+    // Once no plugin uses a module, the next load compiles it again.
+    drop((first, second));
+    let third = load(&host, ADD_HEADER);
+    assert_eq!(host.module_stats(), stats(3, 1));
+    drop((other, third));
+    Ok(())
+}
