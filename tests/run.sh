@@ -55,8 +55,12 @@ echo "== soak (2 minutes) and the chaos scenarios that fit CI's time (docs/soak-
 # otherwise); plugin runs only from bench/chaos/run.sh (docs/soak-chaos.md
 # says why).
 # Two minutes are mostly warm-up: RSS may grow up to 25% here (a gross leak
-# still fails); the issue's 5% bound is for the 30-minute soak.
-RSS_LIMIT=25 PROFILE=debug bash bench/soak/run.sh 120
+# still fails); the issue's 5% bound is for the 30-minute soak. Likewise the
+# p99 may grow up to 100% (a p99 that doubles with a trend still fails): the
+# debug build at 70% of a shared 2-core machine turns a 12% slowdown of the
+# machine into a 73% higher p99 (docs/soak-chaos.md); the issue's 20% bound
+# is for the 30-minute soak.
+RSS_LIMIT=25 P99_LIMIT=100 PROFILE=debug bash bench/soak/run.sh 120
 PROFILE=debug bash bench/chaos/run.sh flap --duration 30
 PROFILE=debug bash bench/chaos/run.sh dnsflap --duration 30
 PROFILE=debug bash bench/chaos/run.sh kill9 --duration 45 --every 15

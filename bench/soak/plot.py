@@ -41,6 +41,7 @@ def main():
         ("latency (ms)", [("HTTP p50", col("http_p50_ms")), ("HTTP p99", col("http_p99_ms")),
                           ("DNS p50", col("dns_p50_ms")), ("DNS p99", col("dns_p99_ms"))]),
         ("edge CPU per request (µs)", [("user + system", col("edge_cpu_us_per_req"))]),
+        ("machine CPU (%)", [("busy", col("machine_busy_pct")), ("steal", col("machine_steal_pct"))]),
         ("load and errors", [("HTTP req/s", col("http_rps")), ("DNS q/s", col("dns_qps")),
                              ("errors (cumulative)", col("errors_total"))]),
     ]
