@@ -298,7 +298,8 @@ fn qpack_literals(fields: &[(&str, &str)]) -> Vec<u8> {
 /// then panicked in the edge's request task on its next read (an assertion
 /// in `FrameStream::poll_next`); CI's fuzzing found it (`h3_request`). The
 /// fix is in the vendored h3 (vendor/h3/MERIDIAN-PATCH.md). Without it the
-/// connection stays open and the wait for its close times out.
+/// connection stays open and the wait for its close times out (the request
+/// still got a 502, its task having panicked).
 #[tokio::test]
 async fn a_request_stream_ending_inside_a_data_frame_is_an_h3_frame_error() -> anyhow::Result<()> {
     const H3_FRAME_ERROR: u32 = 0x106;
@@ -320,11 +321,13 @@ async fn a_request_stream_ending_inside_a_data_frame_is_an_h3_frame_error() -> a
     send.write_all(&bytes).await?;
     send.finish()?; // ... and none sent.
     let wait = Duration::from_secs(10);
-    let read = tokio::time::timeout(wait, recv.read_to_end(1 << 16)).await;
-    assert!(
-        !matches!(read, Ok(Ok(_))),
-        "a truncated request got a complete answer: {read:?}"
-    );
+    // The stream ends, reset or with an answer: the edge may have begun
+    // forwarding the request, and a 502 for its failed body can reach the
+    // client before the connection's close does. Either way, no hang.
+    tokio::time::timeout(wait, recv.read_to_end(1 << 16))
+        .await
+        .map_err(|_| anyhow::anyhow!("the request stream neither ended nor failed in {wait:?}"))?
+        .ok();
     let closed = tokio::time::timeout(wait, c.conn.closed())
         .await
         .map_err(|_| anyhow::anyhow!("the edge did not close the connection in {wait:?}"))?;
