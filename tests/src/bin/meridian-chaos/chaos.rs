@@ -1690,6 +1690,16 @@ pub async fn origin_only(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the plugin scenario's misbehaving plugin (`x-misbehave: trap |
+/// loop | memory`) to `--out`, for `bench/plugin/run.sh`.
+pub fn plugin_wasm(args: &Args) -> anyhow::Result<()> {
+    let out = args
+        .str("out")
+        .ok_or_else(|| anyhow::anyhow!("--out PATH"))?;
+    std::fs::write(out, wat::parse_str(MISBEHAVING_PLUGIN)?)?;
+    Ok(())
+}
+
 pub async fn netem(args: &Args) -> anyhow::Result<()> {
     crate::netem::run(args).await
 }

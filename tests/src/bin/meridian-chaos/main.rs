@@ -5,6 +5,7 @@
 //! meridian-chaos soak --duration SECS --out DIR [--load 0.7] [--calibrate SECS]
 //! meridian-chaos flap | kill9 | diskfull | diskerror | netem | plugin | dnsflap [--duration SECS]
 //! meridian-chaos origin --listen ADDR      (the test origin alone, for netem)
+//! meridian-chaos plugin-wasm --out PATH    (the plugin scenario's misbehaving plugin, for bench/plugin)
 //! ```
 //! The binaries come from `MERIDIAN_EDGE_BIN` and `MERIDIAN_DNS_BIN`
 //! (bench/soak/run.sh and bench/chaos/run.sh set them). Every scenario prints
@@ -69,7 +70,7 @@ fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = argv.first().cloned() else {
         eprintln!(
-            "usage: meridian-chaos soak|flap|kill9|diskfull|diskerror|netem|plugin|dnsflap|origin [--key value]…"
+            "usage: meridian-chaos soak|flap|kill9|diskfull|diskerror|netem|plugin|dnsflap|origin|plugin-wasm [--key value]…"
         );
         std::process::exit(2);
     };
@@ -101,6 +102,7 @@ fn main() {
             "plugin" => chaos::plugin(&args).await,
             "dnsflap" => chaos::dnsflap(&args).await,
             "origin" => chaos::origin_only(&args).await,
+            "plugin-wasm" => chaos::plugin_wasm(&args),
             other => Err(anyhow::anyhow!("unknown command {other:?}")),
         }
     });

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# What a misbehaving plugin costs the edge's other requests, in edge CPU per
+# well-behaved request: the plugin of the `plugin` chaos scenario (trap,
+# loop or memory exhaustion when a request carries `x-misbehave`), in front
+# of an nginx origin, every request a memory-cache hit, driven by wrk with
+# every EVERY-th request of each connection misbehaving. Runs alone and with
+# each misbehaviour alternate, ROUNDS times, in one run; the edge's CPU comes
+# from /proc over each run. CPU per request moves less with the machine's
+# noise than the chaos scenario's throughputs (docs/soak-chaos.md).
+#
+#   bash bench/plugins/misbehave.sh          # DURATION=8 ROUNDS=3 EVERY=100 CONNS=32
+#   KINDS="loop" bash bench/plugins/misbehave.sh
+#   EDGE_BIN=PATH bash bench/plugins/misbehave.sh   # another build, to compare
+set -euo pipefail
+BENCH_DIR="$(cd "$(dirname "$0")/.." && pwd)"
+ROOT="$(cd "$BENCH_DIR/.." && pwd)"
+source "$BENCH_DIR/lib.sh"
+DURATION="${DURATION:-8}" ROUNDS="${ROUNDS:-3}" EVERY="${EVERY:-100}" CONNS="${CONNS:-32}"
+KINDS="${KINDS:-loop trap memory}"
+need_tools nginx wrk curl
+EDGE="$(edge_bin)"
+(cd "$ROOT" && cargo build --release -p meridian-e2e --bin meridian-chaos >&2)
+WORK="$(mktemp -d /tmp/meridian-bench-misbehave.XXXXXX)"
+trap bench_cleanup EXIT
+ORIGIN=18960 PORT=18961 ADMIN=18962
+"$ROOT/target/release/meridian-chaos" plugin-wasm --out "$WORK/misbehave.wasm"
+start_origin "$ORIGIN" 4096 "public, max-age=3600"
+cat > "$WORK/edge.toml" <<CONF
+[admin]
+listen = "127.0.0.1:$ADMIN"
+
+[log]
+access_log = "off"
+level = "warn"
+
+[cache]
+memory = "64MiB"
+
+[[listeners]]
+address = "127.0.0.1:$PORT"
+
+[[sites]]
+hosts = ["*"]
+pool = "origin"
+
+[[sites.plugins]]
+path = "$WORK/misbehave.wasm"
+failure = "closed"
+memory = "16MiB"
+
+[pools.origin]
+origins = [{ url = "http://127.0.0.1:$ORIGIN" }]
+CONF
+env -u RUST_BACKTRACE "$EDGE" run --config "$WORK/edge.toml" > "$WORK/edge.log" 2>&1 &
+EDGE_PID=$!
+BENCH_PIDS+=("$EDGE_PID")
+wait_http "http://127.0.0.1:$PORT/obj"
+check_object "http://127.0.0.1:$PORT/obj" 4096
+
+# run EVERY KIND : one wrk run; prints "good/s µs-per-good bad".
+run() {
+  local t0 t1 out reqs bad
+  t0=$(cpu_ticks "$EDGE_PID")
+  out=$(EVERY=$1 KIND=$2 wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$BENCH_DIR/plugins/misbehave.lua" "http://127.0.0.1:$PORT/obj")
+  t1=$(cpu_ticks "$EDGE_PID")
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  bad=$(awk '/Non-2xx/ {print $NF}' <<<"$out"); bad=${bad:-0}
+  printf '%s %s %s\n' "$(awk -v g=$((reqs - bad)) -v d="$DURATION" 'BEGIN{printf "%.0f", g/d}')" \
+    "$(us_per_req $((t1 - t0)) $((reqs - bad)))" "$bad"
+}
+
+echo "misbehave: every ${EVERY}th request; ${DURATION} s runs; ${ROUNDS} rounds; edge $EDGE"
+printf '%-8s %-7s %10s %12s %8s\n' round run good/s "µs/good" bad
+declare -A SUM_US=() N=()
+for r in $(seq 1 "$ROUNDS"); do
+  for kind in none $KINDS; do
+    every=$EVERY; [ "$kind" = none ] && every=0
+    read -r gps us bad < <(run "$every" "$kind")
+    printf '%-8s %-7s %10s %12s %8s\n' "$r" "$kind" "$gps" "$us" "$bad"
+    SUM_US[$kind]=$(awk -v a="${SUM_US[$kind]:-0}" -v b="$us" 'BEGIN{print a+b}')
+    N[$kind]=$(( ${N[$kind]:-0} + 1 ))
+  done
+done
+base=$(awk -v a="${SUM_US[none]}" -v n="${N[none]}" 'BEGIN{print a/n}')
+for kind in $KINDS; do
+  awk -v k="$kind" -v a="${SUM_US[$kind]}" -v n="${N[$kind]}" -v b="$base" -v e="$EVERY" 'BEGIN{
+    m = a / n; printf "misbehave: %-6s %.2f µs per good request against %.2f alone (%+.1f%%): about %.0f µs of edge CPU per misbehaving request\n", k, m, b, (m - b) / b * 100, (m - b) * (e - 1) }'
+done
+# What the loops were charged, from the edge's log.
+grep -o 'after [0-9.]*[mµ]s of CPU' "$WORK/edge.log" | awk '{v=$2; if (v ~ /ms$/) {sub("ms","",v); v*=1000} else sub("µs","",v); print v}' \
+  | sort -n | awk '{a[NR]=$1} END { if (NR) printf "misbehave: loops cut after (µs of CPU): p10 %.0f, p50 %.0f, p90 %.0f, p99 %.0f (%d loops)\n", a[int(NR*.1)+1], a[int(NR*.5)+1], a[int(NR*.9)+1], a[int(NR*.99)+1], NR }'
