@@ -18,8 +18,9 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 pub use super::keys::{VARIANT_SEP, keys_of_url, split_variant};
+pub use super::machine::FlightState;
 pub use super::meta::{for_policy, freshened, headers_of, meta_headers, stored_response};
-use super::policy::{self, CacheStatus, ConditionalResult, StoredResponse};
+use super::policy::{self, CacheStatus, ConditionalResult, StoredResponse, UpstreamFailure};
 pub use super::purge::{PurgeCounts, PurgeRequest, normalize_prefix};
 use super::range::{self, RangeRequest};
 pub use super::site::{CACHE_NAME, SitePolicy, downstream_headers};
@@ -38,7 +39,7 @@ pub struct HttpCache {
     pub storage: Storage,
     /// Background purge jobs (see [`super::purge`]).
     pub purges: super::purge::PurgeJobs,
-    flights: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    flights: Mutex<HashMap<String, watch::Receiver<FlightState>>>,
     pass: Mutex<HashMap<String, Instant>>,
     pub(crate) metrics: Arc<Metrics>,
     /// `meridian_cache_requests_total` by result, resolved once.
@@ -89,17 +90,25 @@ impl std::fmt::Debug for HttpCache {
 /// The first request for a key fetches; the others wait for it.
 pub enum Join {
     Leader(FlightGuard),
-    Follower(watch::Receiver<bool>),
+    Follower(watch::Receiver<FlightState>),
 }
 
-/// Held by the request that fetches a key; dropping it wakes the waiters.
+/// Held by the request that fetches a key; dropping it wakes the waiters,
+/// and tells them whether the fetch failed.
 pub struct FlightGuard {
     cache: Arc<HttpCache>,
     key: String,
-    tx: watch::Sender<bool>,
+    tx: watch::Sender<FlightState>,
+    failed: Option<UpstreamFailure>,
 }
 
 impl FlightGuard {
+    /// The flight's origin request failed so: its waiters learn it when
+    /// the guard is dropped, and judge stale-if-error by it.
+    pub fn fail(&mut self, failure: UpstreamFailure) {
+        self.failed = Some(failure);
+    }
+
     /// How many requests wait for this flight.
     fn waiters(&self) -> usize {
         // The flights map holds one receiver itself.
@@ -110,7 +119,9 @@ impl FlightGuard {
 impl Drop for FlightGuard {
     fn drop(&mut self) {
         self.cache.flights.lock().remove(&self.key);
-        let _ = self.tx.send(true);
+        let _ = self
+            .tx
+            .send(self.failed.map_or(FlightState::Done, FlightState::Failed));
     }
 }
 
@@ -143,12 +154,13 @@ impl HttpCache {
         if let Some(rx) = f.get(key) {
             return Join::Follower(rx.clone());
         }
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(FlightState::Running);
         f.insert(key.to_string(), rx);
         Join::Leader(FlightGuard {
             cache: self.clone(),
             key: key.to_string(),
             tx,
+            failed: None,
         })
     }
 

@@ -13,6 +13,7 @@
 //!              │  └──hit, stale accepted (max-stale)────► Serve
 //!              │  └──hit, must revalidate──► Join(revalidate) ─leader──► Fetch(Revalidate)
 //!              │                                          └follower─► Wait ─fresh─► Serve
+//!              │                          leader failed or lock timeout, stale-if-error─► Serve
 //!              │                                                          └else──► Fetch(Revalidate)
 //!              └─miss─┬─only-if-cached──────────────────► NotCached
 //!                     ├─Range──► TryPart ─none─► Fetch(Range)
@@ -124,6 +125,43 @@ pub enum FetchKind {
     /// A conditional request for the stored object `obj_key`; `leader`
     /// when it leads the object's revalidation flight.
     Revalidate { obj_key: String, leader: bool },
+}
+
+/// A flight's state, which its leader publishes to the requests that wait
+/// for it (the value of the flight's watch channel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlightState {
+    /// The leader is still fetching.
+    Running,
+    /// The leader is done: storage holds whatever it stored.
+    Done,
+    /// The leader's origin request failed, without an answer or with an
+    /// error status. Its waiters share the failure rather than repeat it.
+    Failed(policy::UpstreamFailure),
+}
+
+/// How a request's wait for a flight ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    /// The flight is done; storage was looked up again.
+    Done,
+    /// The flight's origin request failed so.
+    Failed(policy::UpstreamFailure),
+    /// The flight was still running after `lock_timeout`.
+    TimedOut,
+}
+
+impl Waited {
+    /// The outcome of a wait on a flight's channel: `None` when it timed
+    /// out, else the state the leader left (a leader that went away
+    /// without a word is done).
+    pub fn of(state: Option<FlightState>) -> Waited {
+        match state {
+            None => Waited::TimedOut,
+            Some(FlightState::Failed(f)) => Waited::Failed(f),
+            Some(FlightState::Running | FlightState::Done) => Waited::Done,
+        }
+    }
 }
 
 /// What to do with the origin's answer to a revalidation.
@@ -364,22 +402,26 @@ impl CacheMachine {
         }
     }
 
-    /// The wait ended: `timed_out`, or the flight finished and storage now
-    /// holds `found` (a fresh object serves every waiter).
+    /// The wait ended as `waited`, and storage now holds `found`. A fresh
+    /// object serves every waiter. A stale one, when the leader's
+    /// revalidation failed or did not end within `lock_timeout`, is served
+    /// if stale-if-error allows it, as the leader's own failure would have
+    /// been: a waiter never asks a failing origin again, and never takes
+    /// longer than the lock timeout when the object may be served stale.
     pub fn on_wait(
         &mut self,
         found: Option<(&str, &StoredResponse)>,
-        timed_out: bool,
+        waited: Waited,
         now: SystemTime,
     ) -> Step {
-        let fresh = match (timed_out, found) {
-            (false, Some((_, stored))) => {
+        let fresh = match (waited, found) {
+            (Waited::TimedOut, _) | (_, None) => None,
+            (_, Some((_, stored))) => {
                 match policy::lookup(stored, &self.req, now, &self.sp.policy) {
                     Lookup::Fresh { ttl_left, .. } => Some(ttl_left),
                     _ => None,
                 }
             }
-            _ => None,
         };
         match std::mem::replace(&mut self.state, State::Done) {
             State::WaitingMiss { fwd } => match fresh {
@@ -393,32 +435,50 @@ impl CacheMachine {
                 None => Step::Fetch(Fetch {
                     kind: FetchKind::Pass,
                     status: CacheStatus::forward(CACHE_NAME, fwd).collapsed().detail(
-                        if timed_out {
-                            "lock-timeout"
-                        } else {
-                            "uncacheable"
+                        match waited {
+                            Waited::TimedOut => "lock-timeout",
+                            Waited::Failed(_) => "flight-failed",
+                            Waited::Done => "uncacheable",
                         },
                     ),
                     result: "pass",
                 }),
             },
-            State::WaitingRevalidation { obj_key } => match fresh {
-                Some(ttl) => Step::Serve {
-                    status: CacheStatus::hit(CACHE_NAME).ttl(secs(ttl)).collapsed(),
-                    result: "revalidated-collapsed",
-                    revalidate: false,
-                },
-                // Still stale (the origin failed, or the wait timed out):
-                // ask the origin ourselves.
-                None => Step::Fetch(Fetch {
+            State::WaitingRevalidation { obj_key } => {
+                if let Some(ttl) = fresh {
+                    return Step::Serve {
+                        status: CacheStatus::hit(CACHE_NAME).ttl(secs(ttl)).collapsed(),
+                        result: "revalidated-collapsed",
+                        revalidate: false,
+                    };
+                }
+                let failure = match waited {
+                    Waited::Failed(f) => Some(f),
+                    Waited::TimedOut => Some(policy::UpstreamFailure::Unanswered),
+                    Waited::Done => None,
+                };
+                if let (Some(failure), Some((_, stored))) = (failure, found)
+                    && self.on_revalidation_error(stored, failure, now)
+                {
+                    return Step::Serve {
+                        status: CacheStatus::hit(CACHE_NAME)
+                            .detail("stale-if-error")
+                            .collapsed(),
+                        result: "stale-if-error",
+                        revalidate: false,
+                    };
+                }
+                // Still stale, and it may not be served so: ask the origin
+                // ourselves.
+                Step::Fetch(Fetch {
                     kind: FetchKind::Revalidate {
                         obj_key,
                         leader: false,
                     },
                     status: CacheStatus::forward(CACHE_NAME, FwdReason::Stale),
                     result: "revalidate",
-                }),
-            },
+                })
+            }
             other => {
                 self.state = other;
                 self.misused()

@@ -19,12 +19,12 @@ use tokio::sync::watch;
 use super::session::Session;
 use super::{Fetched, Runtime, UpstreamRequest};
 use crate::cache::http::{
-    Answered, ClientRequest, FlightGuard, Found, HttpCache, Join, PurgeCounts, SitePolicy,
-    StoreTarget, StoredObject, downstream_headers, for_policy, freshened, split_variant,
-    stored_response, whole_representation,
+    Answered, ClientRequest, FlightGuard, FlightState, Found, HttpCache, Join, PurgeCounts,
+    SitePolicy, StoreTarget, StoredObject, downstream_headers, for_policy, freshened,
+    split_variant, stored_response, whole_representation,
 };
 use crate::cache::machine::{
-    self, CacheMachine, Entry, Fetch, FetchKind, Revalidated, Step, revalidation_flight,
+    self, CacheMachine, Entry, Fetch, FetchKind, Revalidated, Step, Waited, revalidation_flight,
 };
 use crate::cache::policy::{self, CacheStatus, FwdReason, KeyOptions};
 use crate::cache::storage::Hit;
@@ -94,7 +94,7 @@ struct Driver<'a> {
     /// The flight this request leads.
     guard: Option<FlightGuard>,
     /// The flight this request waits for.
-    follower: Option<watch::Receiver<bool>>,
+    follower: Option<watch::Receiver<FlightState>>,
     /// A miss's Vary variant key (the URL has a Vary index).
     variant: Option<String>,
 }
@@ -122,76 +122,74 @@ impl Driver<'_> {
             }
         };
         loop {
-            step =
-                match step {
-                    Step::Serve {
-                        status,
-                        result,
-                        revalidate,
-                    } => {
-                        self.cache.count(result);
-                        let Some(obj) = self.obj.take() else {
-                            return Err(internal("serve without an object"));
-                        };
-                        if revalidate {
-                            spawn_revalidation(s, self.cache, self.m.policy(), &obj);
-                        }
-                        return Ok(self.serve(obj, status));
+            step = match step {
+                Step::Serve {
+                    status,
+                    result,
+                    revalidate,
+                } => {
+                    self.cache.count(result);
+                    let Some(obj) = self.obj.take() else {
+                        return Err(internal("serve without an object"));
+                    };
+                    if revalidate {
+                        spawn_revalidation(s, self.cache, self.m.policy(), &obj);
                     }
-                    Step::Join { flight } => match self.cache.join(&flight) {
-                        Join::Leader(g) => {
-                            self.guard = Some(g);
-                            self.m.on_join(true)
-                        }
-                        Join::Follower(rx) => {
-                            self.cache.metrics.cache_coalesced.inc();
-                            self.follower = Some(rx);
-                            self.m.on_join(false)
-                        }
-                    },
-                    Step::Wait { timeout } => {
-                        let Some(mut rx) = self.follower.take() else {
-                            return Err(internal("wait without a flight"));
-                        };
-                        let waited = tokio::time::timeout(timeout, async move {
-                            rx.wait_for(|d| *d).await.is_ok()
-                        })
-                        .await;
-                        let found = if waited.is_ok() {
-                            self.find().await
-                        } else {
-                            None
-                        };
-                        let step = self.m.on_wait(
-                            found.as_ref().map(|o| (o.key.as_str(), &o.stored)),
-                            waited.is_err(),
-                            SystemTime::now(),
-                        );
-                        if matches!(step, Step::Serve { .. }) {
-                            self.obj = found;
-                        }
-                        step
+                    return Ok(self.serve(obj, status));
+                }
+                Step::Join { flight } => match self.cache.join(&flight) {
+                    Join::Leader(g) => {
+                        self.guard = Some(g);
+                        self.m.on_join(true)
                     }
-                    Step::TryPart => {
-                        let (key, method) = (self.m.key(), &s.up.parts.method);
-                        let sp = self.m.policy();
-                        let req = self.m.request_headers();
-                        if let Some(resp) =
-                            crate::cache::partial::serve(self.cache, sp, key, method, req).await
-                        {
-                            return Ok(resp);
-                        }
-                        self.m.on_no_part()
+                    Join::Follower(rx) => {
+                        self.cache.metrics.cache_coalesced.inc();
+                        self.follower = Some(rx);
+                        self.m.on_join(false)
                     }
-                    Step::NotCached => {
-                        self.cache.count("only-if-cached");
-                        return Err(ProxyError::downstream(
-                            ErrorKind::NotCached,
-                            "only-if-cached",
-                        ));
+                },
+                Step::Wait { timeout } => {
+                    let Some(mut rx) = self.follower.take() else {
+                        return Err(internal("wait without a flight"));
+                    };
+                    let state = tokio::time::timeout(timeout, async move {
+                        rx.wait_for(|f| *f != FlightState::Running)
+                            .await
+                            .map_or(FlightState::Done, |f| *f)
+                    })
+                    .await
+                    .ok();
+                    let found = self.find().await;
+                    let step = self.m.on_wait(
+                        found.as_ref().map(|o| (o.key.as_str(), &o.stored)),
+                        Waited::of(state),
+                        SystemTime::now(),
+                    );
+                    if let (Step::Serve { .. }, Some(found)) = (&step, found) {
+                        self.obj = Some(found);
                     }
-                    Step::Fetch(f) => return self.fetch(s, f).await,
-                };
+                    step
+                }
+                Step::TryPart => {
+                    let (key, method) = (self.m.key(), &s.up.parts.method);
+                    let sp = self.m.policy();
+                    let req = self.m.request_headers();
+                    if let Some(resp) =
+                        crate::cache::partial::serve(self.cache, sp, key, method, req).await
+                    {
+                        return Ok(resp);
+                    }
+                    self.m.on_no_part()
+                }
+                Step::NotCached => {
+                    self.cache.count("only-if-cached");
+                    return Err(ProxyError::downstream(
+                        ErrorKind::NotCached,
+                        "only-if-cached",
+                    ));
+                }
+                Step::Fetch(f) => return self.fetch(s, f).await,
+            };
         }
     }
 
@@ -263,7 +261,13 @@ impl Driver<'_> {
         let mut up = s.up.clone();
         whole_representation(&mut up.parts.headers, true);
         let request_time = SystemTime::now();
-        let fetched = s.fetch(&up, RequestBody::empty()).await?;
+        let fetched = match s.fetch(&up, RequestBody::empty()).await {
+            Ok(f) => f,
+            Err(e) => {
+                self.fail_flight(upstream_failure(&e));
+                return Err(e);
+            }
+        };
         let response_time = SystemTime::now();
         let cs = cs.fwd_status(fetched.resp.status());
         let resp = s.finish(fetched).await?;
@@ -379,12 +383,8 @@ impl Driver<'_> {
         let fetched = match s.fetch(&up, RequestBody::empty()).await {
             Ok(f) => f,
             Err(e) => {
-                let failure = match e.kind {
-                    ErrorKind::ConnectTimeout | ErrorKind::HeaderTimeout => {
-                        policy::UpstreamFailure::Timeout
-                    }
-                    _ => policy::UpstreamFailure::Connect,
-                };
+                let failure = upstream_failure(&e);
+                self.fail_flight(failure);
                 if self.m.on_revalidation_error(&obj.stored, failure, now) {
                     self.cache.count("stale-if-error");
                     let cs =
@@ -421,6 +421,7 @@ impl Driver<'_> {
                 Ok(self.serve(obj, cs))
             }
             Revalidated::ServeStale => {
+                self.fail_flight(policy::UpstreamFailure::Status(status));
                 drop(fetched);
                 self.cache.count("stale-if-error");
                 let cs = CacheStatus::hit(crate::cache::http::CACHE_NAME)
@@ -429,7 +430,13 @@ impl Driver<'_> {
                 Ok(self.serve_at(obj, cs, now))
             }
             Revalidated::Replace => {
-                // A new representation replaces the stored one.
+                // A new representation replaces the stored one. An error
+                // this client may not be served stale for is still a failure
+                // to the waiters, who judge stale-if-error by their own
+                // requests.
+                if policy::UpstreamFailure::Status(status).is_error() {
+                    self.fail_flight(policy::UpstreamFailure::Status(status));
+                }
                 self.cache.count("stale-replaced");
                 let (key, variant) = split_variant(&obj.key);
                 let cs = CacheStatus::forward(crate::cache::http::CACHE_NAME, FwdReason::Stale)
@@ -450,6 +457,14 @@ impl Driver<'_> {
         }
     }
 
+    /// The fetch this request leads (a fill or a revalidation) failed so:
+    /// its waiters learn it when the flight ends.
+    fn fail_flight(&mut self, failure: policy::UpstreamFailure) {
+        if let Some(g) = &mut self.guard {
+            g.fail(failure);
+        }
+    }
+
     fn serve_at(
         &self,
         obj: StoredObject,
@@ -461,6 +476,14 @@ impl Driver<'_> {
             headers: self.m.request_headers(),
         };
         self.cache.serve_hit(self.m.policy(), client, obj, cs, now)
+    }
+}
+
+/// How a fetch that returned no response failed, for stale-if-error.
+fn upstream_failure(e: &ProxyError) -> policy::UpstreamFailure {
+    match e.kind {
+        ErrorKind::ConnectTimeout | ErrorKind::HeaderTimeout => policy::UpstreamFailure::Timeout,
+        _ => policy::UpstreamFailure::Connect,
     }
 }
 
@@ -531,11 +554,15 @@ fn spawn_revalidation(
     let (cache, sp) = (cache.clone(), sp.clone());
     let obj_key = obj.key.clone();
     tokio::spawn(async move {
-        let _guard = guard;
+        let mut guard = guard;
         let request_time = SystemTime::now();
-        let Ok(fetched) = sub.fetch_own().await else {
-            cache.count("background-revalidation-failed");
-            return;
+        let fetched = match sub.fetch_own().await {
+            Ok(f) => f,
+            Err(e) => {
+                guard.fail(upstream_failure(&e));
+                cache.count("background-revalidation-failed");
+                return;
+            }
         };
         let response_time = SystemTime::now();
         let status = fetched.resp.status();
@@ -556,6 +583,7 @@ fn spawn_revalidation(
             return;
         }
         if policy::UpstreamFailure::Status(status).is_error() {
+            guard.fail(policy::UpstreamFailure::Status(status));
             return; // keep serving what we have
         }
         let Ok(resp) = sub.finish(fetched).await else {

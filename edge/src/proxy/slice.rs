@@ -13,7 +13,9 @@ use tokio::sync::mpsc;
 
 use super::Fetched;
 use super::session::Session;
-use crate::cache::http::{Answered, HttpCache, Join, SitePolicy, StoreTarget, downstream_headers};
+use crate::cache::http::{
+    Answered, FlightState, HttpCache, Join, SitePolicy, StoreTarget, downstream_headers,
+};
 use crate::cache::policy::{self, CacheStatus, FwdReason};
 use crate::cache::range::{self, RangeRequest};
 use crate::cache::slice::{
@@ -46,25 +48,24 @@ async fn get_slice(s: &mut Session, o: &Sliced<'_>, i: u64) -> Result<Got, Proxy
     if let Some(sl) = cached_slice(cache, sp, &skey, &req, SystemTime::now()).await {
         return Ok(Got::Slice(sl));
     }
-    let guard =
-        match cache.join(&skey) {
-            Join::Leader(g) => g,
-            Join::Follower(mut rx) => {
-                let _ = tokio::time::timeout(sp.lock_timeout, async move {
-                    rx.wait_for(|d| *d).await.is_ok()
-                })
-                .await;
-                if let Some(sl) = cached_slice(cache, sp, &skey, &req, SystemTime::now()).await {
-                    return Ok(Got::Slice(sl));
-                }
-                match cache.join(&skey) {
-                    Join::Leader(g) => g,
-                    Join::Follower(_) => {
-                        return Err(ProxyError::upstream(ErrorKind::HeaderTimeout, "slice lock"));
-                    }
+    let guard = match cache.join(&skey) {
+        Join::Leader(g) => g,
+        Join::Follower(mut rx) => {
+            let _ = tokio::time::timeout(sp.lock_timeout, async move {
+                rx.wait_for(|f| *f != FlightState::Running).await.is_ok()
+            })
+            .await;
+            if let Some(sl) = cached_slice(cache, sp, &skey, &req, SystemTime::now()).await {
+                return Ok(Got::Slice(sl));
+            }
+            match cache.join(&skey) {
+                Join::Leader(g) => g,
+                Join::Follower(_) => {
+                    return Err(ProxyError::upstream(ErrorKind::HeaderTimeout, "slice lock"));
                 }
             }
-        };
+        }
+    };
     let size = sp.slice_size;
     let mut slice_up = s.up.clone();
     crate::cache::http::whole_representation(&mut slice_up.parts.headers, false);

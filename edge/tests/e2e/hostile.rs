@@ -391,6 +391,150 @@ async fn stale_is_served_by_default_when_the_origin_is_unreachable() -> anyhow::
     Ok(())
 }
 
+/// An origin that answers `GET`s with a `max-age=1, stale-if-error=600`
+/// object until `stall` is set, then reads each request, counts it in
+/// `stalled`, and never answers (for at most a minute).
+async fn stalling_origin() -> anyhow::Result<(
+    std::net::SocketAddr,
+    Arc<std::sync::atomic::AtomicBool>,
+    Arc<std::sync::atomic::AtomicU32>,
+)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stalled = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (stall2, stalled2) = (stall.clone(), stalled.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (stall, stalled) = (stall2.clone(), stalled2.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        if stall.load(Ordering::SeqCst) {
+                            stalled.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                            return;
+                        }
+                        let ok = "HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-if-error=600\r\n\
+                                  ETag: \"v1\"\r\nContent-Length: 4\r\n\r\nkept";
+                        if s.write_all(ok.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok((addr, stall, stalled))
+}
+
+/// Two clients of one stale `stale-if-error` object while the origin
+/// stalls: the first leads the revalidation, the second (300 ms later)
+/// waits for it. Returns both answers and the time the second took.
+async fn two_on_a_stalled_revalidation(
+    extra: &str,
+) -> anyhow::Result<(
+    meridian_e2e::client::Resp,
+    meridian_e2e::client::Resp,
+    Duration,
+    u32,
+)> {
+    let (addr, stall, stalled) = stalling_origin().await?;
+    let cfg = basic_config(&[format!("http://{addr}")], extra);
+    let edge = Edge::start(&cfg)?;
+    let path = "/sie";
+    let first = get_with(edge.http(), path, &[]).await?;
+    assert_eq!((first.status, first.text()), (200, "kept".to_string()));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    stall.store(true, Ordering::SeqCst);
+    let http = edge.http();
+    let limit = Duration::from_secs(30);
+    let leader =
+        tokio::spawn(async move { tokio::time::timeout(limit, get_with(http, path, &[])).await });
+    let reached = eventually(Duration::from_secs(5), || {
+        let stalled = stalled.clone();
+        async move { stalled.load(Ordering::SeqCst) >= 1 }
+    })
+    .await;
+    anyhow::ensure!(reached, "the revalidation never reached the origin");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let waiter = tokio::time::timeout(limit, get_with(edge.http(), path, &[])).await??;
+    let took = t.elapsed();
+    let leader = leader.await???;
+    Ok((leader, waiter, took, stalled.load(Ordering::SeqCst)))
+}
+
+/// 9. An origin that stalls on a revalidation: the request that waited for
+///    it is answered with the stale copy as soon as the revalidation fails,
+///    and never asks the origin again (it used to, after the lock timeout,
+///    taking two sets of timeouts: a chaos run's client gave up at 15 s).
+#[tokio::test]
+async fn a_waiter_on_a_failed_revalidation_is_served_stale_at_once() -> anyhow::Result<()> {
+    let (leader, waiter, took, stalled) = two_on_a_stalled_revalidation(
+        "[pools.main.timeouts]\nheader = \"2s\"\n[pools.main.retry]\nattempts = 1\n",
+    )
+    .await?;
+    for r in [&leader, &waiter] {
+        assert_eq!((r.status, r.text()), (200, "kept".to_string()));
+        assert!(
+            cache_status(r).contains("detail=stale-if-error"),
+            "{}",
+            cache_status(r)
+        );
+    }
+    assert!(
+        cache_status(&waiter).contains("collapsed"),
+        "{}",
+        cache_status(&waiter)
+    );
+    assert_eq!(
+        stalled, 1,
+        "the waiter did not ask the stalled origin again"
+    );
+    assert!(
+        took < Duration::from_millis(1900),
+        "the waiter took {took:?}, more than the leader's header timeout left"
+    );
+    Ok(())
+}
+
+/// 10. When the revalidation has no answer within `cache.lock_timeout`,
+///     the waiter serves the stale copy then, rather than wait for the
+///     origin's timeouts again itself.
+#[tokio::test]
+async fn a_waiter_serves_stale_if_error_at_the_lock_timeout() -> anyhow::Result<()> {
+    let (leader, waiter, took, stalled) = two_on_a_stalled_revalidation(
+        "[pools.main.timeouts]\nheader = \"6s\"\n[pools.main.retry]\nattempts = 1\n\
+         [cache]\nlock_timeout = \"1s\"\n",
+    )
+    .await?;
+    assert_eq!((waiter.status, waiter.text()), (200, "kept".to_string()));
+    assert!(
+        cache_status(&waiter).contains("collapsed; detail=stale-if-error"),
+        "{}",
+        cache_status(&waiter)
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "the waiter took {took:?}: its lock timeout is 1 s"
+    );
+    assert_eq!(stalled, 1, "only the leader asked the stalled origin");
+    // The leader itself is served stale at its header timeout.
+    assert_eq!((leader.status, leader.text()), (200, "kept".to_string()));
+    Ok(())
+}
+
 async fn open_tunnel(addr: std::net::SocketAddr) -> anyhow::Result<TcpStream> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await?;

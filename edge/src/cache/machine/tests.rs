@@ -25,11 +25,11 @@ struct Sim {
     base: SystemTime,
     start: tokio::time::Instant,
     store: Mutex<HashMap<String, StoredResponse>>,
-    flights: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    flights: Mutex<HashMap<String, watch::Receiver<FlightState>>>,
     pass: Mutex<HashMap<String, tokio::time::Instant>>,
     origin: Mutex<Origin>,
     /// How long the origin takes to answer.
-    delay: Duration,
+    delay: Mutex<Duration>,
     /// The request headers of every origin request, in order.
     seen: Mutex<Vec<HeaderMap>>,
 }
@@ -46,13 +46,23 @@ struct Got {
 struct Leader {
     sim: Arc<Sim>,
     flight: String,
-    tx: watch::Sender<bool>,
+    tx: watch::Sender<FlightState>,
+    failed: Option<UpstreamFailure>,
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
         self.sim.flights.lock().remove(&self.flight);
-        let _ = self.tx.send(true);
+        let _ = self
+            .tx
+            .send(self.failed.map_or(FlightState::Done, FlightState::Failed));
+    }
+}
+
+/// The leader's origin request failed so (the driver's `fail_flight`).
+fn fail(leader: &mut Option<Leader>, failure: UpstreamFailure) {
+    if let Some(l) = leader {
+        l.failed = Some(failure);
     }
 }
 
@@ -105,7 +115,7 @@ impl Sim {
             flights: Mutex::default(),
             pass: Mutex::default(),
             origin: Mutex::new(Box::new(origin)),
-            delay,
+            delay: Mutex::new(delay),
             seen: Mutex::default(),
         })
     }
@@ -118,13 +128,18 @@ impl Sim {
         *self.origin.lock() = Box::new(origin);
     }
 
+    fn set_delay(&self, delay: Duration) {
+        *self.delay.lock() = delay;
+    }
+
     fn origin_requests(&self) -> usize {
         self.seen.lock().len()
     }
 
     async fn upstream(&self, req: &HeaderMap) -> Answer {
         self.seen.lock().push(req.clone());
-        tokio::time::sleep(self.delay).await;
+        let delay = *self.delay.lock();
+        tokio::time::sleep(delay).await;
         (self.origin.lock())(req)
     }
 
@@ -139,17 +154,18 @@ impl Sim {
             .is_some_and(|until| *until > tokio::time::Instant::now())
     }
 
-    fn join(self: &Arc<Self>, flight: &str) -> Result<Leader, watch::Receiver<bool>> {
+    fn join(self: &Arc<Self>, flight: &str) -> Result<Leader, watch::Receiver<FlightState>> {
         let mut f = self.flights.lock();
         if let Some(rx) = f.get(flight) {
             return Err(rx.clone());
         }
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(FlightState::Running);
         f.insert(flight.to_string(), rx);
         Ok(Leader {
             sim: self.clone(),
             flight: flight.to_string(),
             tx,
+            failed: None,
         })
     }
 
@@ -215,11 +231,17 @@ impl Sim {
                     let Some(mut rx) = follower.take() else {
                         panic!("wait without a flight");
                     };
-                    let waited = tokio::time::timeout(timeout, rx.wait_for(|done| *done)).await;
+                    let state = tokio::time::timeout(timeout, async move {
+                        rx.wait_for(|f| *f != FlightState::Running)
+                            .await
+                            .map_or(FlightState::Done, |f| *f)
+                    })
+                    .await
+                    .ok();
                     let found = self.lookup();
                     m.on_wait(
                         found.as_ref().map(|s| (KEY, s)),
-                        waited.is_err(),
+                        Waited::of(state),
                         self.now(),
                     )
                 }
@@ -242,7 +264,7 @@ impl Sim {
         m: &CacheMachine,
         f: Fetch,
         req: HeaderMap,
-        leader: Option<Leader>,
+        mut leader: Option<Leader>,
         stored: Option<StoredResponse>,
     ) -> Got {
         let got = |status: StatusCode, cs: CacheStatus, from_cache| Got {
@@ -263,8 +285,12 @@ impl Sim {
             FetchKind::Fill { .. } => {
                 let mut whole = req.clone();
                 whole.remove(header::RANGE);
-                let Ok((status, h)) = self.upstream(&whole).await else {
-                    return got(StatusCode::BAD_GATEWAY, f.status, false);
+                let (status, h) = match self.upstream(&whole).await {
+                    Ok(answer) => answer,
+                    Err(failure) => {
+                        fail(&mut leader, failure);
+                        return got(StatusCode::BAD_GATEWAY, f.status, false);
+                    }
                 };
                 let cs = f.status.fwd_status(status);
                 match store_decision(
@@ -302,6 +328,7 @@ impl Sim {
                 let conditional = policy::revalidation_request_headers(&req, &stored.headers);
                 match self.upstream(&conditional).await {
                     Err(failure) => {
+                        fail(&mut leader, failure);
                         if m.on_revalidation_error(&stored, failure, self.now()) {
                             got(
                                 StatusCode::OK,
@@ -326,14 +353,20 @@ impl Sim {
                                 drop(leader);
                                 got(StatusCode::OK, f.status.fwd_status(status), true)
                             }
-                            Revalidated::ServeStale => got(
-                                StatusCode::OK,
-                                CacheStatus::hit(CACHE_NAME)
-                                    .detail("stale-if-error")
-                                    .fwd_status(status),
-                                true,
-                            ),
+                            Revalidated::ServeStale => {
+                                fail(&mut leader, UpstreamFailure::Status(status));
+                                got(
+                                    StatusCode::OK,
+                                    CacheStatus::hit(CACHE_NAME)
+                                        .detail("stale-if-error")
+                                        .fwd_status(status),
+                                    true,
+                                )
+                            }
                             Revalidated::Replace => {
+                                if UpstreamFailure::Status(status).is_error() {
+                                    fail(&mut leader, UpstreamFailure::Status(status));
+                                }
                                 self.store(status, &h, request_time);
                                 drop(leader);
                                 got(status, f.status.fwd_status(status).stored(), false)
@@ -352,19 +385,23 @@ impl Sim {
             return;
         };
         let sim = self.clone();
+        let mut leader = Some(leader);
         tokio::spawn(async move {
             let Some(stored) = sim.lookup() else { return };
             let request_time = sim.now();
             let conditional =
                 policy::revalidation_request_headers(&HeaderMap::new(), &stored.headers);
-            if let Ok((status, h)) = sim.upstream(&conditional).await {
-                if status == StatusCode::NOT_MODIFIED {
+            match sim.upstream(&conditional).await {
+                Ok((status, h)) if status == StatusCode::NOT_MODIFIED => {
                     let mut fresh = stored.clone();
                     policy::freshen_stored_response(&mut fresh, &h, request_time, sim.now());
                     sim.store(fresh.status, &fresh.headers, request_time);
-                } else if status == StatusCode::OK {
+                }
+                Ok((status, h)) if status == StatusCode::OK => {
                     sim.store(status, &h, request_time);
                 }
+                Ok((status, _)) => fail(&mut leader, UpstreamFailure::Status(status)),
+                Err(failure) => fail(&mut leader, failure),
             }
             drop(leader);
         });
@@ -519,6 +556,31 @@ async fn a_follower_stops_waiting_at_the_lock_timeout_and_passes() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_followers_of_a_failed_fill_pass_and_say_why() {
+    let sim = Sim::new(Duration::from_millis(500), |_| {
+        Err(UpstreamFailure::Connect)
+    });
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let sim = sim.clone();
+            tokio::spawn(async move { sim.get(&[]).await })
+        })
+        .collect();
+    let mut passed = 0;
+    for t in tasks {
+        let got = t.await.expect("task");
+        if got.result == "pass" {
+            passed += 1;
+            assert!(
+                got.cache_status.contains("collapsed; detail=flight-failed"),
+                "{got:?}"
+            );
+        }
+    }
+    assert_eq!(passed, 4, "each follower tries the origin once itself");
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_uncacheable_response_marks_hit_for_pass_but_a_requests_no_store_does_not() {
     let sim = Sim::new(Duration::from_millis(10), |_| ok("private"));
     let first = sim.get(&[]).await;
@@ -605,6 +667,123 @@ async fn concurrent_revalidations_coalesce_into_one_conditional_request() {
         "one fill, one conditional request"
     );
     assert_eq!(collapsed, 9);
+}
+
+/// Ten clients of one stale object at once: one leads the revalidation,
+/// nine wait for it.
+async fn ten_at_once(sim: &Arc<Sim>) -> Vec<Got> {
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let sim = sim.clone();
+            tokio::spawn(async move { sim.get(&[]).await })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.expect("task"));
+    }
+    got
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_on_a_failed_revalidation_share_its_stale_if_error_answer() {
+    let sim = Sim::new(Duration::from_secs(1), |_| {
+        ok("max-age=1, stale-if-error=600")
+    });
+    sim.get(&[]).await;
+    tokio::time::advance(Duration::from_secs(30)).await;
+    sim.set_origin(|_| Ok((StatusCode::SERVICE_UNAVAILABLE, HeaderMap::new())));
+    let started = tokio::time::Instant::now();
+    let got = ten_at_once(&sim).await;
+    assert!(got.iter().all(|g| g.from_cache), "{got:?}");
+    let shared: Vec<_> = got
+        .iter()
+        .filter(|g| g.result == "stale-if-error")
+        .collect();
+    assert_eq!(shared.len(), 9, "{got:?}");
+    assert!(
+        shared
+            .iter()
+            .all(|g| g.cache_status.contains("collapsed; detail=stale-if-error")),
+        "{shared:?}"
+    );
+    assert_eq!(
+        sim.origin_requests(),
+        2,
+        "one fill and one conditional request: the waiters do not ask a failing origin again"
+    );
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+
+    // So for a failure without an answer, and for a failed background
+    // (stale-while-revalidate) revalidation's waiters.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    sim.set_origin(|_| Err(UpstreamFailure::Timeout));
+    let got = ten_at_once(&sim).await;
+    assert!(got.iter().all(|g| g.from_cache), "{got:?}");
+    assert_eq!(sim.origin_requests(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_serves_stale_if_error_at_the_lock_timeout_of_an_unanswered_revalidation() {
+    let sim = Sim::new(Duration::ZERO, |_| ok("max-age=1, stale-if-error=600"));
+    sim.get(&[]).await;
+    tokio::time::advance(Duration::from_secs(30)).await;
+    // The origin now takes 30 s to answer; the lock timeout is 2 s.
+    sim.set_delay(Duration::from_secs(30));
+    sim.set_origin(|_| not_modified());
+    let slow = sim;
+    let leader = {
+        let slow = slow.clone();
+        tokio::spawn(async move { slow.get(&[]).await })
+    };
+    tokio::task::yield_now().await;
+    let started = tokio::time::Instant::now();
+    let waiter = slow.get(&[]).await;
+    assert_eq!(waiter.result, "stale-if-error", "{waiter:?}");
+    assert!(waiter.from_cache);
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(2),
+        "the lock timeout, not the origin's 30 s on top of it"
+    );
+    assert_eq!(slow.origin_requests(), 2, "the fill and the leader's");
+    assert_eq!(leader.await.expect("leader").result, "revalidate");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_stale_if_error_a_waiter_revalidates_itself() {
+    // A slow origin is not an unreachable one: `stale_if_unreachable`
+    // (a day by default) does not cover a lock timeout.
+    let sim = Sim::new(Duration::ZERO, |_| ok("max-age=1"));
+    sim.get(&[]).await;
+    tokio::time::advance(Duration::from_secs(30)).await;
+    sim.set_delay(Duration::from_secs(30));
+    sim.set_origin(|_| not_modified());
+    let slow = sim;
+    let leader = {
+        let slow = slow.clone();
+        tokio::spawn(async move { slow.get(&[]).await })
+    };
+    tokio::task::yield_now().await;
+    let started = tokio::time::Instant::now();
+    let waiter = slow.get(&[]).await;
+    assert_eq!(waiter.result, "revalidate", "{waiter:?}");
+    assert_eq!(started.elapsed(), Duration::from_secs(32));
+    assert_eq!(slow.origin_requests(), 3);
+    leader.await.expect("leader");
+
+    // An error status the object may not be served stale for: each waiter
+    // has its own try, and gets the origin's answer.
+    let sim = Sim::new(Duration::from_secs(1), |_| ok("max-age=1"));
+    sim.get(&[]).await;
+    tokio::time::advance(Duration::from_secs(30)).await;
+    sim.set_origin(|_| Ok((StatusCode::SERVICE_UNAVAILABLE, HeaderMap::new())));
+    let got = ten_at_once(&sim).await;
+    assert!(
+        got.iter()
+            .all(|g| g.status == StatusCode::SERVICE_UNAVAILABLE),
+        "{got:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -211,6 +211,11 @@ pub enum UpstreamFailure {
     Connect,
     /// Timed out.
     Timeout,
+    /// Another request's fetch of the object, which this one waited for,
+    /// had no answer within `cache.lock_timeout`. An error for
+    /// stale-if-error, but no sign that the origin is unreachable (it may
+    /// only be slow), so `stale_if_unreachable` does not cover it.
+    Unanswered,
 }
 
 impl UpstreamFailure {
@@ -219,7 +224,9 @@ impl UpstreamFailure {
     pub fn is_error(self) -> bool {
         match self {
             UpstreamFailure::Status(s) => matches!(s.as_u16(), 500 | 502 | 503 | 504),
-            UpstreamFailure::Connect | UpstreamFailure::Timeout => true,
+            UpstreamFailure::Connect | UpstreamFailure::Timeout | UpstreamFailure::Unanswered => {
+                true
+            }
         }
     }
 }
@@ -703,6 +710,7 @@ mod tests {
             UpstreamFailure::Status(StatusCode::INTERNAL_SERVER_ERROR),
             UpstreamFailure::Status(StatusCode::BAD_GATEWAY),
             UpstreamFailure::Status(StatusCode::GATEWAY_TIMEOUT),
+            UpstreamFailure::Unanswered,
         ] {
             assert!(
                 sie("max-age=10, stale-if-error=60", &[], f, 30, &cfg),
@@ -736,6 +744,10 @@ mod tests {
         assert!(
             !sie("max-age=10", &[], E503, 30, &cfg),
             "an origin that answers is reachable"
+        );
+        assert!(
+            !sie("max-age=10", &[], UpstreamFailure::Unanswered, 30, &cfg),
+            "an origin that is only slow may be reachable"
         );
         assert!(
             !sie(
