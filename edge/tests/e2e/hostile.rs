@@ -535,6 +535,44 @@ async fn a_waiter_serves_stale_if_error_at_the_lock_timeout() -> anyhow::Result<
     Ok(())
 }
 
+/// 11. The waiters of a miss whose fetch failed learn it: each then tries
+///     the origin once itself, and its `Cache-Status` says why.
+#[tokio::test]
+async fn the_waiters_of_a_failed_miss_say_flight_failed() -> anyhow::Result<()> {
+    let (addr, stall, stalled) = stalling_origin().await?;
+    stall.store(true, Ordering::SeqCst);
+    let cfg = basic_config(
+        &[format!("http://{addr}")],
+        "[pools.main.timeouts]\nheader = \"1s\"\n[pools.main.retry]\nattempts = 1\n",
+    );
+    let edge = Edge::start(&cfg)?;
+    let http = edge.http();
+    let limit = Duration::from_secs(30);
+    let leader =
+        tokio::spawn(async move { tokio::time::timeout(limit, get_with(http, "/m", &[])).await });
+    let reached = eventually(Duration::from_secs(5), || {
+        let stalled = stalled.clone();
+        async move { stalled.load(Ordering::SeqCst) >= 1 }
+    })
+    .await;
+    anyhow::ensure!(reached, "the miss never reached the origin");
+    // The origin answers again, but the leader's request stays stalled.
+    stall.store(false, Ordering::SeqCst);
+    let waiter = tokio::time::timeout(limit, get_with(edge.http(), "/m", &[])).await??;
+    let leader = leader.await???;
+    assert_eq!(leader.status, 504, "the leader's header timeout");
+    assert_eq!((waiter.status, waiter.text()), (200, "kept".to_string()));
+    let cs = cache_status(&waiter);
+    assert!(
+        cs.contains("fwd=uri-miss")
+            && cs.contains("collapsed")
+            && cs.contains("detail=flight-failed"),
+        "{cs}"
+    );
+    assert_eq!(stalled.load(Ordering::SeqCst), 1);
+    Ok(())
+}
+
 async fn open_tunnel(addr: std::net::SocketAddr) -> anyhow::Result<TcpStream> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await?;
