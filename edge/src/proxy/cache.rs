@@ -511,11 +511,16 @@ fn spawn_background_fill(
     whole_representation(&mut up.parts.headers, true);
     let mut sub = s.subrequest(up);
     let (cache, sp) = (cache.clone(), sp.clone());
+    let mut guard = guard;
     tokio::spawn(async move {
         let request_time = SystemTime::now();
-        let Ok(fetched) = sub.fetch_own().await else {
-            cache.count("background-fill-failed");
-            return;
+        let fetched = match sub.fetch_own().await {
+            Ok(f) => f,
+            Err(e) => {
+                guard.fail(upstream_failure(&e));
+                cache.count("background-fill-failed");
+                return;
+            }
         };
         cache.count("background-fill");
         let response_time = SystemTime::now();
