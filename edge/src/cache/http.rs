@@ -125,6 +125,22 @@ impl Drop for FlightGuard {
     }
 }
 
+/// Waits for the flight `rx` follows for at most `timeout`, and says how
+/// the wait ended (a leader that went away without a word is done).
+pub async fn wait_for_flight(
+    mut rx: watch::Receiver<FlightState>,
+    timeout: Duration,
+) -> super::machine::Waited {
+    let state = tokio::time::timeout(timeout, async move {
+        rx.wait_for(|f| *f != FlightState::Running)
+            .await
+            .map_or(FlightState::Done, |f| *f)
+    })
+    .await
+    .ok();
+    super::machine::Waited::of(state)
+}
+
 /// The most hit-for-pass keys remembered; the oldest are forgotten first.
 const MAX_PASS: usize = 100_000;
 

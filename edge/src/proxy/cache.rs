@@ -21,10 +21,10 @@ use super::{Fetched, Runtime, UpstreamRequest};
 use crate::cache::http::{
     Answered, ClientRequest, FlightGuard, FlightState, Found, HttpCache, Join, PurgeCounts,
     SitePolicy, StoreTarget, StoredObject, downstream_headers, for_policy, freshened,
-    split_variant, stored_response, whole_representation,
+    split_variant, stored_response, wait_for_flight, whole_representation,
 };
 use crate::cache::machine::{
-    self, CacheMachine, Entry, Fetch, FetchKind, Revalidated, Step, Waited, revalidation_flight,
+    self, CacheMachine, Entry, Fetch, FetchKind, Revalidated, Step, revalidation_flight,
 };
 use crate::cache::policy::{self, CacheStatus, FwdReason, KeyOptions};
 use crate::cache::storage::Hit;
@@ -149,20 +149,14 @@ impl Driver<'_> {
                     }
                 },
                 Step::Wait { timeout } => {
-                    let Some(mut rx) = self.follower.take() else {
+                    let Some(rx) = self.follower.take() else {
                         return Err(internal("wait without a flight"));
                     };
-                    let state = tokio::time::timeout(timeout, async move {
-                        rx.wait_for(|f| *f != FlightState::Running)
-                            .await
-                            .map_or(FlightState::Done, |f| *f)
-                    })
-                    .await
-                    .ok();
+                    let waited = wait_for_flight(rx, timeout).await;
                     let found = self.find().await;
                     let step = self.m.on_wait(
                         found.as_ref().map(|o| (o.key.as_str(), &o.stored)),
-                        Waited::of(state),
+                        waited,
                         SystemTime::now(),
                     );
                     if let (Step::Serve { .. }, Some(found)) = (&step, found) {

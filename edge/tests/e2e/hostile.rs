@@ -399,14 +399,35 @@ async fn stalling_origin() -> anyhow::Result<(
     Arc<std::sync::atomic::AtomicBool>,
     Arc<std::sync::atomic::AtomicU32>,
 )> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
     let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stalled = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let (stall2, stalled2) = (stall.clone(), stalled.clone());
+    let addr = raw_origin(move |_| {
+        if stall2.load(Ordering::SeqCst) {
+            stalled2.fetch_add(1, Ordering::SeqCst);
+            return None;
+        }
+        let ok = "HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-if-error=600\r\n\
+                  ETag: \"v1\"\r\nContent-Length: 4\r\n\r\nkept";
+        Some(vec![(Duration::ZERO, ok.as_bytes().to_vec())])
+    })
+    .await?;
+    Ok((addr, stall, stalled))
+}
+
+/// A raw HTTP/1.1 origin. For each request head on each connection,
+/// `answer(head)` gives what to write, each part after its delay; `None`
+/// stalls the connection (for at most a minute, then closes it).
+async fn raw_origin<F>(answer: F) -> anyhow::Result<std::net::SocketAddr>
+where
+    F: Fn(&str) -> Option<Vec<(Duration, Vec<u8>)>> + Send + Sync + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let answer = Arc::new(answer);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
-            let (stall, stalled) = (stall2.clone(), stalled2.clone());
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
                 let mut seen = Vec::new();
@@ -419,23 +440,24 @@ async fn stalling_origin() -> anyhow::Result<(
                     }
                     seen.extend_from_slice(&buf[..n]);
                     while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&seen[..end]).into_owned();
                         seen.drain(..end + 4);
-                        if stall.load(Ordering::SeqCst) {
-                            stalled.fetch_add(1, Ordering::SeqCst);
+                        let Some(parts) = answer(&head) else {
                             tokio::time::sleep(Duration::from_secs(60)).await;
                             return;
-                        }
-                        let ok = "HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-if-error=600\r\n\
-                                  ETag: \"v1\"\r\nContent-Length: 4\r\n\r\nkept";
-                        if s.write_all(ok.as_bytes()).await.is_err() {
-                            return;
+                        };
+                        for (delay, bytes) in parts {
+                            tokio::time::sleep(delay).await;
+                            if s.write_all(&bytes).await.is_err() {
+                                return;
+                            }
                         }
                     }
                 }
             });
         }
     });
-    Ok((addr, stall, stalled))
+    Ok(addr)
 }
 
 /// Two clients of one stale `stale-if-error` object while the origin
@@ -751,45 +773,21 @@ async fn interim_origin(
     interims: fn(&str) -> String,
     delay: Duration,
 ) -> anyhow::Result<(std::net::SocketAddr, Arc<std::sync::atomic::AtomicU32>)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
     let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let count = served.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut seen = Vec::new();
-                loop {
-                    let Ok(n) = s.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&seen[..end]).into_owned();
-                        seen.drain(..end + 4);
-                        count.fetch_add(1, Ordering::SeqCst);
-                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-                        if s.write_all(interims(&path).as_bytes()).await.is_err() {
-                            return;
-                        }
-                        tokio::time::sleep(delay).await;
-                        let fin = format!(
-                            "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: {}\r\n\r\n{path}",
-                            path.len()
-                        );
-                        if s.write_all(fin.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
+    let addr = raw_origin(move |head| {
+        count.fetch_add(1, Ordering::SeqCst);
+        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+        let fin = format!(
+            "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: {}\r\n\r\n{path}",
+            path.len()
+        );
+        Some(vec![
+            (Duration::ZERO, interims(&path).into_bytes()),
+            (delay, fin.into_bytes()),
+        ])
+    })
+    .await?;
     Ok((addr, served))
 }
 

@@ -228,22 +228,12 @@ impl Sim {
                     }
                 },
                 Step::Wait { timeout } => {
-                    let Some(mut rx) = follower.take() else {
+                    let Some(rx) = follower.take() else {
                         panic!("wait without a flight");
                     };
-                    let state = tokio::time::timeout(timeout, async move {
-                        rx.wait_for(|f| *f != FlightState::Running)
-                            .await
-                            .map_or(FlightState::Done, |f| *f)
-                    })
-                    .await
-                    .ok();
+                    let waited = crate::cache::http::wait_for_flight(rx, timeout).await;
                     let found = self.lookup();
-                    m.on_wait(
-                        found.as_ref().map(|s| (KEY, s)),
-                        Waited::of(state),
-                        self.now(),
-                    )
+                    m.on_wait(found.as_ref().map(|s| (KEY, s)), waited, self.now())
                 }
                 Step::TryPart => m.on_no_part(),
                 Step::NotCached => {
@@ -723,26 +713,36 @@ async fn waiters_on_a_failed_revalidation_share_its_stale_if_error_answer() {
     assert_eq!(sim.origin_requests(), 3);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_waiter_serves_stale_if_error_at_the_lock_timeout_of_an_unanswered_revalidation() {
-    let sim = Sim::new(Duration::ZERO, |_| ok("max-age=1, stale-if-error=600"));
+/// An object stored with `cc`, stale, whose revalidation the origin now
+/// takes 30 s to answer (the lock timeout is 2 s): one client leads the
+/// revalidation, a second waits for it. The second's answer and the time
+/// it took.
+async fn behind_a_slow_revalidation(
+    cc: &'static str,
+) -> (Arc<Sim>, tokio::task::JoinHandle<Got>, Got, Duration) {
+    let sim = Sim::new(Duration::ZERO, move |_| ok(cc));
     sim.get(&[]).await;
     tokio::time::advance(Duration::from_secs(30)).await;
-    // The origin now takes 30 s to answer; the lock timeout is 2 s.
     sim.set_delay(Duration::from_secs(30));
     sim.set_origin(|_| not_modified());
-    let slow = sim;
     let leader = {
-        let slow = slow.clone();
-        tokio::spawn(async move { slow.get(&[]).await })
+        let sim = sim.clone();
+        tokio::spawn(async move { sim.get(&[]).await })
     };
     tokio::task::yield_now().await;
     let started = tokio::time::Instant::now();
-    let waiter = slow.get(&[]).await;
+    let waiter = sim.get(&[]).await;
+    (sim, leader, waiter, started.elapsed())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_serves_stale_if_error_at_the_lock_timeout_of_an_unanswered_revalidation() {
+    let (slow, leader, waiter, took) =
+        behind_a_slow_revalidation("max-age=1, stale-if-error=600").await;
     assert_eq!(waiter.result, "stale-if-error", "{waiter:?}");
     assert!(waiter.from_cache);
     assert_eq!(
-        started.elapsed(),
+        took,
         Duration::from_secs(2),
         "the lock timeout, not the origin's 30 s on top of it"
     );
@@ -754,21 +754,9 @@ async fn a_waiter_serves_stale_if_error_at_the_lock_timeout_of_an_unanswered_rev
 async fn without_stale_if_error_a_waiter_revalidates_itself() {
     // A slow origin is not an unreachable one: `stale_if_unreachable`
     // (a day by default) does not cover a lock timeout.
-    let sim = Sim::new(Duration::ZERO, |_| ok("max-age=1"));
-    sim.get(&[]).await;
-    tokio::time::advance(Duration::from_secs(30)).await;
-    sim.set_delay(Duration::from_secs(30));
-    sim.set_origin(|_| not_modified());
-    let slow = sim;
-    let leader = {
-        let slow = slow.clone();
-        tokio::spawn(async move { slow.get(&[]).await })
-    };
-    tokio::task::yield_now().await;
-    let started = tokio::time::Instant::now();
-    let waiter = slow.get(&[]).await;
+    let (slow, leader, waiter, took) = behind_a_slow_revalidation("max-age=1").await;
     assert_eq!(waiter.result, "revalidate", "{waiter:?}");
-    assert_eq!(started.elapsed(), Duration::from_secs(32));
+    assert_eq!(took, Duration::from_secs(32));
     assert_eq!(slow.origin_requests(), 3);
     leader.await.expect("leader");
 
