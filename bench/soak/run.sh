@@ -49,7 +49,7 @@ trap cleanup EXIT
 MERIDIAN_EDGE_BIN="${EDGE_BIN:-$BIN/meridian-edge}" MERIDIAN_DNS_BIN="$BIN/meridian-dns" \
   timeout --signal=TERM $((DURATION + CALIBRATE + 180)) \
   "$BIN/meridian-chaos" soak --duration "$DURATION" --out "$OUT" --load "$LOAD" --calibrate "$CALIBRATE" \
-  --rss-limit "${RSS_LIMIT:-5}" --p99-limit "${P99_LIMIT:-20}" &
+  --rss-limit "${RSS_LIMIT:-5}" --p99-limit "${P99_LIMIT:-20}" --cpu-limit "${CPU_LIMIT:-20}" &
 CHAOS_PID=$!
 status=0
 wait "$CHAOS_PID" || status=$?

@@ -459,6 +459,28 @@ fn p99_drift(
     (drift, z, verdict)
 }
 
+/// The growth of the edge's CPU time per HTTP request between the first
+/// and last quarters (their means of the interval figures, in µs), and the
+/// Mann–Kendall Z of the interval figures. A failure when it grew by more
+/// than `limit` percent with an upward trend: the edge itself getting more
+/// expensive per request, which a p99 shows only through the queueing of a
+/// busy machine.
+fn cpu_drift(
+    first: f64,
+    last: f64,
+    per_interval: &[f64],
+    limit: f64,
+) -> (f64, f64, Option<String>) {
+    let drift = (last - first) / first * 100.0;
+    let z = mann_kendall_z(per_interval);
+    let verdict = (drift > limit && z > TREND_Z).then(|| {
+        format!(
+            "edge CPU per request grew {drift:.1}% ({first:.0} -> {last:.0} µs, limit +{limit}%) with an upward trend (Mann-Kendall Z {z:.2} > {TREND_Z})"
+        )
+    });
+    (drift, z, verdict)
+}
+
 pub async fn run(args: &Args) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.get("duration", 120u64)?);
     let load: f64 = args.get("load", 0.7)?;
@@ -474,6 +496,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     // docs/soak-chaos.md: at 70% of capacity a 12% slowdown of the machine
     // made its p99 73% higher) that still catches a gross drift.
     let p99_limit: f64 = args.get("p99-limit", 20.0)?;
+    // The growth of the edge's CPU time per request allowed between the
+    // first and last quarters, in percent, for every run, CI's included.
+    let cpu_limit: f64 = args.get("cpu-limit", 20.0)?;
     // Shorter intervals amplify what each purge or reload leaves behind.
     let purge_every = Duration::from_secs_f64(args.get("purge-every", PURGE_EVERY as f64)?);
     let reload_every = Duration::from_secs_f64(args.get("reload-every", RELOAD_EVERY as f64)?);
@@ -728,6 +753,18 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let per_interval: Vec<f64> = measured.iter().map(|r| r.http_p99).collect();
     let (p99_drift, trend_z, drift_failure) =
         p99_drift(p99_first, p99_last, &per_interval, p99_limit);
+    let cpu_of = |rows: &[&Row]| {
+        mean(
+            &rows
+                .iter()
+                .map(|r| r.edge_cpu_us_per_req)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let (cpu_first, cpu_last) = (cpu_of(first), cpu_of(last));
+    let cpu_per_interval: Vec<f64> = measured.iter().map(|r| r.edge_cpu_us_per_req).collect();
+    let (cpu_growth, cpu_z, cpu_failure) =
+        cpu_drift(cpu_first, cpu_last, &cpu_per_interval, cpu_limit);
     let _ = writeln!(
         report,
         "soak: {} s at {:.0}% of capacity ({rate_http:.0} req/s, {rate_dns:.0} DNS q/s); capacity {cap_http:.0} req/s and {cap_dns:.0} q/s",
@@ -767,6 +804,10 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         report,
+        "soak: edge CPU per HTTP request {cpu_first:.0} µs -> {cpu_last:.0} µs ({cpu_growth:+.1}%, limit +{cpu_limit}% with an upward trend); Mann-Kendall Z {cpu_z:.2}"
+    );
+    let _ = writeln!(
+        report,
         "soak: purges {}, SIGHUP reloads {}, final cache entries {}",
         purges.load(Ordering::Relaxed),
         reloads.load(Ordering::Relaxed),
@@ -797,6 +838,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             lat_last.len()
         ));
     } else if let Some(f) = drift_failure {
+        failures.push(f);
+    }
+    if let Some(f) = cpu_failure {
         failures.push(f);
     }
     if http.failures() > 0 {
@@ -907,6 +951,29 @@ mod tests {
     /// debug build): flat, then the last two intervals' p99 rose with the
     /// edge's CPU per request (+12%) and meridian-dns's latencies. A drift by
     /// the bound; within CI's looser one.
+    #[test]
+    fn the_edge_growing_more_expensive_per_request_fails_but_a_bump_does_not() {
+        // CI's soak of 827d6f2: flat, with a bump at 90 s.
+        let flat = [
+            1005.4, 999.1, 1015.5, 1002.9, 1002.9, 1006.7, 1028.2, 1049.3, 1019.8, 985.0,
+        ];
+        let (growth, _, verdict) = cpu_drift(1002.0, 1004.5, &flat, 20.0);
+        assert!(growth.abs() < 1.0 && verdict.is_none());
+        // A rise of 12% at the end, shaped like the run of b8f6872 whose p99
+        // burst there (965 -> 1,078 µs in its last intervals): within.
+        let burst = [
+            965.0, 970.0, 968.0, 975.0, 972.0, 980.0, 990.0, 1010.0, 1049.0, 1078.0,
+        ];
+        assert!(cpu_drift(967.5, 1063.5, &burst, 20.0).2.is_none());
+        // A climb past 20% fails; the same growth without a trend does not.
+        let climb: Vec<f64> = (0..10).map(|i| 1000.0 + 40.0 * f64::from(i)).collect();
+        assert!(cpu_drift(1020.0, 1340.0, &climb, 20.0).2.is_some());
+        let noise = [
+            1000.0, 1400.0, 1010.0, 990.0, 1300.0, 1005.0, 995.0, 1000.0, 1010.0, 1350.0,
+        ];
+        assert!(cpu_drift(1000.0, 1250.0, &noise, 20.0).2.is_none());
+    }
+
     #[test]
     fn a_burst_at_the_end_is_a_drift_by_20_percent_but_not_by_ci_bound() {
         let ci = [
