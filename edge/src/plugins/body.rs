@@ -101,7 +101,13 @@ fn push_chunk(
         match r {
             // Held back: the limit is on what the plugin makes the edge keep.
             Ok(Action::Pause) if !eos && st.buf.len() > lp.body_buffer => {
-                tracing::warn!(plugin = %lp.name, limit = lp.body_buffer, ?dir, "plugin held back more body than its body_buffer");
+                lp.warn_failure(
+                    &format_args!("{} bytes held back in the {dir:?} body", st.buf.len()),
+                    format_args!(
+                        "plugin held back more body than its body_buffer ({})",
+                        lp.body_buffer
+                    ),
+                );
                 count(&ex.metrics, "body-buffer-exceeded");
                 if lp.plugin.policy() == FailurePolicy::Closed {
                     return Err(BodyFailure::TooLarge);

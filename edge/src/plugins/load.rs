@@ -6,6 +6,7 @@ use std::time::Duration;
 use meridian_wasm_host::{FailurePolicy, HostConfig, Plugin, PluginHost};
 
 use crate::config::{PluginConfig, PluginsConfig};
+use crate::util::LogThrottle;
 
 /// One loaded plugin of a site's chain.
 pub struct LoadedPlugin {
@@ -15,6 +16,27 @@ pub struct LoadedPlugin {
     pub every_response: bool,
     /// The most body bytes the plugin may hold back by pausing.
     pub body_buffer: usize,
+    /// The plugin's failure warnings: at most one a second (each failure
+    /// is counted in `meridian_plugin_results_total`).
+    pub failure_log: LogThrottle,
+}
+
+/// At most one failure warning per plugin per this interval.
+pub const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+impl LoadedPlugin {
+    /// Logs one of the plugin's failures, unless one was logged less than
+    /// [`FAILURE_LOG_INTERVAL`] ago; the line says how many were not.
+    pub fn warn_failure(&self, e: &dyn std::fmt::Display, what: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.failure_log.may_log() {
+            tracing::warn!(
+                plugin = %self.name,
+                suppressed,
+                error = %e,
+                "{what} (at most one failure warning per plugin per second; `suppressed` = failures since the last one)"
+            );
+        }
+    }
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -78,6 +100,7 @@ pub fn load_chain(
             plugin,
             every_response: c.every_response,
             body_buffer: usize::try_from(c.body_buffer.get()).unwrap_or(usize::MAX),
+            failure_log: LogThrottle::new(FAILURE_LOG_INTERVAL),
         }));
     }
     Ok(out)
@@ -99,7 +122,7 @@ pub fn spawn_tickers(chain: &[Arc<LoadedPlugin>]) -> Vec<tokio::task::JoinHandle
                     iv.tick().await;
                     let Some(lp) = weak.upgrade() else { break };
                     if let Err(e) = lp.plugin.on_tick() {
-                        tracing::warn!(plugin = %lp.name, error = %e, "plugin tick failed");
+                        lp.warn_failure(&e, format_args!("plugin tick failed"));
                     }
                 }
             }))

@@ -111,10 +111,10 @@ impl Drop for Exchange {
         for (lp, ctx) in self.chain.iter().zip(self.ctxs.iter_mut()) {
             if let Some(mut ctx) = ctx.take() {
                 if let Err(e) = ctx.on_log(&mut req, &mut resp) {
-                    tracing::warn!(plugin = %lp.name, error = %e, "plugin on_log failed");
+                    lp.warn_failure(&e, format_args!("plugin on_log failed"));
                 }
                 if let Err(e) = ctx.finish() {
-                    tracing::warn!(plugin = %lp.name, error = %e, "plugin failed at the end of a request");
+                    lp.warn_failure(&e, format_args!("plugin failed at the end of a request"));
                 }
             }
         }
@@ -146,11 +146,11 @@ impl Verdict {
     /// Decides (and counts) what `e` does; `what` says where, for the log.
     fn of(metrics: &Metrics, lp: &LoadedPlugin, e: &PluginError, what: &'static str) -> Self {
         if e.is_overload() {
-            tracing::warn!(plugin = %lp.name, error = %e, "no plugin instance {what}: 503");
+            lp.warn_failure(e, format_args!("no plugin instance {what}: 503"));
             count(metrics, "overloaded");
             return Self::Overloaded;
         }
-        tracing::warn!(plugin = %lp.name, error = %e, "plugin failed {what}");
+        lp.warn_failure(e, format_args!("plugin failed {what}"));
         count(metrics, "failed");
         match lp.plugin.policy() {
             FailurePolicy::Open => Self::Skip,

@@ -158,7 +158,10 @@ where
                     let calls = ctx.take_http_calls();
                     if calls.is_empty() || rounds >= MAX_CALL_ROUNDS {
                         // Nothing can resume it: the failure policy decides.
-                        tracing::warn!(plugin = %lp.name, rounds, "plugin paused with no call to wait for");
+                        lp.warn_failure(
+                            &format_args!("{rounds} rounds of calls"),
+                            format_args!("plugin paused with no call to wait for"),
+                        );
                         count(metrics, "stalled");
                         if policy == FailurePolicy::Closed {
                             return Err(ProxyError::plugin(

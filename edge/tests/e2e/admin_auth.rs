@@ -3,10 +3,9 @@
 //! no open admin beyond loopback; and secrets that never leave the process
 //! (`GET /config` and the daemon's own log, over a reload).
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use meridian_e2e::certs::TempDir;
 use meridian_e2e::client::{Conn, Resp, get, req};
@@ -14,7 +13,7 @@ use meridian_e2e::origin::TestOrigin;
 use nix::sys::signal::Signal;
 
 use crate::plugins::{dist, hs256_token};
-use crate::{Edge, basic_config, bin, metric};
+use crate::{Edge, basic_config, bin, metric, start_logged};
 
 /// `method path` on the admin listener, with extra headers.
 async fn admin(
@@ -244,74 +243,6 @@ fn an_open_admin_beyond_loopback_is_refused() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("not a loopback address"), "{err}");
     Ok(())
-}
-
-/// The edge with its stderr (the daemon's own log) in a file.
-struct Logged {
-    child: Child,
-    http: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_logged(config: &std::path::Path, log: &std::path::Path) -> anyhow::Result<Logged> {
-    meridian_e2e::init();
-    let mut child = Command::new(bin())
-        .args(["run", "--config"])
-        .arg(config)
-        // Our crates at debug (wasmtime's compiler at debug would drown it).
-        .env(
-            "RUST_LOG",
-            "info,meridian_edge=debug,meridian_wasm_host=debug",
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log)?)
-        .spawn()?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let (mut http, mut admin) = (None, None);
-    // Compiling two plugins in a debug build on a loaded 2-core machine
-    // was seen to take 40 s.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(line) = rx.recv_timeout(left) else {
-            let _ = child.kill();
-            let text = std::fs::read_to_string(log)?;
-            let tail = &text[text.len().saturating_sub(4000)..];
-            anyhow::bail!("the edge did not become ready: …{tail}");
-        };
-        if let Some(a) = line.strip_prefix("meridian-edge: listening http://") {
-            http = Some(a.parse()?);
-        } else if let Some(a) = line.strip_prefix("meridian-edge: admin http://") {
-            admin = Some(a.parse()?);
-        } else if line == "meridian-edge: ready" {
-            break;
-        }
-    }
-    Ok(Logged {
-        child,
-        http: http.ok_or_else(|| anyhow::anyhow!("no http listener"))?,
-        admin: admin.ok_or_else(|| anyhow::anyhow!("no admin listener"))?,
-    })
 }
 
 async fn status_with(addr: SocketAddr, token: &str) -> anyhow::Result<u16> {

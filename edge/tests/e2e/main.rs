@@ -189,3 +189,71 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// The edge with its stderr (the daemon's own log) in a file.
+pub struct Logged {
+    pub child: std::process::Child,
+    pub http: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start_logged(config: &std::path::Path, log: &std::path::Path) -> anyhow::Result<Logged> {
+    meridian_e2e::init();
+    let mut child = std::process::Command::new(bin())
+        .args(["run", "--config"])
+        .arg(config)
+        // Our crates at debug (wasmtime's compiler at debug would drown it).
+        .env(
+            "RUST_LOG",
+            "info,meridian_edge=debug,meridian_wasm_host=debug",
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut http, mut admin) = (None, None);
+    // Compiling two plugins in a debug build on a loaded 2-core machine
+    // was seen to take 40 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            let text = std::fs::read_to_string(log)?;
+            let tail = &text[text.len().saturating_sub(4000)..];
+            anyhow::bail!("the edge did not become ready: …{tail}");
+        };
+        if let Some(a) = line.strip_prefix("meridian-edge: listening http://") {
+            http = Some(a.parse()?);
+        } else if let Some(a) = line.strip_prefix("meridian-edge: admin http://") {
+            admin = Some(a.parse()?);
+        } else if line == "meridian-edge: ready" {
+            break;
+        }
+    }
+    Ok(Logged {
+        child,
+        http: http.ok_or_else(|| anyhow::anyhow!("no http listener"))?,
+        admin: admin.ok_or_else(|| anyhow::anyhow!("no admin listener"))?,
+    })
+}

@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::{Edge, basic_config, metric};
+use crate::{Edge, basic_config, metric, start_logged};
 
 const PRELUDE: &str = r#"
   (import "env" "proxy_get_header_map_value" (func $get_hdr (param i32 i32 i32 i32 i32) (result i32)))
@@ -150,6 +150,74 @@ async fn failing_plugins_follow_their_policy() -> anyhow::Result<()> {
     assert_eq!(
         get_plain(closed.admin(), "admin", "/healthz").await?.status,
         200
+    );
+    Ok(())
+}
+
+/// A plugin that fails on every request is a metric per failure, but at
+/// most a warning a second in the edge's log, each saying how many failures
+/// it left out: a fault on every request must not become a log line per
+/// request, written by the async workers.
+#[tokio::test]
+async fn a_plugin_failing_on_every_request_logs_once_a_second() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let dir = TempDir::new("plugins")?;
+    let trap = write_plugin(&dir, "trap", TRAP)?;
+    let cfg = dir.path().join("edge.toml");
+    std::fs::write(&cfg, with_plugins(&origin, &[(&trap, "closed")]))?;
+    let log = dir.path().join("edge.log");
+    let edge = start_logged(&cfg, &log)?;
+    let started = std::time::Instant::now();
+    let mut conn = Conn::plain(edge.http, false).await?;
+    for _ in 0..300 {
+        assert_eq!(conn.send(get("t", "/hello")).await?.status, 500);
+    }
+    let took = started.elapsed();
+    // One more after the interval: its line counts those left out.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(conn.send(get("t", "/hello")).await?.status, 500);
+    // The log without its colours.
+    let raw = std::fs::read_to_string(&log)?;
+    let mut text = String::with_capacity(raw.len());
+    let mut in_escape = false;
+    for c in raw.chars() {
+        match (in_escape, c) {
+            (false, '\u{1b}') => in_escape = true,
+            (false, c) => text.push(c),
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+        }
+    }
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("failure warning per plugin per second"))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("plugin failed")),
+        "{lines:#?}"
+    );
+    let bound = took.as_secs() as usize + 3;
+    assert!(
+        (2..=bound).contains(&lines.len()),
+        "{} failure lines for 301 failing requests in {took:?}: {lines:#?}",
+        lines.len()
+    );
+    let suppressed: u64 = lines
+        .iter()
+        .filter_map(|l| l.split("suppressed=").nth(1))
+        .filter_map(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    assert!(
+        suppressed + lines.len() as u64 >= 301,
+        "every failure is either a line or counted in the next one: {lines:#?}"
+    );
+    let m = meridian_e2e::client::get_plain(edge.admin, "admin", "/metrics")
+        .await?
+        .text();
+    assert!(
+        metric(&m, "meridian_plugin_results_total", &["failed"]) >= 301.0,
+        "{m}"
     );
     Ok(())
 }

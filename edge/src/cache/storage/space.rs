@@ -24,7 +24,7 @@ use std::{
     fmt::Display,
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 /// How often the admission guard looks at the filesystem.
@@ -36,19 +36,28 @@ pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub const PREALLOC_HEADROOM: u64 = 8 * 1024 * 1024;
 
 /// Counters and a rate limit for the disk tier's errors.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct DiskHealth {
     errors: AtomicU64,
     skipped: AtomicU64,
-    suppressed: AtomicU64,
-    last_log: parking_lot::Mutex<Option<Instant>>,
+    log: crate::util::LogThrottle,
+}
+
+impl Default for DiskHealth {
+    fn default() -> Self {
+        DiskHealth {
+            errors: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            log: crate::util::LogThrottle::new(LOG_INTERVAL),
+        }
+    }
 }
 
 impl DiskHealth {
     /// Counts a disk error and logs it unless one was logged less than [`LOG_INTERVAL`] ago.
     pub(super) fn error(&self, what: &str, e: &dyn Display) {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = self.may_log() {
+        if let Some(suppressed) = self.log.may_log() {
             tracing::warn!(error = %e, suppressed, "{what} (at most one such warning per {}s; `suppressed` = errors since the last one)", LOG_INTERVAL.as_secs());
         }
     }
@@ -60,21 +69,9 @@ impl DiskHealth {
 
     /// Logs a warning about the disk tier unless one was logged less than [`LOG_INTERVAL`] ago.
     pub(super) fn warn(&self, msg: &str) {
-        if let Some(suppressed) = self.may_log() {
+        if let Some(suppressed) = self.log.may_log() {
             tracing::warn!(suppressed, "{msg}");
         }
-    }
-
-    /// `Some(messages suppressed since the last one)` if a message may be logged now.
-    fn may_log(&self) -> Option<u64> {
-        let now = Instant::now();
-        let mut last = self.last_log.lock();
-        if last.is_some_and(|t| now.duration_since(t) < LOG_INTERVAL) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *last = Some(now);
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
     }
 
     pub(super) fn errors(&self) -> u64 {
@@ -363,16 +360,15 @@ mod tests {
     fn errors_are_all_counted_and_logged_once_per_interval() {
         let health = DiskHealth::default();
         let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
-        assert_eq!(health.may_log(), Some(0));
+        assert_eq!(health.log.may_log(), Some(0));
         for _ in 0..100 {
             health.error("test", &e);
         }
         assert_eq!(health.errors(), 100);
         // All 100 fell in the interval of the first message.
-        assert_eq!(health.suppressed.load(Ordering::Relaxed), 100);
-        assert_eq!(health.may_log(), None);
-        *health.last_log.lock() = Some(Instant::now() - LOG_INTERVAL);
-        assert_eq!(health.may_log(), Some(101));
-        assert_eq!(health.may_log(), None);
+        assert_eq!(health.log.may_log(), None);
+        let later = std::time::Instant::now() + LOG_INTERVAL;
+        assert_eq!(health.log.may_log_at(later), Some(101));
+        assert_eq!(health.log.may_log_at(later), None);
     }
 }
