@@ -21,12 +21,18 @@ pub struct LoadedPlugin {
     pub failure_log: LogThrottle,
 }
 
+/// The tracing target of the debug line every plugin failure also logs
+/// (`level = "warn,meridian_edge::plugins::failures=debug"` shows them all).
+pub const FAILURE_TARGET: &str = "meridian_edge::plugins::failures";
+
 /// At most one failure warning per plugin per this interval.
 pub const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 impl LoadedPlugin {
-    /// Logs one of the plugin's failures, unless one was logged less than
-    /// [`FAILURE_LOG_INTERVAL`] ago; the line says how many were not.
+    /// Logs one of the plugin's failures as a warning, unless one was logged
+    /// less than [`FAILURE_LOG_INTERVAL`] ago (the line says how many were
+    /// not). Every failure is also a debug line of the target
+    /// [`FAILURE_TARGET`], for a filter that asks for them all.
     pub fn warn_failure(&self, e: &dyn std::fmt::Display, what: std::fmt::Arguments<'_>) {
         if let Some(suppressed) = self.failure_log.may_log() {
             tracing::warn!(
@@ -35,6 +41,8 @@ impl LoadedPlugin {
                 error = %e,
                 "{what} (at most one failure warning per plugin per second; `suppressed` = failures since the last one)"
             );
+        } else {
+            tracing::debug!(target: FAILURE_TARGET, plugin = %self.name, error = %e, "{what}");
         }
     }
 }
