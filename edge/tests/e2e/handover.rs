@@ -4,7 +4,6 @@
 //! the child, and sets the variables (`LISTEN_PID` through `sh -c 'exec'`,
 //! so it is the edge's own pid).
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::process::{Child, Command, Stdio};
@@ -76,19 +75,7 @@ fn start_activated(
         .stderr(Stdio::inherit());
     pass_fds(&mut cmd, fds);
     let mut child = cmd.spawn()?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = crate::stdout_lines(&mut child)?;
     let mut a = Activated {
         child,
         lines: Vec::new(),

@@ -218,19 +218,7 @@ pub fn start_logged(config: &std::path::Path, log: &std::path::Path) -> anyhow::
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(log)?)
         .spawn()?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = stdout_lines(&mut child)?;
     let (mut http, mut admin) = (None, None);
     // Compiling two plugins in a debug build on a loaded 2-core machine
     // was seen to take 40 s.
@@ -256,4 +244,25 @@ pub fn start_logged(config: &std::path::Path, log: &std::path::Path) -> anyhow::
         http: http.ok_or_else(|| anyhow::anyhow!("no http listener"))?,
         admin: admin.ok_or_else(|| anyhow::anyhow!("no admin listener"))?,
     })
+}
+
+/// The lines a started daemon writes to its (piped) stdout, read by a
+/// thread of their own.
+pub fn stdout_lines(
+    child: &mut std::process::Child,
+) -> anyhow::Result<std::sync::mpsc::Receiver<String>> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
 }

@@ -437,48 +437,57 @@ fn mann_kendall_z(xs: &[f64]) -> f64 {
 /// One-sided 5% critical value of the standard normal.
 const TREND_Z: f64 = 1.645;
 
-/// The p99 verdict: `Some(reason)` when the p99 drifted. A drift is the last
-/// quarter's p99 (over every request of the quarter) above the first
-/// quarter's by more than `limit` percent (the 20) and 1 ms, *and* an
-/// upward trend in the p99 of the 10 s intervals after warm-up
+/// A drift between the first and last quarters: `last` above `first` by more
+/// than `limit` percent and by more than `floor` (in their unit), *and* an
+/// upward trend in the figures of the 10 s intervals after warm-up
 /// (Mann–Kendall, 5%): a spike of the machine's noise inside the last
-/// quarter is not a drift, a p99 that climbs (or steps up and stays) is.
+/// quarter is not a drift, a figure that climbs (or steps up and stays) is.
+/// Returns the growth in percent, the Z, and whether it is a drift.
+fn drift(first: f64, last: f64, per_interval: &[f64], limit: f64, floor: f64) -> (f64, f64, bool) {
+    let growth = (last - first) / first * 100.0;
+    let z = mann_kendall_z(per_interval);
+    (
+        growth,
+        z,
+        growth > limit && last - first > floor && z > TREND_Z,
+    )
+}
+
+/// The p99 verdict: `Some(reason)` when the p99 over every request of each
+/// quarter drifted (by more than 1 ms too, so that sub-ms jitter does not
+/// fail a run).
 fn p99_drift(
     p99_first: f64,
     p99_last: f64,
     per_interval: &[f64],
     limit: f64,
 ) -> (f64, f64, Option<String>) {
-    let drift = (p99_last - p99_first) / p99_first * 100.0;
-    let z = mann_kendall_z(per_interval);
-    let verdict = (drift > limit && p99_last - p99_first > 1.0 && z > TREND_Z).then(|| {
+    let (growth, z, drifted) = drift(p99_first, p99_last, per_interval, limit, 1.0);
+    let verdict = drifted.then(|| {
         format!(
-            "HTTP p99 drifted {drift:.1}% ({p99_first:.2} -> {p99_last:.2} ms, limit +{limit}%) with an upward trend (Mann-Kendall Z {z:.2} > {TREND_Z})"
+            "HTTP p99 drifted {growth:.1}% ({p99_first:.2} -> {p99_last:.2} ms, limit +{limit}%) with an upward trend (Mann-Kendall Z {z:.2} > {TREND_Z})"
         )
     });
-    (drift, z, verdict)
+    (growth, z, verdict)
 }
 
-/// The growth of the edge's CPU time per HTTP request between the first
-/// and last quarters (their means of the interval figures, in µs), and the
-/// Mann–Kendall Z of the interval figures. A failure when it grew by more
-/// than `limit` percent with an upward trend: the edge itself getting more
-/// expensive per request, which a p99 shows only through the queueing of a
-/// busy machine.
+/// The edge's CPU time per HTTP request (the quarters' means of the
+/// interval figures, in µs): `Some(reason)` when it drifted, the edge itself
+/// getting more expensive per request, which a p99 shows only through the
+/// queueing of a busy machine.
 fn cpu_drift(
     first: f64,
     last: f64,
     per_interval: &[f64],
     limit: f64,
 ) -> (f64, f64, Option<String>) {
-    let drift = (last - first) / first * 100.0;
-    let z = mann_kendall_z(per_interval);
-    let verdict = (drift > limit && z > TREND_Z).then(|| {
+    let (growth, z, drifted) = drift(first, last, per_interval, limit, 0.0);
+    let verdict = drifted.then(|| {
         format!(
-            "edge CPU per request grew {drift:.1}% ({first:.0} -> {last:.0} µs, limit +{limit}%) with an upward trend (Mann-Kendall Z {z:.2} > {TREND_Z})"
+            "edge CPU per request grew {growth:.1}% ({first:.0} -> {last:.0} µs, limit +{limit}%) with an upward trend (Mann-Kendall Z {z:.2} > {TREND_Z})"
         )
     });
-    (drift, z, verdict)
+    (growth, z, verdict)
 }
 
 pub async fn run(args: &Args) -> anyhow::Result<()> {
