@@ -888,6 +888,8 @@ fn a_descheduled_callback_does_not_miss_its_deadline() -> anyhow::Result<()> {
     // SAFETY: sched_getcpu has no preconditions.
     let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).expect("sched_getcpu");
     let (tx, rx) = std::sync::mpsc::channel();
+    let calling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let called = calling.clone();
     let hog = std::thread::spawn(move || {
         pin_to(cpu);
         let param = libc::sched_param { sched_priority: 1 };
@@ -901,7 +903,16 @@ fn a_descheduled_callback_does_not_miss_its_deadline() -> anyhow::Result<()> {
         let ok = set.is_ok();
         tx.send(set).expect("send");
         if ok {
-            // Let the callback start, then take the CPU from it for 600 ms.
+            // Let the callback start (waiting for it here: a fixed sleep
+            // raced the test thread, which on a loaded machine could start
+            // the call after this thread's spin), then take the CPU from it
+            // for 600 ms.
+            let t = Instant::now();
+            while !called.load(std::sync::atomic::Ordering::Acquire)
+                && t.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
             std::thread::sleep(Duration::from_millis(1));
             let t = Instant::now();
             while t.elapsed() < Duration::from_millis(600) {
@@ -914,6 +925,7 @@ fn a_descheduled_callback_does_not_miss_its_deadline() -> anyhow::Result<()> {
         anyhow::anyhow!("SCHED_FIFO needs CAP_SYS_NICE (run the tests as root): {e}")
     })?;
     let start = Instant::now();
+    calling.store(true, std::sync::atomic::Ordering::Release);
     let r = ctx.on_request_headers(&mut h, true);
     let took = start.elapsed();
     hog.join().expect("hog");
