@@ -450,6 +450,9 @@ pub(crate) struct CpuDeadline {
     /// The CPU time an alarmed callback had used when a check first found
     /// it over its budget.
     over: Option<Duration>,
+    /// The thread's alarm was brought forward for this callback (see
+    /// [`Self::tighten_once`]).
+    tightened: bool,
 }
 
 /// A reading of the clock a [`CpuDeadline`] counts.
@@ -480,6 +483,7 @@ impl CpuDeadline {
             alarmed: false,
             ticked: false,
             over: None,
+            tightened: false,
         }
     }
 
@@ -493,6 +497,7 @@ impl CpuDeadline {
         self.alarmed = false;
         self.ticked = false;
         self.over = None;
+        self.tightened = false;
     }
 
     /// A clamped callback starts with `budget`, at `started`, with its
@@ -531,6 +536,22 @@ impl CpuDeadline {
             && self
                 .started
                 .is_some_and(|t0| now.saturating_duration_since(t0) < ALARM_AFTER)
+    }
+
+    /// Whether the thread's alarm should be brought forward for the running
+    /// (alarmed) callback now: the first time a check finds it older than
+    /// [`ALARM_AFTER`]. Its timer was kept from an earlier callback, or set
+    /// for the backstop; nearly every callback ends sooner, so only a
+    /// long one (a loop) sets the timer again.
+    pub(crate) fn tighten_once(&mut self, now: Instant) -> bool {
+        if !self.alarmed || self.tightened {
+            return false;
+        }
+        let old = self
+            .started
+            .is_some_and(|t0| now.saturating_duration_since(t0) >= ALARM_AFTER);
+        self.tightened = old;
+        old
     }
 
     /// The CPU time the callback was charged at `now` (what it used since
@@ -576,6 +597,7 @@ impl CpuDeadline {
         self.alarmed = false;
         self.ticked = false;
         self.over = None;
+        self.tightened = false;
     }
 
     /// The running (or last) callback's budget.
@@ -736,7 +758,15 @@ impl PluginInstance {
                     // has used `ALARM_CONFIRM` more, or ends.
                     return Ok(update);
                 }
-                if crate::alarm::fired() {
+                let fired = crate::alarm::fired();
+                // A callback that outlived `ALARM_AFTER` (a loop, nearly
+                // always) has its thread's timer brought forward, once, to
+                // when it can have used its budget, rather than left at the
+                // backstop: without, a loop that no other callback checked
+                // ran to the backstop (p50 0.44 ms, p90 0.64 ms of CPU,
+                // with a 0.25 ms budget).
+                let tighten = !fired && deadline.tighten_once(Instant::now());
+                if fired || tighten {
                     let left = deadline.left(now);
                     if left < ALARM_POLL {
                         // Too little left for a timer (setting it takes
@@ -744,7 +774,11 @@ impl PluginInstance {
                         // every epoch check until it is used.
                         return Ok(UpdateDeadline::Continue(0));
                     }
-                    crate::alarm::rearm(left);
+                    if fired {
+                        crate::alarm::rearm(left);
+                    } else {
+                        crate::alarm::tighten(left);
+                    }
                 }
                 // An alarm that fired while this ran advanced the epoch
                 // before the deadline below is set from it: that advance
@@ -1159,6 +1193,25 @@ mod tests {
         assert!(!d.young(Instant::now()));
         assert!(matches!(d.on_tick(us(9_260)), UpdateDeadline::Continue(0)));
         assert!(d.over());
+    }
+
+    #[test]
+    fn an_alarmed_callback_brings_its_timer_forward_once_when_it_is_old() {
+        let t0 = Instant::now();
+        let mut d = CpuDeadline::new(Duration::from_micros(250));
+        // Not alarmed: never.
+        d.start(Duration::from_micros(250));
+        assert!(!d.tighten_once(t0 + ALARM_AFTER * 4));
+        d.start_clamped(Duration::from_micros(250), t0);
+        assert!(!d.tighten_once(t0 + ALARM_AFTER * 4));
+        // Alarmed: not while young, then once.
+        d.start_alarmed(Duration::from_micros(250), None, t0);
+        assert!(!d.tighten_once(t0 + ALARM_AFTER / 2));
+        assert!(d.tighten_once(t0 + ALARM_AFTER));
+        assert!(!d.tighten_once(t0 + ALARM_AFTER * 2));
+        // The next callback may again.
+        d.start_alarmed(Duration::from_micros(250), Some(cpu(1)), t0);
+        assert!(d.tighten_once(t0 + ALARM_AFTER * 2));
     }
 
     #[test]

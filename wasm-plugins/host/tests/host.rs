@@ -634,6 +634,88 @@ fn a_clamped_loop_is_checked_at_the_plugins_other_callbacks() -> anyhow::Result<
     Ok(())
 }
 
+/// A clamped loop checked once (an epoch advance, as another callback's
+/// start causes) after it is `ALARM_AFTER` (50 µs) old has its thread's
+/// timer brought forward to when it can have used its budget, and is cut
+/// about then (0.4–0.6 ms of CPU in a debug build), not at the backstop its
+/// thread's timer was kept for (about 1.1–1.3 ms, as in
+/// `a_clamped_loop_is_cut_at_its_budget_by_its_threads_alarm`). On a busy
+/// edge a loop was often checked once or twice like this and then left to
+/// its backstop: the loops of `bench/plugins/misbehave.sh` were cut after
+/// about 1 ms at p99; now 0.4–0.6 ms. The checking thread runs at a
+/// real-time priority, so that the other tests' threads cannot delay its
+/// one check past the backstop (needs CAP_SYS_NICE: run as root).
+#[test]
+#[allow(unsafe_code)]
+fn a_clamped_loop_checked_once_is_cut_at_its_budget_not_its_backstop() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let _cpu = cpu_heavy();
+    let host = host();
+    let plugin = load_loop_or_count(&host, "once", 0, Duration::from_millis(50))?;
+    assert!(run_filter(&plugin, true).0.is_err());
+    assert!(plugin.stats().deadline_clamped);
+    let started = Arc::new(AtomicU32::new(0));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let checker = {
+        let (engine, started) = (host.engine().clone(), started.clone());
+        std::thread::spawn(move || {
+            let param = libc::sched_param { sched_priority: 1 };
+            // SAFETY: a valid sched_param for the calling thread (0).
+            let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+            let set = if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            };
+            let ok = set.is_ok();
+            tx.send(set).expect("send");
+            // One epoch advance 100 µs after each loop starts, nothing else.
+            let until = Instant::now() + Duration::from_secs(20);
+            let mut seen = 0;
+            while ok && seen < 11 && Instant::now() < until {
+                let n = started.load(Ordering::Acquire);
+                if n == seen {
+                    std::thread::sleep(Duration::from_micros(20));
+                    continue;
+                }
+                seen = n;
+                std::thread::sleep(Duration::from_micros(100));
+                engine.increment_epoch();
+            }
+        })
+    };
+    rx.recv()?.map_err(|e| {
+        anyhow::anyhow!("SCHED_FIFO needs CAP_SYS_NICE (run the tests as root): {e}")
+    })?;
+    let mut used = Vec::new();
+    for i in 1..=11 {
+        // A quick callback first: it keeps (or sets) this thread's timer due
+        // within the 1 ms backstop, as on a busy edge.
+        assert_eq!(run_filter(&plugin, false).0?, Action::Continue);
+        let mut h = HeaderList::new();
+        let mut ctx = plugin.request_context()?;
+        started.store(i, Ordering::Release);
+        let t0 = thread_cpu();
+        let r = ctx.on_request_headers(&mut h, true);
+        let cpu = thread_cpu().saturating_sub(t0);
+        assert!(
+            matches!(r, Err(PluginError::DeadlineExceeded { clamped: true, .. })),
+            "{r:?}"
+        );
+        used.push(cpu);
+    }
+    checker.join().expect("checker");
+    used.sort();
+    eprintln!("clamped loops checked once used {used:?}");
+    // The median (this thread can be preempted before its loop starts, and
+    // the check then lands too early): before the backstop.
+    assert!(
+        used[5] < Duration::from_micros(900),
+        "clamped loops checked once used {used:?}"
+    );
+    Ok(())
+}
+
 /// While a plugin is clamped, a thread running its quick callbacks back to
 /// back sets its alarm's timer about once per millisecond
 /// (`ALARM_BACKSTOP`), not once per 0.25 ms budget: each setting costs a
@@ -667,11 +749,12 @@ fn a_clamped_plugins_quick_callbacks_set_their_threads_timer_about_once_a_millis
         sets >= 1,
         "the clamped callbacks never set their thread's timer"
     );
-    // At most one setting per millisecond (and one more): once per 0.25 ms
-    // would be four times as many.
+    // About one setting per millisecond: once per 0.25 ms would be four
+    // times as many. (A few more: a quick callback that a check finds
+    // older than 50 µs, its thread preempted, brings its timer forward.)
     let ms = elapsed.as_secs_f64() * 1e3;
     assert!(
-        (sets as f64) <= ms + 2.0,
+        (sets as f64) <= ms * 1.25 + 2.0,
         "{sets} timers set in {ms:.1} ms by {n} quick callbacks"
     );
     Ok(())
