@@ -4,9 +4,11 @@
 # loop or memory exhaustion when a request carries `x-misbehave`), in front
 # of an nginx origin, every request a memory-cache hit, driven by wrk with
 # every EVERY-th request of each connection misbehaving. Runs alone and with
-# each misbehaviour alternate, ROUNDS times, in one run; the edge's CPU comes
-# from /proc over each run. CPU per request moves less with the machine's
-# noise than the chaos scenario's throughputs (docs/soak-chaos.md).
+# each misbehaviour alternate, ROUNDS times, in one run, each starting once
+# the plugin is no longer clamped by an earlier run's loops (the seconds
+# waited are printed); the edge's CPU comes from /proc over each run. CPU
+# per request moves less with the machine's noise than the chaos scenario's
+# throughputs (docs/soak-chaos.md).
 #
 #   bash bench/plugins/misbehave.sh          # DURATION=8 ROUNDS=3 EVERY=100 CONNS=32
 #   KINDS="loop" bash bench/plugins/misbehave.sh
@@ -59,6 +61,22 @@ BENCH_PIDS+=("$EDGE_PID")
 wait_http "http://127.0.0.1:$PORT/obj"
 check_object "http://127.0.0.1:$PORT/obj" 4096
 
+# unclamped : waits (at most 30 s) until the plugin is no longer clamped
+# after a missed deadline (the clamp lasts 10 s after the last loop), so
+# that each run measures its own misbehaviour, not the clamp a loop run
+# left behind; prints the seconds waited.
+unclamped() {
+  local i line
+  for i in $(seq 0 300); do
+    line=$(curl -fsS "http://127.0.0.1:$ADMIN/metrics" | grep '^meridian_plugin_deadline_clamp{' | grep 'kind="clamped"') \
+      || { echo "misbehave: the edge's /metrics has no meridian_plugin_deadline_clamp{kind=\"clamped\"}" >&2; exit 1; }
+    if [ "${line##* }" = 0 ]; then awk -v i="$i" 'BEGIN { printf "%.1f", i / 10 }'; return; fi
+    sleep 0.1
+  done
+  echo "misbehave: the plugin was still clamped 30 s after its last loop: $line" >&2
+  exit 1
+}
+
 # run EVERY KIND : one wrk run; prints "good/s µs-per-good bad".
 run() {
   local t0 t1 out reqs bad
@@ -72,13 +90,14 @@ run() {
 }
 
 echo "misbehave: every ${EVERY}th request; ${DURATION} s runs; ${ROUNDS} rounds; edge $EDGE"
-printf '%-8s %-7s %10s %12s %8s\n' round run good/s "µs/good" bad
+printf '%-8s %-7s %10s %12s %8s %9s\n' round run good/s "µs/good" bad "waited/s"
 declare -A SUM_US=() N=()
 for r in $(seq 1 "$ROUNDS"); do
   for kind in none $KINDS; do
     every=$EVERY; [ "$kind" = none ] && every=0
+    waited=$(unclamped)
     read -r gps us bad < <(run "$every" "$kind")
-    printf '%-8s %-7s %10s %12s %8s\n' "$r" "$kind" "$gps" "$us" "$bad"
+    printf '%-8s %-7s %10s %12s %8s %9s\n' "$r" "$kind" "$gps" "$us" "$bad" "$waited"
     SUM_US[$kind]=$(awk -v a="${SUM_US[$kind]:-0}" -v b="$us" 'BEGIN{print a+b}')
     N[$kind]=$(( ${N[$kind]:-0} + 1 ))
   done
