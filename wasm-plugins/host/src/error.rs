@@ -89,7 +89,7 @@ pub enum PluginError {
     #[error(
         "plugin {plugin}: {callback} exceeded its {deadline:?} deadline{}{}",
         clamp_note(*.clamped),
-        used_note(*.used)
+        used_note(*.used, *.since_start)
     )]
     DeadlineExceeded {
         plugin: String,
@@ -101,6 +101,11 @@ pub enum PluginError {
         /// The CPU time the callback was charged when it was cut (`None`
         /// if no check had measured it).
         used: Option<Duration>,
+        /// For a clamped callback, the wall time from its start to its cut:
+        /// the CPU it used lies between `used` and this. (Its charge counts
+        /// its time before its first check as at most half its budget, and
+        /// a loop that nothing checks early uses more than it is charged.)
+        since_start: Option<Duration>,
     },
     #[error("plugin {plugin}: {callback} exceeded the memory limit of {limit_bytes} bytes")]
     MemoryLimit {
@@ -158,9 +163,13 @@ impl PluginError {
     }
 }
 
-fn used_note(used: Option<Duration>) -> String {
-    used.map(|u| format!(", after {u:?} of CPU"))
-        .unwrap_or_default()
+fn used_note(used: Option<Duration>, since_start: Option<Duration>) -> String {
+    match (used, since_start) {
+        (Some(u), Some(w)) => format!(", after {u:?} of CPU as charged ({w:?} since it started)"),
+        (Some(u), None) => format!(", after {u:?} of CPU"),
+        (None, Some(w)) => format!(", {w:?} after it started"),
+        (None, None) => String::new(),
+    }
 }
 
 fn clamp_note(clamped: bool) -> &'static str {

@@ -561,6 +561,11 @@ impl CpuDeadline {
         self.used(now).map(|u| u + self.credit)
     }
 
+    /// For a clamped callback, the wall time since it started.
+    pub(crate) fn since_start(&self) -> Option<Duration> {
+        self.started.map(|t0| t0.elapsed())
+    }
+
     /// What is left of the budget at `now`: the wall time until the budget
     /// can have been used.
     pub(crate) fn left(&self, now: Sample) -> Duration {
@@ -1024,6 +1029,7 @@ impl PluginInstance {
                 deadline: st.deadline.budget(),
                 clamped: self.clamped,
                 used: st.deadline.charged(thread_cpu_time()),
+                since_start: st.deadline.since_start(),
             };
         }
         stats.traps.fetch_add(1, Ordering::Relaxed);

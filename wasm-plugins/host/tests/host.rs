@@ -774,11 +774,20 @@ fn a_clamped_loop_is_cut_at_its_budget_by_its_threads_alarm() -> anyhow::Result<
     let mut used = Vec::new();
     for _ in 0..11 {
         let (r, cpu) = run_filter(&plugin, true);
-        // The error tells the CPU time charged: at least the budget.
+        // The error tells the CPU time charged (at least the budget), and
+        // the wall time since the loop started, which bounds what it used
+        // from above: here a loop uses over a millisecond of CPU and is
+        // charged about 0.3 ms.
         assert!(
-            matches!(r, Err(PluginError::DeadlineExceeded { clamped: true, deadline, used: Some(used), .. })
-                if used >= deadline && used < cpu + Duration::from_micros(100)),
+            matches!(r, Err(PluginError::DeadlineExceeded { clamped: true, deadline, used: Some(used), since_start: Some(wall), .. })
+                if used >= deadline && used < cpu + Duration::from_micros(100)
+                    && wall >= used && wall + Duration::from_micros(100) >= cpu),
             "{r:?} after {cpu:?}"
+        );
+        let message = r.expect_err("loops").to_string();
+        assert!(
+            message.contains("of CPU as charged (") && message.contains("since it started)"),
+            "{message}"
         );
         used.push(cpu);
         // A well-behaved callback still succeeds between the loops.
