@@ -812,7 +812,9 @@ async fn a_clamped_loops_failure_logs_its_charge_and_its_wall_time() -> anyhow::
             .split_once(" since it started)")
             .ok_or_else(|| anyhow::anyhow!("no wall time in {line}"))?;
         let (charged, wall) = (ms(charged)?, ms(wall)?);
-        assert!(charged >= 0.25 && charged <= wall, "{line}");
+        // (The monotonic clock is slewed: a charge was seen 4 ns over the
+        // wall time.)
+        assert!(charged >= 0.25 && charged <= wall + 0.01, "{line}");
         seen += 1;
     }
     assert!(seen >= 3, "{text}");

@@ -777,11 +777,14 @@ fn a_clamped_loop_is_cut_at_its_budget_by_its_threads_alarm() -> anyhow::Result<
         // The error tells the CPU time charged (at least the budget), and
         // the wall time since the loop started, which bounds what it used
         // from above: here a loop uses over a millisecond of CPU and is
-        // charged about 0.3 ms.
+        // charged about 0.3 ms. (The two clocks differ by a few ns at most:
+        // a loop cut by its own timer was seen charged 4 ns more than its
+        // wall time, the monotonic clock being slewed.)
         assert!(
             matches!(r, Err(PluginError::DeadlineExceeded { clamped: true, deadline, used: Some(used), since_start: Some(wall), .. })
                 if used >= deadline && used < cpu + Duration::from_micros(100)
-                    && wall >= used && wall + Duration::from_micros(100) >= cpu),
+                    && wall + Duration::from_micros(10) >= used
+                    && wall + Duration::from_micros(100) >= cpu),
             "{r:?} after {cpu:?}"
         );
         let message = r.expect_err("loops").to_string();
