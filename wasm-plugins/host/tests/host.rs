@@ -777,7 +777,7 @@ fn a_clamped_loop_is_cut_at_its_budget_by_its_threads_alarm() -> anyhow::Result<
         // The error tells the CPU time charged (at least the budget), and
         // the wall time since the loop started, which bounds what it used
         // from above: here a loop uses over a millisecond of CPU and is
-        // charged about 0.3 ms. (The two clocks differ by a few ns at most:
+        // charged about 0.3 ms. (The two clocks can differ by a few ns:
         // a loop cut by its own timer was seen charged 4 ns more than its
         // wall time, the monotonic clock being slewed.)
         assert!(
