@@ -107,17 +107,9 @@ for kind in $KINDS; do
   awk -v k="$kind" -v a="${SUM_US[$kind]}" -v n="${N[$kind]}" -v b="$base" -v e="$EVERY" 'BEGIN{
     m = a / n; printf "misbehave: %-6s %.2f µs per good request against %.2f alone (%+.1f%%): about %.0f µs of edge CPU per misbehaving request\n", k, m, b, (m - b) / b * 100, (m - b) * (e - 1) }'
 done
-# What the loops were charged, and the wall time from each loop's start to
-# its cut, from the edge's log (the warnings and the debug line of every
-# failure). A loop used between the two: its charge counts its time before
-# its first check as at most half its budget.
-# us FIELD-PATTERN : the durations in the edge's log after that pattern, in µs.
-us() {
-  { grep -o "$1" "$WORK/edge.log" || true; } | grep -o '[0-9.]*[mµ]s' \
-    | awk '{v=$1; if (v ~ /ms$/) {sub("ms","",v); v*=1000} else sub("µs","",v); print v}' | sort -n || true
-}
-pct() {
-  awk -v what="$1" '{a[NR]=$1} END { if (NR) printf "misbehave: loops cut after (%s): p10 %.0f, p50 %.0f, p90 %.0f, p99 %.0f (%d loops)\n", what, a[int(NR*.1)+1], a[int(NR*.5)+1], a[int(NR*.9)+1], a[int(NR*.99)+1], NR }'
-}
-us 'after [0-9.]*[mµ]s of CPU' | pct "µs of CPU, as charged"
-us '[0-9.]*[mµ]s since it started' | pct "µs of wall time since each started"
+# How the loops were cut, from the edge's log (the warnings and the debug
+# line of every failure): by the fuel of the plugin's clamp (every loop after
+# the first miss of a clamp window), or by the CPU-time deadline.
+fuel=$(grep -o 'used all [0-9]* units of fuel' "$WORK/edge.log" | sort | uniq -c | awk '{printf "%s%d at %s units", sep, $1, $4; sep=", "}' || true)
+deadline=$(grep -c 'exceeded its [0-9.]*m*s deadline' "$WORK/edge.log" || true)
+echo "misbehave: loops cut by their clamp's fuel: ${fuel:-none}; by their deadline: ${deadline:-0}"

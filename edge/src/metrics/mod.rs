@@ -458,7 +458,7 @@ impl Metrics {
         );
         registry.register(
             "plugin_deadline_clamp",
-            "Wasm plugin deadline clamps after a missed deadline: clamps started, and whether the plugin is clamped now (clamped, 0 or 1)",
+            "Wasm plugin deadline clamps after a missed deadline: clamps started, whether the plugin is clamped now (clamped, 0 or 1), and the wasm fuel a clamped callback gets (fuel)",
             m.plugin_deadline_clamp.clone(),
         );
         registry.register(

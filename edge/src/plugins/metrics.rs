@@ -85,6 +85,7 @@ pub fn update_metrics<'a, C>(
             for (kind, v) in [
                 ("clamps", s.deadline_clamps),
                 ("clamped", u64::from(s.deadline_clamped)),
+                ("fuel", s.clamp_fuel),
             ] {
                 metrics
                     .plugin_deadline_clamp

@@ -37,7 +37,8 @@ pub enum ErrorKind {
     ConfigureRejected,
     /// The guest trapped (unreachable, out-of-bounds access, stack overflow...).
     Trap,
-    /// A callback ran past its deadline (epoch interruption).
+    /// A callback ran past its deadline (epoch interruption), or past the
+    /// fuel of its clamped deadline.
     DeadlineExceeded,
     /// The guest tried to grow its memory beyond the plugin's limit.
     MemoryLimit,
@@ -87,25 +88,27 @@ pub enum PluginError {
         message: String,
     },
     #[error(
-        "plugin {plugin}: {callback} exceeded its {deadline:?} deadline{}{}",
-        clamp_note(*.clamped),
-        used_note(*.used, *.since_start)
+        "plugin {plugin}: {callback} exceeded its {deadline:?} deadline{}",
+        used_note(*.used)
     )]
     DeadlineExceeded {
         plugin: String,
         callback: &'static str,
         deadline: Duration,
-        /// The deadline was clamped after an earlier miss
-        /// ([`crate::Limits::deadline_clamp`]).
-        clamped: bool,
-        /// The CPU time the callback was charged when it was cut (`None`
-        /// if no check had measured it).
+        /// The CPU time the callback used from its first check to its cut
+        /// (`None` if no check had measured it).
         used: Option<Duration>,
-        /// For a clamped callback, the wall time from its start to its cut:
-        /// the CPU it used lies between `used` and this. (Its charge counts
-        /// its time before its first check as at most half its budget, and
-        /// a loop that nothing checks early uses more than it is charged.)
-        since_start: Option<Duration>,
+    },
+    /// A callback of a plugin whose deadline is clamped (after a missed
+    /// one, [`crate::Limits::deadline_clamp`]) used all the fuel the clamp
+    /// gives. Its kind is [`ErrorKind::DeadlineExceeded`].
+    #[error(
+        "plugin {plugin}: {callback} used all {fuel} units of fuel its deadline is clamped to after a missed deadline"
+    )]
+    FuelExhausted {
+        plugin: String,
+        callback: &'static str,
+        fuel: u64,
     },
     #[error("plugin {plugin}: {callback} exceeded the memory limit of {limit_bytes} bytes")]
     MemoryLimit {
@@ -135,7 +138,9 @@ impl PluginError {
             Self::InstanceLost { .. } => ErrorKind::InstanceLost,
             Self::ConfigureRejected { .. } => ErrorKind::ConfigureRejected,
             Self::Trap { .. } => ErrorKind::Trap,
-            Self::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,
+            Self::DeadlineExceeded { .. } | Self::FuelExhausted { .. } => {
+                ErrorKind::DeadlineExceeded
+            }
             Self::MemoryLimit { .. } => ErrorKind::MemoryLimit,
             Self::Exited { .. } => ErrorKind::Exited,
             Self::Usage { .. } => ErrorKind::Usage,
@@ -163,21 +168,9 @@ impl PluginError {
     }
 }
 
-fn used_note(used: Option<Duration>, since_start: Option<Duration>) -> String {
-    match (used, since_start) {
-        (Some(u), Some(w)) => format!(", after {u:?} of CPU as charged ({w:?} since it started)"),
-        (Some(u), None) => format!(", after {u:?} of CPU"),
-        (None, Some(w)) => format!(", {w:?} after it started"),
-        (None, None) => String::new(),
-    }
-}
-
-fn clamp_note(clamped: bool) -> &'static str {
-    if clamped {
-        " (clamped after a missed deadline)"
-    } else {
-        ""
-    }
+fn used_note(used: Option<Duration>) -> String {
+    used.map(|u| format!(", after {u:?} of CPU"))
+        .unwrap_or_default()
 }
 
 pub type Result<T, E = PluginError> = std::result::Result<T, E>;

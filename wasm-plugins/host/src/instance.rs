@@ -396,30 +396,9 @@ impl Drop for SlotGuard {
     }
 }
 
-/// A clamped callback's thread's alarm is due within this (or its budget, if
-/// longer): the longest a loop that no other callback checks runs past its
-/// budget. Each firing costs its thread about 24 µs on a virtual machine
-/// here (setting the timer, its interrupt and the signal: a C loop lost 9%
-/// of its work to 3,700 of them a second), and a busy thread's timer fires
-/// about once per this time while its plugin is clamped. With the budget
-/// (0.25 ms) instead, the clamp alone cost the `plugin` chaos scenario's
-/// well-behaved requests about 20% of their throughput.
-pub(crate) const ALARM_BACKSTOP: Duration = Duration::from_millis(1);
-
-/// A check that finds an alarmed callback without a CPU-time base younger
-/// than this (wall time) reads nothing: nearly every callback ends sooner,
-/// and the checks that other callbacks' starts cause land in them. At most
-/// half the clamp's floor, so that the credit charged at the first real
-/// check (up to half the budget) covers it.
-pub(crate) const ALARM_AFTER: Duration = Duration::from_micros(50);
-
-/// Below this much budget left when a clamped callback's alarm fires, the
-/// callback is checked at each of its epoch checks instead of by a timer.
-const ALARM_POLL: Duration = Duration::from_micros(50);
-
-/// How much more CPU time a clamped callback found over its budget may use
-/// before it is cut (see [`CpuDeadline::start_alarmed`]).
-const ALARM_CONFIRM: Duration = Duration::from_micros(50);
+/// The fuel of a callback that is not clamped: no limit (the VM counts fuel
+/// in an `i64`). Its use is still counted, for the clamp's peaks.
+pub(crate) const UNLIMITED_FUEL: u64 = i64::MAX as u64;
 
 /// A callback's deadline, in CPU time of the thread that runs it.
 ///
@@ -431,28 +410,14 @@ const ALARM_CONFIRM: Duration = Duration::from_micros(50);
 /// since with the budget. A callback that finishes within its first tick
 /// (nearly all) costs nothing more. The CPU used before the first tick is
 /// not counted (at most one tick) and the budget is checked once a tick, so
-/// a loop is cut after its budget plus at most two ticks of CPU.
+/// a loop is cut after its budget plus at most two ticks of CPU. (A clamped
+/// plugin's callbacks are cut by their fuel long before: see `clamp`.)
 #[derive(Debug)]
 pub(crate) struct CpuDeadline {
     budget: Duration,
     /// The thread's CPU time (or the wall clock, where that cannot be read)
     /// at the running callback's first tick.
     base: Option<Sample>,
-    /// What a clamped callback is charged for its time before that tick.
-    credit: Duration,
-    /// For a clamped callback: when it started.
-    started: Option<Instant>,
-    /// The thread's alarm is armed for the running callback (see
-    /// [`crate::alarm`]).
-    alarmed: bool,
-    /// A tick (or the alarm) landed in the running callback.
-    ticked: bool,
-    /// The CPU time an alarmed callback had used when a check first found
-    /// it over its budget.
-    over: Option<Duration>,
-    /// The thread's alarm was brought forward for this callback (see
-    /// [`Self::tighten_once`]).
-    tightened: bool,
 }
 
 /// A reading of the clock a [`CpuDeadline`] counts.
@@ -475,16 +440,7 @@ impl Sample {
 
 impl CpuDeadline {
     pub(crate) fn new(budget: Duration) -> Self {
-        Self {
-            budget,
-            base: None,
-            credit: Duration::ZERO,
-            started: None,
-            alarmed: false,
-            ticked: false,
-            over: None,
-            tightened: false,
-        }
+        Self { budget, base: None }
     }
 
     /// A callback starts with `budget`: its CPU time counts from its first
@@ -492,117 +448,6 @@ impl CpuDeadline {
     pub(crate) fn start(&mut self, budget: Duration) {
         self.budget = budget;
         self.base = None;
-        self.credit = Duration::ZERO;
-        self.started = None;
-        self.alarmed = false;
-        self.ticked = false;
-        self.over = None;
-        self.tightened = false;
-    }
-
-    /// A clamped callback starts with `budget`, at `started`, with its
-    /// thread's alarm armed (see [`crate::alarm`]); `cpu` is its thread's CPU
-    /// time if it set the timer itself, `None` if it kept one set earlier.
-    ///
-    /// With `cpu`, every check counts the CPU time from its start, so a
-    /// callback descheduled meanwhile is never charged for it. Without,
-    /// checks that find it younger than [`ALARM_AFTER`] do nothing (see
-    /// [`Self::young`]); the first that does not takes the CPU time as its
-    /// base and charges the wall time before, up to half the budget (as
-    /// [`Self::start_clamped`]). Once a check finds it over its budget, it
-    /// is checked at each of its epoch checks, and cut when it has used
-    /// [`ALARM_CONFIRM`] more: a loop goes on using CPU, while a callback of
-    /// microseconds that a check found over its budget was charged for a
-    /// hiccup (on a virtual machine, the thread's CPU clock can jump by a
-    /// millisecond, the time its virtual CPU was stopped) and ends first.
-    pub(crate) fn start_alarmed(
-        &mut self,
-        budget: Duration,
-        cpu: Option<Sample>,
-        started: Instant,
-    ) {
-        self.start(budget);
-        self.base = cpu;
-        self.started = Some(started);
-        self.alarmed = true;
-    }
-
-    /// Whether the running callback is alarmed, has no CPU-time base yet,
-    /// and started less than [`ALARM_AFTER`] before `now`: a check that
-    /// lands in it has nothing to do.
-    pub(crate) fn young(&self, now: Instant) -> bool {
-        self.alarmed
-            && self.base.is_none()
-            && self
-                .started
-                .is_some_and(|t0| now.saturating_duration_since(t0) < ALARM_AFTER)
-    }
-
-    /// Whether the thread's alarm should be brought forward for the running
-    /// (alarmed) callback now: the first time a check finds it older than
-    /// [`ALARM_AFTER`]. Its timer was kept from an earlier callback, or set
-    /// for the backstop; nearly every callback ends sooner, so only a
-    /// long one (a loop) sets the timer again.
-    pub(crate) fn tighten_once(&mut self, now: Instant) -> bool {
-        if !self.alarmed || self.tightened {
-            return false;
-        }
-        let old = self
-            .started
-            .is_some_and(|t0| now.saturating_duration_since(t0) >= ALARM_AFTER);
-        self.tightened = old;
-        old
-    }
-
-    /// The CPU time the callback was charged at `now` (what it used since
-    /// its first tick, or since its start when alarmed, and the credit for
-    /// the time before); `None` if no tick landed in it.
-    pub(crate) fn charged(&self, now: Sample) -> Option<Duration> {
-        self.used(now).map(|u| u + self.credit)
-    }
-
-    /// For a clamped callback, the wall time since it started.
-    pub(crate) fn since_start(&self) -> Option<Duration> {
-        self.started.map(|t0| t0.elapsed())
-    }
-
-    /// What is left of the budget at `now`: the wall time until the budget
-    /// can have been used.
-    pub(crate) fn left(&self, now: Sample) -> Duration {
-        let used = self.base.and_then(|b| now.since(b)).unwrap_or_default() + self.credit;
-        self.budget.saturating_sub(used)
-    }
-
-    /// Whether a tick (or the alarm) landed in the running callback.
-    pub(crate) fn ticked(&self) -> bool {
-        self.ticked
-    }
-
-    /// Whether a check found the running (alarmed) callback over its budget.
-    pub(crate) fn over(&self) -> bool {
-        self.over.is_some()
-    }
-
-    /// Whether the running callback has the thread's alarm armed.
-    pub(crate) fn alarmed(&self) -> bool {
-        self.alarmed
-    }
-
-    /// A clamped callback starts with `budget`, at `now`: the wall time to
-    /// its first tick counts too, up to half the budget, so that a loop is
-    /// not granted the CPU it burns before that tick. Reading the thread's
-    /// CPU time here would cost a system call per callback; the wall clock
-    /// is read in user space, and a thread descheduled before its first
-    /// tick is charged at most half its budget for it.
-    pub(crate) fn start_clamped(&mut self, budget: Duration, now: Instant) {
-        self.budget = budget;
-        self.base = None;
-        self.credit = Duration::ZERO;
-        self.started = Some(now);
-        self.alarmed = false;
-        self.ticked = false;
-        self.over = None;
-        self.tightened = false;
     }
 
     /// The running (or last) callback's budget.
@@ -610,59 +455,25 @@ impl CpuDeadline {
         self.budget
     }
 
-    /// The CPU time the callback used from its first tick to `now` (not
-    /// counting what a clamped callback was charged for the time before
-    /// it); `None` if no tick landed in it (it took less than a tick).
+    /// The CPU time the callback used from its first tick to `now`; `None`
+    /// if no tick landed in it (it took less than a tick).
     pub(crate) fn used(&self, now: Sample) -> Option<Duration> {
-        self.base.filter(|_| self.ticked).and_then(|b| now.since(b))
+        self.base.and_then(|b| now.since(b))
     }
 
     /// An epoch tick landed in the running callback; `now` is its thread's
     /// clock. Interrupts once the callback used its budget since its first
     /// tick, else asks to be called at the next tick.
     pub(crate) fn on_tick(&mut self, now: Sample) -> UpdateDeadline {
-        self.ticked = true;
-        if self.alarmed && self.base.is_none() {
-            // The first check of a callback that kept its thread's timer:
-            // the base, and the wall time before it charged (at most half
-            // the budget, so that this check alone never cuts it).
-            self.credit = self
-                .started
-                .map(|t0| t0.elapsed().min(self.budget / 2))
-                .unwrap_or_default();
-            self.base = Some(now);
-            return UpdateDeadline::Continue(1);
-        }
-        if self.alarmed
-            && let Some(Some(used)) = self.base.map(|b| now.since(b).map(|u| u + self.credit))
-        {
-            if used < self.budget {
-                return UpdateDeadline::Continue(1);
-            }
-            let over = *self.over.get_or_insert(used);
-            if used >= over + ALARM_CONFIRM {
-                return UpdateDeadline::Interrupt;
-            }
-            return UpdateDeadline::Continue(0);
-        }
-        let used = match self.base.map(|b| now.since(b)) {
-            Some(Some(used)) => used + self.credit,
+        match self.base.map(|b| now.since(b)) {
+            Some(Some(used)) if used >= self.budget => UpdateDeadline::Interrupt,
+            Some(Some(_)) => UpdateDeadline::Continue(1),
             // The first tick, or the clock changed kind mid-callback: count
             // from here.
             None | Some(None) => {
-                // Never more than half the budget: the first tick alone
-                // never cuts a callback.
-                if let (None, Some(t0)) = (self.base, self.started) {
-                    self.credit = t0.elapsed().min(self.budget / 2);
-                }
                 self.base = Some(now);
-                return UpdateDeadline::Continue(1);
+                UpdateDeadline::Continue(1)
             }
-        };
-        if used >= self.budget {
-            UpdateDeadline::Interrupt
-        } else {
-            UpdateDeadline::Continue(1)
         }
     }
 }
@@ -686,8 +497,6 @@ pub(crate) struct PluginInstance {
     /// Running the set-up callbacks (`_initialize`, `proxy_on_vm_start`,
     /// `proxy_on_configure`...): the deadline clamp does not apply.
     setup: bool,
-    /// Whether the running (or last) callback's deadline was clamped.
-    clamped: bool,
     /// Last: fields drop in order, so the slot is released after the store
     /// has given its memory back to the pool.
     _slot: SlotGuard,
@@ -726,6 +535,12 @@ fn typed<P: WasmParams, R: WasmResults>(
     }
 }
 
+/// The store's fuel could not be set or read: only when the engine does not
+/// count fuel, which `PluginHost::new` always turns on.
+fn engine_err(e: wasmtime::Error) -> PluginError {
+    PluginError::Engine(format!("{e:#}"))
+}
+
 impl PluginInstance {
     /// Instantiate from the pre-linked module, then run the integration and
     /// root-context callbacks: `_initialize` (or `_start`),
@@ -740,61 +555,13 @@ impl PluginInstance {
         let mut store = Store::new(engine, HostState::new(plugin.clone(), deadline));
         store.limiter(|s| &mut s.limiter);
         // Every epoch tick that lands in a callback asks its CPU-time budget.
-        // A clamped callback's alarm is a tick too; when it finds budget
-        // left (the thread was off its CPU), it is armed again for that.
         store.epoch_deadline_callback(|mut cx| {
-            let deadline = &mut cx.data_mut().deadline;
-            if deadline.young(Instant::now()) {
-                // An alarmed callback younger than `ALARM_AFTER`, checked
-                // because another callback started (or a tick): it has not
-                // used its budget, and nothing is read. If its own thread's
-                // timer fired (one kept from an earlier callback), it is
-                // set again, so that this callback keeps its backstop.
-                if crate::alarm::fired() {
-                    crate::alarm::rearm(deadline.budget().max(ALARM_BACKSTOP));
-                }
-                return Ok(UpdateDeadline::Continue(1));
-            }
             let now = thread_cpu_time();
-            let update = deadline.on_tick(now);
-            if deadline.alarmed() && matches!(update, UpdateDeadline::Continue(_)) {
-                if deadline.over() {
-                    // Over its budget: checked at every epoch check until it
-                    // has used `ALARM_CONFIRM` more, or ends.
-                    return Ok(update);
-                }
-                if crate::alarm::fired() {
-                    let left = deadline.left(now);
-                    if left < ALARM_POLL {
-                        // Too little left for a timer (setting it takes
-                        // microseconds on a virtual machine): check at
-                        // every epoch check until it is used (the mark
-                        // stays set, so every check comes back here).
-                        return Ok(UpdateDeadline::Continue(0));
-                    }
-                    crate::alarm::rearm(left);
-                } else if deadline.tighten_once(Instant::now()) {
-                    // A callback that outlived `ALARM_AFTER` (a loop, nearly
-                    // always) has its thread's timer brought forward, once,
-                    // to when it can have used its budget. Without, a loop
-                    // that other callbacks' starts checked once or twice
-                    // then ran to the backstop (loops at p90 0.45-0.93 ms
-                    // and p99 about 1 ms of CPU, with a 0.25 ms budget).
-                    // However little is left: the checks that follow need
-                    // not come back here.
-                    crate::alarm::tighten(deadline.left(now));
-                }
-                // An alarm that fired while this ran advanced the epoch
-                // before the deadline below is set from it: that advance
-                // is spent, so check again at once.
-                if crate::alarm::fired() {
-                    return Ok(UpdateDeadline::Continue(0));
-                }
-            }
-            Ok(update)
+            Ok(cx.data_mut().deadline.on_tick(now))
         });
         store.data_mut().deadline.start(deadline);
         store.set_epoch_deadline(1);
+        store.set_fuel(UNLIMITED_FUEL).map_err(engine_err)?;
         let instance = pre.instantiate(&mut store).map_err(|e| {
             if store.data().limiter.hit {
                 PluginError::MemoryLimit {
@@ -848,7 +615,6 @@ impl PluginInstance {
             next_context_id: ROOT_CONTEXT_ID + 1,
             deadline,
             setup: true,
-            clamped: false,
             _slot: slot,
         };
         let root = ROOT_CONTEXT_ID as i32;
@@ -923,82 +689,45 @@ impl PluginInstance {
             .stats
             .callbacks
             .fetch_add(1, Ordering::Relaxed);
-        let (budget, clamped) = if self.setup {
-            (self.deadline, false)
+        // A clamped plugin's callback gets its clamp's fuel; any other, no
+        // limit. Either way the fuel it used is read after, for the clamp's
+        // peaks: two loads of the store's counter, no clock.
+        let plugin = &self.store.data().plugin;
+        let clamped = if self.setup {
+            None
         } else {
-            let plugin = &self.store.data().plugin;
-            plugin.clamp.deadline(self.deadline, plugin.clock.now_ms())
+            plugin.clamp.fuel(plugin.clock.now_ms())
         };
-        self.clamped = clamped;
-        let now = Instant::now();
-        if clamped {
-            // Every callback of a clamped plugin is an epoch tick for the
-            // callbacks running on other threads (a loop among them): on a
-            // busy machine, a loop is checked within microseconds of each
-            // of these, and cut about as soon as it has used its budget.
-            // (A relaxed `fetch_add`; the checks it causes in the quick
-            // callbacks running elsewhere read no clock but the wall one.)
-            self.store.engine().increment_epoch();
-        }
-        // The deadline is set before the alarm is armed: an alarm that
-        // fires at once (a timer kept from an earlier callback) must find
-        // its epoch advance counted against it, not spent by setting it.
+        let given = clamped.unwrap_or(UNLIMITED_FUEL);
+        self.store.set_fuel(given).map_err(engine_err)?;
         self.store.set_epoch_deadline(1);
-        // A clamped callback also has its thread's alarm due within
-        // `ALARM_BACKSTOP` (or its budget, if longer), for a loop that no
-        // other callback checks (a quiet machine, or all its threads in
-        // loops). A timer already due in that time is kept. Only a callback
-        // that sets the timer reads its thread's CPU time at its start (a
-        // system call: read by every callback, it was one per callback);
-        // the others read it at their first check that finds them older
-        // than `ALARM_AFTER` (see `CpuDeadline::start_alarmed`).
-        let armed = if clamped {
-            crate::alarm::arm(self.store.engine(), budget.max(ALARM_BACKSTOP))
-        } else {
-            crate::alarm::Armed::Unavailable
-        };
-        let alarmed = armed != crate::alarm::Armed::Unavailable;
-        if alarmed {
-            let cpu = (armed == crate::alarm::Armed::Set).then(thread_cpu_time);
-            self.store
-                .data_mut()
-                .deadline
-                .start_alarmed(budget, cpu, now);
-        } else if clamped {
-            // Without the alarm: the epoch ticks, and the other threads'
-            // callbacks (above), check it.
-            self.store.data_mut().deadline.start_clamped(budget, now);
-        } else {
-            self.store.data_mut().deadline.start(budget);
-        }
+        self.store.data_mut().deadline.start(self.deadline);
         self.store.data_mut().limiter.hit = false;
         let r = func.call(&mut self.store, args);
-        if alarmed {
-            crate::alarm::release();
-        }
         match r {
             Ok(r) => {
-                // A callback an epoch tick (or its alarm) landed in tells
-                // the clamp what the plugin needs; the CPU time is read
-                // only then. Set-up callbacks (never clamped) do not count,
-                // nor one a check found over its budget that ended before
-                // it was cut (a hiccup of its thread's CPU clock, which
-                // would hold the clamp wide open).
-                let st = self.store.data();
-                if !self.setup
-                    && st.deadline.ticked()
-                    && !st.deadline.over()
-                    && let Some(used) = st.deadline.used(thread_cpu_time())
-                {
-                    st.plugin.clamp.succeeded(used, st.plugin.clock.now_ms());
+                // Set-up callbacks (never clamped) do not count: they run
+                // once per instance, not per request.
+                if !self.setup {
+                    let left = self.store.get_fuel().map_err(engine_err)?;
+                    let st = self.store.data();
+                    st.plugin
+                        .clamp
+                        .succeeded(given.saturating_sub(left), st.plugin.clock.now_ms());
                 }
                 Ok(Some(r))
             }
-            Err(e) => Err(self.classify(callback, e)),
+            Err(e) => Err(self.classify(callback, e, clamped)),
         }
     }
 
-    fn classify(&self, callback: &'static str, e: wasmtime::Error) -> PluginError {
+    /// `fuel`: the clamped callback's fuel (`None`: not clamped).
+    fn classify(
+        &self,
+        callback: &'static str,
+        e: wasmtime::Error,
+        fuel: Option<u64>,
+    ) -> PluginError {
         let st = self.store.data();
         let plugin = st.plugin.name.clone();
         let stats = &st.plugin.stats;
@@ -1019,18 +748,27 @@ impl PluginInstance {
                 code: exit.0,
             };
         }
-        if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
-            stats.deadlines.fetch_add(1, Ordering::Relaxed);
-            let shared = &st.plugin;
-            shared.clamp.missed(shared.clock.now_ms());
-            return PluginError::DeadlineExceeded {
-                plugin,
-                callback,
-                deadline: st.deadline.budget(),
-                clamped: self.clamped,
-                used: st.deadline.charged(thread_cpu_time()),
-                since_start: st.deadline.since_start(),
-            };
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::OutOfFuel) => {
+                stats.deadlines.fetch_add(1, Ordering::Relaxed);
+                st.plugin.clamp.missed(st.plugin.clock.now_ms());
+                return PluginError::FuelExhausted {
+                    plugin,
+                    callback,
+                    fuel: fuel.unwrap_or(UNLIMITED_FUEL),
+                };
+            }
+            Some(Trap::Interrupt) => {
+                stats.deadlines.fetch_add(1, Ordering::Relaxed);
+                st.plugin.clamp.missed(st.plugin.clock.now_ms());
+                return PluginError::DeadlineExceeded {
+                    plugin,
+                    callback,
+                    deadline: st.deadline.budget(),
+                    used: st.deadline.used(thread_cpu_time()),
+                };
+            }
+            _ => {}
         }
         stats.traps.fetch_add(1, Ordering::Relaxed);
         PluginError::Trap {
@@ -1083,140 +821,6 @@ mod tests {
         assert!(!interrupts(d.on_tick(cpu(200))));
         assert!(!interrupts(d.on_tick(cpu(204))));
         assert!(interrupts(d.on_tick(cpu(206))));
-    }
-
-    #[test]
-    fn a_clamped_callback_is_charged_the_time_before_its_first_tick() {
-        let mut d = CpuDeadline::new(Duration::from_millis(50));
-        // Started 300 µs ago: charged min(300 µs, half the 1 ms budget) =
-        // 300 µs at its first tick.
-        let started = Instant::now() - Duration::from_micros(300);
-        d.start_clamped(Duration::from_millis(1), started);
-        assert!(!interrupts(d.on_tick(cpu(100))));
-        // The charge counts against the budget, not in what it used.
-        assert_eq!(d.used(cpu(100)), Some(Duration::ZERO));
-        assert!(!interrupts(d.on_tick(Sample::Cpu(
-            Duration::from_millis(100) + Duration::from_micros(600)
-        ))));
-        assert!(interrupts(d.on_tick(Sample::Cpu(
-            Duration::from_millis(100) + Duration::from_micros(750)
-        ))));
-    }
-
-    #[test]
-    fn a_clamped_callback_descheduled_before_its_first_tick_is_charged_little() {
-        let mut d = CpuDeadline::new(Duration::from_millis(50));
-        // Off its CPU for a second before its first tick: charged half the
-        // budget at most, and never cut by the first tick.
-        let started = Instant::now() - Duration::from_secs(1);
-        d.start_clamped(Duration::from_millis(1), started);
-        assert!(!interrupts(d.on_tick(cpu(100))));
-        assert!(!interrupts(d.on_tick(Sample::Cpu(
-            Duration::from_millis(100) + Duration::from_micros(400)
-        ))));
-        assert!(interrupts(d.on_tick(Sample::Cpu(
-            Duration::from_millis(100) + Duration::from_micros(500)
-        ))));
-        // An unclamped start forgets the credit.
-        d.start(Duration::from_millis(1));
-        assert!(!interrupts(d.on_tick(cpu(200))));
-        assert_eq!(d.used(cpu(200)), Some(Duration::ZERO));
-    }
-
-    #[test]
-    fn an_alarmed_callback_counts_from_its_start_and_is_cut_once_it_used_more_past_its_budget() {
-        let mut d = CpuDeadline::new(Duration::from_millis(50));
-        let us = |n: u64| Sample::Cpu(Duration::from_micros(n));
-        d.start_alarmed(Duration::from_micros(500), Some(us(1_000)), Instant::now());
-        // Under its budget: continues, with what is left.
-        assert!(!interrupts(d.on_tick(us(1_300))));
-        assert!(!d.over());
-        assert_eq!(d.left(us(1_300)), Duration::from_micros(200));
-        // Over it: not yet cut, but checked at every epoch check...
-        assert!(matches!(d.on_tick(us(1_500)), UpdateDeadline::Continue(0)));
-        assert!(d.over());
-        assert_eq!(d.left(us(1_500)), Duration::ZERO);
-        assert!(!interrupts(d.on_tick(us(1_540))));
-        // ...and cut once it has used 50 µs more.
-        assert!(interrupts(d.on_tick(us(1_550))));
-        assert_eq!(d.charged(us(1_550)), Some(Duration::from_micros(550)));
-        // A hiccup: found far over once, then the callback ends before it
-        // has used 50 µs more.
-        d.start_alarmed(Duration::from_micros(500), Some(us(10_000)), Instant::now());
-        assert!(!interrupts(d.on_tick(us(11_200))));
-        assert!(!interrupts(d.on_tick(us(11_210))));
-        assert!(d.over());
-        // The next callback starts afresh.
-        d.start_alarmed(Duration::from_micros(500), Some(us(20_000)), Instant::now());
-        assert!(!d.over());
-        assert!(!interrupts(d.on_tick(us(20_600))));
-        // Unclamped callbacks are not alarmed.
-        d.start(Duration::from_micros(500));
-        assert!(!d.alarmed() && !d.over());
-    }
-
-    #[test]
-    fn an_alarmed_callback_that_kept_its_threads_timer_takes_its_base_at_its_first_check() {
-        let mut d = CpuDeadline::new(Duration::from_millis(50));
-        let us = |n: u64| Sample::Cpu(Duration::from_micros(n));
-        // Just started: a check finds it young, and reads nothing.
-        let now = Instant::now();
-        d.start_alarmed(Duration::from_micros(250), None, now);
-        assert!(d.young(now + ALARM_AFTER / 2));
-        assert!(!d.young(now + ALARM_AFTER));
-        // Started 80 µs ago: its first check takes the base and charges
-        // those 80 µs, so it is over after 170 µs more, and cut once it
-        // has used 50 µs past that.
-        d.start_alarmed(
-            Duration::from_micros(250),
-            None,
-            Instant::now() - Duration::from_micros(80),
-        );
-        assert!(!d.young(Instant::now()));
-        assert!(!interrupts(d.on_tick(us(1_000))));
-        assert!(d.ticked() && !d.over());
-        assert_eq!(d.used(us(1_000)), Some(Duration::ZERO));
-        assert!(d.charged(us(1_000)) >= Some(Duration::from_micros(80)));
-        assert!(d.left(us(1_000)) <= Duration::from_micros(170));
-        assert!(!interrupts(d.on_tick(us(1_100))));
-        assert!(matches!(d.on_tick(us(1_200)), UpdateDeadline::Continue(0)));
-        assert!(d.over());
-        assert!(interrupts(d.on_tick(us(1_250))));
-        // Off its CPU for a second before its first check: charged half
-        // its budget, no more.
-        d.start_alarmed(
-            Duration::from_micros(250),
-            None,
-            Instant::now() - Duration::from_secs(1),
-        );
-        assert!(!interrupts(d.on_tick(us(5_000))));
-        assert_eq!(d.charged(us(5_000)), Some(Duration::from_micros(125)));
-        assert!(!interrupts(d.on_tick(us(5_100))));
-        assert!(!d.over());
-        // A callback that set the timer counts from its start, never young.
-        d.start_alarmed(Duration::from_micros(250), Some(us(9_000)), Instant::now());
-        assert!(!d.young(Instant::now()));
-        assert!(matches!(d.on_tick(us(9_260)), UpdateDeadline::Continue(0)));
-        assert!(d.over());
-    }
-
-    #[test]
-    fn an_alarmed_callback_brings_its_timer_forward_once_when_it_is_old() {
-        let t0 = Instant::now();
-        let mut d = CpuDeadline::new(Duration::from_micros(250));
-        // Not alarmed: never.
-        d.start(Duration::from_micros(250));
-        assert!(!d.tighten_once(t0 + ALARM_AFTER * 4));
-        d.start_clamped(Duration::from_micros(250), t0);
-        assert!(!d.tighten_once(t0 + ALARM_AFTER * 4));
-        // Alarmed: not while young, then once.
-        d.start_alarmed(Duration::from_micros(250), None, t0);
-        assert!(!d.tighten_once(t0 + ALARM_AFTER / 2));
-        assert!(d.tighten_once(t0 + ALARM_AFTER));
-        assert!(!d.tighten_once(t0 + ALARM_AFTER * 2));
-        // The next callback may again.
-        d.start_alarmed(Duration::from_micros(250), Some(cpu(1)), t0);
-        assert!(d.tighten_once(t0 + ALARM_AFTER * 2));
     }
 
     #[test]

@@ -9,12 +9,13 @@
 //! [`RequestContext`]. Failures come back as [`PluginError`]; map them with the
 //! plugin's [`FailurePolicy`].
 //!
-//! Engine: one `wasmtime::Engine` per host with the pooling instance allocator
-//! and epoch interruption; a background thread advances the epoch every
+//! Engine: one `wasmtime::Engine` per host with the pooling instance allocator,
+//! epoch interruption and fuel; a background thread advances the epoch every
 //! [`HostConfig::epoch_tick`], and each callback runs under its plugin's
 //! [`Limits::callback_deadline`], counted in the CPU time of the thread that
 //! runs it (`instance::CpuDeadline`); after a missed deadline, the plugin's
-//! deadline is clamped for a while ([`Limits::deadline_clamp`], `clamp`).
+//! callbacks are held to a budget of fuel for a while
+//! ([`Limits::deadline_clamp`], `clamp`).
 //! Modules are compiled once (a load of the same bytes while a plugin
 //! compiled from them is loaded reuses its module: [`PluginHost::module_stats`]) and
 //! linked once per load into an `InstancePre`; requests reuse pre-configured instances
@@ -40,7 +41,6 @@
 //! [proxy-wasm ABI 0.2.1]: https://github.com/proxy-wasm/spec/tree/main/abi-versions/v0.2.1
 
 pub mod abi;
-mod alarm;
 mod clamp;
 mod error;
 mod hostcalls;
@@ -70,14 +70,6 @@ pub use plugin::{
     PluginStats, RequestContext,
 };
 pub use shared::SharedData;
-
-/// How many times the calling thread set the timer that checks its clamped
-/// plugin callbacks (a system call each, and a signal when it fires): for
-/// tests of what a clamp costs.
-#[doc(hidden)]
-pub fn alarm_timers_set_on_this_thread() -> u64 {
-    alarm::sets()
-}
 
 use instance::{HostState, PluginShared};
 
@@ -309,7 +301,12 @@ impl PluginHost {
             .table_keep_resident(TABLE_KEEP_RESIDENT)
             .pagemap_scan(wasmtime::Enabled::Auto);
         let mut cfg = Config::new();
+        // Fuel is counted in every callback (the clamp's peaks, and the
+        // budget of a clamped plugin's callbacks): a counter in a register,
+        // checked at loop heads and calls. It cost nothing measurable on
+        // the example plugins (bench/RESULTS.md, "Fuel").
         cfg.epoch_interruption(true)
+            .consume_fuel(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&cfg).map_err(|e| engine_err(&e))?;
         let mut linker = Linker::new(&engine);

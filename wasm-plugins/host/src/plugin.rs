@@ -52,17 +52,18 @@ pub struct Limits {
     /// more than its budget, never less.
     pub callback_deadline: Duration,
     /// After a callback misses its deadline, for this long (extended by each
-    /// later miss) the plugin's callbacks get a deadline of 4 times the
-    /// third-largest time a successful callback of the last 10–20 s was
-    /// seen to take (one measurement alone cannot widen it), at least
-    /// 0.25 ms and at most `callback_deadline`, counted from their
-    /// start; and each of its callbacks advances the epoch as it starts, so
-    /// a loop is checked at every callback the plugin starts elsewhere. A
-    /// plugin whose requests loop then costs about its clamped deadline of
-    /// CPU per loop on a busy host, not its whole deadline, while its
-    /// legitimately heavy callbacks keep what they were seen to need. Zero:
-    /// never clamp. Set-up callbacks (`proxy_on_vm_start`,
-    /// `proxy_on_configure`) are never clamped.
+    /// later miss) the plugin's callbacks get a budget of wasmtime fuel
+    /// (about one unit per wasm instruction): 4 times the most a successful
+    /// callback of the last one to two such periods used, at least 100,000.
+    /// A callback that uses it all fails at once with
+    /// [`PluginError::FuelExhausted`]. A plugin whose requests loop then
+    /// costs tens of microseconds per loop, not its whole deadline, while
+    /// its legitimately heavy callbacks keep what they were seen to need
+    /// (fuel is exact: one sighting is enough). `callback_deadline` still
+    /// applies (a loop of host calls or bulk memory operations does more
+    /// per unit of fuel). Zero: never clamp. Set-up callbacks
+    /// (`proxy_on_vm_start`, `proxy_on_configure`) are never clamped, and
+    /// do not count toward the peak.
     pub deadline_clamp: Duration,
     /// Instantiate (and configure) a new instance for every request instead of
     /// sharing pooled ones. Stronger isolation, much higher cost, and the one
@@ -194,6 +195,10 @@ pub struct PluginStats {
     pub deadline_clamps: u64,
     /// True while the plugin's deadline is clamped.
     pub deadline_clamped: bool,
+    /// The fuel a clamped callback gets (the clamp in force, or one that
+    /// would start now): 4 times the most a successful callback used in
+    /// the last one to two clamp windows, at least 100,000.
+    pub clamp_fuel: u64,
     pub memory_limit: u64,
     pub exits: u64,
     pub instances_created: u64,
@@ -601,6 +606,7 @@ impl Plugin {
                 .shared
                 .clamp
                 .active(self.inner.shared.clock.now_ms()),
+            clamp_fuel: self.inner.shared.clamp.budget(),
             memory_limit: s.memory_limits.load(Ordering::Relaxed),
             exits: s.exits.load(Ordering::Relaxed),
             instances_created: s.instances_created.load(Ordering::Relaxed),
