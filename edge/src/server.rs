@@ -1040,7 +1040,8 @@ async fn reload(
 }
 
 /// The Wasm host (one engine per process) outlives reloads, so
-/// `[plugins] max_instances` and `instance_wait` change on restart only: a
+/// `[plugins] max_instances`, `instance_wait` and `fuel` change on restart
+/// only: a
 /// reload that changes them keeps the running values, says so in the log,
 /// and `GET /config` shows the values in force.
 fn keep_plugin_host_settings(cfg: &mut Config, host: &meridian_wasm_host::HostConfig) {
@@ -1060,6 +1061,14 @@ fn keep_plugin_host_settings(cfg: &mut Config, host: &meridian_wasm_host::HostCo
             "[plugins] instance_wait changes on restart only; the running value stays"
         );
         p.instance_wait = crate::config::Dur(host.lock_wait);
+    }
+    if p.fuel != host.fuel {
+        tracing::warn!(
+            configured = p.fuel,
+            running = host.fuel,
+            "[plugins] fuel changes on restart only; the running value stays"
+        );
+        p.fuel = host.fuel;
     }
 }
 

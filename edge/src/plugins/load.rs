@@ -67,6 +67,7 @@ pub fn new_host(cfg: &PluginsConfig) -> Result<Arc<PluginHost>, String> {
         max_idle_instances_per_plugin: cfg.max_instances as usize,
         // A callback waits this long for an instance busy with others'.
         lock_wait: cfg.instance_wait.get(),
+        fuel: cfg.fuel,
         ..HostConfig::default()
     })
     .map(Arc::new)

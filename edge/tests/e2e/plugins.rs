@@ -757,6 +757,48 @@ async fn a_looping_plugin_is_clamped_after_its_first_missed_deadline() -> anyhow
     Ok(())
 }
 
+/// With `[plugins] fuel = false` no plugin is clamped: every loop runs its
+/// whole deadline and fails with it, and the metrics show no clamp.
+#[tokio::test]
+async fn with_fuel_off_a_looping_plugin_is_never_clamped() -> anyhow::Result<()> {
+    let origin = TestOrigin::start("o").await?;
+    let dir = TempDir::new("plugins")?;
+    let looping = write_plugin(&dir, "loop", LOOP_ON_HEADER)?;
+    let config = with_plugins(&origin, &[(&looping, "closed")]).replacen(
+        "[[listeners]]",
+        "[plugins]\nfuel = false\n\n[[listeners]]",
+        1,
+    );
+    let edge = Edge::start(&config)?;
+    for _ in 0..3 {
+        let mut req = get("t", "/hello");
+        req.headers_mut().insert("x-loop", "1".parse()?);
+        let r = Conn::plain(edge.http(), false).await?.send(req).await?;
+        assert_eq!(r.status, 500);
+        assert_eq!(get_plain(edge.http(), "t", "/hello").await?.status, 200);
+    }
+    let m = edge.metrics().await?;
+    for (kind, want) in [("clamps", 0.0), ("clamped", 0.0)] {
+        assert_eq!(
+            metric(
+                &m,
+                "meridian_plugin_deadline_clamp",
+                &[&format!("kind=\"{kind}\"")]
+            ),
+            want,
+            "{kind}: {m}"
+        );
+    }
+    assert_eq!(
+        metric(&m, "meridian_plugin_failures", &["kind=\"deadline\""]),
+        3.0,
+        "{m}"
+    );
+    let shown = get_plain(edge.admin(), "admin", "/config").await?.text();
+    assert!(shown.contains("fuel = false"), "{shown}");
+    Ok(())
+}
+
 /// A clamped loop's failure in the edge's log says it used all the fuel its
 /// deadline is clamped to, and how much: the first loop ran its whole
 /// (unclamped) 50 ms deadline, and the three after it were cut at the
@@ -801,26 +843,26 @@ async fn a_clamped_loops_failure_logs_its_fuel() -> anyhow::Result<()> {
 }
 
 /// The Wasm host outlives reloads: a reload that changes `[plugins]
-/// max_instances` or `instance_wait` is applied otherwise, keeps the
-/// running values of those two, and `GET /config` shows what is in force
+/// max_instances`, `instance_wait` or `fuel` is applied otherwise, keeps the
+/// running values of those three, and `GET /config` shows what is in force
 /// (before, it showed the new values, which nothing applied).
 #[tokio::test]
 async fn plugin_host_settings_change_on_restart_only() -> anyhow::Result<()> {
     let origin = TestOrigin::start("o").await?;
     let dir = TempDir::new("plugins")?;
     let add = write_plugin(&dir, "add", ADD_HEADER)?;
-    let cfg = |max: u32, wait: &str, header: &str| {
+    let cfg = |max: u32, wait: &str, fuel: bool, header: &str| {
         with_plugins(&origin, &[(&add, "closed")]).replacen(
             "[[listeners]]",
             &format!(
-                "[plugins]\nmax_instances = {max}\ninstance_wait = \"{wait}\"\n\n[[listeners]]"
+                "[plugins]\nmax_instances = {max}\ninstance_wait = \"{wait}\"\nfuel = {fuel}\n\n[[listeners]]"
             ),
             1,
         ) + &format!("\n# {header}\n")
     };
-    let edge = Edge::start(&cfg(64, "1s", "first"))?;
+    let edge = Edge::start(&cfg(64, "1s", true, "first"))?;
     assert_eq!(get_plain(edge.http(), "t", "/hello").await?.status, 200);
-    let pinned = cfg(32, "2s", "second")
+    let pinned = cfg(32, "2s", false, "second")
         .replace(
             "address = \"127.0.0.1:0\"",
             &format!("address = \"{}\"", edge.http()),
@@ -839,6 +881,7 @@ async fn plugin_host_settings_change_on_restart_only() -> anyhow::Result<()> {
     let config = get_plain(edge.admin(), "admin", "/config").await?.text();
     assert!(config.contains("max_instances = 64"), "{config}");
     assert!(config.contains("instance_wait = \"1s\""), "{config}");
+    assert!(config.contains("fuel = true"), "{config}");
     assert_eq!(get_plain(edge.http(), "t", "/hello").await?.status, 200);
     Ok(())
 }

@@ -40,6 +40,8 @@ pub(crate) struct PluginShared {
     pub clock: Arc<crate::clamp::Clock>,
     /// The deadline clamp after a missed deadline.
     pub clamp: crate::clamp::Clamp,
+    /// The engine counts fuel ([`crate::HostConfig::fuel`]).
+    pub fuel: bool,
     /// The rate limit on `proxy_log` and WASI `fd_write` lines.
     pub log_bucket: parking_lot::Mutex<crate::ratelimit::LogBucket>,
 }
@@ -536,7 +538,7 @@ fn typed<P: WasmParams, R: WasmResults>(
 }
 
 /// The store's fuel could not be set or read: only when the engine does not
-/// count fuel, which `PluginHost::new` always turns on.
+/// count fuel, and then the host does not ask (`HostConfig::fuel`).
 fn engine_err(e: wasmtime::Error) -> PluginError {
     PluginError::Engine(format!("{e:#}"))
 }
@@ -561,7 +563,9 @@ impl PluginInstance {
         });
         store.data_mut().deadline.start(deadline);
         store.set_epoch_deadline(1);
-        store.set_fuel(UNLIMITED_FUEL).map_err(engine_err)?;
+        if plugin.fuel {
+            store.set_fuel(UNLIMITED_FUEL).map_err(engine_err)?;
+        }
         let instance = pre.instantiate(&mut store).map_err(|e| {
             if store.data().limiter.hit {
                 PluginError::MemoryLimit {
@@ -698,8 +702,11 @@ impl PluginInstance {
         } else {
             plugin.clamp.fuel(plugin.clock.now_ms())
         };
+        let fuel = plugin.fuel;
         let given = clamped.unwrap_or(UNLIMITED_FUEL);
-        self.store.set_fuel(given).map_err(engine_err)?;
+        if fuel {
+            self.store.set_fuel(given).map_err(engine_err)?;
+        }
         self.store.set_epoch_deadline(1);
         self.store.data_mut().deadline.start(self.deadline);
         self.store.data_mut().limiter.hit = false;
@@ -708,7 +715,7 @@ impl PluginInstance {
             Ok(r) => {
                 // Set-up callbacks (never clamped) do not count: they run
                 // once per instance, not per request.
-                if !self.setup {
+                if fuel && !self.setup {
                     let left = self.store.get_fuel().map_err(engine_err)?;
                     let st = self.store.data();
                     st.plugin

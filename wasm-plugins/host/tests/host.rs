@@ -684,6 +684,33 @@ fn a_clamp_leaves_room_for_what_the_plugin_needed() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// With fuel off (`HostConfig::fuel`), no plugin is clamped: each loop
+/// runs its whole deadline, and a quick callback still succeeds.
+#[test]
+fn without_fuel_no_plugin_is_clamped() -> anyhow::Result<()> {
+    let _cpu = cpu_heavy();
+    let host = PluginHost::new(HostConfig {
+        max_instances: 8,
+        max_memory_bytes: 16 << 20,
+        fuel: false,
+        ..HostConfig::default()
+    })?;
+    let plugin = load_loop_or_count(&host, "nofuel", 0, Duration::from_millis(20))?;
+    for _ in 0..3 {
+        let (r, cpu) = run_filter(&plugin, true);
+        assert!(
+            matches!(r, Err(PluginError::DeadlineExceeded { .. })),
+            "{r:?}"
+        );
+        assert!(cpu >= Duration::from_millis(18), "{cpu:?}");
+        assert_eq!(run_filter(&plugin, false).0?, Action::Continue);
+    }
+    let stats = plugin.stats();
+    assert_eq!((stats.deadline_clamps, stats.deadline_clamped), (0, false));
+    assert_eq!(stats.deadline_exceeded, 3);
+    Ok(())
+}
+
 /// The clamp is per plugin: another plugin of the same host keeps its
 /// whole deadline.
 #[test]
