@@ -1045,31 +1045,24 @@ async fn reload(
 /// reload that changes them keeps the running values, says so in the log,
 /// and `GET /config` shows the values in force.
 fn keep_plugin_host_settings(cfg: &mut Config, host: &meridian_wasm_host::HostConfig) {
+    fn keep<T: PartialEq + std::fmt::Debug>(key: &str, configured: &mut T, running: T) {
+        if *configured != running {
+            tracing::warn!(
+                ?configured,
+                ?running,
+                "[plugins] {key} changes on restart only; the running value stays"
+            );
+            *configured = running;
+        }
+    }
     let p = &mut cfg.plugins;
-    if p.max_instances != host.max_instances {
-        tracing::warn!(
-            configured = p.max_instances,
-            running = host.max_instances,
-            "[plugins] max_instances changes on restart only; the running value stays"
-        );
-        p.max_instances = host.max_instances;
-    }
-    if p.instance_wait.get() != host.lock_wait {
-        tracing::warn!(
-            configured = ?p.instance_wait.get(),
-            running = ?host.lock_wait,
-            "[plugins] instance_wait changes on restart only; the running value stays"
-        );
-        p.instance_wait = crate::config::Dur(host.lock_wait);
-    }
-    if p.fuel != host.fuel {
-        tracing::warn!(
-            configured = p.fuel,
-            running = host.fuel,
-            "[plugins] fuel changes on restart only; the running value stays"
-        );
-        p.fuel = host.fuel;
-    }
+    keep("max_instances", &mut p.max_instances, host.max_instances);
+    keep(
+        "instance_wait",
+        &mut p.instance_wait,
+        crate::config::Dur(host.lock_wait),
+    );
+    keep("fuel", &mut p.fuel, host.fuel);
 }
 
 async fn reload_certs(shared: &Arc<Shared>, cfg: &Config) {

@@ -755,27 +755,25 @@ impl PluginInstance {
                 code: exit.0,
             };
         }
-        match e.downcast_ref::<Trap>() {
-            Some(Trap::OutOfFuel) => {
-                stats.deadlines.fetch_add(1, Ordering::Relaxed);
-                st.plugin.clamp.missed(st.plugin.clock.now_ms());
-                return PluginError::FuelExhausted {
+        if let Some(trap @ (Trap::OutOfFuel | Trap::Interrupt)) = e.downcast_ref::<Trap>() {
+            // Out of a clamped budget's fuel, or past the CPU-time deadline:
+            // both are missed deadlines, and (re)start the clamp.
+            stats.deadlines.fetch_add(1, Ordering::Relaxed);
+            st.plugin.clamp.missed(st.plugin.clock.now_ms());
+            return if *trap == Trap::OutOfFuel {
+                PluginError::FuelExhausted {
                     plugin,
                     callback,
                     fuel: fuel.unwrap_or(UNLIMITED_FUEL),
-                };
-            }
-            Some(Trap::Interrupt) => {
-                stats.deadlines.fetch_add(1, Ordering::Relaxed);
-                st.plugin.clamp.missed(st.plugin.clock.now_ms());
-                return PluginError::DeadlineExceeded {
+                }
+            } else {
+                PluginError::DeadlineExceeded {
                     plugin,
                     callback,
                     deadline: st.deadline.budget(),
                     used: st.deadline.used(thread_cpu_time()),
-                };
-            }
-            _ => {}
+                }
+            };
         }
         stats.traps.fetch_add(1, Ordering::Relaxed);
         PluginError::Trap {
