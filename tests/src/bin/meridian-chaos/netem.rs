@@ -138,6 +138,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             "ip", "netns", "exec", &ns.origin, "tc", "qdisc", "del", "dev", "lo", "root",
         ])?;
     }
+    if let Link::Netem = link {
+        println!("netem: the link is a veth pair with `tc qdisc … netem` on both ends");
+    }
     let wire = match link {
         Link::Netem => {
             sh(&[
@@ -266,16 +269,39 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             let relayed = relay
                 .join()
                 .map_err(|_| anyhow::anyhow!("the relay of the inner run panicked"))?;
-            if let Some(w) = &wire {
+            // What the link itself dropped: the loss and the partition
+            // must have reached it, or the phases tested nothing.
+            let lost = if let Some(w) = &wire {
                 let c = &w.counts;
+                let lost = c.lost.load(Ordering::Relaxed);
                 println!(
-                    "netem: wire: {} packets forwarded, {} lost, {} over the queue limit",
+                    "netem: wire: {} packets forwarded, {lost} lost, {} over the queue limit",
                     c.forwarded.load(Ordering::Relaxed),
-                    c.lost.load(Ordering::Relaxed),
                     c.overflow.load(Ordering::Relaxed)
                 );
-            }
+                lost
+            } else {
+                let mut lost = 0;
+                for (n, dev) in [(&ns.edge, &dev_e), (&ns.origin, &dev_o)] {
+                    let out = Command::new("ip")
+                        .args(["netns", "exec", n, "tc", "-s", "qdisc", "show", "dev", dev])
+                        .output()?;
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    let (sent, dropped) = qdisc_counts(&text).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "no netem counts from `tc -s qdisc show dev {dev}`: {text:?}"
+                        )
+                    })?;
+                    println!("netem: tc netem on {dev}: {sent} packets sent, {dropped} dropped");
+                    lost += dropped;
+                }
+                lost
+            };
             anyhow::ensure!(st.success(), "the netem scenario failed ({st})");
+            anyhow::ensure!(
+                lost > 0,
+                "the link dropped no packet: the loss and the partition never reached it"
+            );
             return relayed;
         }
         anyhow::ensure!(
@@ -301,6 +327,18 @@ impl Link {
             Link::Wire => "wire",
         }
     }
+}
+
+/// Packets sent and dropped by the root netem qdisc in `tc -s qdisc show`:
+/// `qdisc netem 8001: root … \n Sent B bytes P pkt (dropped D, …)`.
+fn qdisc_counts(text: &str) -> Option<(u64, u64)> {
+    let rest = &text[text.find("qdisc netem ")?..];
+    let sent = &rest[rest.find(" Sent ")?..];
+    let mut words = sent.split_whitespace();
+    let pkt = words.nth(3)?.parse().ok()?;
+    let dropped = sent.split_once("(dropped ")?.1;
+    let dropped = dropped.split(|c: char| !c.is_ascii_digit()).next()?;
+    Some((pkt, dropped.parse().ok()?))
 }
 
 /// `delay_ms=D loss=L` (percent).
@@ -652,6 +690,19 @@ timeouts = {{ connect = "3s", header = "3s", idle = "3s" }}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netem_counts_are_read_from_tc() {
+        let tc = "qdisc netem 8001: root refcnt 2 limit 1000 delay 200ms loss 5%\n \
+                  Sent 1234567 bytes 8910 pkt (dropped 446, overlimits 0 requeues 0) \n \
+                  backlog 0b 0p requeues 0\n";
+        assert_eq!(qdisc_counts(tc), Some((8910, 446)));
+        // Another qdisc's counts are not netem's.
+        let other =
+            "qdisc noqueue 0: root refcnt 2 \n Sent 5 bytes 1 pkt (dropped 0, overlimits 0)\n";
+        assert_eq!(qdisc_counts(other), None);
+        assert_eq!(qdisc_counts(""), None);
+    }
 
     #[test]
     fn wire_commands_parse_and_bad_ones_are_refused() {
