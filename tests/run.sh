@@ -49,6 +49,9 @@ test_log="$(mktemp)"
 trap 'rm -f "$test_log"' EXIT
 cargo test --workspace 2>&1 | tee "$test_log"
 
+echo "== h3's own tests, on the patched copy in vendor/h3 (vendor/h3/MERIDIAN-PATCH.md)"
+bash vendor/h3/test-upstream.sh 2>&1 | tee -a "$test_log"
+
 echo "== soak (2 minutes) and the chaos scenarios that fit CI's time (docs/soak-chaos.md)"
 # The debug binaries `cargo test` built; kill9 runs 45 s here (two kills);
 # diskfull and netem need root (bench/chaos/run.sh runs them through sudo
