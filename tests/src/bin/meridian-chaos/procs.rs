@@ -221,22 +221,34 @@ pub fn proc_usage(pid: i32) -> (u64, u64, u64) {
 /// The CPU time (user and system) `pid` has used, from `/proc/PID/stat`
 /// (clock ticks of 1/100 s, as Linux reports them to user space).
 pub fn proc_cpu(pid: i32) -> Duration {
+    let (user, system) = proc_cpu_split(pid);
+    user + system
+}
+
+/// The user and the system CPU time `pid` has used (see [`proc_cpu`]);
+/// zeros if it cannot be read.
+pub fn proc_cpu_split(pid: i32) -> (Duration, Duration) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name (field 2) may hold spaces: count from after it.
-    let ticks = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            // utime and stime are fields 14 and 15; `rest` starts at field 3.
-            let at = |i: usize| {
-                f.get(i - 3)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            at(14) + at(15)
-        })
-        .unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    stat_cpu(&stat)
+}
+
+/// utime and stime of a `/proc/PID/stat` line.
+fn stat_cpu(stat: &str) -> (Duration, Duration) {
+    // The command name (field 2) may hold spaces and parentheses: count
+    // from after its last `)`.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return (Duration::ZERO, Duration::ZERO);
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    let at = |i: usize| {
+        let ticks = f
+            .get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        Duration::from_millis(ticks * 10)
+    };
+    (at(14), at(15))
 }
 
 /// GET `path` on an admin listener, as text.
@@ -290,4 +302,22 @@ pub fn free_port() -> anyhow::Result<u16> {
         }
     }
     anyhow::bail!("no free port with both TCP and UDP")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_and_system_time_are_read_past_an_odd_command_name() {
+        let line = "4242 (my (odd) cmd) S 1 4242 4242 0 -1 4194560 1000 0 0 0 \
+                    250 75 0 0 20 0 16 0 100 123456 789 18446744073709551615";
+        assert_eq!(
+            stat_cpu(line),
+            (Duration::from_millis(2500), Duration::from_millis(750))
+        );
+        assert_eq!(stat_cpu(""), (Duration::ZERO, Duration::ZERO));
+        let own = proc_cpu_split(std::process::id() as i32);
+        assert!(proc_cpu(std::process::id() as i32) >= own.0);
+    }
 }

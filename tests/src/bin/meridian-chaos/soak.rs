@@ -19,8 +19,8 @@ use crate::Args;
 use crate::dns::{DnsClient, NOERROR};
 use crate::load::{Check, Client, Proto, Req, Stats, Target, Verdict, http_worker, quantile_ms};
 use crate::procs::{
-    Server, admin_get, admin_post, bin_from_env, dns_config, metric, proc_cpu, proc_usage,
-    repo_root, start_dns, start_edge,
+    Server, admin_get, admin_post, bin_from_env, dns_config, metric, proc_cpu, proc_cpu_split,
+    proc_usage, repo_root, start_dns, start_edge,
 };
 
 pub const HOT: u64 = 500;
@@ -313,6 +313,14 @@ struct Row {
     /// per HTTP request: a cost per request that climbs shows a drift even
     /// when the machine has spare cores to hide it from the latencies.
     edge_cpu_us_per_req: f64,
+    /// The system (kernel) part of it.
+    edge_sys_us_per_req: f64,
+    /// meridian-dns's CPU time per DNS query over the interval.
+    dns_cpu_us_per_query: f64,
+    /// This harness's own CPU time (the load's clients, HTTP and DNS) per
+    /// HTTP request. The three costs moving together over a run point to
+    /// the machine, one moving alone to that process.
+    load_cpu_us_per_req: f64,
     /// The whole machine over the interval (`/proc/stat`): the share of its
     /// CPU time that was busy (neither idle nor waiting for IO), and the
     /// share its hypervisor took (steal), in percent. A burst of latency
@@ -345,12 +353,12 @@ fn machine_cpu() -> (u64, u64, u64) {
     (total - idle - v[7], v[7], total)
 }
 
-const HEADER: &str = "t_s,http_rps,http_p50_ms,http_p99_ms,dns_qps,dns_p50_ms,dns_p99_ms,errors_total,edge_rss_kb,edge_fds,edge_threads,dns_rss_kb,dns_fds,cache_entries,cache_memory_bytes,cache_disk_written_bytes,cache_disk_hits,edge_heap_allocated_bytes,edge_heap_resident_bytes,edge_cpu_us_per_req,machine_busy_pct,machine_steal_pct";
+const HEADER: &str = "t_s,http_rps,http_p50_ms,http_p99_ms,dns_qps,dns_p50_ms,dns_p99_ms,errors_total,edge_rss_kb,edge_fds,edge_threads,dns_rss_kb,dns_fds,cache_entries,cache_memory_bytes,cache_disk_written_bytes,cache_disk_hits,edge_heap_allocated_bytes,edge_heap_resident_bytes,edge_cpu_us_per_req,machine_busy_pct,machine_steal_pct,edge_sys_us_per_req,dns_cpu_us_per_query,load_cpu_us_per_req";
 
 impl Row {
     fn csv(&self) -> String {
         format!(
-            "{:.0},{:.1},{:.3},{:.3},{:.1},{:.3},{:.3},{},{},{},{},{},{},{},{},{},{},{},{},{:.2},{:.1},{:.1}",
+            "{:.0},{:.1},{:.3},{:.3},{:.1},{:.3},{:.3},{},{},{},{},{},{},{},{},{},{},{},{},{:.2},{:.1},{:.1},{:.2},{:.2},{:.2}",
             self.t,
             self.http_rps,
             self.http_p50,
@@ -372,7 +380,10 @@ impl Row {
             self.heap_resident,
             self.edge_cpu_us_per_req,
             self.machine_busy_pct,
-            self.machine_steal_pct
+            self.machine_steal_pct,
+            self.edge_sys_us_per_req,
+            self.dns_cpu_us_per_query,
+            self.load_cpu_us_per_req
         )
     }
 }
@@ -629,7 +640,10 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut next = start + SAMPLE;
     let (mut last_h, mut last_d, mut last_t) = (0u64, 0u64, start);
-    let mut last_cpu = proc_cpu(rig.edge.pid());
+    let me = std::process::id() as i32;
+    let mut last_cpu = proc_cpu_split(rig.edge.pid());
+    let mut last_dns_cpu = proc_cpu(rig.dns.pid());
+    let mut last_load_cpu = proc_cpu(me);
     let mut last_machine = machine_cpu();
     let mut scrape_errors = Vec::new();
     while next <= until + Duration::from_millis(500) {
@@ -645,9 +659,19 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         let mut hl = http.take_interval();
         let mut dl = dnss.take_interval();
         let (edge_rss, edge_fds, edge_threads) = proc_usage(rig.edge.pid());
-        let cpu = proc_cpu(rig.edge.pid());
-        let cpu_used = cpu.saturating_sub(last_cpu);
+        let cpu = proc_cpu_split(rig.edge.pid());
+        let (user_used, sys_used) = (
+            cpu.0.saturating_sub(last_cpu.0),
+            cpu.1.saturating_sub(last_cpu.1),
+        );
+        let cpu_used = user_used + sys_used;
         last_cpu = cpu;
+        let (dns_cpu, load_cpu) = (proc_cpu(rig.dns.pid()), proc_cpu(me));
+        let (dns_used, load_used) = (
+            dns_cpu.saturating_sub(last_dns_cpu),
+            load_cpu.saturating_sub(last_load_cpu),
+        );
+        (last_dns_cpu, last_load_cpu) = (dns_cpu, load_cpu);
         let machine = machine_cpu();
         let pct = |a: u64, b: u64| {
             let total = machine.2.saturating_sub(last_machine.2);
@@ -707,6 +731,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             heap_allocated: heap("allocated"),
             heap_resident: heap("resident"),
             edge_cpu_us_per_req: cpu_used.as_secs_f64() * 1e6 / (h - last_h).max(1) as f64,
+            edge_sys_us_per_req: sys_used.as_secs_f64() * 1e6 / (h - last_h).max(1) as f64,
+            dns_cpu_us_per_query: dns_used.as_secs_f64() * 1e6 / (d - last_d).max(1) as f64,
+            load_cpu_us_per_req: load_used.as_secs_f64() * 1e6 / (h - last_h).max(1) as f64,
             machine_busy_pct,
             machine_steal_pct,
         };
