@@ -12,10 +12,10 @@
 # when it is not): apt installs what is missing (qemu-system-x86,
 # busybox-static, kmod, cpio), and the kernel package comes from Debian's
 # archive (`apt-get download`) into $CARGO_TARGET_DIR/netem-vm (else
-# ./target/netem-vm). KVM is used where the CPU has it (vmx or svm);
-# elsewhere QEMU emulates the CPU, and the scenario's 15 s phases still
-# fit (about 2 minutes for the release build). NETEM_VM_ACCEL=kvm or tcg
-# overrides the choice.
+# ./target/netem-vm). KVM is used where the CPU has it (vmx or svm) and a
+# guest boots with it; elsewhere QEMU emulates the CPU, and the scenario's
+# 15 s phases still fit (about 2 minutes for the release build).
+# NETEM_VM_ACCEL=kvm or tcg overrides the choice.
 # PROFILE=release (default) or debug, as for run.sh. The scenario's line and
 # exit status are the VM's; the edge's logs land in $MERIDIAN_CHAOS_LOGS
 # (default /tmp/meridian-chaos-logs/), as for run.sh.
@@ -111,28 +111,65 @@ chmod +x "$IRD/init"
 ( cd "$IRD" && find . | cpio -o -H newc --quiet | gzip -1 ) > "$VM_DIR/initramfs.gz"
 
 OUT=$(mktemp -d /tmp/netem-vm.XXXXXX)
-accel=(-accel tcg); cpu=(-cpu max)
-# KVM only where the CPU shows it can (vmx or svm): a sandbox can have a
-# /dev/kvm whose guests hang at boot.
+QPID=""
+trap '[ -n "$QPID" ] && kill -9 "$QPID" 2>/dev/null; rm -rf "$OUT"' EXIT
+# boot ACCEL CPU: starts the VM in the background (its console goes to
+# $OUT/console.log and to stderr) and waits until its init says it runs the
+# scenario; fails if that takes over $BOOT_S s, or the VM ends first.
+BOOT_S="${NETEM_VM_BOOT_SECONDS:-120}"
+boot() {
+  : > "$OUT/console.log"
+  qemu-system-x86_64 -accel "$1" -cpu "$2" -smp "$(nproc)" -m 3072 \
+    -kernel "$VMLINUZ" -initrd "$VM_DIR/initramfs.gz" \
+    -append "console=ttyS0 panic=-1 quiet" \
+    -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
+    -virtfs "local,path=$OUT,mount_tag=out,security_model=none" \
+    -display none -monitor none -serial "file:$OUT/console.log" -no-reboot < /dev/null &
+  QPID=$!
+  local waited=0
+  until grep -q 'netem-vm: kernel' "$OUT/console.log"; do
+    if ! kill -0 "$QPID" 2>/dev/null || [ "$waited" -ge $((BOOT_S * 2)) ]; then
+      kill -9 "$QPID" 2>/dev/null; wait "$QPID" 2>/dev/null || true; QPID=""
+      return 1
+    fi
+    sleep 0.5; waited=$((waited + 1))
+  done
+}
+# KVM where the CPU shows it (vmx or svm) and a guest boots with it; a
+# sandbox can have a /dev/kvm whose guests hang at boot. Else QEMU's own
+# CPU emulation (TCG).
 ACCEL="${NETEM_VM_ACCEL:-auto}"
+booted=""
 if [ "$ACCEL" = kvm ] || { [ "$ACCEL" = auto ] && [ -w /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; }; then
-  accel=(-accel kvm); cpu=(-cpu host)
-else
-  echo "netem-vm: no usable KVM here: software emulation (TCG), several times slower" >&2
-  accel=(-accel tcg,thread=multi)
+  if boot kvm host; then booted=kvm; else
+    echo "netem-vm: a KVM guest did not boot in ${BOOT_S} s" >&2
+    [ "$ACCEL" = kvm ] && { cat "$OUT/console.log" >&2; exit 1; }
+  fi
 fi
+if [ -z "$booted" ]; then
+  echo "netem-vm: software emulation (TCG), several times slower than KVM" >&2
+  boot tcg,thread=multi max || {
+    echo "netem-vm: the VM did not boot in ${BOOT_S} s:" >&2; cat "$OUT/console.log" >&2; exit 1; }
+  booted=tcg
+fi
+# The whole run is bounded: past $TIMEOUT s the VM is killed.
+elapsed=0
+while kill -0 "$QPID" 2>/dev/null; do
+  if [ "$elapsed" -ge "$TIMEOUT" ]; then
+    echo "netem-vm: the VM ran past ${TIMEOUT} s: killed" >&2
+    kill -9 "$QPID" 2>/dev/null || true
+    break
+  fi
+  sleep 1; elapsed=$((elapsed + 1))
+done
 status=0
-timeout --signal=KILL "$TIMEOUT" qemu-system-x86_64 "${accel[@]}" "${cpu[@]}" -smp "$(nproc)" -m 3072 \
-  -kernel "$VMLINUZ" -initrd "$VM_DIR/initramfs.gz" \
-  -append "console=ttyS0 panic=-1 quiet" \
-  -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
-  -virtfs "local,path=$OUT,mount_tag=out,security_model=none" \
-  -display none -monitor none -serial stdio -no-reboot < /dev/null || status=$?
+wait "$QPID" || status=$?
+QPID=""
+grep -v '^\s*$' "$OUT/console.log" >&2 || true
 cat "$OUT/scenario.log" 2>/dev/null || true
 mkdir -p "$LOGS"; cp -r "$OUT"/logs/. "$LOGS"/ 2>/dev/null || true
 if [ ! -f "$OUT/rc" ]; then
-  echo "netem-vm: the VM ended (qemu status $status) without the scenario's exit status" >&2
+  echo "netem-vm: the VM ($booted) ended (qemu status $status) without the scenario's exit status" >&2
   exit 1
 fi
-rc=$(cat "$OUT/rc"); rm -rf "$OUT"
-exit "$rc"
+exit "$(cat "$OUT/rc")"
