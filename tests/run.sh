@@ -71,7 +71,8 @@ PROFILE=debug bash bench/chaos/run.sh diskerror --phase 10
 PROFILE=debug bash bench/chaos/run.sh diskfull --phase 10
 PROFILE=debug bash bench/chaos/run.sh netem --phase 10
 # The same scenario with `tc netem` itself: a QEMU VM with Debian's kernel
-# (which has sch_netem), this machine's root shared read-only.
+# (which has sch_netem), this machine's root shared read-only under a
+# tmpfs overlay.
 PROFILE=debug bash bench/chaos/netem-vm.sh --phase 10
 PROFILE=debug bash bench/chaos/run.sh plugin --rounds 5
 

@@ -72,14 +72,15 @@ VMLINUZ="$VM_DIR/root/boot/vmlinuz-$KVER"
 [ -f "$VMLINUZ" ] || { echo "netem-vm: no kernel in $VM_DIR/root/boot" >&2; exit 1; }
 depmod -b "$VM_DIR/root" "$KVER"
 
-# The initramfs: a static busybox, the modules that 9p, netem and veth need
-# (in dependency order), and an init that mounts this machine's root
-# read-only, runs the scenario in it and powers off.
+# The initramfs: a static busybox, the modules that 9p, overlayfs, netem
+# and veth need (in dependency order), and an init that mounts this
+# machine's root read-only under a tmpfs overlay, runs the scenario in it
+# and powers off.
 IRD="$VM_DIR/initramfs"
 rm -rf "$IRD"; mkdir -p "$IRD"/{bin,mod,proc,sys,dev,host}
 cp /bin/busybox "$IRD/bin/busybox"
 mods=()
-for m in virtio_pci 9pnet_virtio 9p sch_netem veth; do
+for m in virtio_pci 9pnet_virtio 9p overlay sch_netem veth; do
   while read -r _ path; do
     b=$(basename "$path")
     cp -n "$path" "$IRD/mod/$b"
@@ -92,17 +93,23 @@ cat > "$IRD/init" <<INIT
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in ${mods[*]}; do insmod /mod/\$m || echo "netem-vm: insmod \$m failed"; done
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /host || { echo "netem-vm: no 9p root"; poweroff -f; }
+# This machine's root, read-only, under a tmpfs overlay: every path is
+# there (the checkout may be under /tmp), and what the run writes stays in
+# the VM's memory.
+mkdir -p /lower /rw
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /lower || { echo "netem-vm: no 9p root"; poweroff -f; }
+mount -t tmpfs rw /rw; mkdir -p /rw/upper /rw/work
+mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /host || { echo "netem-vm: no overlay root"; poweroff -f; }
 mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs dev /host/dev
-mount -t tmpfs tmp /host/tmp; mount -t tmpfs run /host/run
-mkdir -p /host/tmp/out /host/dev/pts /host/dev/shm
+mount -t tmpfs run /host/run
+mkdir -p /host/run/out /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts; mount -t tmpfs shm /host/dev/shm
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 out /host/tmp/out || { echo "netem-vm: no 9p out"; poweroff -f; }
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 out /host/run/out || { echo "netem-vm: no 9p out"; poweroff -f; }
 ip link set lo up
 echo "netem-vm: kernel \$(uname -r), running the netem scenario"
-chroot /host /bin/sh -c 'cd "\$0" && "\$@" > /tmp/out/scenario.log 2>&1; echo \$? > /tmp/out/rc' \
+chroot /host /bin/sh -c 'cd "\$0" && "\$@" > /run/out/scenario.log 2>&1; echo \$? > /run/out/rc' \
   "$ROOT" /usr/bin/env MERIDIAN_EDGE_BIN="$BIN/meridian-edge" MERIDIAN_DNS_BIN="$BIN/meridian-dns" \
-  MERIDIAN_CHAOS_LOGS=/tmp/out/logs HOME=/tmp PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+  MERIDIAN_CHAOS_LOGS=/run/out/logs HOME=/tmp PATH=/usr/sbin:/usr/bin:/sbin:/bin \
   "$BIN/meridian-chaos" netem --link netem $(printf '%q ' "$@")
 sync
 poweroff -f
