@@ -2,7 +2,7 @@
 # Scenario 4 (netem) with the kernel's own `tc netem`, on a kernel that has
 # sch_netem: Debian bookworm's, booted under QEMU (KVM where the CPU has
 # it, else software emulation) with this machine's root file system shared
-# read-only over 9p. The VM runs the same meridian-chaos binary as
+# read-only over 9p, under a tmpfs overlay. The VM runs the same meridian-chaos binary as
 # `bench/chaos/run.sh netem`, with `--link netem`, so the link between the
 # edge's and the origin's namespaces is a veth pair with netem on both ends.
 #
