@@ -50,6 +50,7 @@ command -v depmod >/dev/null || need+=(kmod)
 command -v cpio >/dev/null || need+=(cpio)
 if [ ${#need[@]} -gt 0 ]; then
   echo "netem-vm: installing ${need[*]}" >&2
+  apt-get update -q >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >&2
 fi
 static_busybox || { echo "netem-vm: /bin/busybox is not static (busybox-static)" >&2; exit 1; }

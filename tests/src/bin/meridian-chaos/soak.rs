@@ -508,7 +508,7 @@ fn cpu_drift(
 /// its warm-up too: a run under 10 minutes, whose own warm-up is a fifth of
 /// it, gets 60 s of it, so that its quarters compare the working set, not its
 /// growth; a longer run, 10 s.
-pub fn default_calibrate(duration: Duration) -> u64 {
+fn default_calibrate(duration: Duration) -> u64 {
     if duration < Duration::from_secs(600) {
         60
     } else {
